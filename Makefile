@@ -1,0 +1,30 @@
+# `make demo` and `make test` work on a fresh machine with only Python 3.10+ installed.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# The CPU wheel of torch, installed before the project so that its `torch>=2.4` requirement is
+# already met and pip does not pull a multi-GB CUDA build. Override on a GPU machine: make venv TORCH=torch
+TORCH ?= torch==2.13.0
+
+.PHONY: venv demo test test-slow lint
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH)"
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $@
+
+venv: $(VENV)/.installed
+
+demo: venv
+	$(VENV)/bin/distill demo
+
+test: venv
+	$(PY) -m pytest -m "not slow" -q
+
+test-slow: venv
+	$(PY) -m pytest -m slow -q
+
+lint: venv
+	$(VENV)/bin/ruff check .

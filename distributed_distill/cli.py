@@ -1,0 +1,120 @@
+"""`distill` command line: train, eval, report, demo.
+
+    distill train --config configs/smoke.yaml [section.key=value ...]
+    distill eval  --config configs/demo.yaml --model student=runs/demo/kd/final [--model ...]
+    distill report runs/smoke
+    distill demo                       # teacher, distilled student and CE-only student on the built-in corpus
+
+`python train.py ...` and `accelerate launch train.py ...` take the same arguments as `distill train`.
+Mistakes in config, data or launch print one line (`error: ...`) and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .config import describe, load_config
+from .errors import DistillError
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML run config (see configs/)")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="dotted overrides, e.g. train.max_steps=20")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .trainer import train
+
+    cfg = load_config(args.config, args.overrides)
+    result = train(cfg)
+    if result:
+        print(json.dumps({"output_dir": cfg.output_dir, **result}))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate_models
+
+    cfg = load_config(args.config, args.overrides)
+    named = {}
+    for item in args.model or []:
+        name, sep, path = item.partition("=")
+        if not sep:
+            raise DistillError(f"--model {item!r} must look like NAME=PATH")
+        named[name] = path
+    rows = evaluate_models(cfg, named)
+    print(format_table(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .evaluate import report
+
+    print(report(Path(args.run_dir)))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(Path(args.output_dir), args.overrides)
+    return 0
+
+
+def format_table(rows: list[dict]) -> str:
+    lines = ["| model | val loss | val perplexity |", "|---|---:|---:|"]
+    lines += [f"| {r['model']} | {r['val_loss']:.4f} | {r['val_ppl']:.2f} |" for r in rows]
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="distill", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="distill (or CE-train) a student", description="Train a student from a config.")
+    _add_config_args(p)
+    p.add_argument("--help-config", action="store_true", help="list every config key with its default and meaning")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="validation loss of models on a config's data")
+    _add_config_args(p)
+    p.add_argument("--model", action="append", metavar="NAME=PATH",
+                   help="a model directory to evaluate (repeatable); default: the config's student and teacher")
+    p.add_argument("--json", help="also write the rows as JSON to this file")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("report", help="summarise a run directory")
+    p.add_argument("run_dir")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("demo", help="teacher, distilled student and CE-only student on the built-in corpus")
+    p.add_argument("--output-dir", default="runs/demo")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="overrides applied to every phase")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "help_config", False):
+        print("\n".join(describe()))
+        return 0
+    try:
+        return args.func(args)
+    except DistillError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def train_main(argv: list[str] | None = None) -> int:
+    """Entry for the root `train.py`: the arguments of `distill train`."""
+    return main(["train", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

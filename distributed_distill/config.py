@@ -1,0 +1,355 @@
+"""Typed run configuration: dataclasses mirrored one-to-one by the YAML files in `configs/`.
+
+A run is described by one YAML file plus dotted overrides on the command line:
+
+    distill train --config configs/smoke.yaml train.max_steps=20 distill.alpha=1.0 teacher=null
+
+Each field's `help` is the documentation (`distill train --help-config` prints all of them).
+Unknown keys, wrong types and impossible combinations raise `ConfigError` naming the key (and the
+closest valid key for a typo) before any model or data is loaded. YAML is read with
+`yaml.safe_load`: a config is data and can never import or call code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from .errors import ConfigError
+
+
+def _f(default: Any, help: str, **kwargs: Any) -> Any:
+    if isinstance(default, type) and dataclasses.is_dataclass(default):
+        return field(default_factory=default, metadata={"help": help}, **kwargs)
+    return field(default=default, metadata={"help": help}, **kwargs)
+
+
+@dataclass
+class ArchConfig:
+    """A small architecture built from scratch (tests, the demo, students trained from random init)."""
+
+    family: Literal["llama", "gpt2", "qwen2"] = _f("llama", "transformers model family")
+    hidden_size: int = _f(64, "model width")
+    num_layers: int = _f(2, "number of transformer blocks")
+    num_heads: int = _f(4, "attention heads")
+    num_kv_heads: int | None = _f(None, "key/value heads for grouped-query attention (llama, qwen2); null = num_heads")
+    intermediate_size: int | None = _f(None, "MLP width; null = 4 * hidden_size")
+    max_position_embeddings: int = _f(1024, "longest sequence the model accepts")
+    tie_word_embeddings: bool = _f(False, "share the input embedding and the output head (always on for gpt2)")
+
+    def __post_init__(self) -> None:
+        for name in ("hidden_size", "num_layers", "num_heads", "max_position_embeddings"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(
+                f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}"
+            )
+        if self.num_kv_heads is not None and self.num_heads % self.num_kv_heads:
+            raise ConfigError(f"num_heads={self.num_heads} is not divisible by num_kv_heads={self.num_kv_heads}")
+
+
+@dataclass
+class ModelConfig:
+    """A causal LM: loaded with `from_pretrained` (hub id or local directory) or built from `arch`."""
+
+    path: str | None = _f(None, "hub id or local directory for from_pretrained; exclusive with arch")
+    revision: str | None = _f(None, "hub revision (branch, tag or commit) when path is a hub id")
+    arch: ArchConfig | None = _f(None, "build a fresh model of this architecture instead of loading one")
+    dtype: Literal["float32", "bfloat16", "float16"] = _f(
+        "float32", "parameter dtype when loaded (the student trains in float32 with train.precision for autocast)"
+    )
+    trust_remote_code: bool = _f(False, "allow code from the model repository to run; off unless you trust it")
+
+    def __post_init__(self) -> None:
+        if (self.path is None) == (self.arch is None):
+            raise ConfigError("a model needs exactly one of `path` (pretrained) or `arch` (built from config)")
+
+
+@dataclass
+class TokenizerConfig:
+    path: str | None = _f(
+        None,
+        "hub id or local directory; null = the teacher's (or student's) pretrained tokenizer, or, when both are "
+        "built from arch, a BPE tokenizer trained on the training data and cached",
+    )
+    vocab_size: int = _f(4096, "vocabulary size of a tokenizer trained on the data (ignored when loading one)")
+
+    def __post_init__(self) -> None:
+        if self.vocab_size < 260:
+            raise ConfigError(f"tokenizer.vocab_size={self.vocab_size} must be >= 260 (256 bytes + special tokens)")
+
+
+@dataclass
+class DataConfig:
+    source: str = _f(
+        "python-stdlib",
+        "'python-stdlib' (the built-in corpus: this interpreter's standard-library sources), or a file, directory "
+        "or glob of .txt / .jsonl / .json / .parquet files",
+    )
+    format: Literal["auto", "text", "json", "parquet"] = _f("auto", "file format; auto = from the file extension")
+    text_field: str = _f("text", "field holding the text in json/parquet rows")
+    prompt_field: str | None = _f(None, "field holding a prompt; its tokens are excluded from every loss")
+    completion_field: str | None = _f(None, "field holding the completion that follows prompt_field")
+    seq_len: int = _f(256, "tokens per packed training sequence")
+    val_fraction: float = _f(0.05, "share of documents held out for validation (chosen by a hash of the document)")
+    max_documents: int | None = _f(None, "use at most this many documents (fast smoke runs); null = all")
+    cache_dir: str | None = _f(None, "where tokenizers and tokenized data are cached; null = ~/.cache/distributed_distill")
+
+    def __post_init__(self) -> None:
+        if self.seq_len < 2:
+            raise ConfigError(f"data.seq_len={self.seq_len} must be >= 2")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ConfigError(f"data.val_fraction={self.val_fraction} must be strictly between 0 and 1")
+        if (self.prompt_field is None) != (self.completion_field is None):
+            raise ConfigError("data.prompt_field and data.completion_field must be set together")
+        if self.max_documents is not None and self.max_documents < 2:
+            raise ConfigError(f"data.max_documents={self.max_documents} must be >= 2 (train and validation)")
+
+
+LOSS_KINDS = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd", "mse")
+
+
+@dataclass
+class DistillConfig:
+    alpha: float = _f(0.5, "loss = alpha * KD + (1 - alpha) * CE; 0 = plain CE training (no teacher needed)")
+    loss: str = _f("forward_kl", f"KD objective, one of {', '.join(LOSS_KINDS)}")
+    temperature: float = _f(1.0, "softmax temperature T for both models; the KD term is scaled by T^2")
+    beta: float = _f(0.5, "jsd mixture weight, 0 < beta < 1")
+    skew: float = _f(0.1, "skew_forward_kl / skew_reverse_kl mixture weight, 0 <= skew < 1")
+    chunk_size: int = _f(
+        1024, "tokens per chunk when computing the loss from hidden states (no [tokens, vocab] tensor); 0 = naive"
+    )
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ConfigError(f"distill.alpha={self.alpha} must be in [0, 1]")
+        if self.loss not in LOSS_KINDS:
+            raise ConfigError(f"distill.loss={self.loss!r} is not one of {', '.join(LOSS_KINDS)}{_hint(self.loss, LOSS_KINDS)}")
+        if self.temperature <= 0:
+            raise ConfigError(f"distill.temperature={self.temperature} must be > 0")
+        if not 0.0 < self.beta < 1.0:
+            raise ConfigError(f"distill.beta={self.beta} must be strictly between 0 and 1")
+        if not 0.0 <= self.skew < 1.0:
+            raise ConfigError(f"distill.skew={self.skew} must be in [0, 1)")
+        if self.chunk_size < 0:
+            raise ConfigError(f"distill.chunk_size={self.chunk_size} must be >= 0")
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = _f(100, "optimizer steps")
+    micro_batch_size: int = _f(8, "sequences per process per forward pass")
+    grad_accum_steps: int = _f(1, "micro-batches per optimizer step; global batch = micro * accum * processes")
+    lr: float = _f(3e-4, "peak learning rate (AdamW)")
+    min_lr_ratio: float = _f(0.1, "cosine schedule ends at lr * min_lr_ratio")
+    warmup_steps: int = _f(10, "linear warmup steps")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    adam_beta1: float = _f(0.9, "AdamW beta1")
+    adam_beta2: float = _f(0.95, "AdamW beta2")
+    max_grad_norm: float = _f(1.0, "clip the global gradient norm to this; 0 = no clipping")
+    precision: Literal["fp32", "bf16"] = _f("fp32", "fp32, or bf16 autocast (mixed precision) for the student")
+    seed: int = _f(0, "seed for model init, data order and dropout")
+    eval_every: int = _f(0, "evaluate every N steps; 0 = only at the end")
+    eval_batches: int = _f(0, "validation micro-batches per process per evaluation; 0 = the whole split")
+    log_every: int = _f(1, "write metrics every N steps")
+    device: Literal["auto", "cpu", "cuda"] = _f("auto", "auto = cuda when available, else cpu (gloo)")
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "micro_batch_size", "grad_accum_steps", "log_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name}={getattr(self, name)} must be >= 1")
+        for name in ("warmup_steps", "eval_every", "eval_batches", "weight_decay", "max_grad_norm"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name}={getattr(self, name)} must be >= 0")
+        if self.lr <= 0:
+            raise ConfigError(f"train.lr={self.lr} must be > 0")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"train.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
+        if self.warmup_steps > self.max_steps:
+            raise ConfigError(f"train.warmup_steps={self.warmup_steps} exceeds train.max_steps={self.max_steps}")
+
+
+@dataclass
+class WandbConfig:
+    mode: Literal["disabled", "offline", "online"] = _f(
+        "disabled", "disabled writes nothing; offline writes a local run directory (sync later); online streams"
+    )
+    project: str = _f("distributed_distill", "wandb project")
+    entity: str | None = _f(None, "wandb entity (team or user)")
+    name: str | None = _f(None, "run name; null = the output_dir's name")
+    dir: str | None = _f(None, "where wandb writes its files; null = output_dir")
+
+
+@dataclass
+class LoggingConfig:
+    progress: bool = _f(True, "show a progress bar on the main process")
+    wandb: WandbConfig = _f(WandbConfig, "Weights & Biases tracking (main process only)")
+
+
+@dataclass
+class Config:
+    output_dir: str = _f("runs/default", "run directory: resolved config, metrics.jsonl, checkpoints, final/")
+    student: ModelConfig = _f(None, "the model being trained")
+    teacher: ModelConfig | None = _f(None, "the frozen teacher; null for plain CE training (distill.alpha=0)")
+    tokenizer: TokenizerConfig = _f(TokenizerConfig, "tokenizer shared by teacher and student")
+    data: DataConfig = _f(DataConfig, "training and validation data")
+    distill: DistillConfig = _f(DistillConfig, "the distillation objective")
+    train: TrainConfig = _f(TrainConfig, "optimisation")
+    logging: LoggingConfig = _f(LoggingConfig, "progress, metrics.jsonl and wandb")
+
+    def __post_init__(self) -> None:
+        if self.student is None:
+            raise ConfigError("student is required (student.path or student.arch)")
+        if self.teacher is None and self.distill.alpha > 0:
+            raise ConfigError(
+                f"distill.alpha={self.distill.alpha} needs a teacher; set teacher.path / teacher.arch, or distill.alpha=0"
+            )
+        for role in ("student", "teacher"):
+            model = getattr(self, role)
+            if model is not None and model.arch is not None and self.data.seq_len > model.arch.max_position_embeddings:
+                raise ConfigError(
+                    f"data.seq_len={self.data.seq_len} exceeds {role}.arch.max_position_embeddings="
+                    f"{model.arch.max_position_embeddings}"
+                )
+
+
+# ----------------------------------------------------------------------------------------------
+# Building dataclasses from plain data, with errors that name the key.
+
+
+def _hint(name: str, valid: typing.Iterable[str]) -> str:
+    close = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(e)
+        raise errors[0]
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{key}={value!r} is not one of {', '.join(map(str, choices))}{_hint(str(value), map(str, choices))}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if value is None:
+            raise ConfigError(f"{key} is required: give a mapping of {tp.__name__} fields")
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping of {tp.__name__} fields, got {value!r}")
+        return build(tp, value, prefix=f"{key}.")
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool) and not (isinstance(value, tp) and not (tp is int and isinstance(value, bool))):
+        raise ConfigError(f"{key}={value!r} must be of type {_type_name(tp)}")
+    return value
+
+
+def build(cls: type, raw: dict[str, Any], prefix: str = "") -> Any:
+    """Build dataclass `cls` from a dict, checking every key and type; errors name the dotted key."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in names:
+            raise ConfigError(f"unknown config key {prefix + key!r}{_hint(key, names)}")
+        kwargs[key] = _coerce(value, hints[key], f"{prefix}{key}")
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        # Section checks name their own keys ("data.seq_len=..."); nested ones get their location prepended.
+        if prefix and not str(e).startswith(prefix):
+            raise ConfigError(f"{prefix[:-1]}: {e}") from None
+        raise
+
+
+def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = raw
+    for part in parts[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: typing.Sequence[str]) -> list[tuple[str, Any]]:
+    pairs = []
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        try:
+            value = yaml.safe_load(text) if text else ""
+        except yaml.YAMLError:
+            value = text
+        pairs.append((key.strip(), value))
+    return pairs
+
+
+def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Read a YAML config, apply dotted `key=value` overrides, and validate everything."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}" if mark else str(path)
+            raise ConfigError(f"config file {where} is not valid YAML: {getattr(e, 'problem', e)}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(raw).__name__}")
+    for key, value in parse_overrides(overrides):
+        _set_dotted(raw, key, value)
+    return build(Config, raw)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def describe(cls: type = Config, prefix: str = "") -> list[str]:
+    """One line per config key: dotted name, default and help; for `--help-config`."""
+    lines = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        sub = next((a for a in (tp, *typing.get_args(tp)) if dataclasses.is_dataclass(a)), None)
+        if sub is not None:
+            lines.append(f"{prefix}{f.name}: {f.metadata.get('help', '')}")
+            lines.extend(describe(sub, f"{prefix}{f.name}."))
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else None
+        lines.append(f"  {prefix}{f.name} = {default!r}  # {f.metadata.get('help', '')}")
+    return lines

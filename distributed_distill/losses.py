@@ -1,0 +1,693 @@
+"""Knowledge-distillation objectives: dense, sparse (top-k) and chunked from hidden states.
+
+Three entry points, one set of definitions (docs/losses.md has the formulas and figures):
+
+- ``kd_loss(student_logits, teacher_logits, labels)``: both distributions materialised as logits.
+- ``sparse_kd_loss(student_logits, teacher_ids, teacher_logprobs, labels)``: the teacher is given as
+  its top-k log-probabilities (offline store, or an online teacher that emits sparse targets).
+- ``chunked_distill_loss(student_hidden, student_weight, labels, ...)``: KD + cross-entropy straight
+  from the student's final hidden states and lm_head weight, ``chunk_size`` tokens at a time, so no
+  ``[N, V]`` float32 tensor is ever alive, in the forward or the backward pass.
+
+Notation, per counted position: ``p_T = softmax(teacher / T)``, ``p_S = softmax(student / T)``.
+Every divergence is summed over the vocabulary, then reduced over counted positions (those whose
+label is not ``ignore_index``) and multiplied by ``T**2`` so that gradient magnitudes do not shrink
+as the temperature grows (Hinton et al., 2015). All arithmetic is float32 (float64 inputs stay
+float64) and in log space, which keeps logits of magnitude 1e4 finite.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+KINDS = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd", "mse")
+TAILS = ("bucket", "renormalize")
+REDUCTIONS = ("mean", "sum")
+
+# Log-probabilities are clamped here instead of being allowed to reach -inf (a masked vocabulary
+# entry, or an empty tail bucket): 0 * (-inf - -inf) is NaN, 0 * (finite) is 0, and the clamp
+# changes nothing a float32 probability can express (exp of it is exactly 0).
+_NEG = torch.finfo(torch.float32).min
+
+
+# --------------------------------------------------------------------------------------------
+# argument checks
+
+
+def _check_args(kind: str, temperature: float, beta: float, skew: float, reduction: str = "sum") -> None:
+    if kind not in KINDS:
+        raise ValueError(f"unknown distillation loss kind {kind!r}; expected one of: {', '.join(KINDS)}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if kind == "jsd" and not 0.0 < beta < 1.0:
+        raise ValueError(f"kind 'jsd' needs 0 < beta < 1, got beta={beta}")
+    if kind.startswith("skew_") and not 0.0 <= skew < 1.0:
+        raise ValueError(f"kind {kind!r} needs 0 <= skew < 1, got skew={skew}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
+def _check_tail(tail: str, kind: str) -> None:
+    if tail not in TAILS:
+        raise ValueError(f"tail must be one of {TAILS}, got {tail!r}")
+    if kind == "mse":
+        raise ValueError("kind 'mse' compares logits and is not defined for sparse (top-k) teacher targets")
+
+
+def _check_labels(labels: torch.Tensor | None, leading_shape: torch.Size, what: str) -> None:
+    if labels is not None and labels.shape != leading_shape:
+        raise ValueError(f"labels shape {tuple(labels.shape)} does not match {what} shape {tuple(leading_shape)}")
+
+
+# --------------------------------------------------------------------------------------------
+# per-position divergences on log-probabilities
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    # bf16/fp16 inputs are upcast (their log_softmax loses too much); float64 stays float64.
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def _log_softmax(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """[n, V] logits of any float dtype -> [n, V] float32+ log-probabilities of softmax(logits / T)."""
+    x = logits.to(_compute_dtype(logits))
+    if temperature != 1.0:
+        x = x / temperature
+    return F.log_softmax(x, dim=-1).clamp_min(_NEG)
+
+
+def _log(w: float) -> float:
+    return math.log(w) if w > 0 else -math.inf
+
+
+def _log_mix(log_a: torch.Tensor, log_b: torch.Tensor, w: float) -> torch.Tensor:
+    """log(w * a + (1 - w) * b) from log a, log b: [n, K] -> [n, K], stable for tiny masses."""
+    return torch.logaddexp(log_a + _log(w), log_b + _log(1.0 - w))
+
+
+def _divergence(ls: torch.Tensor, lt: torch.Tensor, kind: str, beta: float, skew: float) -> torch.Tensor:
+    """Per-position divergence between the student and teacher distributions.
+
+    ls, lt: [n, K] log-probabilities (student, teacher), each row normalised. Returns [n].
+    Written as plain differentiable tensor code; the analytic gradient used by the chunked path is
+    ``_divergence_and_grad`` and the tests hold the two against a float64 reference.
+    """
+    if kind == "forward_kl":
+        return (lt.exp() * (lt - ls)).sum(-1)
+    if kind == "reverse_kl":
+        return (ls.exp() * (ls - lt)).sum(-1)
+    if kind == "jsd":
+        lm = _log_mix(lt, ls, beta)
+        return beta * (lt.exp() * (lt - lm)).sum(-1) + (1 - beta) * (ls.exp() * (ls - lm)).sum(-1)
+    if kind == "skew_forward_kl":
+        return (lt.exp() * (lt - _log_mix(lt, ls, skew))).sum(-1)
+    if kind == "skew_reverse_kl":
+        return (ls.exp() * (ls - _log_mix(ls, lt, skew))).sum(-1)
+    if kind == "tvd":
+        return 0.5 * (lt.exp() - ls.exp()).abs().sum(-1)
+    raise ValueError(f"kind {kind!r} is not a divergence between distributions")
+
+
+def _divergence_and_grad(
+    ls: torch.Tensor, lt: torch.Tensor, kind: str, beta: float, skew: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Divergence [n] and its gradient [n, K] w.r.t. the student *logits* s with ls = log_softmax(s).
+
+    With h = dD/d(ls) (treating ls as free), the chain rule through log_softmax gives
+    dD/ds = h - p_S * sum(h). Closed forms avoid autograd's saved intermediates, so a chunk needs
+    only a handful of [n, K] buffers; several are updated in place for the same reason.
+    """
+    ps = ls.exp()
+    if kind == "forward_kl":
+        pt = lt.exp()
+        value = (pt * (lt - ls)).sum(-1)
+        return value, ps.sub_(pt)  # h = -p_T, sum(h) = -1
+    if kind == "reverse_kl":
+        d = ls - lt
+        value = (ps * d).sum(-1)
+        return value, d.sub_(value[:, None]).mul_(ps)  # h = p_S (ls - lt + 1)
+    if kind == "jsd":
+        lm = _log_mix(lt, ls, beta)
+        kl_t = (lt.exp() * (lt - lm)).sum(-1)
+        d = lm.neg_().add_(ls)  # ls - lm, reusing lm's buffer
+        kl_s = (ps * d).sum(-1)
+        # h = (1-beta) p_S (ls - lm): the two d(lm) terms cancel because beta p_T + (1-beta) p_S = m.
+        return beta * kl_t + (1 - beta) * kl_s, d.sub_(kl_s[:, None]).mul_(ps).mul_(1 - beta)
+    if kind == "skew_forward_kl":
+        lm = _log_mix(lt, ls, skew)
+        pt = lt.exp()
+        value = (pt * (lt - lm)).sum(-1)
+        h = lm.neg_().add_(ls).add_(math.log1p(-skew)).exp_().mul_(pt).neg_()  # -p_T (1-a) p_S / m
+        return value, h.sub_(ps * h.sum(-1, keepdim=True))
+    if kind == "skew_reverse_kl":
+        lm = _log_mix(ls, lt, skew)
+        d = ls - lm
+        value = (ps * d).sum(-1)
+        h = lm.neg_().add_(ls).add_(_log(skew)).exp_()  # a p_S / m
+        h = d.add_(1.0).sub_(h).mul_(ps)  # p_S (ls - lm + 1 - a p_S / m)
+        return value, h.sub_(ps * h.sum(-1, keepdim=True))
+    if kind == "tvd":
+        diff = ps - lt.exp()
+        value = 0.5 * diff.abs().sum(-1)
+        gp = diff.sign_().mul_(0.5)  # dD/dp_S; sign(0) = 0 as in autograd's abs
+        return value, gp.sub_((ps * gp).sum(-1, keepdim=True)).mul_(ps)
+    raise ValueError(f"kind {kind!r} is not a divergence between distributions")
+
+
+def _mse_rows(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """mean over the vocabulary of (student/T - teacher/T)^2: [n, V], [n, V] -> [n]."""
+    diff = (student.to(_compute_dtype(student)) - teacher.to(_compute_dtype(student))) / temperature
+    return diff.square().mean(-1)
+
+
+# --------------------------------------------------------------------------------------------
+# sparse (top-k) targets
+
+
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x <= 0, accurate at both ends (Maechler 2012); x >= 0 gives -inf."""
+    x = x.clamp_max(0.0)  # rounding can push a stored top-k mass a hair above 1
+    return torch.where(x > -math.log(2.0), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def _sparse_teacher_logprobs(
+    teacher_logprobs: torch.Tensor, tail: str, vocab_size: int, tail_logmass: torch.Tensor | None
+) -> torch.Tensor:
+    """Teacher top-k log-probs [n, k] -> the distribution compared: [n, k+1] (bucket) or [n, k]."""
+    lt = teacher_logprobs.to(_compute_dtype(teacher_logprobs)).clamp_min(_NEG)
+    if tail == "renormalize":
+        return (lt - lt.logsumexp(-1, keepdim=True)).clamp_min(_NEG)
+    k = lt.shape[-1]
+    if k >= vocab_size:
+        # The top-k is the whole vocabulary: the student has no mass outside it, so the bucket is
+        # empty on both sides, whatever rounding says 1 - sum(p) is.
+        lt_tail = torch.full_like(lt[:, 0], _NEG)
+    elif tail_logmass is not None:
+        lt_tail = tail_logmass.to(lt.dtype)
+    else:
+        lt_tail = _log1mexp(lt.logsumexp(-1))
+    return torch.cat([lt, lt_tail.clamp_min(_NEG)[:, None]], dim=-1)
+
+
+def _sparse_student_logits(s: torch.Tensor, ids: torch.Tensor, tail: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Student logits at temperature [n, V] -> the logits of the compared distribution.
+
+    bucket: [n, k+1] = [s[ids], logsumexp(s outside ids)]; log_softmax of it is exactly
+    [log p_S[ids], log(1 - sum p_S[ids])] because both normalise by logsumexp(s) over V.
+    renormalize: [n, k] = s[ids]. Also returns ``outside`` ([n, V] logits with the ids set to
+    _NEG; None for renormalize), which the chunked path reuses for the gradient.
+    """
+    s_ids = s.gather(-1, ids)
+    if tail == "renormalize":
+        return s_ids, None
+    outside = s.scatter(-1, ids, _NEG)  # _NEG, not -inf: logsumexp's gradient is then NaN-free when k == V
+    return torch.cat([s_ids, outside.logsumexp(-1, keepdim=True)], dim=-1), outside
+
+
+# --------------------------------------------------------------------------------------------
+# public: materialised logits
+
+
+def _select_counted(labels: torch.Tensor | None, ignore_index: int, *rows: torch.Tensor | None):
+    """Keep the rows whose label is not ignore_index. rows: [n, ...] each -> ([m, ...] each, m)."""
+    n = rows[0].shape[0]
+    if labels is None:
+        return rows, n
+    keep = labels.reshape(-1) != ignore_index
+    if bool(keep.all()):  # the common case: no copy
+        return rows, n
+    return tuple(None if r is None else r[keep] for r in rows), int(keep.sum())
+
+
+def _reduce(total: torch.Tensor, count: int, temperature: float, reduction: str) -> torch.Tensor:
+    total = total * temperature**2
+    return total / max(count, 1) if reduction == "mean" else total
+
+
+def kd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    *,
+    kind: str = "forward_kl",
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    skew: float = 0.1,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Distillation loss between two sets of logits.
+
+    student_logits, teacher_logits: [B, S, V] or [N, V] (any float dtype; computed in float32).
+    labels: [B, S] or [N], already aligned with the logits; positions equal to ignore_index do not
+    count. kind: one of KINDS (see module docstring and docs/losses.md for the formulas).
+    Returns a scalar: the sum over counted positions of the per-position divergence, times T^2,
+    divided by the number of counted positions for reduction="mean". No counted positions gives 0,
+    still connected to student_logits so that backward runs (with a zero gradient).
+    """
+    _check_args(kind, temperature, beta, skew, reduction)
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"student logits {tuple(student_logits.shape)} and teacher logits {tuple(teacher_logits.shape)} differ"
+        )
+    _check_labels(labels, student_logits.shape[:-1], "logits")
+    vocab = student_logits.shape[-1]
+    (s, t), count = _select_counted(
+        labels, ignore_index, student_logits.reshape(-1, vocab), teacher_logits.reshape(-1, vocab)
+    )
+    if kind == "mse":
+        rows = _mse_rows(s, t.detach(), temperature)
+    else:
+        rows = _divergence(_log_softmax(s, temperature), _log_softmax(t.detach(), temperature), kind, beta, skew)
+    return _reduce(rows.sum(), count, temperature, reduction)
+
+
+def sparse_kd_loss(
+    student_logits: torch.Tensor,
+    teacher_ids: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    *,
+    tail: str = "bucket",
+    kind: str = "forward_kl",
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    skew: float = 0.1,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    teacher_tail_logmass: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Distillation loss against a teacher given as its top-k log-probabilities.
+
+    student_logits: [..., V]. teacher_ids: int [..., k], distinct ids per position.
+    teacher_logprobs: [..., k], log p_T of those ids where p_T = softmax(teacher / T) at the same
+    temperature T passed here. teacher_tail_logmass: optional [...], log(1 - sum p_T[ids]) as
+    recorded by the producer (more accurate than recomputing it from rounded top-k values).
+    tail="bucket" compares [p[ids], 1 - sum p[ids]] for both (k+1 outcomes); tail="renormalize"
+    compares both distributions renormalised over the k ids. When k == V both equal kd_loss.
+    Reduction, masking and the T^2 factor as in kd_loss; kind "mse" raises ValueError.
+    """
+    _check_args(kind, temperature, beta, skew, reduction)
+    _check_tail(tail, kind)
+    lead = student_logits.shape[:-1]
+    if teacher_ids.shape[:-1] != lead or teacher_logprobs.shape != teacher_ids.shape:
+        raise ValueError(
+            f"teacher_ids {tuple(teacher_ids.shape)} and teacher_logprobs {tuple(teacher_logprobs.shape)} "
+            f"must both be [..., k] with leading shape {tuple(lead)}"
+        )
+    _check_labels(labels, lead, "logits")
+    vocab, k = student_logits.shape[-1], teacher_ids.shape[-1]
+    tail_rows = None if teacher_tail_logmass is None else teacher_tail_logmass.reshape(-1)
+    (s, ids, lt, tail_lm), count = _select_counted(
+        labels,
+        ignore_index,
+        student_logits.reshape(-1, vocab),
+        teacher_ids.reshape(-1, k).long(),
+        teacher_logprobs.reshape(-1, k),
+        tail_rows,
+    )
+    s = s.to(_compute_dtype(s))
+    if temperature != 1.0:
+        s = s / temperature
+    s_compared, _ = _sparse_student_logits(s, ids, tail)
+    ls = F.log_softmax(s_compared, dim=-1).clamp_min(_NEG)
+    lt = _sparse_teacher_logprobs(lt.detach(), tail, vocab, tail_lm)
+    rows = _divergence(ls, lt.to(ls.dtype), kind, beta, skew)
+    return _reduce(rows.sum(), count, temperature, reduction)
+
+
+# --------------------------------------------------------------------------------------------
+# public: chunked from hidden states
+
+
+@dataclass
+class LossOutput:
+    """Sums over counted positions; the caller divides by the global token count (DESIGN.md)."""
+
+    kd_sum: torch.Tensor  # scalar float32: sum of per-position divergence * T^2 (0 without a teacher)
+    ce_sum: torch.Tensor  # scalar float32: sum of token cross-entropy at temperature 1
+    num_tokens: torch.Tensor  # scalar int64: counted positions
+    stats: dict[str, torch.Tensor] = field(default_factory=dict)  # detached float32 sums, see chunked_distill_loss
+
+
+@dataclass
+class _Teacher:
+    """The teacher source, flattened to rows; exactly one group of fields is set (or none)."""
+
+    hidden: torch.Tensor | None = None  # [N, Ht] with weight [V, Ht], bias [V]: online, logits per chunk
+    weight: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+    logits: torch.Tensor | None = None  # [N, V] materialised
+    ids: torch.Tensor | None = None  # [N, k] int64 with logprobs [N, k], tail_logmass [N]: sparse
+    logprobs: torch.Tensor | None = None
+    tail_logmass: torch.Tensor | None = None
+
+    @property
+    def present(self) -> bool:
+        return self.hidden is not None or self.logits is not None or self.ids is not None
+
+    @property
+    def sparse(self) -> bool:
+        return self.ids is not None
+
+
+@dataclass(frozen=True)
+class _Spec:
+    kind: str
+    temperature: float
+    beta: float
+    skew: float
+    tail: str
+    ignore_index: int
+    chunk_size: int
+    mm_dtype: torch.dtype  # dtype of the logits matmuls (autocast's, or the promoted input dtypes)
+
+
+@dataclass
+class _ChunkSums:
+    kd: torch.Tensor
+    ce: torch.Tensor
+    count: int
+    stats: dict[str, torch.Tensor]
+
+
+def _rows(x: torch.Tensor | None, idx: slice | torch.Tensor) -> torch.Tensor | None:
+    if x is None:
+        return None
+    return x[idx] if isinstance(idx, slice) else x.index_select(0, idx)
+
+
+def _linear_fp32(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, mm_dtype: torch.dtype) -> torch.Tensor:
+    """[c, H] @ [V, H]^T (+ [V]) -> [c, V] float32. The matmul runs in mm_dtype (bf16 stays bf16, as
+    an HF lm_head would compute it); only the [c, V] result is upcast, never the [V, H] weight."""
+    out = h.to(mm_dtype) @ w.to(mm_dtype).T
+    if b is not None:
+        out = out + b.to(mm_dtype)
+    return out.float()
+
+
+def _teacher_entropy(lt: torch.Tensor) -> torch.Tensor:
+    return -(lt.exp() * lt).sum(-1)
+
+
+def _chunk_objective(
+    z: torch.Tensor,
+    y: torch.Tensor,
+    teacher: _Teacher,
+    rows: slice | torch.Tensor,
+    spec: _Spec,
+    kd_scale: float,
+    ce_scale: float,
+    want_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]:
+    """KD and CE on one chunk, with d(kd_scale * kd + ce_scale * ce)/dz.
+
+    z: [c, V] float32 student logits (overwritten). y: [c] labels. rows: the chunk's rows of the
+    teacher tensors. Returns (kd_sum * T^2, ce_sum, dz [c, V] float32 or None, stats sums).
+    """
+    vocab, T = z.shape[-1], spec.temperature
+    lse = z.logsumexp(-1)
+    ce = (lse - z.gather(1, y[:, None]).squeeze(1)).sum()
+    dz = None
+    if want_grad and ce_scale != 0.0:
+        # d ce / dz = softmax(z) - onehot(y)
+        dz = (z - lse[:, None]).exp_().mul_(ce_scale)
+        dz.scatter_add_(1, y[:, None], torch.full_like(lse[:, None], -ce_scale))
+    if not teacher.present:
+        return torch.zeros((), device=z.device), ce, dz, {}
+
+    stats: dict[str, torch.Tensor] = {}
+    student_top1 = z.argmax(-1)
+    s = z.div_(T) if T != 1.0 else z  # z is not needed at temperature 1 any more
+    if teacher.sparse:
+        ids = _rows(teacher.ids, rows)
+        lt_k = _rows(teacher.logprobs, rows).float()
+        lt = _sparse_teacher_logprobs(lt_k, spec.tail, vocab, _rows(teacher.tail_logmass, rows))
+        s_compared, outside = _sparse_student_logits(s, ids, spec.tail)
+        ls = F.log_softmax(s_compared, dim=-1).clamp_min_(_NEG)
+        value, g = _divergence_and_grad(ls, lt, spec.kind, spec.beta, spec.skew)
+        k = ids.shape[-1]
+        if outside is not None:
+            # d s_tail / d s_j = p_j / p_tail outside the ids; the ids positions give exp(_NEG - .) = 0
+            # except when k == V, where the tail gradient g[:, k] is itself 0.
+            grad_s = outside.sub_(s_compared[:, k:]).exp_().mul_(g[:, k:])
+        else:
+            grad_s = torch.zeros_like(s)
+        grad_s.scatter_add_(1, ids, g[:, :k])
+        stats["top1_agreement"] = (student_top1 == ids.gather(1, lt_k.argmax(-1, keepdim=True)).squeeze(1)).sum()
+        stats["teacher_entropy"] = _teacher_entropy(lt).sum()
+        stats["topk_mass"] = lt_k.logsumexp(-1).exp().sum()
+    else:
+        if teacher.hidden is not None:
+            t = _linear_fp32(_rows(teacher.hidden, rows), teacher.weight, teacher.bias, spec.mm_dtype)
+        else:
+            t = _rows(teacher.logits, rows).float()
+        stats["top1_agreement"] = (student_top1 == t.argmax(-1)).sum()
+        if spec.kind == "mse":
+            tt = t / T
+            value = (s - tt).square_().mean(-1)
+            grad_s = s.sub_(tt).mul_(2.0 / vocab)
+            lt = _log_softmax(tt, 1.0)
+        else:
+            lt = _log_softmax(t, T)
+            del t
+            ls = s.sub_(s.logsumexp(-1, keepdim=True)).clamp_min_(_NEG)
+            value, grad_s = _divergence_and_grad(ls, lt, spec.kind, spec.beta, spec.skew)
+        stats["teacher_entropy"] = _teacher_entropy(lt).sum()
+    kd = value.sum() * T**2
+    if want_grad and kd_scale != 0.0:
+        # d(T^2 D(s = z/T))/dz = T * dD/ds
+        grad_s.mul_(kd_scale * T)
+        dz = grad_s if dz is None else dz.add_(grad_s)
+    return kd, ce, dz, {name: v.float() for name, v in stats.items()}
+
+
+def _chunk_loop(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    teacher: _Teacher,
+    spec: _Spec,
+    kd_scale: float,
+    ce_scale: float,
+    needs_grad: tuple[bool, bool, bool],
+) -> tuple[_ChunkSums, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Run the objective over counted rows, chunk_size at a time; accumulate the gradient of
+    kd_scale * kd_sum + ce_scale * ce_sum w.r.t. (hidden [N, H], weight [V, H], bias [V]).
+
+    Peak extra memory: a few [chunk_size, V] float32 buffers, plus the gradients themselves.
+    """
+    n = hidden.shape[0]
+    keep = labels != spec.ignore_index
+    count = int(keep.sum())
+    if count == n:
+        chunks = [slice(i, min(i + spec.chunk_size, n)) for i in range(0, n, spec.chunk_size)]
+    else:  # ignored rows never reach a matmul
+        valid = keep.nonzero().squeeze(1)
+        chunks = [valid[i : i + spec.chunk_size] for i in range(0, count, spec.chunk_size)]
+
+    want_grad = any(needs_grad) and (kd_scale != 0.0 or ce_scale != 0.0)
+    grad_h = torch.zeros_like(hidden) if want_grad and needs_grad[0] else None
+    grad_w = torch.zeros_like(weight) if want_grad and needs_grad[1] else None
+    grad_b = torch.zeros(weight.shape[0], device=weight.device) if want_grad and needs_grad[2] else None
+    w_mm = weight.to(spec.mm_dtype)  # one cast for all chunks (no copy when dtypes already agree)
+
+    kd_total = torch.zeros((), device=hidden.device)
+    ce_total = torch.zeros((), device=hidden.device)
+    stats: dict[str, torch.Tensor] = {}
+    for rows in chunks:
+        h = _rows(hidden, rows)
+        z = _linear_fp32(h, w_mm, bias, spec.mm_dtype)
+        kd, ce, dz, chunk_stats = _chunk_objective(
+            z, _rows(labels, rows), teacher, rows, spec, kd_scale, ce_scale, want_grad
+        )
+        del z
+        kd_total += kd
+        ce_total += ce
+        for name, v in chunk_stats.items():
+            stats[name] = stats.get(name, 0.0) + v
+        if dz is None:
+            continue
+        if grad_b is not None:
+            grad_b += dz.sum(0)
+        dz_mm = dz.to(spec.mm_dtype)
+        del dz
+        if grad_h is not None:
+            g = (dz_mm @ w_mm).to(hidden.dtype)
+            if isinstance(rows, slice):
+                grad_h[rows] = g
+            else:
+                grad_h.index_copy_(0, rows, g)
+        if grad_w is not None:
+            if grad_w.dtype == spec.mm_dtype:
+                grad_w.addmm_(dz_mm.T, h.to(spec.mm_dtype))  # accumulates in place, no [V, H] temporary
+            else:
+                grad_w += dz_mm.T @ h.to(spec.mm_dtype)
+    if grad_b is not None and bias is not None:
+        grad_b = grad_b.to(bias.dtype)
+    return _ChunkSums(kd_total, ce_total, count, stats), grad_h, grad_w, grad_b
+
+
+def _common_scale(a: float, b: float, wa: float, wb: float, rtol: float = 1e-6) -> float | None:
+    """s with (a, b) == s * (wa, wb) up to rounding, or None when the pairs are not proportional."""
+    if wa == 0.0 and wb == 0.0:
+        return 0.0 if a == 0.0 and b == 0.0 else None
+    s = a / wa if abs(wa) >= abs(wb) else b / wb
+    if math.isclose(a, s * wa, rel_tol=rtol) and math.isclose(b, s * wb, rel_tol=rtol):
+        return s
+    return None
+
+
+class _ChunkedDistill(torch.autograd.Function):
+    """Forward computes the values and, in the same pass over the chunks, the gradient of
+    kd_weight * kd_sum + ce_weight * ce_sum (the Liger "fused linear cross-entropy" idea): the
+    [chunk, V] logits are used for the gradient while they exist, so nothing is recomputed.
+
+    backward receives (a, b) = (d loss/d kd_sum, d loss/d ce_sum). When (a, b) is proportional to
+    (kd_weight, ce_weight), which is what the training step produces (also after dividing by the
+    token count or a loss scale), the stored gradient is scaled in place. Any other (a, b), e.g.
+    kd_sum alone, or a second backward through a retained graph, is exact too: the chunks are
+    recomputed with (a, b) as the weights.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, teacher: _Teacher, spec: _Spec, kd_weight: float, ce_weight: float):
+        needs = tuple(ctx.needs_input_grad[:3])
+        sums, gh, gw, gb = _chunk_loop(hidden, weight, bias, labels, teacher, spec, kd_weight, ce_weight, needs)
+        ctx.save_for_backward(hidden, weight, bias, labels)
+        ctx.teacher, ctx.spec, ctx.needs = teacher, spec, needs
+        ctx.weights = (kd_weight if teacher.present else 0.0, ce_weight)
+        ctx.grads = (gh, gw, gb) if any(g is not None for g in (gh, gw, gb)) else None
+        num_tokens = torch.tensor(sums.count, dtype=torch.int64, device=hidden.device)
+        stats = tuple(sums.stats[name] for name in _stat_names(teacher))
+        ctx.mark_non_differentiable(num_tokens, *stats)
+        return (sums.kd, sums.ce, num_tokens, *stats)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_kd, grad_ce, *_):
+        a, b = float(grad_kd), float(grad_ce)
+        wa, wb = ctx.weights  # wa is 0 without a teacher: kd_sum is then constant and a is irrelevant
+        scale = _common_scale(a if ctx.teacher.present else 0.0, b, wa, wb)
+        if scale is not None and ctx.grads is not None:
+            grads, ctx.grads = ctx.grads, None  # scaled in place, so usable once; a retained graph recomputes
+            for g in grads:
+                if g is not None and scale != 1.0:
+                    g.mul_(scale)
+        else:
+            hidden, weight, bias, labels = ctx.saved_tensors
+            with torch.autocast(hidden.device.type, enabled=False):
+                _, *grads = _chunk_loop(hidden, weight, bias, labels, ctx.teacher, ctx.spec, a, b, ctx.needs)
+            if all(g is None for g in grads):  # (a, b) == (0, 0)
+                grads = [torch.zeros_like(t) if need else None for t, need in zip((hidden, weight, bias), ctx.needs)]
+        gh, gw, gb = grads
+        return gh, gw, gb, None, None, None, None, None
+
+
+def _stat_names(teacher: _Teacher) -> tuple[str, ...]:
+    if not teacher.present:
+        return ()
+    return ("teacher_entropy", "top1_agreement") + (("topk_mass",) if teacher.sparse else ())
+
+
+def chunked_distill_loss(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    student_bias: torch.Tensor | None = None,
+    teacher_hidden: torch.Tensor | None = None,
+    teacher_weight: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | None = None,
+    teacher_logits: torch.Tensor | None = None,
+    teacher_ids: torch.Tensor | None = None,
+    teacher_logprobs: torch.Tensor | None = None,
+    teacher_tail_logmass: torch.Tensor | None = None,
+    kind: str = "forward_kl",
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    skew: float = 0.1,
+    tail: str = "bucket",
+    ignore_index: int = -100,
+    chunk_size: int = 1024,
+    kd_weight: float = 1.0,
+    ce_weight: float = 1.0,
+) -> LossOutput:
+    """KD and CE sums from the student's final hidden states, chunk_size positions at a time.
+
+    student_hidden: [N, H] or [B, S, H]; student_weight: [V, H] (lm_head); student_bias: [V];
+    labels: [N] or [B, S], aligned with the hidden states (the caller shifts).
+    Teacher, at most one of: teacher_hidden [N, Ht] + teacher_weight [V, Ht] (+ teacher_bias), whose
+    logits are computed per chunk; teacher_logits [N, V]; or teacher_ids / teacher_logprobs [N, k]
+    (+ teacher_tail_logmass [N]) as in sparse_kd_loss. No teacher: kd_sum is 0 (CE only).
+
+    Returns LossOutput with kd_sum == kd_loss(logits, ..., reduction="sum") (or sparse_kd_loss),
+    ce_sum == F.cross_entropy(logits, labels, reduction="sum"), where logits = hidden @ weight.T +
+    bias, and stats: detached sums over counted positions of "teacher_entropy" (of the compared
+    teacher distribution), "top1_agreement" (student argmax == teacher argmax) and, for sparse
+    targets, "topk_mass" (teacher probability inside the top-k); empty without a teacher.
+
+    (a * kd_sum + b * ce_sum).backward() is exact for any a, b; it is cheapest (no recomputation)
+    when (a, b) is proportional to (kd_weight, ce_weight), so pass the weights you will use.
+    Memory: no [N, V] tensor is created in either pass; see _ChunkedDistill.
+    """
+    _check_args(kind, temperature, beta, skew)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    sources = [
+        name
+        for name, x in (
+            ("teacher_hidden", teacher_hidden),
+            ("teacher_logits", teacher_logits),
+            ("teacher_ids", teacher_ids),
+        )
+        if x is not None
+    ]
+    if len(sources) > 1:
+        raise ValueError(f"give at most one teacher source, got {', '.join(sources)}")
+    if teacher_hidden is not None and teacher_weight is None:
+        raise ValueError("teacher_hidden needs teacher_weight (the teacher's lm_head weight)")
+    if (teacher_ids is None) != (teacher_logprobs is None):
+        raise ValueError("sparse targets need both teacher_ids and teacher_logprobs")
+    if teacher_ids is not None:
+        _check_tail(tail, kind)
+    if student_weight.dim() != 2 or student_weight.shape[1] != student_hidden.shape[-1]:
+        raise ValueError(
+            f"student_weight {tuple(student_weight.shape)} must be [V, H] with H = {student_hidden.shape[-1]}"
+        )
+    _check_labels(labels, student_hidden.shape[:-1], "hidden")
+
+    n = labels.numel()
+    k = None if teacher_ids is None else teacher_ids.shape[-1]
+    teacher = _Teacher(
+        hidden=None if teacher_hidden is None else teacher_hidden.detach().reshape(n, -1),
+        weight=None if teacher_weight is None else teacher_weight.detach(),
+        bias=None if teacher_bias is None else teacher_bias.detach(),
+        logits=None if teacher_logits is None else teacher_logits.detach().reshape(n, -1),
+        ids=None if teacher_ids is None else teacher_ids.reshape(n, k).long(),
+        logprobs=None if teacher_logprobs is None else teacher_logprobs.detach().reshape(n, k),
+        tail_logmass=None if teacher_tail_logmass is None else teacher_tail_logmass.detach().reshape(n),
+    )
+    device = student_hidden.device.type
+    if torch.is_autocast_enabled(device):
+        mm_dtype = torch.get_autocast_dtype(device)
+    else:
+        mm_dtype = torch.promote_types(student_hidden.dtype, student_weight.dtype)
+    spec = _Spec(kind, float(temperature), float(beta), float(skew), tail, ignore_index, int(chunk_size), mm_dtype)
+    with torch.autocast(device, enabled=False):  # dtypes are chosen explicitly above
+        kd_sum, ce_sum, num_tokens, *stats = _ChunkedDistill.apply(
+            student_hidden.reshape(n, -1),
+            student_weight,
+            student_bias,
+            labels.reshape(n),
+            teacher,
+            spec,
+            float(kd_weight),
+            float(ce_weight),
+        )
+    return LossOutput(kd_sum, ce_sum, num_tokens, dict(zip(_stat_names(teacher), stats)))

@@ -1,0 +1,168 @@
+"""Load or build the teacher, the student and their shared tokenizer.
+
+One code path for every source: a hub id on a cluster and a local directory in tests both go
+through `from_pretrained`; small architectures for tests and the demo are built from the
+config's `arch` block. Nothing here downloads anything unless a hub id is configured.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
+
+from .config import ArchConfig, Config, ModelConfig
+from .errors import DistillError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+SPECIAL_TOKENS = {"bos_token": "<|bos|>", "eos_token": "<|eos|>", "pad_token": "<|pad|>", "unk_token": "<|unk|>"}
+
+
+def _looks_local(path: str) -> bool:
+    # A hub id is "name" or "org/name"; anything that starts like a filesystem path is local.
+    return path.startswith(("/", "./", "../", "~")) or Path(path).expanduser().exists()
+
+
+def _check_local(path: str, role: str) -> None:
+    if _looks_local(path) and not Path(path).expanduser().is_dir():
+        raise DistillError(f"{role}.path={path}: no such model directory")
+
+
+def model_config(mcfg: ModelConfig, vocab_size: int, role: str) -> PretrainedConfig:
+    """The transformers config of a model, without loading any weights (cheap: runs before data work)."""
+    if mcfg.path is not None:
+        _check_local(mcfg.path, role)
+        try:
+            return AutoConfig.from_pretrained(
+                mcfg.path, revision=mcfg.revision, trust_remote_code=mcfg.trust_remote_code
+            )
+        except (OSError, ValueError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise DistillError(f"{role}.path={mcfg.path}: cannot load its config: {first}") from None
+    return arch_config(mcfg.arch, vocab_size)
+
+
+def arch_config(arch: ArchConfig, vocab_size: int) -> PretrainedConfig:
+    inter = arch.intermediate_size or 4 * arch.hidden_size
+    common = dict(vocab_size=vocab_size, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    if arch.family == "gpt2":
+        # Dropout off: distillation students match a target distribution; dropout only adds noise
+        # and makes training logits differ from the exported model's.
+        return AutoConfig.for_model(
+            "gpt2", n_embd=arch.hidden_size, n_layer=arch.num_layers, n_head=arch.num_heads, n_inner=inter,
+            n_positions=arch.max_position_embeddings, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+            tie_word_embeddings=True, **common,
+        )
+    return AutoConfig.for_model(
+        arch.family, hidden_size=arch.hidden_size, num_hidden_layers=arch.num_layers,
+        num_attention_heads=arch.num_heads, num_key_value_heads=arch.num_kv_heads or arch.num_heads,
+        intermediate_size=inter, max_position_embeddings=arch.max_position_embeddings,
+        tie_word_embeddings=arch.tie_word_embeddings, **common,
+    )
+
+
+def max_positions(config: PretrainedConfig) -> int | None:
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def check_models(cfg: Config, student: PretrainedConfig, teacher: PretrainedConfig | None, tokenizer_len: int) -> None:
+    """Startup checks on configs only, before any weights load: shared vocabulary and sequence length."""
+    if teacher is not None and teacher.vocab_size != student.vocab_size:
+        raise DistillError(
+            f"vocabulary mismatch: teacher has vocab_size={teacher.vocab_size}, student has "
+            f"vocab_size={student.vocab_size}; distillation needs a shared vocabulary"
+        )
+    for role, mc in (("student", student), ("teacher", teacher)):
+        if mc is None:
+            continue
+        if tokenizer_len > mc.vocab_size:
+            raise DistillError(
+                f"the tokenizer has {tokenizer_len} tokens but the {role} has vocab_size={mc.vocab_size}"
+            )
+        limit = max_positions(mc)
+        if limit is not None and cfg.data.seq_len > limit:
+            raise DistillError(f"data.seq_len={cfg.data.seq_len} exceeds the {role}'s maximum positions ({limit})")
+
+
+def load_model(mcfg: ModelConfig, config: PretrainedConfig, *, seed: int) -> torch.nn.Module:
+    dtype = DTYPES[mcfg.dtype]
+    if mcfg.path is not None:
+        return AutoModelForCausalLM.from_pretrained(
+            mcfg.path, revision=mcfg.revision, dtype=dtype, trust_remote_code=mcfg.trust_remote_code
+        )
+    # Seed right before init so the same arch + seed gives the same weights however many processes run.
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
+def model_identity(mcfg: ModelConfig, config: PretrainedConfig) -> dict:
+    """What a run records about a model it did not train (the teacher): enough to tell runs apart."""
+    blob = json.dumps(config.to_diff_dict(), sort_keys=True, default=str).encode()
+    return {
+        "path": mcfg.path,
+        "revision": mcfg.revision,
+        "arch": None if mcfg.arch is None else vars(mcfg.arch),
+        "config_sha256": hashlib.sha256(blob).hexdigest(),
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizer
+
+
+def tokenizer_source(cfg: Config) -> str | None:
+    """Where the tokenizer comes from: explicit path, else the teacher's or student's pretrained one."""
+    if cfg.tokenizer.path is not None:
+        return cfg.tokenizer.path
+    for mcfg in (cfg.teacher, cfg.student):
+        if mcfg is not None and mcfg.path is not None:
+            return mcfg.path
+    return None
+
+
+def load_tokenizer(path: str, revision: str | None = None) -> PreTrainedTokenizerBase:
+    _check_local(path, "tokenizer")
+    try:
+        tok = AutoTokenizer.from_pretrained(path, revision=revision)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DistillError(f"tokenizer {path}: cannot load: {first}") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def train_bpe_tokenizer(texts, vocab_size: int, out_dir: Path) -> PreTrainedTokenizerBase:
+    """Train a byte-level BPE tokenizer on an iterator of texts and save it as a transformers tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = [SPECIAL_TOKENS[k] for k in ("pad_token", "bos_token", "eos_token", "unk_token")]
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIAL_TOKENS)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    fast.save_pretrained(tmp)
+    tmp.rename(out_dir)  # atomic: a half-written tokenizer is never picked up from the cache
+    return fast
+
+
+def tokenizer_hash(tok: PreTrainedTokenizerBase) -> str:
+    """A fingerprint of the vocabulary and merges, so runs and stores can check they tokenize alike."""
+    backend = getattr(tok, "backend_tokenizer", None)
+    blob = backend.to_str() if backend is not None else json.dumps(sorted(tok.get_vocab().items()))
+    return hashlib.sha256(blob.encode()).hexdigest()

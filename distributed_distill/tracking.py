@@ -1,0 +1,69 @@
+"""Console progress, `metrics.jsonl` and wandb, all from the main process only.
+
+wandb goes through Accelerate's tracker (`log_with="wandb"`), which already restricts itself to
+the main process; `logging.wandb.mode: disabled` does not initialise wandb at all, so it writes
+nothing anywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+from .config import Config, to_dict
+
+
+def wandb_kwargs(cfg: Config) -> dict | None:
+    """What `Accelerator(log_with=...)` and `init_trackers` need, or None when wandb is disabled."""
+    w = cfg.logging.wandb
+    if w.mode == "disabled":
+        return None
+    return {
+        "mode": w.mode,
+        "dir": str(Path(w.dir or cfg.output_dir).resolve()),
+        "name": w.name or Path(cfg.output_dir).name,
+        "entity": w.entity,
+    }
+
+
+class Tracker:
+    def __init__(self, cfg: Config, accelerator: Accelerator, start_step: int = 0):
+        self.accelerator = accelerator
+        self.main = accelerator.is_main_process
+        self.max_steps = cfg.train.max_steps
+        self.wandb = wandb_kwargs(cfg) is not None
+        self.path = Path(cfg.output_dir) / "metrics.jsonl"
+        self.bar = None
+        if self.wandb:
+            accelerator.init_trackers(cfg.logging.wandb.project, config=to_dict(cfg), init_kwargs={"wandb": wandb_kwargs(cfg)})
+        if self.main and cfg.logging.progress:
+            self.bar = tqdm(total=self.max_steps, initial=start_step, desc="distill", dynamic_ncols=True)
+        self.start = time.perf_counter()
+        self.start_step = start_step
+
+    def log(self, metrics: dict) -> None:
+        """Append one record to metrics.jsonl (and wandb); `metrics` must hold `step`."""
+        if not self.main:
+            return
+        clean = {k: (float(v) if isinstance(v, float) and math.isfinite(v) else v) for k, v in metrics.items()}
+        with self.path.open("a") as f:
+            f.write(json.dumps(clean) + "\n")
+        if self.wandb:
+            self.accelerator.log({k: v for k, v in clean.items() if k != "step"}, step=metrics["step"])
+
+    def progress(self, step: int, loss: float, tokens_per_second: float) -> None:
+        if self.bar is None:
+            return
+        self.bar.update(step - self.bar.n)
+        self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_second:,.0f}", refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.wandb:
+            self.accelerator.end_training()

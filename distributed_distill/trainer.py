@@ -1,0 +1,308 @@
+"""The training loop: setup, step, evaluate, export.
+
+    train(cfg) -> setup_accelerator -> setup_tokenizer -> setup_data -> setup_student / setup_teacher -> fit
+
+One step: the micro-batches of the optimizer step are fetched first, their valid tokens are
+counted and summed over ranks, and each micro-batch's summed loss is divided by that global
+count. The gradient therefore equals d(mean over every valid token of the global batch), however
+the batch is split into micro-batches, accumulation steps and processes, and the logged `loss` is
+exactly the optimised quantity.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+
+from . import data as data_lib
+from . import models
+from .config import Config, DistillConfig, save_config
+from .errors import DistillError
+from .losses import LossOutput, chunked_distill_loss, kd_loss
+from .tracking import Tracker, wandb_kwargs
+
+# ----------------------------------------------------------------------------------------------
+# Setup
+
+
+def setup_accelerator(cfg: Config) -> Accelerator:
+    use_cpu = cfg.train.device == "cpu" or (cfg.train.device == "auto" and not torch.cuda.is_available())
+    if cfg.train.device == "cuda" and not torch.cuda.is_available():
+        raise DistillError("train.device=cuda but CUDA is not available on this machine")
+    accelerator = Accelerator(
+        cpu=use_cpu,
+        mixed_precision="bf16" if cfg.train.precision == "bf16" else "no",
+        gradient_accumulation_steps=cfg.train.grad_accum_steps,
+        log_with="wandb" if wandb_kwargs(cfg) is not None else None,
+    )
+    # torchrun without Accelerator(cpu=True) on a CPU machine starts N processes that each train alone;
+    # refuse instead of silently training N independent students.
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if accelerator.num_processes != world:
+        raise DistillError(
+            f"Accelerate sees {accelerator.num_processes} process(es) but the launcher started WORLD_SIZE={world}; "
+            "on CPU launch with `ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes N` or torchrun"
+        )
+    return accelerator
+
+
+def setup_tokenizer(cfg: Config, accelerator: Accelerator):
+    source = models.tokenizer_source(cfg)
+    if source is not None:
+        return models.load_tokenizer(source)
+    # Both models are built from arch: train a BPE tokenizer on the training split, once, cached by the
+    # data and vocabulary it was trained on.
+    key = json.dumps([cfg.data.source, cfg.data.max_documents, cfg.data.val_fraction, cfg.data.text_field,
+                      cfg.data.prompt_field, cfg.data.completion_field, cfg.tokenizer.vocab_size])
+    out = data_lib.cache_root(cfg.data) / "tokenizers" / f"bpe-{models.hashlib.sha256(key.encode()).hexdigest()[:16]}"
+    with accelerator.main_process_first():
+        if not out.is_dir():
+            out.parent.mkdir(parents=True, exist_ok=True)
+            accelerator.print(f"training a {cfg.tokenizer.vocab_size}-token BPE tokenizer on {cfg.data.source} ...")
+            models.train_bpe_tokenizer(data_lib.texts_for_tokenizer(cfg.data), cfg.tokenizer.vocab_size, out)
+    return models.load_tokenizer(str(out))
+
+
+def setup_teacher(cfg: Config, teacher_config, accelerator: Accelerator):
+    """The frozen teacher: eval mode, no gradients, no optimizer, never passed to `accelerator.prepare`
+    (so it is never in a checkpoint), and called by every rank once per micro-batch (lockstep)."""
+    if cfg.teacher is None:
+        return None
+    teacher = models.load_model(cfg.teacher, teacher_config, seed=cfg.train.seed + 1)
+    teacher.eval().requires_grad_(False)
+    return teacher.to(accelerator.device)
+
+
+def prepare_output_dir(cfg: Config, accelerator: Accelerator) -> Path:
+    out = Path(cfg.output_dir)
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        # Metrics restart with the run; earlier runs' records would make the curve ambiguous.
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+        save_config(cfg, out / "config.yaml")
+    accelerator.wait_for_everyone()
+    return out
+
+
+def lr_lambda(cfg: Config):
+    t = cfg.train
+
+    def schedule(step: int) -> float:
+        if step < t.warmup_steps:
+            return (step + 1) / (t.warmup_steps + 1)
+        progress = (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps)
+        return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return schedule
+
+
+# ----------------------------------------------------------------------------------------------
+# Forward and loss
+
+
+def _hidden(model, input_ids: torch.Tensor) -> torch.Tensor:
+    # logits_to_keep=1 skips the [B, S, V] logits; the loss projects hidden states chunk by chunk instead.
+    out = model(input_ids=input_ids, output_hidden_states=True, logits_to_keep=1, use_cache=False)
+    return out.hidden_states[-1]
+
+
+def forward_losses(student, teacher, batch: dict, dcfg: DistillConfig, head=None) -> LossOutput:
+    """Summed KD and CE losses of one micro-batch (next-token aligned), not yet normalised.
+
+    `student` is the (possibly wrapped) module to call; `head` its output layer (unwrapped).
+    """
+    input_ids, labels = batch["input_ids"], batch["labels"][:, 1:].reshape(-1)
+    want_kd = teacher is not None and dcfg.alpha > 0
+    kd_args = dict(kind=dcfg.loss, temperature=dcfg.temperature, beta=dcfg.beta, skew=dcfg.skew)
+    if dcfg.chunk_size > 0:
+        hidden = _hidden(student, input_ids)[:, :-1]
+        teacher_kw = {}
+        if want_kd:
+            with torch.no_grad():
+                t_hidden = _hidden(teacher, input_ids)[:, :-1]
+            t_head = teacher.get_output_embeddings()
+            teacher_kw = dict(teacher_hidden=t_hidden.reshape(-1, t_hidden.shape[-1]), teacher_weight=t_head.weight,
+                              teacher_bias=t_head.bias)
+        return chunked_distill_loss(
+            hidden.reshape(-1, hidden.shape[-1]), head.weight, labels, student_bias=head.bias,
+            chunk_size=dcfg.chunk_size, **kd_args, **teacher_kw,
+        )
+    # Naive path: full [tokens, V] logits; for models or strategies where the head cannot be used directly.
+    logits = student(input_ids=input_ids, use_cache=False).logits[:, :-1].reshape(-1, head.weight.shape[0])
+    ce_sum = F.cross_entropy(logits.float(), labels, ignore_index=data_lib.IGNORE_INDEX, reduction="sum")
+    kd_sum = logits.new_zeros((), dtype=torch.float32)
+    if want_kd:
+        with torch.no_grad():
+            t_logits = teacher(input_ids=input_ids, use_cache=False).logits[:, :-1].reshape_as(logits)
+        kd_sum = kd_loss(logits, t_logits, labels, reduction="sum", **kd_args)
+        del t_logits
+    n = (labels != data_lib.IGNORE_INDEX).sum()
+    return LossOutput(kd_sum=kd_sum, ce_sum=ce_sum, num_tokens=n, stats={})
+
+
+def count_tokens(micro_batches: list[dict]) -> torch.Tensor:
+    return sum((mb["labels"][:, 1:] != data_lib.IGNORE_INDEX).sum() for mb in micro_batches)
+
+
+@dataclass
+class StepResult:
+    loss: float
+    kd_loss: float
+    ce_loss: float
+    num_tokens: int
+    grad_norm: float
+
+
+def train_step(accelerator, student, head, teacher, optimizer, micro_batches: list[dict], cfg: Config) -> StepResult:
+    """One optimizer step over this rank's micro-batches; shared by 1- and N-process runs alike."""
+    alpha = cfg.distill.alpha
+    local_tokens = count_tokens(micro_batches).to(accelerator.device)
+    global_tokens = accelerator.reduce(local_tokens.clone(), reduction="sum").clamp(min=1).float()
+    # accelerator.backward divides by the accumulation steps and DDP averages over processes; undo both so
+    # each micro-batch contributes exactly (its summed loss) / (valid tokens in the global step).
+    scale = accelerator.gradient_accumulation_steps * accelerator.num_processes / global_tokens
+    sums = torch.zeros(2, device=accelerator.device)
+    for mb in micro_batches:
+        mb = {k: v.to(accelerator.device) for k, v in mb.items()}
+        with accelerator.accumulate(student):
+            out = forward_losses(student, teacher, mb, cfg.distill, head=head)
+            loss = alpha * out.kd_sum + (1 - alpha) * out.ce_sum
+            accelerator.backward(loss * scale)
+            sums += torch.stack([out.kd_sum.detach().float(), out.ce_sum.detach().float()])
+            if accelerator.sync_gradients:
+                max_norm = cfg.train.max_grad_norm or float("inf")
+                grad_norm = accelerator.clip_grad_norm_(student.parameters(), max_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    kd, ce = (accelerator.reduce(sums, reduction="sum") / global_tokens).tolist()
+    return StepResult(
+        loss=alpha * kd + (1 - alpha) * ce, kd_loss=kd, ce_loss=ce, num_tokens=int(global_tokens.item()),
+        grad_norm=float(grad_norm),
+    )
+
+
+@torch.no_grad()
+def evaluate(accelerator, model, head, teacher, val_ds, cfg: Config) -> dict:
+    """Validation CE (and KD against the teacher, if any) over the split, token-weighted across ranks."""
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(3, device=accelerator.device)
+    batches = data_lib.eval_batches(
+        val_ds, cfg.train.micro_batch_size, accelerator.num_processes, accelerator.process_index, cfg.train.eval_batches
+    )
+    for mb in batches:
+        mb = {k: v.to(accelerator.device) for k, v in mb.items()}
+        with accelerator.autocast():
+            out = forward_losses(model, teacher, mb, cfg.distill, head=head)
+        sums += torch.stack([out.ce_sum.float(), out.kd_sum.float(), out.num_tokens.float()])
+    ce, kd, n = accelerator.reduce(sums, reduction="sum").tolist()
+    model.train(was_training)
+    n = max(n, 1.0)
+    result = {"val_loss": ce / n, "val_ppl": math.exp(min(ce / n, 50.0)), "val_tokens": int(n)}
+    if teacher is not None and cfg.distill.alpha > 0:
+        result["val_kd_loss"] = kd / n
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# The run
+
+
+def train(cfg: Config) -> dict:
+    accelerator = setup_accelerator(cfg)
+    set_seed(cfg.train.seed)
+    tokenizer = setup_tokenizer(cfg, accelerator)
+    vocab = len(tokenizer)
+    student_config = models.model_config(cfg.student, vocab, "student")
+    teacher_config = models.model_config(cfg.teacher, vocab, "teacher") if cfg.teacher is not None else None
+    models.check_models(cfg, student_config, teacher_config, vocab)
+    with accelerator.main_process_first():
+        train_ds, val_ds = data_lib.build_datasets(cfg.data, tokenizer)
+    out_dir = prepare_output_dir(cfg, accelerator)
+    if teacher_config is not None and accelerator.is_main_process:
+        identity = models.model_identity(cfg.teacher, teacher_config)
+        (out_dir / "teacher.json").write_text(json.dumps(identity, indent=2))
+
+    student = models.load_model(cfg.student, student_config, seed=cfg.train.seed)
+    teacher = setup_teacher(cfg, teacher_config, accelerator)
+    optimizer = torch.optim.AdamW(
+        student.parameters(), lr=cfg.train.lr, betas=(cfg.train.adam_beta1, cfg.train.adam_beta2),
+        weight_decay=cfg.train.weight_decay,
+    )
+    # The scheduler is stepped by hand once per optimizer step: Accelerate's prepared scheduler would
+    # step num_processes times per call and make the schedule depend on the world size.
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    student, optimizer = accelerator.prepare(student, optimizer)
+    head = accelerator.unwrap_model(student).get_output_embeddings()
+    accelerator.print(
+        f"train {len(train_ds)} x {cfg.data.seq_len} tokens, validation {len(val_ds)}; "
+        f"{accelerator.num_processes} process(es) on {accelerator.device}; "
+        f"student {sum(p.numel() for p in student.parameters()):,} params"
+        + (f", teacher {sum(p.numel() for p in teacher.parameters()):,} params" if teacher is not None else "")
+    )
+
+    final = fit(cfg, accelerator, student, head, teacher, optimizer, scheduler, train_ds, val_ds)
+    export(accelerator, student, tokenizer, out_dir / "final")
+    return final
+
+
+def fit(cfg, accelerator, student, head, teacher, optimizer, scheduler, train_ds, val_ds) -> dict:
+    t = cfg.train
+    tracker = Tracker(cfg, accelerator)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    seen = []  # this rank's first sample indices: a record of which data the rank trained on
+    student.train()
+    result = {}
+    for step in range(t.max_steps):
+        started = time.perf_counter()
+        micro_steps = range(step * t.grad_accum_steps, (step + 1) * t.grad_accum_steps)
+        indices = [data_lib.train_indices(len(train_ds), t.micro_batch_size, world, rank, t.seed, m) for m in micro_steps]
+        seen.extend(i for idx in indices for i in idx if len(seen) < 256)
+        batches = [data_lib.collate(train_ds, idx) for idx in indices]
+        lr = scheduler.get_last_lr()[0]
+        res = train_step(accelerator, student, head, teacher, optimizer, batches, cfg)
+        scheduler.step()
+        elapsed = time.perf_counter() - started
+        tokens = t.micro_batch_size * t.grad_accum_steps * world * cfg.data.seq_len
+        record = {
+            "step": step + 1, "loss": res.loss, "kd_loss": res.kd_loss, "ce_loss": res.ce_loss, "lr": lr,
+            "grad_norm": res.grad_norm, "num_tokens": res.num_tokens, "tokens_per_second": tokens / elapsed,
+        }
+        last = step + 1 == t.max_steps
+        if (t.eval_every and (step + 1) % t.eval_every == 0) or last:
+            result = evaluate(accelerator, student, head, teacher, val_ds, cfg)
+            record.update(result)
+        if (step + 1) % t.log_every == 0 or last or "val_loss" in record:
+            tracker.log(record)
+        tracker.progress(step + 1, res.loss, record["tokens_per_second"])
+    tracker.close()
+    _write_rank_record(cfg, accelerator, seen)
+    return result
+
+
+def _write_rank_record(cfg: Config, accelerator: Accelerator, seen: list[int]) -> None:
+    path = Path(cfg.output_dir) / "ranks" / f"rank-{accelerator.process_index}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"rank": accelerator.process_index, "world_size": accelerator.num_processes,
+                                "first_sample_indices": seen}))
+
+
+def export(accelerator: Accelerator, model, tokenizer, out: Path) -> None:
+    """Save the student with `save_pretrained` (safetensors) and its tokenizer: loadable without this package."""
+    accelerator.wait_for_everyone()
+    state = accelerator.get_state_dict(model)  # gathers sharded (ZeRO-3 / FSDP) weights
+    unwrapped = accelerator.unwrap_model(model)
+    unwrapped.save_pretrained(out, is_main_process=accelerator.is_main_process, save_function=accelerator.save,
+                              state_dict=state, safe_serialization=True)
+    if accelerator.is_main_process:
+        tokenizer.save_pretrained(out)
+    accelerator.wait_for_everyone()

@@ -1,0 +1,96 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from distributed_distill.config import Config, describe, load_config, save_config
+from distributed_distill.errors import ConfigError
+
+from .conftest import ROOT, SMOKE
+
+
+def test_overrides_are_typed_and_nested():
+    cfg = load_config(SMOKE, ["train.max_steps=20", "distill.temperature=3", "data.max_documents=null",
+                              "student.arch.hidden_size=48"])
+    assert cfg.train.max_steps == 20
+    assert cfg.distill.temperature == 3.0 and isinstance(cfg.distill.temperature, float)
+    assert cfg.data.max_documents is None
+    assert cfg.student.arch.hidden_size == 48
+
+
+def test_teacher_null_with_alpha_zero_is_plain_ce():
+    cfg = load_config(SMOKE, ["teacher=null", "distill.alpha=0"])
+    assert cfg.teacher is None and cfg.distill.alpha == 0
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["train.max_stepz=3"], "unknown config key 'train.max_stepz' (did you mean 'max_steps'?)"),
+        (["trian.max_steps=3"], "unknown config key 'trian' (did you mean 'train'?)"),
+        (["train.max_steps=abc"], "train.max_steps='abc' must be of type int"),
+        (["train.precision=fp8"], "train.precision='fp8' is not one of fp32, bf16"),
+        (["distill.alpha=1.0", "teacher=null"], "distill.alpha=1.0 needs a teacher"),
+        (["distill.alpha=1.5"], "distill.alpha=1.5 must be in [0, 1]"),
+        (["distill.loss=forward_kll"], "(did you mean 'forward_kl'?)"),
+        (["distill.beta=1.0"], "distill.beta=1.0 must be strictly between 0 and 1"),
+        (["student.arch.num_heads=3"], "student.arch: hidden_size=32 is not divisible by num_heads=3"),
+        (["teacher.path=/some/dir"], "teacher: a model needs exactly one of `path`"),
+        (["data.seq_len=1000"], "data.seq_len=1000 exceeds student.arch.max_position_embeddings=128"),
+        (["train.warmup_steps=10"], "train.warmup_steps=10 exceeds train.max_steps=5"),
+        (["data.prompt_field=q"], "data.prompt_field and data.completion_field must be set together"),
+        (["train.micro_batch_size=0"], "train.micro_batch_size=0 must be >= 1"),
+        (["student=null"], "student is required"),
+        (["novalue"], "override 'novalue' must look like section.key=value"),
+    ],
+)
+def test_bad_config_names_the_key(overrides, message):
+    with pytest.raises(ConfigError) as info:
+        load_config(SMOKE, overrides)
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_bad_yaml_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  max_steps: [1\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml:\d+ is not valid YAML"):
+        load_config(bad)
+
+
+def test_yaml_cannot_call_code(tmp_path):
+    evil = tmp_path / "evil.yaml"
+    evil.write_text("output_dir: !!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(evil)
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(SMOKE, ["train.max_steps=7"])
+    save_config(cfg, tmp_path / "config.yaml")
+    again = load_config(tmp_path / "config.yaml")
+    assert again == cfg
+
+
+def test_every_key_is_documented():
+    lines = describe()
+    assert any("train.max_steps" in line for line in lines)
+    assert all("  # " in line for line in lines if line.startswith("  "))
+    assert not [line for line in lines if line.rstrip().endswith("#")], "a config field has no help text"
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    assert isinstance(load_config(path), Config)
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "launch" / "accelerate").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_accelerate_launch_file_parses(path):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    raw = yaml.safe_load(Path(path).read_text())
+    loaded = load_config_from_file(str(path))
+    assert loaded.distributed_type.value == raw["distributed_type"]
+    assert loaded.num_processes == raw["num_processes"]

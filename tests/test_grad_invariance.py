@@ -1,0 +1,70 @@
+"""The gradient of one optimizer step does not depend on how the global batch is split into micro-batches
+and accumulation steps (DESIGN.md, normalisation): token-level losses are divided by the valid-token count
+of the whole step, not of each micro-batch."""
+
+import copy
+
+import pytest
+import torch
+
+from distributed_distill import models, trainer
+from distributed_distill.config import load_config
+
+from .conftest import SMOKE
+
+VOCAB, SEQ = 97, 16
+
+
+def _global_batch() -> dict:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, VOCAB, (4, SEQ), generator=g)
+    labels = ids.clone()
+    # very different numbers of counted tokens per sequence: 15, 9, 3 and 0 (all masked)
+    labels[1, :7] = -100
+    labels[2, 4:] = -100
+    labels[3, :] = -100
+    return {"input_ids": ids, "labels": labels}
+
+
+def _step_delta(micro: int, accum: int, alpha: float, loss: str, chunk: int) -> dict:
+    cfg = load_config(SMOKE, [f"train.micro_batch_size={micro}", f"train.grad_accum_steps={accum}",
+                              f"distill.alpha={alpha}", f"distill.loss={loss}", f"distill.chunk_size={chunk}",
+                              "train.max_grad_norm=0"])
+    accelerator = trainer.setup_accelerator(cfg)
+    student = models.load_model(cfg.student, models.arch_config(cfg.student.arch, VOCAB), seed=0)
+    teacher = models.load_model(cfg.teacher, models.arch_config(cfg.teacher.arch, VOCAB), seed=1).eval()
+    before = copy.deepcopy(student.state_dict())
+    # Plain SGD with lr=1: the parameter change is exactly minus the gradient.
+    optimizer = torch.optim.SGD(student.parameters(), lr=1.0)
+    student, optimizer = accelerator.prepare(student, optimizer)
+    head = accelerator.unwrap_model(student).get_output_embeddings()
+    batch = _global_batch()
+    micro_batches = [{k: v[i : i + micro] for k, v in batch.items()} for i in range(0, 4, micro)]
+    result = trainer.train_step(accelerator, student, head, teacher, optimizer, micro_batches, cfg)
+    after = accelerator.unwrap_model(student).state_dict()
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    return {"loss": result.loss, "num_tokens": result.num_tokens, **{k: before[k] - after[k] for k in before}}
+
+
+@pytest.mark.parametrize(("alpha", "loss", "chunk"), [(0.5, "forward_kl", 5), (0.5, "forward_kl", 0), (0.0, "forward_kl", 7)])
+def test_gradient_is_invariant_to_micro_batching(alpha, loss, chunk):
+    reference = _step_delta(4, 1, alpha, loss, chunk)
+    assert reference["num_tokens"] == 15 + 9 + 3
+    assert any(v.abs().max() > 1e-4 for k, v in reference.items() if isinstance(v, torch.Tensor))
+    for micro, accum in [(2, 2), (1, 4)]:
+        other = _step_delta(micro, accum, alpha, loss, chunk)
+        assert other["loss"] == pytest.approx(reference["loss"], abs=1e-6)
+        for name, delta in reference.items():
+            if isinstance(delta, torch.Tensor):
+                torch.testing.assert_close(other[name], delta, atol=1e-5, rtol=0, msg=f"{name} ({micro}x{accum})")
+
+
+def test_chunked_and_naive_paths_give_the_same_step():
+    chunked, naive = _step_delta(2, 2, 0.5, "forward_kl", 5), _step_delta(2, 2, 0.5, "forward_kl", 0)
+    assert chunked["loss"] == pytest.approx(naive["loss"], abs=1e-6)
+    for name, delta in naive.items():
+        if isinstance(delta, torch.Tensor):
+            torch.testing.assert_close(chunked[name], delta, atol=1e-5, rtol=0)

@@ -1,0 +1,111 @@
+"""The real entry points on tiny models: `python train.py` and `distill train`, the run directory, the export."""
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+
+from distributed_distill.config import load_config
+
+from .conftest import ROOT, SMOKE, read_metrics, run_cli
+
+REQUIRED = {"step", "loss", "kd_loss", "ce_loss", "tokens_per_second"}
+
+
+@pytest.fixture(scope="module")
+def smoke_runs(tmp_path_factory):
+    base = tmp_path_factory.mktemp("smoke")
+    a, b = base / "train_py", base / "distill_cli"
+    run_cli(["--config", str(SMOKE), f"output_dir={a}"], launcher=[sys.executable, "train.py"])
+    distill = shutil.which("distill", path=str(Path(sys.executable).parent))
+    assert distill, "the `distill` console script is not installed next to this interpreter"
+    run_cli(["train", "--config", str(SMOKE), f"output_dir={b}"], launcher=[distill])
+    return a, b
+
+
+def test_run_directory_contract(smoke_runs):
+    run, _ = smoke_runs
+    cfg = load_config(run / "config.yaml")
+    assert cfg == load_config(SMOKE, [f"output_dir={run}"])
+    records = read_metrics(run)
+    assert [r["step"] for r in records] == list(range(1, cfg.train.max_steps + 1))
+    assert all(REQUIRED <= r.keys() for r in records)
+    assert "val_loss" in records[-1]
+    for r in records:  # the logged loss is exactly the optimised combination
+        assert r["loss"] == pytest.approx(cfg.distill.alpha * r["kd_loss"] + (1 - cfg.distill.alpha) * r["ce_loss"])
+    final = run / "final"
+    assert (final / "model.safetensors").is_file() and (final / "config.json").is_file()
+    assert (final / "tokenizer.json").is_file()
+    teacher = json.loads((run / "teacher.json").read_text())
+    assert teacher["arch"]["hidden_size"] == cfg.teacher.arch.hidden_size and len(teacher["config_sha256"]) == 64
+    assert not list(final.glob("*teacher*"))
+
+
+def test_both_entry_points_train_the_same_student(smoke_runs):
+    a, b = smoke_runs
+    strip = lambda rs: [{k: v for k, v in r.items() if k != "tokens_per_second"} for r in rs]  # noqa: E731
+    assert strip(read_metrics(a)) == strip(read_metrics(b))
+    from safetensors.torch import load_file
+
+    wa, wb = load_file(a / "final" / "model.safetensors"), load_file(b / "final" / "model.safetensors")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_export_loads_with_plain_transformers_and_matches_training(smoke_runs):
+    """Recompute the final validation loss with nothing but transformers: it must equal the one the
+    training process computed from its live student (same logits)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from distributed_distill import data
+
+    run, _ = smoke_runs
+    cfg = load_config(run / "config.yaml")
+    model = AutoModelForCausalLM.from_pretrained(run / "final").eval()
+    tokenizer = AutoTokenizer.from_pretrained(run / "final")
+    _, val = data.build_datasets(cfg.data, tokenizer)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(val), 16):
+            rows = val[start : start + 16]
+            logits = model(input_ids=rows["input_ids"].long()).logits[:, :-1]
+            labels = rows["labels"].long()[:, 1:]
+            total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="sum").item()
+            count += int((labels != -100).sum())
+    assert count == read_metrics(run)[-1]["val_tokens"]
+    assert total / count == pytest.approx(read_metrics(run)[-1]["val_loss"], abs=1e-5)
+
+
+def test_report_and_eval_commands(smoke_runs):
+    run, _ = smoke_runs
+    out = run_cli(["report", str(run)]).stdout
+    assert "steps: 5" in out and "val_loss" in out
+    rows_path = run / "eval.json"
+    run_cli(["eval", "--config", str(run / "config.yaml"), "--model", f"student={run / 'final'}", "--json", str(rows_path)])
+    rows = json.loads(rows_path.read_text())
+    assert rows[0]["val_loss"] == pytest.approx(read_metrics(run)[-1]["val_loss"], abs=1e-5)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "qwen2"])
+def test_other_families_train_and_export(tmp_path, family):
+    out = tmp_path / family
+    run_cli(["train", "--config", str(SMOKE), f"output_dir={out}", "train.max_steps=2",
+             f"student.arch.family={family}", f"teacher.arch.family={family}"])
+    cfg = yaml.safe_load((out / "final" / "config.json").read_text())
+    assert cfg["model_type"] == family
+    assert "val_loss" in read_metrics(out)[-1]
+
+
+def test_help_lists_config_keys():
+    out = run_cli(["train", "--help-config"]).stdout
+    assert "distill.alpha" in out and "train.grad_accum_steps" in out
+    assert "--config" in run_cli(["train", "--help"]).stdout
+
+
+def test_root_train_py_documents_how_to_run():
+    text = (ROOT / "train.py").read_text()
+    assert "accelerate launch" in text and "torchrun" in text

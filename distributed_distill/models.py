@@ -32,6 +32,13 @@ def _check_local(path: str, role: str) -> None:
         raise DistillError(f"{role}.path={path}: no such model directory")
 
 
+def check_paths(cfg: Config) -> None:
+    for role in ("teacher", "student", "tokenizer"):
+        path = getattr(getattr(cfg, role), "path", None) if getattr(cfg, role) is not None else None
+        if path is not None:
+            _check_local(path, role)
+
+
 def model_config(mcfg: ModelConfig, vocab_size: int, role: str) -> PretrainedConfig:
     """The transformers config of a model, without loading any weights (cheap: runs before data work)."""
     if mcfg.path is not None:
@@ -63,6 +70,22 @@ def arch_config(arch: ArchConfig, vocab_size: int) -> PretrainedConfig:
         intermediate_size=inter, max_position_embeddings=arch.max_position_embeddings,
         tie_word_embeddings=arch.tie_word_embeddings, **common,
     )
+
+
+def resolve_configs(cfg: Config, tokenizer_len: int) -> tuple[PretrainedConfig, PretrainedConfig | None]:
+    """Student and teacher configs, checked against each other and the tokenizer before any weights load.
+
+    A model built from `arch` gets the vocabulary size of a pretrained partner (whose embedding matrix is often
+    padded beyond the tokenizer, e.g. to a multiple of 64), else the tokenizer's length.
+    """
+    vocab = tokenizer_len
+    partner = next((m for m in (cfg.teacher, cfg.student) if m is not None and m.path is not None), None)
+    if partner is not None:
+        vocab = model_config(partner, tokenizer_len, "teacher" if partner is cfg.teacher else "student").vocab_size
+    student = model_config(cfg.student, vocab, "student")
+    teacher = model_config(cfg.teacher, vocab, "teacher") if cfg.teacher is not None else None
+    check_models(cfg, student, teacher, tokenizer_len)
+    return student, teacher
 
 
 def max_positions(config: PretrainedConfig) -> int | None:

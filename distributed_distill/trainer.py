@@ -132,9 +132,12 @@ def forward_losses(student, teacher, batch: dict, dcfg: DistillConfig, head=None
             t_head = teacher.get_output_embeddings()
             teacher_kw = dict(teacher_hidden=t_hidden.reshape(-1, t_hidden.shape[-1]), teacher_weight=t_head.weight,
                               teacher_bias=t_head.bias)
+        # The weights tell the fused backward which combination will be differentiated, so the gradients it
+        # computes during the forward pass are the ones needed (no recomputation).
         return chunked_distill_loss(
             hidden.reshape(-1, hidden.shape[-1]), head.weight, labels, student_bias=head.bias,
-            chunk_size=dcfg.chunk_size, **kd_args, **teacher_kw,
+            chunk_size=dcfg.chunk_size, kd_weight=dcfg.alpha if want_kd else 0.0, ce_weight=1 - dcfg.alpha,
+            **kd_args, **teacher_kw,
         )
     # Naive path: full [tokens, V] logits; for models or strategies where the head cannot be used directly.
     logits = student(input_ids=input_ids, use_cache=False).logits[:, :-1].reshape(-1, head.weight.shape[0])
@@ -220,11 +223,9 @@ def evaluate(accelerator, model, head, teacher, val_ds, cfg: Config) -> dict:
 def train(cfg: Config) -> dict:
     accelerator = setup_accelerator(cfg)
     set_seed(cfg.train.seed)
+    models.check_paths(cfg)  # a typo in a path fails now, not after a tokenizer has been trained
     tokenizer = setup_tokenizer(cfg, accelerator)
-    vocab = len(tokenizer)
-    student_config = models.model_config(cfg.student, vocab, "student")
-    teacher_config = models.model_config(cfg.teacher, vocab, "teacher") if cfg.teacher is not None else None
-    models.check_models(cfg, student_config, teacher_config, vocab)
+    student_config, teacher_config = models.resolve_configs(cfg, len(tokenizer))
     with accelerator.main_process_first():
         train_ds, val_ds = data_lib.build_datasets(cfg.data, tokenizer)
     out_dir = prepare_output_dir(cfg, accelerator)

@@ -49,12 +49,13 @@ def reset_accelerate():
     GradientState._reset_state()
 
 
-def run_cli(args: list[str], *, launcher: list[str] | None = None, env: dict | None = None, timeout: int = 300,
+def run_cli(args: list[str], *, launcher: list[str] | None = None, env: dict[str, str | None] | None = None, timeout: int = 300,
             check: bool = True) -> subprocess.CompletedProcess:
     """Run `distill ...` (or `python train.py ...` via launcher) for real, in a fresh interpreter."""
     cmd = (launcher or [sys.executable, "-m", "distributed_distill.cli"]) + args
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})})
+    full_env = {**os.environ, **(env or {})}
+    full_env = {k: v for k, v in full_env.items() if v is not None}  # None unsets a variable
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=full_env)
     if check and proc.returncode != 0:
         raise AssertionError(f"{cmd} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc

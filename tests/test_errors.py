@@ -1,0 +1,92 @@
+"""Each bad input: one line on stderr naming what is wrong, exit status 2, raised before expensive work,
+and nothing written into the run directory."""
+
+import json
+
+import pytest
+
+from .conftest import SMOKE, run_cli
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """Two tiny local 'pretrained' checkpoints with different vocabulary sizes, and a tokenizer."""
+    from transformers import AutoModelForCausalLM
+
+    from distributed_distill import models
+    from distributed_distill.config import ArchConfig
+
+    base = tmp_path_factory.mktemp("pretrained")
+    tok = models.train_bpe_tokenizer(iter(["def f(x): return x\n"] * 20), 300, base / "tok")
+    for name, vocab in (("v600", 600), ("v512", 512)):
+        cfg = models.arch_config(ArchConfig(hidden_size=16, num_layers=1, num_heads=2, max_position_embeddings=64), vocab)
+        AutoModelForCausalLM.from_config(cfg).save_pretrained(base / name)
+        tok.save_pretrained(base / name)
+    return base
+
+
+def _fails(tmp_path, *overrides, config=SMOKE, env=None):
+    out = tmp_path / "run"
+    proc = run_cli(["train", "--config", str(config), f"output_dir={out}", *overrides], check=False, env=env)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert not out.exists(), "a failed start wrote into the run directory"
+    return lines[0]
+
+
+def test_typo_names_the_closest_key(tmp_path):
+    assert "unknown config key 'train.max_stepz' (did you mean 'max_steps'?)" in _fails(tmp_path, "train.max_stepz=3")
+
+
+def test_wrong_type(tmp_path):
+    assert "train.lr='fast' must be of type float" in _fails(tmp_path, "train.lr=fast")
+
+
+def test_alpha_one_without_teacher(tmp_path):
+    assert "distill.alpha=1.0 needs a teacher" in _fails(tmp_path, "distill.alpha=1.0", "teacher=null")
+
+
+def test_missing_config_file(tmp_path):
+    assert "does not exist" in _fails(tmp_path, config=tmp_path / "nope.yaml")
+
+
+def test_missing_model_path(tmp_path):
+    line = _fails(tmp_path, "teacher.arch=null", f"teacher.path={tmp_path / 'no_such_model'}")
+    assert f"teacher.path={tmp_path / 'no_such_model'}: no such model directory" in line
+
+
+def test_vocabulary_mismatch_names_both_sizes(tmp_path, pretrained):
+    line = _fails(tmp_path, "teacher.arch=null", f"teacher.path={pretrained / 'v600'}",
+                  "student.arch=null", f"student.path={pretrained / 'v512'}")
+    assert "teacher has vocab_size=600, student has vocab_size=512" in line
+
+
+def test_seq_len_beyond_the_pretrained_maximum(tmp_path, pretrained):
+    line = _fails(tmp_path, "teacher.arch=null", f"teacher.path={pretrained / 'v600'}", "data.seq_len=100")
+    assert "data.seq_len=100 exceeds the teacher's maximum positions (64)" in line
+
+
+def test_empty_data(tmp_path):
+    (tmp_path / "empty.jsonl").write_text("")
+    assert "is empty" in _fails(tmp_path, f"data.source={tmp_path / 'empty.jsonl'}")
+
+
+def test_unreadable_data(tmp_path):
+    (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{broken\n')
+    assert "cannot read as json" in _fails(tmp_path, f"data.source={tmp_path / 'bad.jsonl'}")
+
+
+def test_missing_data(tmp_path):
+    assert "no such file, directory or built-in corpus" in _fails(tmp_path, f"data.source={tmp_path / 'nothing'}")
+
+
+def test_good_prompt_completion_data_trains(tmp_path):
+    """The counterpart of the data errors: a valid prompt/completion JSONL file trains."""
+    path = tmp_path / "pc.jsonl"
+    path.write_text("\n".join(json.dumps({"q": f"question {i}?", "a": f"answer {i} " * 30}) for i in range(60)))
+    out = tmp_path / "ok"
+    run_cli(["train", "--config", str(SMOKE), f"output_dir={out}", f"data.source={path}", "data.prompt_field=q",
+             "data.completion_field=a", "train.max_steps=2", "data.val_fraction=0.2"])
+    assert (out / "final" / "model.safetensors").is_file()

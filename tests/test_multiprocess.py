@@ -1,0 +1,50 @@
+"""Real 2-process CPU runs (gloo), launched by torchrun and by accelerate launch."""
+
+import json
+import sys
+
+import pytest
+
+from .conftest import SMOKE, read_metrics, run_cli
+
+pytestmark = pytest.mark.multiprocess
+
+COMMON = ["train.max_steps=4", "distill.alpha=0.5", "train.eval_every=2"]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531", "train.py"]
+ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--main_process_port", "29532", "train.py"]
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    out = tmp_path_factory.mktemp("mp") / "one"
+    run_cli(["train", "--config", str(SMOKE), f"output_dir={out}", "train.micro_batch_size=4", *COMMON])
+    return out
+
+
+def _compare(one, two):
+    a, b = read_metrics(one), read_metrics(two)
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for ra, rb in zip(a, b):
+        for key in ("loss", "kd_loss", "ce_loss", "num_tokens", "grad_norm"):
+            assert rb[key] == pytest.approx(ra[key], abs=1e-4), (key, ra["step"])
+        if "val_loss" in ra:
+            assert rb["val_loss"] == pytest.approx(ra["val_loss"], abs=1e-4)
+            assert rb["val_tokens"] == ra["val_tokens"]  # the validation split is covered once, not twice
+    seen = [json.loads((two / "ranks" / f"rank-{r}.json").read_text())["first_sample_indices"] for r in (0, 1)]
+    assert all(json.loads((two / "ranks" / f"rank-{r}.json").read_text())["world_size"] == 2 for r in (0, 1))
+    assert not set(seen[0]) & set(seen[1]), "both ranks trained on the same samples"
+    reference = json.loads((one / "ranks" / "rank-0.json").read_text())["first_sample_indices"]
+    interleaved = [i for step in range(4) for r in (0, 1) for i in seen[r][2 * step : 2 * step + 2]]
+    assert interleaved == reference[:16]
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
+def test_two_processes_match_one_process(one_process, tmp_path, launcher):
+    out = tmp_path / launcher
+    env = {"ACCELERATE_USE_CPU": "true"} if launcher == "accelerate" else {}
+    proc = run_cli(["--config", str(SMOKE), f"output_dir={out}", "train.micro_batch_size=2", *COMMON],
+                   launcher=TORCHRUN if launcher == "torchrun" else ACCELERATE, env=env, timeout=600)
+    assert "2 process(es)" in proc.stdout
+    _compare(one_process, out)
+    assert (out / "final" / "model.safetensors").is_file()

@@ -1,21 +1,42 @@
 """wandb: `offline` writes a local run directory holding the logged metrics; `disabled` writes nothing."""
 
 import json
+import struct
+from pathlib import Path
 
 from .conftest import SMOKE, read_metrics, run_cli
 
 
-def _history(run_file) -> list[dict]:
-    """Decode the history rows of an offline wandb run file with wandb's own reader."""
-    from wandb.proto import wandb_internal_pb2
-    from wandb.sdk.internal import datastore
+def _records(run_file) -> list[bytes]:
+    """The records of a wandb run file: a LevelDB-style log (7-byte header, 32 KiB blocks, each record
+    `crc32 | length | type` then payload, split as FIRST/MIDDLE/LAST across blocks). wandb >= 0.2x no longer
+    ships a Python reader, so the test reads the format itself."""
+    data, block, pos, out, partial = Path(run_file).read_bytes(), 32768, 7, [], b""
+    assert data[:4] == b":W&B"
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        payload, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
+        if kind == 1:
+            out.append(payload)
+        elif kind == 2:
+            partial = payload
+        elif kind == 3:
+            partial += payload
+        elif kind == 4:
+            out.append(partial + payload)
+    return out
 
-    store = datastore.DataStore()
-    store.open_for_scan(str(run_file))
+
+def _history(run_file) -> list[dict]:
+    from wandb.proto import wandb_internal_pb2
+
     rows = []
-    while (data := store.scan_data()) is not None:
+    for raw in _records(run_file):
         record = wandb_internal_pb2.Record()
-        record.ParseFromString(data)
+        record.ParseFromString(raw)
         if record.WhichOneof("record_type") == "history":
             rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item})
     return rows

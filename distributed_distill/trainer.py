@@ -44,15 +44,24 @@ def setup_accelerator(cfg: Config) -> Accelerator:
         gradient_accumulation_steps=cfg.train.grad_accum_steps,
         log_with="wandb" if wandb_kwargs(cfg) is not None else None,
     )
-    # torchrun without Accelerator(cpu=True) on a CPU machine starts N processes that each train alone;
-    # refuse instead of silently training N independent students.
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    # A launcher that starts N processes which do not join one process group gives N students trained alone
+    # (torchrun without Accelerator(cpu=True) on CPU; `srun -n 2 python train.py` without torchrun). Refuse.
+    name, world = launcher_world_size()
     if accelerator.num_processes != world:
         raise DistillError(
-            f"Accelerate sees {accelerator.num_processes} process(es) but the launcher started WORLD_SIZE={world}; "
-            "on CPU launch with `ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes N` or torchrun"
+            f"Accelerate sees {accelerator.num_processes} process(es) but the launcher started {name}={world}; "
+            "on CPU launch with `ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes N` or torchrun, "
+            "under SLURM run one torchrun/accelerate launch per node"
         )
     return accelerator
+
+
+def launcher_world_size() -> tuple[str, int]:
+    """How many processes the launcher started, and the variable that says so."""
+    for name in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE", "SLURM_STEP_NUM_TASKS"):
+        if os.environ.get(name):
+            return name, int(os.environ[name])
+    return "WORLD_SIZE", 1
 
 
 def setup_tokenizer(cfg: Config, accelerator: Accelerator):

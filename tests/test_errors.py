@@ -90,3 +90,10 @@ def test_good_prompt_completion_data_trains(tmp_path):
     run_cli(["train", "--config", str(SMOKE), f"output_dir={out}", f"data.source={path}", "data.prompt_field=q",
              "data.completion_field=a", "train.max_steps=2", "data.val_fraction=0.2"])
     assert (out / "final" / "model.safetensors").is_file()
+
+
+def test_processes_that_would_train_alone_are_refused(tmp_path):
+    """`srun -n 2 python train.py` (no torchrun) starts two processes that never form a process group: each
+    would silently train its own student. The environment below is what srun gives each such task."""
+    line = _fails(tmp_path, env={"SLURM_STEP_NUM_TASKS": "2", "SLURM_PROCID": "0"})
+    assert "Accelerate sees 1 process(es) but the launcher started SLURM_STEP_NUM_TASKS=2" in line

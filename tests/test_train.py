@@ -109,3 +109,11 @@ def test_help_lists_config_keys():
 def test_root_train_py_documents_how_to_run():
     text = (ROOT / "train.py").read_text()
     assert "accelerate launch" in text and "torchrun" in text
+
+
+def test_bf16_autocast_run(tmp_path):
+    out = tmp_path / "bf16"
+    run_cli(["train", "--config", str(SMOKE), f"output_dir={out}", "train.max_steps=3", "train.precision=bf16"])
+    records = read_metrics(out)
+    assert all(r["loss"] == r["loss"] and r["loss"] < 100 for r in records)  # finite
+    assert (out / "final" / "model.safetensors").is_file()

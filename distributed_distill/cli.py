@@ -22,7 +22,9 @@ from .errors import DistillError
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML run config (see configs/)")
-    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="dotted overrides, e.g. train.max_steps=20")
+    p.add_argument(
+        "overrides", nargs="*", metavar="section.key=value", help="dotted overrides, e.g. train.max_steps=20"
+    )
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -73,7 +75,9 @@ def format_table(rows: list[dict]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="distill", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="distill", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="distill (or CE-train) a student", description="Train a student from a config.")
@@ -83,8 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="validation loss of models on a config's data")
     _add_config_args(p)
-    p.add_argument("--model", action="append", metavar="NAME=PATH",
-                   help="a model directory to evaluate (repeatable); default: the config's student and teacher")
+    p.add_argument(
+        "--model",
+        action="append",
+        metavar="NAME=PATH",
+        help="a model directory to evaluate (repeatable); default: the config's student and teacher",
+    )
     p.add_argument("--json", help="also write the rows as JSON to this file")
     p.set_defaults(func=cmd_eval)
 

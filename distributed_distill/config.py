@@ -49,9 +49,7 @@ class ArchConfig:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be >= 1")
         if self.hidden_size % self.num_heads:
-            raise ConfigError(
-                f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}"
-            )
+            raise ConfigError(f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}")
         if self.num_kv_heads is not None and self.num_heads % self.num_kv_heads:
             raise ConfigError(f"num_heads={self.num_heads} is not divisible by num_kv_heads={self.num_kv_heads}")
 
@@ -101,7 +99,9 @@ class DataConfig:
     seq_len: int = _f(256, "tokens per packed training sequence")
     val_fraction: float = _f(0.05, "share of documents held out for validation (chosen by a hash of the document)")
     max_documents: int | None = _f(None, "use at most this many documents (fast smoke runs); null = all")
-    cache_dir: str | None = _f(None, "where tokenizers and tokenized data are cached; null = ~/.cache/distributed_distill")
+    cache_dir: str | None = _f(
+        None, "where tokenizers and tokenized data are cached; null = ~/.cache/distributed_distill"
+    )
 
     def __post_init__(self) -> None:
         if self.seq_len < 2:
@@ -132,7 +132,9 @@ class DistillConfig:
         if not 0.0 <= self.alpha <= 1.0:
             raise ConfigError(f"distill.alpha={self.alpha} must be in [0, 1]")
         if self.loss not in LOSS_KINDS:
-            raise ConfigError(f"distill.loss={self.loss!r} is not one of {', '.join(LOSS_KINDS)}{_hint(self.loss, LOSS_KINDS)}")
+            raise ConfigError(
+                f"distill.loss={self.loss!r} is not one of {', '.join(LOSS_KINDS)}{_hint(self.loss, LOSS_KINDS)}"
+            )
         if self.temperature <= 0:
             raise ConfigError(f"distill.temperature={self.temperature} must be > 0")
         if not 0.0 < self.beta < 1.0:
@@ -210,7 +212,8 @@ class Config:
             raise ConfigError("student is required (student.path or student.arch)")
         if self.teacher is None and self.distill.alpha > 0:
             raise ConfigError(
-                f"distill.alpha={self.distill.alpha} needs a teacher; set teacher.path / teacher.arch, or distill.alpha=0"
+                f"distill.alpha={self.distill.alpha} needs a teacher; "
+                "set teacher.path / teacher.arch, or distill.alpha=0"
             )
         for role in ("student", "teacher"):
             model = getattr(self, role)
@@ -250,7 +253,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin is Literal:
         choices = typing.get_args(tp)
         if value not in choices:
-            raise ConfigError(f"{key}={value!r} is not one of {', '.join(map(str, choices))}{_hint(str(value), map(str, choices))}")
+            raise ConfigError(
+                f"{key}={value!r} is not one of {', '.join(map(str, choices))}{_hint(str(value), map(str, choices))}"
+            )
         return value
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):

@@ -101,7 +101,8 @@ def load_documents(dcfg: DataConfig) -> datasets.Dataset:
         # Sizes and mtimes join the fingerprint so an upgraded interpreter never reuses a stale cache.
         stamp = [f"{f}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files]
         return datasets.Dataset.from_generator(
-            _read_stdlib, gen_kwargs={"files": [str(f) for f in files], "root": root, "stamp": stamp},
+            _read_stdlib,
+            gen_kwargs={"files": [str(f) for f in files], "root": root, "stamp": stamp},
             cache_dir=cache,
         )
     files = _source_files(dcfg)
@@ -115,9 +116,7 @@ def load_documents(dcfg: DataConfig) -> datasets.Dataset:
     needed = [dcfg.prompt_field, dcfg.completion_field] if dcfg.prompt_field else [dcfg.text_field]
     missing = [c for c in needed if c not in ds.column_names]
     if missing:
-        raise DistillError(
-            f"data.source={dcfg.source}: field {missing[0]!r} not found; columns are {ds.column_names}"
-        )
+        raise DistillError(f"data.source={dcfg.source}: field {missing[0]!r} not found; columns are {ds.column_names}")
     if dcfg.max_documents is not None:
         ds = ds.select(range(min(dcfg.max_documents, len(ds))))
     ds = ds.select_columns(needed)
@@ -188,10 +187,17 @@ def _tokenize_and_pack(batch: dict, tokenizer, dcfg: DataConfig) -> dict:
 
 def pack(ds: datasets.Dataset, tokenizer, dcfg: DataConfig, desc: str) -> datasets.Dataset:
     packed = ds.map(
-        _tokenize_and_pack, batched=True, batch_size=1000, remove_columns=ds.column_names,
-        fn_kwargs={"tokenizer": tokenizer, "dcfg": dcfg}, desc=desc,
+        _tokenize_and_pack,
+        batched=True,
+        batch_size=1000,
+        remove_columns=ds.column_names,
+        fn_kwargs={"tokenizer": tokenizer, "dcfg": dcfg},
+        desc=desc,
         features=datasets.Features(
-            {"input_ids": datasets.Sequence(datasets.Value("int32")), "labels": datasets.Sequence(datasets.Value("int32"))}
+            {
+                "input_ids": datasets.Sequence(datasets.Value("int32")),
+                "labels": datasets.Sequence(datasets.Value("int32")),
+            }
         ),
     )
     return packed.with_format("torch")

@@ -33,15 +33,41 @@ def run_demo(out: Path, overrides: list[str]) -> list[dict]:
     _run(["train", "--config", str(CONFIGS / "demo_teacher.yaml"), f"output_dir={teacher_dir}", *overrides])
     teacher = f"teacher.path={teacher_dir / 'final'}"
     _run(["train", "--config", student_cfg, f"output_dir={kd_dir}", teacher, *overrides])
-    _run(["train", "--config", student_cfg, f"output_dir={ce_dir}", "teacher=null", "distill.alpha=0",
-          f"tokenizer.path={teacher_dir / 'final'}", *overrides])
+    _run(
+        [
+            "train",
+            "--config",
+            student_cfg,
+            f"output_dir={ce_dir}",
+            "teacher=null",
+            "distill.alpha=0",
+            f"tokenizer.path={teacher_dir / 'final'}",
+            *overrides,
+        ]
+    )
     results = out / "results.json"
-    _run(["eval", "--config", student_cfg, teacher, "--json", str(results),
-          "--model", f"teacher={teacher_dir / 'final'}", "--model", f"student (distilled)={kd_dir / 'final'}",
-          "--model", f"student (CE only)={ce_dir / 'final'}", *overrides])
+    _run(
+        [
+            "eval",
+            "--config",
+            student_cfg,
+            teacher,
+            "--json",
+            str(results),
+            "--model",
+            f"teacher={teacher_dir / 'final'}",
+            "--model",
+            f"student (distilled)={kd_dir / 'final'}",
+            "--model",
+            f"student (CE only)={ce_dir / 'final'}",
+            *overrides,
+        ]
+    )
     rows = json.loads(results.read_text())
     table = format_table(rows)
     (out / "results.md").write_text(table + "\n")
-    print(f"\nvalidation on held-out stdlib files ({rows[0]['val_tokens']:,} tokens), "
-          f"demo took {time.perf_counter() - started:.0f} s:\n{table}")
+    print(
+        f"\nvalidation on held-out stdlib files ({rows[0]['val_tokens']:,} tokens), "
+        f"demo took {time.perf_counter() - started:.0f} s:\n{table}"
+    )
     return rows

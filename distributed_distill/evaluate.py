@@ -29,7 +29,7 @@ def evaluate_models(cfg: Config, named: dict[str, str]) -> list[dict]:
     tokenizer = setup_tokenizer(cfg, accelerator)
     mcfgs = {name: ModelConfig(path=path) for name, path in named.items()}
     configs = {name: models.model_config(m, len(tokenizer), name) for name, m in mcfgs.items()}
-    for name, mc in configs.items():
+    for mc in configs.values():
         models.check_models(cfg, mc, None, len(tokenizer))
     with accelerator.main_process_first():
         _, val_ds = data_lib.build_datasets(cfg.data, tokenizer)
@@ -63,7 +63,9 @@ def report(run_dir: Path) -> str:
         f"tokens/s: mean {sum(tps) / len(tps):,.0f}",
     ]
     if evals:
-        lines.append(f"val_loss: {evals[-1]['val_loss']:.4f} (ppl {evals[-1]['val_ppl']:.2f}) at step {evals[-1]['step']}")
+        lines.append(
+            f"val_loss: {evals[-1]['val_loss']:.4f} (ppl {evals[-1]['val_ppl']:.2f}) at step {evals[-1]['step']}"
+        )
     if (run_dir / "final").is_dir():
         lines.append(f"exported student: {run_dir / 'final'}")
     return "\n".join(lines)

@@ -60,15 +60,28 @@ def arch_config(arch: ArchConfig, vocab_size: int) -> PretrainedConfig:
         # Dropout off: distillation students match a target distribution; dropout only adds noise
         # and makes training logits differ from the exported model's.
         return AutoConfig.for_model(
-            "gpt2", n_embd=arch.hidden_size, n_layer=arch.num_layers, n_head=arch.num_heads, n_inner=inter,
-            n_positions=arch.max_position_embeddings, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-            tie_word_embeddings=True, **common,
+            "gpt2",
+            n_embd=arch.hidden_size,
+            n_layer=arch.num_layers,
+            n_head=arch.num_heads,
+            n_inner=inter,
+            n_positions=arch.max_position_embeddings,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            tie_word_embeddings=True,
+            **common,
         )
     return AutoConfig.for_model(
-        arch.family, hidden_size=arch.hidden_size, num_hidden_layers=arch.num_layers,
-        num_attention_heads=arch.num_heads, num_key_value_heads=arch.num_kv_heads or arch.num_heads,
-        intermediate_size=inter, max_position_embeddings=arch.max_position_embeddings,
-        tie_word_embeddings=arch.tie_word_embeddings, **common,
+        arch.family,
+        hidden_size=arch.hidden_size,
+        num_hidden_layers=arch.num_layers,
+        num_attention_heads=arch.num_heads,
+        num_key_value_heads=arch.num_kv_heads or arch.num_heads,
+        intermediate_size=inter,
+        max_position_embeddings=arch.max_position_embeddings,
+        tie_word_embeddings=arch.tie_word_embeddings,
+        **common,
     )
 
 
@@ -173,7 +186,9 @@ def train_bpe_tokenizer(texts, vocab_size: int, out_dir: Path) -> PreTrainedToke
     tok.decoder = decoders.ByteLevel()
     specials = [SPECIAL_TOKENS[k] for k in ("pad_token", "bos_token", "eos_token", "unk_token")]
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(texts, trainer=trainer)

@@ -40,7 +40,9 @@ class Tracker:
         self.path = Path(cfg.output_dir) / "metrics.jsonl"
         self.bar = None
         if self.wandb:
-            accelerator.init_trackers(cfg.logging.wandb.project, config=to_dict(cfg), init_kwargs={"wandb": wandb_kwargs(cfg)})
+            accelerator.init_trackers(
+                cfg.logging.wandb.project, config=to_dict(cfg), init_kwargs={"wandb": wandb_kwargs(cfg)}
+            )
         if self.main and cfg.logging.progress:
             self.bar = tqdm(total=self.max_steps, initial=start_step, desc="distill", dynamic_ncols=True)
         self.start = time.perf_counter()

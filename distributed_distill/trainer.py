@@ -27,7 +27,8 @@ from . import data as data_lib
 from . import models
 from .config import Config, DistillConfig, save_config
 from .errors import DistillError
-from .losses import LossOutput, chunked_distill_loss, kd_loss
+from .losses import LossOutput, chunked_distill_loss, kd_loss, sparse_kd_loss
+from .teacher import final_hidden, setup_teacher
 from .tracking import Tracker, wandb_kwargs
 
 # ----------------------------------------------------------------------------------------------
@@ -70,8 +71,17 @@ def setup_tokenizer(cfg: Config, accelerator: Accelerator):
         return models.load_tokenizer(source)
     # Both models are built from arch: train a BPE tokenizer on the training split, once, cached by the
     # data and vocabulary it was trained on.
-    key = json.dumps([cfg.data.source, cfg.data.max_documents, cfg.data.val_fraction, cfg.data.text_field,
-                      cfg.data.prompt_field, cfg.data.completion_field, cfg.tokenizer.vocab_size])
+    key = json.dumps(
+        [
+            cfg.data.source,
+            cfg.data.max_documents,
+            cfg.data.val_fraction,
+            cfg.data.text_field,
+            cfg.data.prompt_field,
+            cfg.data.completion_field,
+            cfg.tokenizer.vocab_size,
+        ]
+    )
     out = data_lib.cache_root(cfg.data) / "tokenizers" / f"bpe-{models.hashlib.sha256(key.encode()).hexdigest()[:16]}"
     with accelerator.main_process_first():
         if not out.is_dir():
@@ -79,16 +89,6 @@ def setup_tokenizer(cfg: Config, accelerator: Accelerator):
             accelerator.print(f"training a {cfg.tokenizer.vocab_size}-token BPE tokenizer on {cfg.data.source} ...")
             models.train_bpe_tokenizer(data_lib.texts_for_tokenizer(cfg.data), cfg.tokenizer.vocab_size, out)
     return models.load_tokenizer(str(out))
-
-
-def setup_teacher(cfg: Config, teacher_config, accelerator: Accelerator):
-    """The frozen teacher: eval mode, no gradients, no optimizer, never passed to `accelerator.prepare`
-    (so it is never in a checkpoint), and called by every rank once per micro-batch (lockstep)."""
-    if cfg.teacher is None:
-        return None
-    teacher = models.load_model(cfg.teacher, teacher_config, seed=cfg.train.seed + 1)
-    teacher.eval().requires_grad_(False)
-    return teacher.to(accelerator.device)
 
 
 def prepare_output_dir(cfg: Config, accelerator: Accelerator) -> Path:
@@ -118,45 +118,48 @@ def lr_lambda(cfg: Config):
 # Forward and loss
 
 
-def _hidden(model, input_ids: torch.Tensor) -> torch.Tensor:
-    # logits_to_keep=1 skips the [B, S, V] logits; the loss projects hidden states chunk by chunk instead.
-    out = model(input_ids=input_ids, output_hidden_states=True, logits_to_keep=1, use_cache=False)
-    return out.hidden_states[-1]
-
-
-def forward_losses(student, teacher, batch: dict, dcfg: DistillConfig, head=None) -> LossOutput:
+def forward_losses(student, teacher, batch: dict, dcfg: DistillConfig, head) -> LossOutput:
     """Summed KD and CE losses of one micro-batch (next-token aligned), not yet normalised.
 
-    `student` is the (possibly wrapped) module to call; `head` its output layer (unwrapped).
+    `student` is the (possibly wrapped) module to call, `head` its output layer (unwrapped), `teacher` a
+    teacher source (online or offline) or None.
     """
-    input_ids, labels = batch["input_ids"], batch["labels"][:, 1:].reshape(-1)
+    labels = batch["labels"][:, 1:].reshape(-1)
     want_kd = teacher is not None and dcfg.alpha > 0
+    targets = teacher.targets(batch) if want_kd else None
     kd_args = dict(kind=dcfg.loss, temperature=dcfg.temperature, beta=dcfg.beta, skew=dcfg.skew)
     if dcfg.chunk_size > 0:
-        hidden = _hidden(student, input_ids)[:, :-1]
-        teacher_kw = {}
-        if want_kd:
-            with torch.no_grad():
-                t_hidden = _hidden(teacher, input_ids)[:, :-1]
-            t_head = teacher.get_output_embeddings()
-            teacher_kw = dict(teacher_hidden=t_hidden.reshape(-1, t_hidden.shape[-1]), teacher_weight=t_head.weight,
-                              teacher_bias=t_head.bias)
+        hidden = final_hidden(student, batch["input_ids"])[:, :-1]
         # The weights tell the fused backward which combination will be differentiated, so the gradients it
         # computes during the forward pass are the ones needed (no recomputation).
         return chunked_distill_loss(
-            hidden.reshape(-1, hidden.shape[-1]), head.weight, labels, student_bias=head.bias,
-            chunk_size=dcfg.chunk_size, kd_weight=dcfg.alpha if want_kd else 0.0, ce_weight=1 - dcfg.alpha,
-            **kd_args, **teacher_kw,
+            hidden.reshape(-1, hidden.shape[-1]),
+            head.weight,
+            labels,
+            student_bias=head.bias,
+            chunk_size=dcfg.chunk_size,
+            kd_weight=dcfg.alpha if want_kd else 0.0,
+            ce_weight=1 - dcfg.alpha,
+            **kd_args,
+            **(targets.loss_kwargs() if want_kd else {}),
         )
     # Naive path: full [tokens, V] logits; for models or strategies where the head cannot be used directly.
-    logits = student(input_ids=input_ids, use_cache=False).logits[:, :-1].reshape(-1, head.weight.shape[0])
+    logits = student(input_ids=batch["input_ids"], use_cache=False).logits[:, :-1].reshape(-1, head.weight.shape[0])
     ce_sum = F.cross_entropy(logits.float(), labels, ignore_index=data_lib.IGNORE_INDEX, reduction="sum")
     kd_sum = logits.new_zeros((), dtype=torch.float32)
-    if want_kd:
-        with torch.no_grad():
-            t_logits = teacher(input_ids=input_ids, use_cache=False).logits[:, :-1].reshape_as(logits)
-        kd_sum = kd_loss(logits, t_logits, labels, reduction="sum", **kd_args)
-        del t_logits
+    if want_kd and targets.sparse:
+        kd_sum = sparse_kd_loss(
+            logits,
+            targets.ids,
+            targets.logprobs,
+            labels,
+            reduction="sum",
+            teacher_tail_logmass=targets.tail_logmass,
+            **kd_args,
+        )
+    elif want_kd:
+        kd_sum = kd_loss(logits, targets.dense_logits(), labels, reduction="sum", **kd_args)
+    del targets
     n = (labels != data_lib.IGNORE_INDEX).sum()
     return LossOutput(kd_sum=kd_sum, ce_sum=ce_sum, num_tokens=n, stats={})
 
@@ -197,7 +200,10 @@ def train_step(accelerator, student, head, teacher, optimizer, micro_batches: li
             optimizer.zero_grad(set_to_none=True)
     kd, ce = (accelerator.reduce(sums, reduction="sum") / global_tokens).tolist()
     return StepResult(
-        loss=alpha * kd + (1 - alpha) * ce, kd_loss=kd, ce_loss=ce, num_tokens=int(global_tokens.item()),
+        loss=alpha * kd + (1 - alpha) * ce,
+        kd_loss=kd,
+        ce_loss=ce,
+        num_tokens=int(global_tokens.item()),
         grad_norm=float(grad_norm),
     )
 
@@ -238,14 +244,14 @@ def train(cfg: Config) -> dict:
     with accelerator.main_process_first():
         train_ds, val_ds = data_lib.build_datasets(cfg.data, tokenizer)
     out_dir = prepare_output_dir(cfg, accelerator)
-    if teacher_config is not None and accelerator.is_main_process:
-        identity = models.model_identity(cfg.teacher, teacher_config)
-        (out_dir / "teacher.json").write_text(json.dumps(identity, indent=2))
-
     student = models.load_model(cfg.student, student_config, seed=cfg.train.seed)
-    teacher = setup_teacher(cfg, teacher_config, accelerator)
+    teacher = setup_teacher(cfg, teacher_config, accelerator.device)
+    if teacher is not None and accelerator.is_main_process:
+        (out_dir / "teacher.json").write_text(json.dumps(teacher.identity, indent=2))
     optimizer = torch.optim.AdamW(
-        student.parameters(), lr=cfg.train.lr, betas=(cfg.train.adam_beta1, cfg.train.adam_beta2),
+        student.parameters(),
+        lr=cfg.train.lr,
+        betas=(cfg.train.adam_beta1, cfg.train.adam_beta2),
         weight_decay=cfg.train.weight_decay,
     )
     # The scheduler is stepped by hand once per optimizer step: Accelerate's prepared scheduler would
@@ -257,7 +263,7 @@ def train(cfg: Config) -> dict:
         f"train {len(train_ds)} x {cfg.data.seq_len} tokens, validation {len(val_ds)}; "
         f"{accelerator.num_processes} process(es) on {accelerator.device}; "
         f"student {sum(p.numel() for p in student.parameters()):,} params"
-        + (f", teacher {sum(p.numel() for p in teacher.parameters()):,} params" if teacher is not None else "")
+        + (f", teacher {teacher.num_parameters():,} params" if teacher is not None else "")
     )
 
     final = fit(cfg, accelerator, student, head, teacher, optimizer, scheduler, train_ds, val_ds)
@@ -275,7 +281,9 @@ def fit(cfg, accelerator, student, head, teacher, optimizer, scheduler, train_ds
     for step in range(t.max_steps):
         started = time.perf_counter()
         micro_steps = range(step * t.grad_accum_steps, (step + 1) * t.grad_accum_steps)
-        indices = [data_lib.train_indices(len(train_ds), t.micro_batch_size, world, rank, t.seed, m) for m in micro_steps]
+        indices = [
+            data_lib.train_indices(len(train_ds), t.micro_batch_size, world, rank, t.seed, m) for m in micro_steps
+        ]
         seen.extend(i for idx in indices for i in idx if len(seen) < 256)
         batches = [data_lib.collate(train_ds, idx) for idx in indices]
         lr = scheduler.get_last_lr()[0]
@@ -284,8 +292,14 @@ def fit(cfg, accelerator, student, head, teacher, optimizer, scheduler, train_ds
         elapsed = time.perf_counter() - started
         tokens = t.micro_batch_size * t.grad_accum_steps * world * cfg.data.seq_len
         record = {
-            "step": step + 1, "loss": res.loss, "kd_loss": res.kd_loss, "ce_loss": res.ce_loss, "lr": lr,
-            "grad_norm": res.grad_norm, "num_tokens": res.num_tokens, "tokens_per_second": tokens / elapsed,
+            "step": step + 1,
+            "loss": res.loss,
+            "kd_loss": res.kd_loss,
+            "ce_loss": res.ce_loss,
+            "lr": lr,
+            "grad_norm": res.grad_norm,
+            "num_tokens": res.num_tokens,
+            "tokens_per_second": tokens / elapsed,
         }
         last = step + 1 == t.max_steps
         if (t.eval_every and (step + 1) % t.eval_every == 0) or last:
@@ -302,8 +316,11 @@ def fit(cfg, accelerator, student, head, teacher, optimizer, scheduler, train_ds
 def _write_rank_record(cfg: Config, accelerator: Accelerator, seen: list[int]) -> None:
     path = Path(cfg.output_dir) / "ranks" / f"rank-{accelerator.process_index}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"rank": accelerator.process_index, "world_size": accelerator.num_processes,
-                                "first_sample_indices": seen}))
+    path.write_text(
+        json.dumps(
+            {"rank": accelerator.process_index, "world_size": accelerator.num_processes, "first_sample_indices": seen}
+        )
+    )
 
 
 def export(accelerator: Accelerator, model, tokenizer, out: Path) -> None:
@@ -311,8 +328,13 @@ def export(accelerator: Accelerator, model, tokenizer, out: Path) -> None:
     accelerator.wait_for_everyone()
     state = accelerator.get_state_dict(model)  # gathers sharded (ZeRO-3 / FSDP) weights
     unwrapped = accelerator.unwrap_model(model)
-    unwrapped.save_pretrained(out, is_main_process=accelerator.is_main_process, save_function=accelerator.save,
-                              state_dict=state, safe_serialization=True)
+    unwrapped.save_pretrained(
+        out,
+        is_main_process=accelerator.is_main_process,
+        save_function=accelerator.save,
+        state_dict=state,
+        safe_serialization=True,
+    )
     if accelerator.is_main_process:
         tokenizer.save_pretrained(out)
     accelerator.wait_for_everyone()

@@ -49,8 +49,14 @@ def reset_accelerate():
     GradientState._reset_state()
 
 
-def run_cli(args: list[str], *, launcher: list[str] | None = None, env: dict[str, str | None] | None = None, timeout: int = 300,
-            check: bool = True) -> subprocess.CompletedProcess:
+def run_cli(
+    args: list[str],
+    *,
+    launcher: list[str] | None = None,
+    env: dict[str, str | None] | None = None,
+    timeout: int = 300,
+    check: bool = True,
+) -> subprocess.CompletedProcess:
     """Run `distill ...` (or `python train.py ...` via launcher) for real, in a fresh interpreter."""
     cmd = (launcher or [sys.executable, "-m", "distributed_distill.cli"]) + args
     full_env = {**os.environ, **(env or {})}

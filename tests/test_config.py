@@ -10,8 +10,9 @@ from .conftest import ROOT, SMOKE
 
 
 def test_overrides_are_typed_and_nested():
-    cfg = load_config(SMOKE, ["train.max_steps=20", "distill.temperature=3", "data.max_documents=null",
-                              "student.arch.hidden_size=48"])
+    cfg = load_config(
+        SMOKE, ["train.max_steps=20", "distill.temperature=3", "data.max_documents=null", "student.arch.hidden_size=48"]
+    )
     assert cfg.train.max_steps == 20
     assert cfg.distill.temperature == 3.0 and isinstance(cfg.distill.temperature, float)
     assert cfg.data.max_documents is None

@@ -72,7 +72,9 @@ def test_prompt_tokens_never_count(tmp_path, tokenizer):
     n_body = len(tokenizer(rows[0]["a"], add_special_tokens=False)["input_ids"])
     labels = batch["labels"][0]
     assert labels[: 1 + n_prompt] == [data.IGNORE_INDEX] * (1 + n_prompt)
-    assert labels[1 + n_prompt : 1 + n_prompt + n_body + 1] == batch["input_ids"][0][1 + n_prompt : 2 + n_prompt + n_body]
+    assert (
+        labels[1 + n_prompt : 1 + n_prompt + n_body + 1] == batch["input_ids"][0][1 + n_prompt : 2 + n_prompt + n_body]
+    )
     assert sum(label != data.IGNORE_INDEX for label in labels) == n_body + 1  # completion + eos
 
 
@@ -107,7 +109,10 @@ def test_eval_batches_keep_ranks_in_lockstep(tmp_path, tokenizer):
         (lambda p: (p / "empty_dir").mkdir() or p / "empty_dir", "no data files found"),
         (lambda p: (p / "bad.jsonl").write_text("{not json\n") and p / "bad.jsonl", "cannot read as json"),
         (lambda p: (p / "f.jsonl").write_text('{"body": "x"}\n') and p / "f.jsonl", "field 'text' not found"),
-        (lambda p: (p / "g.parquet").write_bytes(b"garbage, not parquet") and p / "g.parquet", "cannot read as parquet"),
+        (
+            lambda p: (p / "g.parquet").write_bytes(b"garbage, not parquet") and p / "g.parquet",
+            "cannot read as parquet",
+        ),
         (lambda p: (p / "x.csv").write_text("a,b\n") and p / "x.csv", "cannot infer one format"),
     ],
 )

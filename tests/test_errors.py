@@ -19,7 +19,9 @@ def pretrained(tmp_path_factory):
     base = tmp_path_factory.mktemp("pretrained")
     tok = models.train_bpe_tokenizer(iter(["def f(x): return x\n"] * 20), 300, base / "tok")
     for name, vocab in (("v600", 600), ("v512", 512)):
-        cfg = models.arch_config(ArchConfig(hidden_size=16, num_layers=1, num_heads=2, max_position_embeddings=64), vocab)
+        cfg = models.arch_config(
+            ArchConfig(hidden_size=16, num_layers=1, num_heads=2, max_position_embeddings=64), vocab
+        )
         AutoModelForCausalLM.from_config(cfg).save_pretrained(base / name)
         tok.save_pretrained(base / name)
     return base
@@ -58,8 +60,13 @@ def test_missing_model_path(tmp_path):
 
 
 def test_vocabulary_mismatch_names_both_sizes(tmp_path, pretrained):
-    line = _fails(tmp_path, "teacher.arch=null", f"teacher.path={pretrained / 'v600'}",
-                  "student.arch=null", f"student.path={pretrained / 'v512'}")
+    line = _fails(
+        tmp_path,
+        "teacher.arch=null",
+        f"teacher.path={pretrained / 'v600'}",
+        "student.arch=null",
+        f"student.path={pretrained / 'v512'}",
+    )
     assert "teacher has vocab_size=600, student has vocab_size=512" in line
 
 
@@ -87,8 +94,19 @@ def test_good_prompt_completion_data_trains(tmp_path):
     path = tmp_path / "pc.jsonl"
     path.write_text("\n".join(json.dumps({"q": f"question {i}?", "a": f"answer {i} " * 30}) for i in range(60)))
     out = tmp_path / "ok"
-    run_cli(["train", "--config", str(SMOKE), f"output_dir={out}", f"data.source={path}", "data.prompt_field=q",
-             "data.completion_field=a", "train.max_steps=2", "data.val_fraction=0.2"])
+    run_cli(
+        [
+            "train",
+            "--config",
+            str(SMOKE),
+            f"output_dir={out}",
+            f"data.source={path}",
+            "data.prompt_field=q",
+            "data.completion_field=a",
+            "train.max_steps=2",
+            "data.val_fraction=0.2",
+        ]
+    )
     assert (out / "final" / "model.safetensors").is_file()
 
 

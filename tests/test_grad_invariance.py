@@ -9,6 +9,7 @@ import torch
 
 from distributed_distill import models, trainer
 from distributed_distill.config import load_config
+from distributed_distill.teacher import OnlineTeacher
 
 from .conftest import SMOKE
 
@@ -27,12 +28,20 @@ def _global_batch() -> dict:
 
 
 def _step_delta(micro: int, accum: int, alpha: float, loss: str, chunk: int) -> dict:
-    cfg = load_config(SMOKE, [f"train.micro_batch_size={micro}", f"train.grad_accum_steps={accum}",
-                              f"distill.alpha={alpha}", f"distill.loss={loss}", f"distill.chunk_size={chunk}",
-                              "train.max_grad_norm=0"])
+    cfg = load_config(
+        SMOKE,
+        [
+            f"train.micro_batch_size={micro}",
+            f"train.grad_accum_steps={accum}",
+            f"distill.alpha={alpha}",
+            f"distill.loss={loss}",
+            f"distill.chunk_size={chunk}",
+            "train.max_grad_norm=0",
+        ],
+    )
     accelerator = trainer.setup_accelerator(cfg)
     student = models.load_model(cfg.student, models.arch_config(cfg.student.arch, VOCAB), seed=0)
-    teacher = models.load_model(cfg.teacher, models.arch_config(cfg.teacher.arch, VOCAB), seed=1).eval()
+    teacher = OnlineTeacher(models.load_model(cfg.teacher, models.arch_config(cfg.teacher.arch, VOCAB), seed=1), {})
     before = copy.deepcopy(student.state_dict())
     # Plain SGD with lr=1: the parameter change is exactly minus the gradient.
     optimizer = torch.optim.SGD(student.parameters(), lr=1.0)
@@ -49,7 +58,9 @@ def _step_delta(micro: int, accum: int, alpha: float, loss: str, chunk: int) -> 
     return {"loss": result.loss, "num_tokens": result.num_tokens, **{k: before[k] - after[k] for k in before}}
 
 
-@pytest.mark.parametrize(("alpha", "loss", "chunk"), [(0.5, "forward_kl", 5), (0.5, "forward_kl", 0), (0.0, "forward_kl", 7)])
+@pytest.mark.parametrize(
+    ("alpha", "loss", "chunk"), [(0.5, "forward_kl", 5), (0.5, "forward_kl", 0), (0.0, "forward_kl", 7)]
+)
 def test_gradient_is_invariant_to_micro_batching(alpha, loss, chunk):
     reference = _step_delta(4, 1, alpha, loss, chunk)
     assert reference["num_tokens"] == 15 + 9 + 3

@@ -10,9 +10,27 @@ from .conftest import SMOKE, read_metrics, run_cli
 pytestmark = pytest.mark.multiprocess
 
 COMMON = ["train.max_steps=4", "distill.alpha=0.5", "train.eval_every=2"]
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531", "train.py"]
-ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--main_process_port", "29532", "train.py"]
+TORCHRUN = [
+    sys.executable,
+    "-m",
+    "torch.distributed.run",
+    "--nproc_per_node",
+    "2",
+    "--master_port",
+    "29531",
+    "train.py",
+]
+ACCELERATE = [
+    sys.executable,
+    "-m",
+    "accelerate.commands.launch",
+    "--multi_gpu",
+    "--num_processes",
+    "2",
+    "--main_process_port",
+    "29532",
+    "train.py",
+]
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +61,12 @@ def _compare(one, two):
 def test_two_processes_match_one_process(one_process, tmp_path, launcher):
     out = tmp_path / launcher
     env = {"ACCELERATE_USE_CPU": "true"} if launcher == "accelerate" else {}
-    proc = run_cli(["--config", str(SMOKE), f"output_dir={out}", "train.micro_batch_size=2", *COMMON],
-                   launcher=TORCHRUN if launcher == "torchrun" else ACCELERATE, env=env, timeout=600)
+    proc = run_cli(
+        ["--config", str(SMOKE), f"output_dir={out}", "train.micro_batch_size=2", *COMMON],
+        launcher=TORCHRUN if launcher == "torchrun" else ACCELERATE,
+        env=env,
+        timeout=600,
+    )
     assert "2 process(es)" in proc.stdout
     _compare(one_process, out)
     assert (out / "final" / "model.safetensors").is_file()

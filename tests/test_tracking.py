@@ -38,14 +38,18 @@ def _history(run_file) -> list[dict]:
         record = wandb_internal_pb2.Record()
         record.ParseFromString(raw)
         if record.WhichOneof("record_type") == "history":
-            rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item})
+            rows.append(
+                {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
+            )
     return rows
 
 
 def test_wandb_offline_writes_the_logged_metrics(tmp_path):
     out = tmp_path / "run"
-    run_cli(["train", "--config", str(SMOKE), f"output_dir={out}", "logging.wandb.mode=offline", "train.max_steps=3"],
-            env={"WANDB_MODE": None, "WANDB_SILENT": "true"})
+    run_cli(
+        ["train", "--config", str(SMOKE), f"output_dir={out}", "logging.wandb.mode=offline", "train.max_steps=3"],
+        env={"WANDB_MODE": None, "WANDB_SILENT": "true"},
+    )
     runs = list((out / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
     run_files = list(runs[0].glob("run-*.wandb"))
@@ -60,8 +64,10 @@ def test_wandb_offline_writes_the_logged_metrics(tmp_path):
 
 def test_wandb_disabled_writes_nothing(tmp_path):
     out = tmp_path / "run"
-    run_cli(["train", "--config", str(SMOKE), f"output_dir={out}", "train.max_steps=1"],
-            env={"WANDB_MODE": None, "WANDB_DIR": str(tmp_path / "wandb_env")})
+    run_cli(
+        ["train", "--config", str(SMOKE), f"output_dir={out}", "train.max_steps=1"],
+        env={"WANDB_MODE": None, "WANDB_DIR": str(tmp_path / "wandb_env")},
+    )
     assert not (out / "wandb").exists()
     assert not (tmp_path / "wandb_env").exists()
     assert not list(tmp_path.rglob("*.wandb"))

@@ -85,7 +85,9 @@ def test_report_and_eval_commands(smoke_runs):
     out = run_cli(["report", str(run)]).stdout
     assert "steps: 5" in out and "val_loss" in out
     rows_path = run / "eval.json"
-    run_cli(["eval", "--config", str(run / "config.yaml"), "--model", f"student={run / 'final'}", "--json", str(rows_path)])
+    run_cli(
+        ["eval", "--config", str(run / "config.yaml"), "--model", f"student={run / 'final'}", "--json", str(rows_path)]
+    )
     rows = json.loads(rows_path.read_text())
     assert rows[0]["val_loss"] == pytest.approx(read_metrics(run)[-1]["val_loss"], abs=1e-5)
 
@@ -93,8 +95,17 @@ def test_report_and_eval_commands(smoke_runs):
 @pytest.mark.parametrize("family", ["gpt2", "qwen2"])
 def test_other_families_train_and_export(tmp_path, family):
     out = tmp_path / family
-    run_cli(["train", "--config", str(SMOKE), f"output_dir={out}", "train.max_steps=2",
-             f"student.arch.family={family}", f"teacher.arch.family={family}"])
+    run_cli(
+        [
+            "train",
+            "--config",
+            str(SMOKE),
+            f"output_dir={out}",
+            "train.max_steps=2",
+            f"student.arch.family={family}",
+            f"teacher.arch.family={family}",
+        ]
+    )
     cfg = yaml.safe_load((out / "final" / "config.json").read_text())
     assert cfg["model_type"] == family
     assert "val_loss" in read_metrics(out)[-1]

@@ -127,6 +127,13 @@ class DistillConfig:
     chunk_size: int = _f(
         1024, "tokens per chunk when computing the loss from hidden states (no [tokens, vocab] tensor); 0 = naive"
     )
+    top_k: int | None = _f(
+        None,
+        "online teacher emits sparse top-k targets (ids, log-probs, tail mass) as an offline store holds; null = dense",
+    )
+    top_k_tail: Literal["bucket", "renormalize"] = _f(
+        "bucket", "sparse targets: keep the mass outside the top-k as one bucket, or renormalise within the top-k"
+    )
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.alpha <= 1.0:
@@ -143,6 +150,10 @@ class DistillConfig:
             raise ConfigError(f"distill.skew={self.skew} must be in [0, 1)")
         if self.chunk_size < 0:
             raise ConfigError(f"distill.chunk_size={self.chunk_size} must be >= 0")
+        if self.top_k is not None and self.top_k < 1:
+            raise ConfigError(f"distill.top_k={self.top_k} must be >= 1 (or null for dense targets)")
+        if self.top_k is not None and self.loss == "mse":
+            raise ConfigError("distill.loss=mse compares logits and needs dense targets; unset distill.top_k")
 
 
 @dataclass

@@ -112,49 +112,70 @@ def _divergence(ls: torch.Tensor, lt: torch.Tensor, kind: str, beta: float, skew
     raise ValueError(f"kind {kind!r} is not a divergence between distributions")
 
 
+def _log_mix_inplace(log_a: torch.Tensor, log_b: torch.Tensor, w: float) -> torch.Tensor:
+    """_log_mix for the no-grad chunked path: one temporary instead of two."""
+    out = log_a + _log(w)
+    return torch.logaddexp(out, log_b + _log(1.0 - w), out=out)
+
+
+def _rowsum_of_product(a: torch.Tensor, b: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
+    """sum(a * b, -1) computed in buf (overwritten): [n, K] x 3 -> [n]."""
+    return torch.mul(a, b, out=buf).sum(-1)
+
+
 def _divergence_and_grad(
-    ls: torch.Tensor, lt: torch.Tensor, kind: str, beta: float, skew: float
+    ls: torch.Tensor,
+    lt: torch.Tensor,
+    kind: str,
+    beta: float,
+    skew: float,
+    pt: torch.Tensor | None = None,
+    lt_is_scratch: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Divergence [n] and its gradient [n, K] w.r.t. the student *logits* s with ls = log_softmax(s).
 
+    ls, lt: [n, K] log-probabilities; pt: lt.exp() if the caller already has it. ls is not
+    modified; lt is not either unless lt_is_scratch (then forward_kl builds its result in it).
     With h = dD/d(ls) (treating ls as free), the chain rule through log_softmax gives
-    dD/ds = h - p_S * sum(h). Closed forms avoid autograd's saved intermediates, so a chunk needs
-    only a handful of [n, K] buffers; several are updated in place for the same reason.
+    dD/ds = h - p_S * sum(h). Closed forms instead of autograd keep a chunk to a few [n, K] buffers
+    (autograd would save every intermediate); buffers are reused in place for the same reason.
     """
-    ps = ls.exp()
-    if kind == "forward_kl":
+    if kind in ("forward_kl", "jsd", "skew_forward_kl", "tvd") and pt is None:
         pt = lt.exp()
-        value = (pt * (lt - ls)).sum(-1)
-        return value, ps.sub_(pt)  # h = -p_T, sum(h) = -1
-    if kind == "reverse_kl":
+    if kind == "forward_kl":  # h = -p_T, sum(h) = -1: dD/ds = p_S - p_T
+        g = lt.sub_(ls) if lt_is_scratch else lt - ls
+        value = g.mul_(pt).sum(-1)
+        return value, torch.exp(ls, out=g).sub_(pt)
+    ps = ls.exp()
+    tmp = torch.empty_like(ls)
+    if kind == "reverse_kl":  # h = p_S (ls - lt + 1): dD/ds = p_S (ls - lt - D)
         d = ls - lt
-        value = (ps * d).sum(-1)
-        return value, d.sub_(value[:, None]).mul_(ps)  # h = p_S (ls - lt + 1)
+        value = _rowsum_of_product(ps, d, tmp)
+        return value, d.sub_(value[:, None]).mul_(ps)
     if kind == "jsd":
-        lm = _log_mix(lt, ls, beta)
-        kl_t = (lt.exp() * (lt - lm)).sum(-1)
-        d = lm.neg_().add_(ls)  # ls - lm, reusing lm's buffer
-        kl_s = (ps * d).sum(-1)
+        lm = _log_mix_inplace(lt, ls, beta)
+        kl_t = _rowsum_of_product(pt, torch.sub(lt, lm, out=tmp), tmp)
+        d = lm.neg_().add_(ls)  # ls - lm, in lm's buffer
+        kl_s = _rowsum_of_product(ps, d, tmp)
         # h = (1-beta) p_S (ls - lm): the two d(lm) terms cancel because beta p_T + (1-beta) p_S = m.
         return beta * kl_t + (1 - beta) * kl_s, d.sub_(kl_s[:, None]).mul_(ps).mul_(1 - beta)
-    if kind == "skew_forward_kl":
-        lm = _log_mix(lt, ls, skew)
-        pt = lt.exp()
-        value = (pt * (lt - lm)).sum(-1)
-        h = lm.neg_().add_(ls).add_(math.log1p(-skew)).exp_().mul_(pt).neg_()  # -p_T (1-a) p_S / m
-        return value, h.sub_(ps * h.sum(-1, keepdim=True))
-    if kind == "skew_reverse_kl":
-        lm = _log_mix(ls, lt, skew)
+    if kind == "skew_forward_kl":  # m = a p_T + (1-a) p_S; h = -p_T (1-a) p_S / m
+        lm = _log_mix_inplace(lt, ls, skew)
+        value = _rowsum_of_product(pt, torch.sub(lt, lm, out=tmp), tmp)
+        h = lm.neg_().add_(ls).add_(math.log1p(-skew)).exp_().mul_(pt).neg_()
+        return value, h.sub_(ps.mul_(h.sum(-1, keepdim=True)))
+    if kind == "skew_reverse_kl":  # m = a p_S + (1-a) p_T; h = p_S (ls - lm + 1 - a p_S / m)
+        lm = _log_mix_inplace(ls, lt, skew)
         d = ls - lm
-        value = (ps * d).sum(-1)
-        h = lm.neg_().add_(ls).add_(_log(skew)).exp_()  # a p_S / m
-        h = d.add_(1.0).sub_(h).mul_(ps)  # p_S (ls - lm + 1 - a p_S / m)
-        return value, h.sub_(ps * h.sum(-1, keepdim=True))
-    if kind == "tvd":
-        diff = ps - lt.exp()
-        value = 0.5 * diff.abs().sum(-1)
-        gp = diff.sign_().mul_(0.5)  # dD/dp_S; sign(0) = 0 as in autograd's abs
-        return value, gp.sub_((ps * gp).sum(-1, keepdim=True)).mul_(ps)
+        value = _rowsum_of_product(ps, d, tmp)
+        r = lm.neg_().add_(ls).add_(_log(skew)).exp_()  # a p_S / m, in lm's buffer
+        h = d.add_(1.0).sub_(r).mul_(ps)
+        return value, h.sub_(ps.mul_(h.sum(-1, keepdim=True)))
+    if kind == "tvd":  # dD/dp_S = sign(p_S - p_T) / 2, with sign(0) = 0 as autograd's abs has it
+        diff = torch.sub(ps, pt, out=tmp)
+        value = 0.5 * torch.linalg.vector_norm(diff, ord=1, dim=-1)
+        gp = diff.sign_().mul_(0.5)
+        return value, gp.sub_(_rowsum_of_product(ps, gp, torch.empty_like(ps))[:, None]).mul_(ps)
     raise ValueError(f"kind {kind!r} is not a divergence between distributions")
 
 
@@ -190,7 +211,11 @@ def _sparse_teacher_logprobs(
         lt_tail = tail_logmass.to(lt.dtype)
     else:
         lt_tail = _log1mexp(lt.logsumexp(-1))
-    return torch.cat([lt, lt_tail.clamp_min(_NEG)[:, None]], dim=-1)
+    buckets = torch.cat([lt, lt_tail.clamp_min(_NEG)[:, None]], dim=-1)
+    # The k + 1 masses sum to 1 up to rounding (stored log-probs are often fp16/bf16) or, with a
+    # recorded tail mass, up to the producer's consistency; normalising makes the target a
+    # distribution exactly, which the divergences and their closed-form gradients assume.
+    return (buckets - buckets.logsumexp(-1, keepdim=True)).clamp_min(_NEG)
 
 
 def _sparse_student_logits(s: torch.Tensor, ids: torch.Tensor, tail: str) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -364,7 +389,8 @@ class _Spec:
     tail: str
     ignore_index: int
     chunk_size: int
-    mm_dtype: torch.dtype  # dtype of the logits matmuls (autocast's, or the promoted input dtypes)
+    mm_dtype: torch.dtype  # dtype of the student logits matmul (autocast's, or the promoted input dtypes)
+    teacher_mm_dtype: torch.dtype  # the same for the teacher's, so its [V, Ht] weight is never cast per chunk
 
 
 @dataclass
@@ -390,8 +416,24 @@ def _linear_fp32(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, mm_dt
     return out.float()
 
 
-def _teacher_entropy(lt: torch.Tensor) -> torch.Tensor:
-    return -(lt.exp() * lt).sum(-1)
+def _log_softmax_(x: torch.Tensor, temperature: float) -> torch.Tensor:
+    """In-place _log_softmax on a float32 [n, V] buffer the caller owns."""
+    if temperature != 1.0:
+        x.div_(temperature)
+    return x.sub_(x.logsumexp(-1, keepdim=True)).clamp_min_(_NEG)
+
+
+def _teacher_logits_chunk(teacher: _Teacher, rows: slice | torch.Tensor, mm_dtype: torch.dtype) -> torch.Tensor:
+    """[c, V] float32 teacher logits of the chunk, in a fresh buffer (the caller may modify it)."""
+    if teacher.hidden is not None:
+        return _linear_fp32(_rows(teacher.hidden, rows), teacher.weight, teacher.bias, mm_dtype)
+    # A slice of float32 logits is a view of the caller's tensor: copy it. index_select already copied.
+    return _rows(teacher.logits, rows).to(torch.float32, copy=isinstance(rows, slice))
+
+
+def _entropy(p: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
+    """-sum(p log p) over the last dim: [n, K] -> [n]."""
+    return -_rowsum_of_product(p, logp, torch.empty_like(p))
 
 
 def _chunk_objective(
@@ -404,66 +446,82 @@ def _chunk_objective(
     ce_scale: float,
     want_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]:
-    """KD and CE on one chunk, with d(kd_scale * kd + ce_scale * ce)/dz.
+    """KD and CE on one chunk, and the gradient of kd_scale * kd + ce_scale * ce w.r.t. z.
 
-    z: [c, V] float32 student logits (overwritten). y: [c] labels. rows: the chunk's rows of the
-    teacher tensors. Returns (kd_sum * T^2, ce_sum, dz [c, V] float32 or None, stats sums).
+    z: [c, V] float32 student logits, consumed (its buffer becomes the gradient). y: [c] labels.
+    rows: the chunk's rows in the teacher tensors. Returns (kd_sum = sum of divergences * T^2,
+    ce_sum, dz [c, V] float32 or None, stats sums). The buffers are ordered so that forward_kl
+    holds three [c, V] float32 tensors at its peak (z, teacher log-probs, p_T); buffers are reused.
     """
     vocab, T = z.shape[-1], spec.temperature
     lse = z.logsumexp(-1)
     ce = (lse - z.gather(1, y[:, None]).squeeze(1)).sum()
-    dz = None
-    if want_grad and ce_scale != 0.0:
-        # d ce / dz = softmax(z) - onehot(y)
-        dz = (z - lse[:, None]).exp_().mul_(ce_scale)
-        dz.scatter_add_(1, y[:, None], torch.full_like(lse[:, None], -ce_scale))
-    if not teacher.present:
-        return torch.zeros((), device=z.device), ce, dz, {}
-
+    kd = torch.zeros((), device=z.device)
     stats: dict[str, torch.Tensor] = {}
-    student_top1 = z.argmax(-1)
-    s = z.div_(T) if T != 1.0 else z  # z is not needed at temperature 1 any more
-    if teacher.sparse:
-        ids = _rows(teacher.ids, rows)
-        lt_k = _rows(teacher.logprobs, rows).float()
-        lt = _sparse_teacher_logprobs(lt_k, spec.tail, vocab, _rows(teacher.tail_logmass, rows))
-        s_compared, outside = _sparse_student_logits(s, ids, spec.tail)
-        ls = F.log_softmax(s_compared, dim=-1).clamp_min_(_NEG)
-        value, g = _divergence_and_grad(ls, lt, spec.kind, spec.beta, spec.skew)
-        k = ids.shape[-1]
-        if outside is not None:
-            # d s_tail / d s_j = p_j / p_tail outside the ids; the ids positions give exp(_NEG - .) = 0
-            # except when k == V, where the tail gradient g[:, k] is itself 0.
-            grad_s = outside.sub_(s_compared[:, k:]).exp_().mul_(g[:, k:])
+    grad_kd = None  # [c, V]: d(sum of divergences)/ds at s = z / T
+    grad_at_ids = None  # (ids [c, k], values [c, k]): a sparse part of the same gradient
+    z_holds_log_softmax_at_t = False
+    if teacher.present:
+        student_top1 = z.argmax(-1)
+        if teacher.sparse:
+            ids = _rows(teacher.ids, rows)
+            lt_k = _rows(teacher.logprobs, rows).float()
+            lt = _sparse_teacher_logprobs(lt_k, spec.tail, vocab, _rows(teacher.tail_logmass, rows))
+            s_compared, outside = _sparse_student_logits(z if T == 1.0 else z / T, ids, spec.tail)
+            ls = F.log_softmax(s_compared, dim=-1).clamp_min_(_NEG)
+            value, g = _divergence_and_grad(ls, lt, spec.kind, spec.beta, spec.skew)
+            k = ids.shape[-1]
+            if outside is not None:
+                # s_tail = logsumexp(s outside the ids): d s_tail / d s_j = p_j / p_tail there, and
+                # exp(_NEG - s_tail) = 0 at the ids (unless k == V, where g[:, k] is 0 itself).
+                grad_kd = outside.sub_(s_compared[:, k:]).exp_().mul_(g[:, k:])
+            grad_at_ids = (ids, g[:, :k])
+            teacher_top1 = ids.gather(1, lt_k.argmax(-1, keepdim=True)).squeeze(1)
+            stats["teacher_entropy"] = _entropy(lt.exp(), lt).sum()
+            stats["topk_mass"] = lt_k.logsumexp(-1).exp().sum()
         else:
-            grad_s = torch.zeros_like(s)
-        grad_s.scatter_add_(1, ids, g[:, :k])
-        stats["top1_agreement"] = (student_top1 == ids.gather(1, lt_k.argmax(-1, keepdim=True)).squeeze(1)).sum()
-        stats["teacher_entropy"] = _teacher_entropy(lt).sum()
-        stats["topk_mass"] = lt_k.logsumexp(-1).exp().sum()
-    else:
-        if teacher.hidden is not None:
-            t = _linear_fp32(_rows(teacher.hidden, rows), teacher.weight, teacher.bias, spec.mm_dtype)
+            t = _teacher_logits_chunk(teacher, rows, spec.teacher_mm_dtype)
+            teacher_top1 = t.argmax(-1)
+            if spec.kind == "mse":
+                grad_kd = torch.sub(z, t).div_(T)  # s - t / T
+                value = torch.linalg.vector_norm(grad_kd, dim=-1).square_() / vocab
+                grad_kd.mul_(2.0 / vocab)
+            lt = _log_softmax_(t, T)
+            pt = lt.exp()
+            stats["teacher_entropy"] = -pt.mul_(lt).sum()  # the product in pt's buffer, then pt again
+            torch.exp(lt, out=pt)
+            if spec.kind != "mse":
+                # log_softmax(z / T) in z's own buffer; the CE gradient below recovers softmax(z) from it
+                if T != 1.0:
+                    z.div_(T)
+                lse_t = lse if T == 1.0 else z.logsumexp(-1)
+                ls = z.sub_(lse_t[:, None]).clamp_min_(_NEG)
+                z_holds_log_softmax_at_t = True
+                value, grad_kd = _divergence_and_grad(
+                    ls, lt, spec.kind, spec.beta, spec.skew, pt=pt, lt_is_scratch=True
+                )
+            del t, lt, pt
+        stats["top1_agreement"] = (student_top1 == teacher_top1).sum().float()
+        kd = value.sum() * T**2
+    if not want_grad:
+        return kd, ce, None, stats
+
+    dz = None
+    if ce_scale != 0.0:  # d ce / dz = softmax(z) - onehot(y); z is not needed any more
+        if z_holds_log_softmax_at_t:
+            # z - lse = T * (z/T - lse_t) + T * lse_t - lse: rounding as in z - lse itself (~eps |z|)
+            dz = z.exp_() if T == 1.0 else z.mul_(T).add_((T * lse_t - lse)[:, None]).exp_()
         else:
-            t = _rows(teacher.logits, rows).float()
-        stats["top1_agreement"] = (student_top1 == t.argmax(-1)).sum()
-        if spec.kind == "mse":
-            tt = t / T
-            value = (s - tt).square_().mean(-1)
-            grad_s = s.sub_(tt).mul_(2.0 / vocab)
-            lt = _log_softmax(tt, 1.0)
-        else:
-            lt = _log_softmax(t, T)
-            del t
-            ls = s.sub_(s.logsumexp(-1, keepdim=True)).clamp_min_(_NEG)
-            value, grad_s = _divergence_and_grad(ls, lt, spec.kind, spec.beta, spec.skew)
-        stats["teacher_entropy"] = _teacher_entropy(lt).sum()
-    kd = value.sum() * T**2
-    if want_grad and kd_scale != 0.0:
-        # d(T^2 D(s = z/T))/dz = T * dD/ds
-        grad_s.mul_(kd_scale * T)
-        dz = grad_s if dz is None else dz.add_(grad_s)
-    return kd, ce, dz, {name: v.float() for name, v in stats.items()}
+            dz = z.sub_(lse[:, None]).exp_()
+        dz.mul_(ce_scale).scatter_add_(1, y[:, None], torch.full_like(lse[:, None], -ce_scale))
+    kd_factor = kd_scale * T  # d(T^2 D(z / T))/dz = T dD/ds
+    if kd_factor != 0.0 and teacher.present:
+        if grad_kd is not None:
+            dz = grad_kd.mul_(kd_factor) if dz is None else dz.add_(grad_kd, alpha=kd_factor)
+        if grad_at_ids is not None:
+            dz = torch.zeros_like(z) if dz is None else dz
+            dz.scatter_add_(1, grad_at_ids[0], grad_at_ids[1] * kd_factor)
+    return kd, ce, dz, stats
 
 
 def _chunk_loop(
@@ -499,7 +557,7 @@ def _chunk_loop(
 
     kd_total = torch.zeros((), device=hidden.device)
     ce_total = torch.zeros((), device=hidden.device)
-    stats: dict[str, torch.Tensor] = {}
+    stats = {name: torch.zeros((), device=hidden.device) for name in _stat_names(teacher)}
     for rows in chunks:
         h = _rows(hidden, rows)
         z = _linear_fp32(h, w_mm, bias, spec.mm_dtype)
@@ -510,7 +568,7 @@ def _chunk_loop(
         kd_total += kd
         ce_total += ce
         for name, v in chunk_stats.items():
-            stats[name] = stats.get(name, 0.0) + v
+            stats[name] += v
         if dz is None:
             continue
         if grad_b is not None:
@@ -528,6 +586,7 @@ def _chunk_loop(
                 grad_w.addmm_(dz_mm.T, h.to(spec.mm_dtype))  # accumulates in place, no [V, H] temporary
             else:
                 grad_w += dz_mm.T @ h.to(spec.mm_dtype)
+        del dz_mm  # before the next chunk's logits exist
     if grad_b is not None and bias is not None:
         grad_b = grad_b.to(bias.dtype)
     return _ChunkSums(kd_total, ce_total, count, stats), grad_h, grad_w, grad_b
@@ -674,11 +733,39 @@ def chunked_distill_loss(
         tail_logmass=None if teacher_tail_logmass is None else teacher_tail_logmass.detach().reshape(n),
     )
     device = student_hidden.device.type
-    if torch.is_autocast_enabled(device):
-        mm_dtype = torch.get_autocast_dtype(device)
-    else:
-        mm_dtype = torch.promote_types(student_hidden.dtype, student_weight.dtype)
-    spec = _Spec(kind, float(temperature), float(beta), float(skew), tail, ignore_index, int(chunk_size), mm_dtype)
+    autocast_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+    mm_dtype = autocast_dtype or torch.promote_types(student_hidden.dtype, student_weight.dtype)
+    teacher_mm_dtype = mm_dtype
+    if teacher_hidden is not None:
+        teacher_mm_dtype = autocast_dtype or torch.promote_types(teacher_hidden.dtype, teacher_weight.dtype)
+    spec = _Spec(
+        kind=kind,
+        temperature=float(temperature),
+        beta=float(beta),
+        skew=float(skew),
+        tail=tail,
+        ignore_index=ignore_index,
+        chunk_size=int(chunk_size),
+        mm_dtype=mm_dtype,
+        teacher_mm_dtype=teacher_mm_dtype,
+    )
+    if not torch.is_grad_enabled():
+        # Evaluation: values only. (Inside autograd.Function.forward grad mode is always off, so the
+        # function itself cannot tell; computing the fused gradients here would double the cost.)
+        with torch.autocast(device, enabled=False):
+            sums, *_ = _chunk_loop(
+                student_hidden.reshape(n, -1),
+                student_weight,
+                student_bias,
+                labels.reshape(n),
+                teacher,
+                spec,
+                float(kd_weight),
+                float(ce_weight),
+                (False, False, False),
+            )
+        num_tokens = torch.tensor(sums.count, dtype=torch.int64, device=student_hidden.device)
+        return LossOutput(sums.kd, sums.ce, num_tokens, {name: sums.stats[name] for name in _stat_names(teacher)})
     with torch.autocast(device, enabled=False):  # dtypes are chosen explicitly above
         kd_sum, ce_sum, num_tokens, *stats = _ChunkedDistill.apply(
             student_hidden.reshape(n, -1),

@@ -62,19 +62,69 @@ def final_hidden(model, input_ids: torch.Tensor) -> torch.Tensor:
     return out.hidden_states[-1]
 
 
+@torch.no_grad()
+def topk_targets(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    k: int,
+    temperature: float,
+    chunk_size: int = 1024,
+    store_dtype: torch.dtype | None = None,
+) -> TeacherTargets:
+    """Sparse targets from final hidden states [N, H]: per row the k most likely ids, their log-probs under
+    softmax(logits / T), and the log of the mass outside them. Logits are formed chunk_size rows at a time.
+
+    `store_dtype` rounds the log-probs as the offline store keeps them (float16), so an online run with
+    the same k trains on exactly the values an offline run reads back.
+    """
+    ids, logprobs, tails = [], [], []
+    for start in range(0, hidden.shape[0], max(1, chunk_size)):
+        logits = F.linear(
+            hidden[start : start + chunk_size].float(), weight.float(), None if bias is None else bias.float()
+        )
+        logp = torch.log_softmax(logits / temperature, dim=-1)
+        top, idx = logp.topk(min(k, logp.shape[-1]), dim=-1)
+        # log(1 - sum(top)) from the complement directly: exact even when the top-k hold almost all mass.
+        tail = logp.scatter(-1, idx, float("-inf")).logsumexp(-1)
+        ids.append(idx)
+        logprobs.append(top)
+        tails.append(tail)
+    logprobs_t, tail_t = torch.cat(logprobs), torch.cat(tails)
+    if store_dtype is not None:
+        logprobs_t, tail_t = logprobs_t.to(store_dtype).float(), tail_t.to(store_dtype).float()
+    return TeacherTargets(ids=torch.cat(ids), logprobs=logprobs_t, tail_logmass=tail_t)
+
+
 class OnlineTeacher:
     """A frozen model run on every micro-batch: eval mode, no gradients, no optimizer, never passed to
-    `accelerator.prepare` (so never part of a checkpoint)."""
+    `accelerator.prepare` (so never part of a checkpoint).
 
-    def __init__(self, model: torch.nn.Module, identity: dict):
+    With `top_k`, it emits the same sparse targets an offline store holds (see `topk_targets`).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        identity: dict,
+        top_k: int | None = None,
+        temperature: float = 1.0,
+        chunk_size: int = 1024,
+    ):
         self.model = model.eval().requires_grad_(False)
         self.identity = identity
+        self.top_k, self.temperature, self.chunk_size = top_k, temperature, chunk_size
 
     @torch.no_grad()
     def targets(self, batch: dict) -> TeacherTargets:
         hidden = final_hidden(self.model, batch["input_ids"])[:, :-1]
+        hidden = hidden.reshape(-1, hidden.shape[-1])
         head = self.model.get_output_embeddings()
-        return TeacherTargets(hidden=hidden.reshape(-1, hidden.shape[-1]), weight=head.weight, bias=head.bias)
+        if self.top_k:
+            return topk_targets(
+                hidden, head.weight, head.bias, self.top_k, self.temperature, self.chunk_size, store_dtype=torch.float16
+            )
+        return TeacherTargets(hidden=hidden, weight=head.weight, bias=head.bias)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
@@ -84,4 +134,11 @@ def setup_teacher(cfg: Config, teacher_config, device: torch.device) -> OnlineTe
     if cfg.teacher is None:
         return None
     model = models.load_model(cfg.teacher, teacher_config, seed=cfg.train.seed + 1)
-    return OnlineTeacher(model.to(device), models.model_identity(cfg.teacher, teacher_config))
+    d = cfg.distill
+    return OnlineTeacher(
+        model.to(device),
+        models.model_identity(cfg.teacher, teacher_config),
+        top_k=d.top_k,
+        temperature=d.temperature,
+        chunk_size=d.chunk_size or 1024,
+    )

@@ -128,6 +128,7 @@ def forward_losses(student, teacher, batch: dict, dcfg: DistillConfig, head) -> 
     want_kd = teacher is not None and dcfg.alpha > 0
     targets = teacher.targets(batch) if want_kd else None
     kd_args = dict(kind=dcfg.loss, temperature=dcfg.temperature, beta=dcfg.beta, skew=dcfg.skew)
+    sparse_args = dict(tail=dcfg.top_k_tail) if want_kd and targets.sparse else {}
     if dcfg.chunk_size > 0:
         hidden = final_hidden(student, batch["input_ids"])[:, :-1]
         # The weights tell the fused backward which combination will be differentiated, so the gradients it
@@ -141,6 +142,7 @@ def forward_losses(student, teacher, batch: dict, dcfg: DistillConfig, head) -> 
             kd_weight=dcfg.alpha if want_kd else 0.0,
             ce_weight=1 - dcfg.alpha,
             **kd_args,
+            **sparse_args,
             **(targets.loss_kwargs() if want_kd else {}),
         )
     # Naive path: full [tokens, V] logits; for models or strategies where the head cannot be used directly.
@@ -155,6 +157,7 @@ def forward_losses(student, teacher, batch: dict, dcfg: DistillConfig, head) -> 
             labels,
             reduction="sum",
             teacher_tail_logmass=targets.tail_logmass,
+            **sparse_args,
             **kd_args,
         )
     elif want_kd:

@@ -171,6 +171,10 @@ def count_tokens(micro_batches: list[dict]) -> torch.Tensor:
     return sum((mb["labels"][:, 1:] != data_lib.IGNORE_INDEX).sum() for mb in micro_batches)
 
 
+# Diagnostics the chunked loss returns as sums over counted tokens; logged as per-token means.
+STATS = ("teacher_entropy", "top1_agreement", "topk_mass")
+
+
 @dataclass
 class StepResult:
     loss: float
@@ -178,6 +182,7 @@ class StepResult:
     ce_loss: float
     num_tokens: int
     grad_norm: float
+    stats: dict[str, float]
 
 
 def train_step(accelerator, student, head, teacher, optimizer, micro_batches: list[dict], cfg: Config) -> StepResult:
@@ -188,26 +193,30 @@ def train_step(accelerator, student, head, teacher, optimizer, micro_batches: li
     # accelerator.backward divides by the accumulation steps and DDP averages over processes; undo both so
     # each micro-batch contributes exactly (its summed loss) / (valid tokens in the global step).
     scale = accelerator.gradient_accumulation_steps * accelerator.num_processes / global_tokens
-    sums = torch.zeros(2, device=accelerator.device)
+    sums = torch.zeros(2 + len(STATS), device=accelerator.device)
+    present: set[str] = set()
     for mb in micro_batches:
         mb = {k: v.to(accelerator.device) for k, v in mb.items()}
         with accelerator.accumulate(student):
             out = forward_losses(student, teacher, mb, cfg.distill, head=head)
             loss = alpha * out.kd_sum + (1 - alpha) * out.ce_sum
             accelerator.backward(loss * scale)
-            sums += torch.stack([out.kd_sum.detach().float(), out.ce_sum.detach().float()])
+            stats = [out.stats.get(name, torch.zeros((), device=sums.device)).float() for name in STATS]
+            sums += torch.stack([out.kd_sum.detach().float(), out.ce_sum.detach().float(), *stats])
+            present.update(out.stats)
             if accelerator.sync_gradients:
                 max_norm = cfg.train.max_grad_norm or float("inf")
                 grad_norm = accelerator.clip_grad_norm_(student.parameters(), max_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-    kd, ce = (accelerator.reduce(sums, reduction="sum") / global_tokens).tolist()
+    kd, ce, *stats = (accelerator.reduce(sums, reduction="sum") / global_tokens).tolist()
     return StepResult(
         loss=alpha * kd + (1 - alpha) * ce,
         kd_loss=kd,
         ce_loss=ce,
         num_tokens=int(global_tokens.item()),
         grad_norm=float(grad_norm),
+        stats={name: value for name, value in zip(STATS, stats) if name in present},
     )
 
 
@@ -303,6 +312,7 @@ def fit(cfg, accelerator, student, head, teacher, optimizer, scheduler, train_ds
             "grad_norm": res.grad_norm,
             "num_tokens": res.num_tokens,
             "tokens_per_second": tokens / elapsed,
+            **res.stats,
         }
         last = step + 1 == t.max_steps
         if (t.eval_every and (step + 1) % t.eval_every == 0) or last:

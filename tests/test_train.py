@@ -128,3 +128,36 @@ def test_bf16_autocast_run(tmp_path):
     records = read_metrics(out)
     assert all(r["loss"] == r["loss"] and r["loss"] < 100 for r in records)  # finite
     assert (out / "final" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize(
+    "kind", ["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd", "mse"]
+)
+def test_every_loss_kind_trains_from_the_config(tmp_path, kind):
+    from distributed_distill.trainer import train
+
+    cfg = load_config(
+        SMOKE, [f"output_dir={tmp_path}", "train.max_steps=2", f"distill.loss={kind}", "distill.alpha=1.0"]
+    )
+    result = train(cfg)
+    records = read_metrics(tmp_path)
+    assert all(r["loss"] == r["kd_loss"] and 0 <= r["kd_loss"] < 1e3 for r in records)
+    assert records[0]["kd_loss"] > 0  # random teacher and student disagree
+    assert result["val_kd_loss"] > 0 and (tmp_path / "final" / "model.safetensors").is_file()
+
+
+def test_online_top_k_trains_with_both_tail_choices(tmp_path):
+    from distributed_distill.trainer import train
+
+    losses = {}
+    for tail in ("bucket", "renormalize"):
+        out = tmp_path / tail
+        train(
+            load_config(
+                SMOKE, [f"output_dir={out}", "train.max_steps=2", "distill.top_k=16", f"distill.top_k_tail={tail}"]
+            )
+        )
+        records = read_metrics(out)
+        assert 0 < records[-1]["topk_mass"] < 1
+        losses[tail] = records[0]["kd_loss"]
+    assert losses["bucket"] != losses["renormalize"]

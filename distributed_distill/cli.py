@@ -3,6 +3,8 @@
     distill train --config configs/smoke.yaml [section.key=value ...]
     distill eval  --config configs/demo.yaml --model student=runs/demo/kd/final [--model ...]
     distill report runs/smoke
+    distill precompute --config configs/smoke.yaml distill.store=stores/smoke   # offline teacher targets
+    distill verify-store stores/smoke
     distill demo                       # teacher, distilled student and CE-only student on the built-in corpus
 
 `python train.py ...` and `accelerate launch train.py ...` take the same arguments as `distill train`.
@@ -28,9 +30,9 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)  # config mistakes fail before torch is even imported
     from .trainer import train
 
-    cfg = load_config(args.config, args.overrides)
     result = train(cfg)
     if result:
         print(json.dumps({"output_dir": cfg.output_dir, **result}))
@@ -58,6 +60,21 @@ def cmd_report(args: argparse.Namespace) -> int:
     from .evaluate import report
 
     print(report(Path(args.run_dir)))
+    return 0
+
+
+def cmd_precompute(args: argparse.Namespace) -> int:
+    from .precompute import precompute
+
+    cfg = load_config(args.config, args.overrides)
+    print(json.dumps(precompute(cfg)))
+    return 0
+
+
+def cmd_verify_store(args: argparse.Namespace) -> int:
+    from .store import verify_store
+
+    print(verify_store(args.store_dir))
     return 0
 
 
@@ -95,6 +112,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", help="also write the rows as JSON to this file")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser(
+        "precompute",
+        help="run the teacher over the data once and write its top-k targets to distill.store",
+        description="Write an offline logit store (see docs/store.md); rerun the same command to resume.",
+    )
+    _add_config_args(p)
+    p.set_defaults(func=cmd_precompute)
+
+    p = sub.add_parser("verify-store", help="check a logit store: manifest, checksums, rows, hashes")
+    p.add_argument("store_dir", metavar="DIR")
+    p.set_defaults(func=cmd_verify_store)
 
     p = sub.add_parser("report", help="summarise a run directory")
     p.add_argument("run_dir")

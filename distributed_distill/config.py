@@ -72,6 +72,38 @@ class ModelConfig:
 
 
 @dataclass
+class TeacherConfig(ModelConfig):
+    """The frozen teacher: a model plus the engine that runs it (see docs/distributed.md)."""
+
+    engine: Literal["replicated", "zero3"] = _f(
+        "replicated",
+        "replicated = every rank holds the whole teacher; zero3 = DeepSpeed ZeRO-3 inference, parameters "
+        "partitioned across all ranks and gathered layer by layer in the forward",
+    )
+    offload: Literal["none", "cpu"] = _f("none", "zero3 only: keep the teacher's parameter partitions in CPU memory")
+    deepspeed_config: str | None = _f(
+        None,
+        "zero3 only: a DeepSpeed JSON for the teacher engine; null = built in (= launch/deepspeed/teacher_zero3.json)",
+    )
+    collective_timeout: int = _f(
+        1800,
+        "seconds a rank waits in any collective (teacher all-gathers, loss all-reduces) before the job fails; "
+        "a rank that stops calling the teacher then stops the job instead of hanging it",
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.engine != "zero3" and self.offload != "none":
+            raise ConfigError(f"teacher.offload={self.offload} needs teacher.engine=zero3")
+        if self.engine != "zero3" and self.deepspeed_config is not None:
+            raise ConfigError("teacher.deepspeed_config needs teacher.engine=zero3")
+        if self.deepspeed_config is not None and not Path(self.deepspeed_config).is_file():
+            raise ConfigError(f"teacher.deepspeed_config={self.deepspeed_config}: no such file")
+        if self.collective_timeout < 1:
+            raise ConfigError(f"teacher.collective_timeout={self.collective_timeout} must be >= 1 (seconds)")
+
+
+@dataclass
 class TokenizerConfig:
     path: str | None = _f(
         None,
@@ -134,6 +166,24 @@ class DistillConfig:
     top_k_tail: Literal["bucket", "renormalize"] = _f(
         "bucket", "sparse targets: keep the mass outside the top-k as one bucket, or renormalise within the top-k"
     )
+    signal: Literal["online", "offline"] = _f(
+        "online", "online = run the teacher every step; offline = stream top-k targets from distill.store"
+    )
+    store: str | None = _f(
+        None, "logit store directory: written by `distill precompute`, read when distill.signal=offline"
+    )
+    store_top_k: int = _f(64, "distill precompute: top-k kept per token when distill.top_k is null")
+    store_shard_rows: int = _f(256, "distill precompute: packed sequences per Parquet shard (the unit of resume)")
+    store_max_rows: int | None = _f(
+        None,
+        "distill precompute: keep only the first N training sequences of the seeded order (what N / global batch "
+        "steps consume); null = all. The validation split is always whole",
+    )
+    shuffle_buffer: int = _f(
+        1024,
+        "offline: rows in the seeded streaming shuffle buffer; 0 = store order (the seeded permutation the store "
+        "was written in: exactly the batches of an online run with the same seed)",
+    )
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.alpha <= 1.0:
@@ -154,6 +204,17 @@ class DistillConfig:
             raise ConfigError(f"distill.top_k={self.top_k} must be >= 1 (or null for dense targets)")
         if self.top_k is not None and self.loss == "mse":
             raise ConfigError("distill.loss=mse compares logits and needs dense targets; unset distill.top_k")
+        if self.signal == "offline" and not self.store:
+            raise ConfigError("distill.signal=offline needs distill.store (a directory made by `distill precompute`)")
+        if self.signal == "offline" and self.loss == "mse":
+            raise ConfigError("distill.loss=mse needs dense targets; an offline store holds top-k (distill.signal)")
+        if self.store_max_rows is not None and self.store_max_rows < 1:
+            raise ConfigError(f"distill.store_max_rows={self.store_max_rows} must be >= 1 (or null for all)")
+        for name in ("store_top_k", "store_shard_rows"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"distill.{name}={getattr(self, name)} must be >= 1")
+        if self.shuffle_buffer < 0:
+            raise ConfigError(f"distill.shuffle_buffer={self.shuffle_buffer} must be >= 0")
 
 
 @dataclass
@@ -211,7 +272,7 @@ class LoggingConfig:
 class Config:
     output_dir: str = _f("runs/default", "run directory: resolved config, metrics.jsonl, checkpoints, final/")
     student: ModelConfig = _f(None, "the model being trained")
-    teacher: ModelConfig | None = _f(None, "the frozen teacher; null for plain CE training (distill.alpha=0)")
+    teacher: TeacherConfig | None = _f(None, "the frozen teacher; null for plain CE training (distill.alpha=0)")
     tokenizer: TokenizerConfig = _f(TokenizerConfig, "tokenizer shared by teacher and student")
     data: DataConfig = _f(DataConfig, "training and validation data")
     distill: DistillConfig = _f(DistillConfig, "the distillation objective")
@@ -221,7 +282,7 @@ class Config:
     def __post_init__(self) -> None:
         if self.student is None:
             raise ConfigError("student is required (student.path or student.arch)")
-        if self.teacher is None and self.distill.alpha > 0:
+        if self.teacher is None and self.distill.alpha > 0 and self.distill.signal == "online":
             raise ConfigError(
                 f"distill.alpha={self.distill.alpha} needs a teacher; "
                 "set teacher.path / teacher.arch, or distill.alpha=0"

@@ -1,10 +1,11 @@
-"""The built-in demo: train a teacher, distill a student from it, train the same student without it.
+"""The built-in demo: train a teacher, distill a student from it (online, and offline from a precomputed top-64
+logit store), train the same student without it.
 
     make demo        # or: distill demo [--output-dir runs/demo] [section.key=value ...]
 
-Three runs of `distill train` on the built-in `python-stdlib` corpus, each a real subprocess as a user
-would launch it, then `distill eval` of all three on the same validation tokens. The student runs share
-seed, data order and step count; only the teacher signal differs.
+Four runs of `distill train` and one of `distill precompute` on the built-in `python-stdlib` corpus, each a
+real subprocess as a user would launch it, then `distill eval` of all four models on the same validation
+tokens. The student runs share seed, data order and step count; only the teacher signal differs.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import time
 from pathlib import Path
 
 from .cli import format_table
+from .config import load_config
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -29,10 +31,19 @@ def _run(args: list[str]) -> None:
 def run_demo(out: Path, overrides: list[str]) -> list[dict]:
     started = time.perf_counter()
     teacher_dir, kd_dir, ce_dir = out / "teacher", out / "student_kd", out / "student_ce"
+    store_dir, offline_dir = out / "store", out / "student_offline"
     student_cfg = str(CONFIGS / "demo.yaml")
     _run(["train", "--config", str(CONFIGS / "demo_teacher.yaml"), f"output_dir={teacher_dir}", *overrides])
     teacher = f"teacher.path={teacher_dir / 'final'}"
     _run(["train", "--config", student_cfg, f"output_dir={kd_dir}", teacher, *overrides])
+    # Offline: the teacher's top-64 targets precomputed once (only the rows the run will read: steps x batch),
+    # then streamed in store order, i.e. the very batches the online student saw.
+    offline = ["distill.signal=offline", f"distill.store={store_dir}", "distill.shuffle_buffer=0"]
+    t = load_config(student_cfg, overrides).train
+    rows = f"distill.store_max_rows={t.max_steps * t.micro_batch_size * t.grad_accum_steps}"
+    _run(["precompute", "--config", student_cfg, teacher, f"distill.store={store_dir}", rows, *overrides])
+    _run(["verify-store", str(store_dir)])
+    _run(["train", "--config", student_cfg, f"output_dir={offline_dir}", teacher, *offline, *overrides])
     _run(
         [
             "train",
@@ -52,6 +63,7 @@ def run_demo(out: Path, overrides: list[str]) -> list[dict]:
             "--config",
             student_cfg,
             teacher,
+            *overrides,  # argparse takes the positional overrides in one run, before the options
             "--json",
             str(results),
             "--model",
@@ -59,8 +71,9 @@ def run_demo(out: Path, overrides: list[str]) -> list[dict]:
             "--model",
             f"student (distilled)={kd_dir / 'final'}",
             "--model",
+            f"student (distilled offline, top-64)={offline_dir / 'final'}",
+            "--model",
             f"student (CE only)={ce_dir / 'final'}",
-            *overrides,
         ]
     )
     rows = json.loads(results.read_text())

@@ -141,7 +141,11 @@ def load_model(mcfg: ModelConfig, config: PretrainedConfig, *, seed: int) -> tor
 
 def model_identity(mcfg: ModelConfig, config: PretrainedConfig) -> dict:
     """What a run records about a model it did not train (the teacher): enough to tell runs apart."""
-    blob = json.dumps(config.to_diff_dict(), sort_keys=True, default=str).encode()
+    # Fields that change with how the model was loaded, not what it is (a config read from disk has no dtype
+    # until the weights load), so precompute and an online run agree on the same teacher.
+    volatile = {"dtype", "torch_dtype", "_name_or_path", "transformers_version"}
+    stable = {k: v for k, v in config.to_diff_dict().items() if k not in volatile}
+    blob = json.dumps(stable, sort_keys=True, default=str).encode()
     return {
         "path": mcfg.path,
         "revision": mcfg.revision,

@@ -4,17 +4,29 @@ The training step asks a teacher source for the `TeacherTargets` of a micro-batc
 loss; it never knows whether they came from a model running now (online) or from disk (offline), dense
 or top-k. Online sources are called by every rank exactly once per micro-batch, in the same order, so a
 teacher sharded across the ranks (ZeRO-3) can never deadlock.
+
+Online teacher engines (`teacher.engine`, the table `ENGINES` at the bottom):
+
+    replicated  every rank holds the whole frozen teacher             OnlineTeacher
+    zero3       DeepSpeed ZeRO-3 inference: each rank holds 1/N of     Zero3Teacher
+                the parameters, gathered layer by layer in the forward
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import json
+import os
+import socket
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from . import models
-from .config import Config
+from .config import Config, TeacherConfig
+from .errors import DistillError
 
 
 @dataclass
@@ -79,16 +91,18 @@ def topk_targets(
     the same k trains on exactly the values an offline run reads back.
     """
     ids, logprobs, tails = [], [], []
+    w, b = weight.float(), None if bias is None else bias.float()  # once, not per chunk (a bf16 head is V x H)
     for start in range(0, hidden.shape[0], max(1, chunk_size)):
-        logits = F.linear(
-            hidden[start : start + chunk_size].float(), weight.float(), None if bias is None else bias.float()
-        )
-        logp = torch.log_softmax(logits / temperature, dim=-1)
-        top, idx = logp.topk(min(k, logp.shape[-1]), dim=-1)
-        # log(1 - sum(top)) from the complement directly: exact even when the top-k hold almost all mass.
-        tail = logp.scatter(-1, idx, float("-inf")).logsumexp(-1)
+        logits = F.linear(hidden[start : start + chunk_size].float(), w, b)
+        if temperature != 1.0:
+            logits.div_(temperature)
+        # Two passes over the [chunk, V] buffer and no second buffer: log p = logit - logsumexp for the top k,
+        # and the tail's log-mass from the complement directly (exact even when the top k hold almost all mass).
+        lse = logits.logsumexp(-1)
+        top, idx = logits.topk(min(k, logits.shape[-1]), dim=-1)
+        tail = logits.scatter_(-1, idx, float("-inf")).logsumexp(-1) - lse
         ids.append(idx)
-        logprobs.append(top)
+        logprobs.append(top - lse[:, None])
         tails.append(tail)
     logprobs_t, tail_t = torch.cat(logprobs), torch.cat(tails)
     if store_dtype is not None:
@@ -98,10 +112,13 @@ def topk_targets(
 
 class OnlineTeacher:
     """A frozen model run on every micro-batch: eval mode, no gradients, no optimizer, never passed to
-    `accelerator.prepare` (so never part of a checkpoint).
+    `accelerator.prepare` (so never part of a checkpoint). This is the `replicated` engine: every rank holds
+    the whole teacher.
 
     With `top_k`, it emits the same sparse targets an offline store holds (see `topk_targets`).
     """
+
+    engine = "replicated"
 
     def __init__(
         self,
@@ -112,33 +129,232 @@ class OnlineTeacher:
         chunk_size: int = 1024,
     ):
         self.model = model.eval().requires_grad_(False)
+        self.runner = self.model  # what the forward calls: the model itself, or an engine wrapping it
         self.identity = identity
         self.top_k, self.temperature, self.chunk_size = top_k, temperature, chunk_size
 
     @torch.no_grad()
     def targets(self, batch: dict) -> TeacherTargets:
-        hidden = final_hidden(self.model, batch["input_ids"])[:, :-1]
+        hidden = final_hidden(self.runner, batch["input_ids"])[:, :-1]
         hidden = hidden.reshape(-1, hidden.shape[-1])
+        with self._head() as (weight, bias):
+            if self.top_k:
+                return topk_targets(
+                    hidden, weight, bias, self.top_k, self.temperature, self.chunk_size, store_dtype=torch.float16
+                )
+            return TeacherTargets(hidden=hidden, weight=weight, bias=bias)
+
+    @contextlib.contextmanager
+    def _head(self):
+        """The output layer's full weight and bias, valid inside the context."""
         head = self.model.get_output_embeddings()
-        if self.top_k:
-            return topk_targets(
-                hidden, head.weight, head.bias, self.top_k, self.temperature, self.chunk_size, store_dtype=torch.float16
-            )
-        return TeacherTargets(hidden=hidden, weight=head.weight, bias=head.bias)
+        yield head.weight, head.bias
 
     def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.model.parameters())
+        return parameter_bytes(self.model)[2]
+
+    def local_parameter_bytes(self) -> int:
+        """Bytes of teacher parameters this rank holds."""
+        return parameter_bytes(self.model)[0]
+
+
+class Zero3Teacher(OnlineTeacher):
+    """The `zero3` engine: a DeepSpeed ZeRO-3 inference engine (no optimizer). Each rank holds 1/N of every
+    matrix; the forward all-gathers one layer at a time, so the peak is one partition plus a layer or two.
+
+    The forward is a collective: every rank must call `targets` the same number of times, in the same order
+    (the trainer does, including padding batches of an uneven validation split). A rank that stops calling
+    it makes the others wait in an all-gather until `teacher.collective_timeout`, and the job then fails
+    with a `DistillError` that says so instead of hanging.
+
+    The output layer is partitioned outside the forward too, but the chunked loss needs its full weight
+    (`TeacherTargets(hidden, weight)` projects logits chunk by chunk). `targets` gathers it once per
+    micro-batch and hands the loss a copy that lives as long as the targets: one [V, H] matrix per rank
+    for the duration of the loss, the same size the forward itself gathers for the head, and never a
+    [tokens, V] tensor. With `top_k` the targets are computed inside the gather and no copy is kept.
+    """
+
+    engine = "zero3"
+
+    def __init__(self, engine, identity: dict, timeout: int, **kwargs):
+        super().__init__(engine.module, identity, **kwargs)
+        self.runner, self.timeout = engine, timeout
+
+    @torch.no_grad()
+    def targets(self, batch: dict) -> TeacherTargets:
+        try:
+            return super().targets(batch)
+        except RuntimeError as e:
+            if not _is_collective_failure(e):
+                raise  # a bug or an out-of-memory on this rank: its own traceback
+            rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+            first = str(e).strip().splitlines()[0][:300]
+            raise DistillError(
+                f"zero3 teacher on rank {rank}: a collective failed or passed teacher.collective_timeout="
+                f"{self.timeout}s ({first}); another rank failed or stopped calling the teacher (every rank must "
+                "call it once per micro-batch): see that rank's error"
+            ) from e
+
+    @contextlib.contextmanager
+    def _head(self):
+        import deepspeed
+
+        head = self.model.get_output_embeddings()
+        params = [p for p in (head.weight, head.bias) if p is not None]
+        with deepspeed.zero.GatheredParameters(params):
+            if self.top_k:
+                yield head.weight, head.bias
+            else:
+                # Copies: the gathered storage is freed when the context exits, before the loss runs.
+                yield head.weight.detach().clone(), None if head.bias is None else head.bias.detach().clone()
+
+
+# How gloo and NCCL report a peer that timed out or went away (as DistBackendError or plain RuntimeError).
+_COLLECTIVE_FAILURES = ("timed out", "timeout", "connection closed", "connection reset", "broken pipe", "watchdog")
+
+
+def _is_collective_failure(e: RuntimeError) -> bool:
+    dist_error = getattr(torch.distributed, "DistError", ())
+    return isinstance(e, dist_error) or any(s in str(e).lower() for s in _COLLECTIVE_FAILURES)
+
+
+def parameter_bytes(model: torch.nn.Module) -> tuple[int, int, int]:
+    """(bytes this rank holds, bytes of the whole model, number of parameters of the whole model).
+
+    Understands ZeRO-3 partitions (`ds_tensor`: this rank's slice; `ds_numel`: the full size; `data`: empty
+    unless gathered, or whole for the small parameters ZeRO-3 keeps on every rank) and FSDP2 DTensors
+    (`to_local()`); anything else is held whole.
+    """
+    local = full = count = 0
+    for p in model.parameters():
+        if hasattr(p, "ds_tensor"):
+            local += (p.ds_tensor.numel() + p.data.numel()) * p.ds_tensor.element_size()
+            full += p.ds_numel * p.ds_tensor.element_size()
+            count += p.ds_numel
+        else:
+            held = p.to_local() if hasattr(p, "to_local") else p
+            local += held.numel() * held.element_size()
+            full += p.numel() * p.element_size()
+            count += p.numel()
+    return local, full, count
+
+
+# ----------------------------------------------------------------------------------------------
+# Engines
+
+
+def zero3_inference_config(tcfg: TeacherConfig, hidden_size: int) -> dict:
+    """The built-in DeepSpeed config of the `zero3` teacher (launch/deepspeed/teacher_zero3*.json hold it too).
+
+    Inference only: no optimizer, so the batch size keys only satisfy DeepSpeed's config check (the teacher
+    is called with whatever micro-batch the trainer has). Sizes are in parameters, from H = hidden_size:
+    - vectors up to H elements (norms, biases) stay whole on every rank, every matrix is partitioned (saves
+      an all-gather per norm per layer);
+    - a parameter is released right after its module ran (`max_reuse_distance` 0): in a forward-only pass
+      nothing is reused before the next micro-batch, and DeepSpeed's default (1e9) would keep every layer of
+      a teacher under 1e9 parameters gathered until the forward ends, i.e. the whole teacher at the peak;
+    - prefetch about one attention block (4 H^2) ahead, and keep at most about two decoder layers (24 H^2)
+      live, so the peak is one partition plus a couple of layers (the [V, H] head counts as one of them).
+    """
+    zero = {
+        "stage": 3,
+        "stage3_param_persistence_threshold": hidden_size,
+        "stage3_prefetch_bucket_size": 4 * hidden_size**2,
+        "stage3_max_live_parameters": 24 * hidden_size**2,
+        "stage3_max_reuse_distance": 0,
+    }
+    if tcfg.offload == "cpu":
+        zero["offload_param"] = {"device": "cpu", "pin_memory": True}  # page-locked for fast H2D; a no-op on CPU
+    return {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": zero,
+        "bf16": {"enabled": tcfg.dtype == "bfloat16"},
+        "fp16": {"enabled": tcfg.dtype == "float16"},
+        "wall_clock_breakdown": False,
+    }
+
+
+@contextlib.contextmanager
+def _transformers_zero3(ds_config: dict | None):
+    """Make transformers build/load the next model under `deepspeed.zero.Init(ds_config)`, or (None) not at all.
+
+    transformers decides from one process-wide weak reference; an Accelerate DeepSpeed ZeRO-3 student sets
+    it too. Setting ours (or clearing it) for exactly one load keeps the teacher's and student's configs apart.
+    """
+    from transformers.integrations import deepspeed as hf_ds
+
+    saved = hf_ds._hf_deepspeed_config_weak_ref
+    holder = None
+    if ds_config is None:
+        hf_ds.unset_hf_deepspeed_config()
+    else:
+        holder = hf_ds.HfDeepSpeedConfig(copy.deepcopy(ds_config))  # registers itself; the weakref needs it alive
+    try:
+        yield
+    finally:
+        del holder
+        hf_ds._hf_deepspeed_config_weak_ref = saved
+
+
+def _ensure_process_group(device: torch.device) -> None:
+    """ZeRO-3 needs a process group even for one process (offloading a teacher bigger than the one GPU)."""
+    import deepspeed
+
+    if torch.distributed.is_initialized():
+        return
+    if "WORLD_SIZE" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", auto_mpi_discovery=False)
+
+
+def load_replicated(cfg: Config, teacher_config, device: torch.device, **kwargs) -> OnlineTeacher:
+    with _transformers_zero3(None):  # never partitioned by a ZeRO-3 student's zero.Init
+        model = models.load_model(cfg.teacher, teacher_config, seed=cfg.train.seed + 1)
+    return OnlineTeacher(model.to(device), models.model_identity(cfg.teacher, teacher_config), **kwargs)
+
+
+def load_zero3(cfg: Config, teacher_config, device: torch.device, **kwargs) -> Zero3Teacher:
+    """A ZeRO-3 inference engine over all ranks.
+
+    A `path` teacher (hub id or local directory, the real case) is loaded by transformers under
+    `deepspeed.zero.Init`: each layer is created partitioned and filled from the checkpoint by rank 0 one
+    module at a time, so no rank ever holds the whole teacher. An `arch` teacher (tests, the demo: small
+    models built from scratch) is built whole with the run's seed, exactly as `replicated` builds it, and
+    partitioned by `deepspeed.initialize`, so both engines run identical weights.
+    """
+    import deepspeed
+
+    tcfg = cfg.teacher
+    if tcfg.deepspeed_config is not None:
+        ds_config = json.loads(open(tcfg.deepspeed_config).read())
+    else:
+        ds_config = zero3_inference_config(tcfg, getattr(teacher_config, "hidden_size", 0) or 0)
+    stage = ds_config.get("zero_optimization", {}).get("stage")
+    if stage != 3:
+        raise DistillError(f"teacher.deepspeed_config={tcfg.deepspeed_config}: zero_optimization.stage={stage}, need 3")
+    _ensure_process_group(device)
+    with _transformers_zero3(ds_config if tcfg.path is not None else None):
+        model = models.load_model(tcfg, teacher_config, seed=cfg.train.seed + 1)
+    model.eval().requires_grad_(False)
+    engine, *_ = deepspeed.initialize(model=model, config=copy.deepcopy(ds_config))
+    engine.eval()
+    return Zero3Teacher(engine, models.model_identity(tcfg, teacher_config), tcfg.collective_timeout, **kwargs)
+
+
+# A small string-to-loader table: `teacher.engine` picks one.
+ENGINES = {"replicated": load_replicated, "zero3": load_zero3}
 
 
 def setup_teacher(cfg: Config, teacher_config, device: torch.device) -> OnlineTeacher | None:
+    """The frozen teacher: eval mode, no gradients, no optimizer, kept out of `accelerator.prepare` (never in a
+    checkpoint; its identity goes to the run directory), and called by every rank once per micro-batch."""
     if cfg.teacher is None:
         return None
-    model = models.load_model(cfg.teacher, teacher_config, seed=cfg.train.seed + 1)
     d = cfg.distill
-    return OnlineTeacher(
-        model.to(device),
-        models.model_identity(cfg.teacher, teacher_config),
-        top_k=d.top_k,
-        temperature=d.temperature,
-        chunk_size=d.chunk_size or 1024,
+    return ENGINES[cfg.teacher.engine](
+        cfg, teacher_config, device, top_k=d.top_k, temperature=d.temperature, chunk_size=d.chunk_size or 1024
     )

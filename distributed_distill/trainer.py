@@ -16,19 +16,20 @@ import math
 import os
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, InitProcessGroupKwargs, set_seed
 
 from . import data as data_lib
 from . import models
 from .config import Config, DistillConfig, save_config
 from .errors import DistillError
 from .losses import LossOutput, chunked_distill_loss, kd_loss, sparse_kd_loss
-from .teacher import final_hidden, setup_teacher
+from .teacher import final_hidden, parameter_bytes, setup_teacher
 from .tracking import Tracker, wandb_kwargs
 
 # ----------------------------------------------------------------------------------------------
@@ -39,11 +40,21 @@ def setup_accelerator(cfg: Config) -> Accelerator:
     use_cpu = cfg.train.device == "cpu" or (cfg.train.device == "auto" and not torch.cuda.is_available())
     if cfg.train.device == "cuda" and not torch.cuda.is_available():
         raise DistillError("train.device=cuda but CUDA is not available on this machine")
+    # The timeout bounds every collective: a rank that dies or stops calling a ZeRO-3 teacher fails the job.
+    pg = {"timeout": timedelta(seconds=cfg.teacher.collective_timeout if cfg.teacher is not None else 1800)}
+    deepspeed_student = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    if use_cpu and deepspeed_student:
+        # A DeepSpeed student on CPU (`accelerate launch --config_file launch/accelerate/zero2.yaml`): with
+        # cpu=True Accelerate never selects DeepSpeed, and with cpu=False it finds no backend, initialises
+        # DeepSpeed's process group anyway and reports num_processes=1 on every rank. Naming gloo gives it the
+        # backend: torch.distributed, Accelerate and DeepSpeed then agree on the world size (see docs/distributed.md).
+        use_cpu, pg["backend"] = False, "gloo"
     accelerator = Accelerator(
         cpu=use_cpu,
         mixed_precision="bf16" if cfg.train.precision == "bf16" else "no",
         gradient_accumulation_steps=cfg.train.grad_accum_steps,
         log_with="wandb" if wandb_kwargs(cfg) is not None else None,
+        kwargs_handlers=[InitProcessGroupKwargs(**pg)],
     )
     # A launcher that starts N processes which do not join one process group gives N students trained alone
     # (torchrun without Accelerator(cpu=True) on CPU; `srun -n 2 python train.py` without torchrun). Refuse.
@@ -53,6 +64,23 @@ def setup_accelerator(cfg: Config) -> Accelerator:
             f"Accelerate sees {accelerator.num_processes} process(es) but the launcher started {name}={world}; "
             "on CPU launch with `ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes N` or torchrun, "
             "under SLURM run one torchrun/accelerate launch per node"
+        )
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is not None:
+        # The trainer feeds its own micro-batches (no prepared DataLoader for Accelerate to read a size from).
+        for key, value in (
+            ("train_micro_batch_size_per_gpu", cfg.train.micro_batch_size),
+            ("gradient_clipping", cfg.train.max_grad_norm),
+        ):
+            if plugin.is_auto(key):
+                plugin.deepspeed_config[key] = value
+    sharded = accelerator.distributed_type == DistributedType.FSDP or (plugin is not None and plugin.zero_stage == 3)
+    if sharded and cfg.distill.chunk_size > 0:
+        # The chunked loss multiplies by the student's lm_head weight outside its forward, where ZeRO-3 and FSDP
+        # hold only a shard of it.
+        raise DistillError(
+            f"distill.chunk_size={cfg.distill.chunk_size} needs the student's whole output layer, which a "
+            f"{'FSDP' if plugin is None else 'ZeRO-3'} student shards; set distill.chunk_size=0 (logits from forward)"
         )
     return accelerator
 
@@ -146,7 +174,8 @@ def forward_losses(student, teacher, batch: dict, dcfg: DistillConfig, head) -> 
             **(targets.loss_kwargs() if want_kd else {}),
         )
     # Naive path: full [tokens, V] logits; for models or strategies where the head cannot be used directly.
-    logits = student(input_ids=batch["input_ids"], use_cache=False).logits[:, :-1].reshape(-1, head.weight.shape[0])
+    logits = student(input_ids=batch["input_ids"], use_cache=False).logits[:, :-1]
+    logits = logits.reshape(-1, logits.shape[-1])  # not head.weight.shape: a ZeRO-3 student holds only a shard
     ce_sum = F.cross_entropy(logits.float(), labels, ignore_index=data_lib.IGNORE_INDEX, reduction="sum")
     kd_sum = logits.new_zeros((), dtype=torch.float32)
     if want_kd and targets.sparse:
@@ -253,11 +282,22 @@ def train(cfg: Config) -> dict:
     models.check_paths(cfg)  # a typo in a path fails now, not after a tokenizer has been trained
     tokenizer = setup_tokenizer(cfg, accelerator)
     student_config, teacher_config = models.resolve_configs(cfg, len(tokenizer))
-    with accelerator.main_process_first():
-        train_ds, val_ds = data_lib.build_datasets(cfg.data, tokenizer)
+    offline = None
+    if cfg.distill.signal == "offline":
+        # The logit store stands in for the data pipeline and the teacher: checked against this run, then streamed.
+        from .store import offline_config, open_offline
+
+        offline = open_offline(cfg, tokenizer, student_config, accelerator)
+        train_ds, val_ds = offline.train, offline.val
+        cfg = offline_config(cfg)  # no teacher model is loaded
+    else:
+        with accelerator.main_process_first():
+            train_ds, val_ds = data_lib.build_datasets(cfg.data, tokenizer)
     out_dir = prepare_output_dir(cfg, accelerator)
     student = models.load_model(cfg.student, student_config, seed=cfg.train.seed)
-    teacher = setup_teacher(cfg, teacher_config, accelerator.device)
+    teacher = setup_teacher(cfg, teacher_config, accelerator.device)  # every rank: ZeRO-3 partitions over all
+    if offline is not None:
+        teacher = offline.teacher
     if teacher is not None and accelerator.is_main_process:
         (out_dir / "teacher.json").write_text(json.dumps(teacher.identity, indent=2))
     optimizer = torch.optim.AdamW(
@@ -274,13 +314,31 @@ def train(cfg: Config) -> dict:
     accelerator.print(
         f"train {len(train_ds)} x {cfg.data.seq_len} tokens, validation {len(val_ds)}; "
         f"{accelerator.num_processes} process(es) on {accelerator.device}; "
-        f"student {sum(p.numel() for p in student.parameters()):,} params"
+        f"student {parameter_bytes(student)[2]:,} params"
         + (f", teacher {teacher.num_parameters():,} params" if teacher is not None else "")
     )
+    memory_report(accelerator, student, teacher)
 
     final = fit(cfg, accelerator, student, head, teacher, optimizer, scheduler, train_ds, val_ds)
     export(accelerator, student, tokenizer, out_dir / "final")
     return final
+
+
+def memory_report(accelerator: Accelerator, student, teacher) -> None:
+    """Print (main process) the engines chosen and the parameter bytes each rank holds: a collective."""
+    plugin = accelerator.state.deepspeed_plugin
+    strategy = accelerator.distributed_type.value.lower() + (f" zero{plugin.zero_stage}" if plugin else "")
+    s_local, s_full, _ = parameter_bytes(student)
+    t_local, t_full, _ = parameter_bytes(teacher.model) if teacher is not None else (0, 0, 0)
+    held = accelerator.gather(torch.tensor([[s_local, t_local]], dtype=torch.float64, device=accelerator.device))
+    mib = 2.0**20
+    lines = [f"memory: student strategy {strategy}, teacher engine {teacher.engine if teacher else 'none'}"]
+    for rank, (s, t) in enumerate(held.tolist()):
+        line = f"  rank {rank}: student params {s / mib:.2f} MiB of {s_full / mib:.2f}"
+        if teacher is not None:
+            line += f", teacher params {t / mib:.2f} MiB of {t_full / mib:.2f} ({t / max(t_full, 1):.2f}x)"
+        lines.append(line)
+    accelerator.print("\n".join(lines))
 
 
 def fit(cfg, accelerator, student, head, teacher, optimizer, scheduler, train_ds, val_ds) -> dict:
@@ -290,14 +348,20 @@ def fit(cfg, accelerator, student, head, teacher, optimizer, scheduler, train_ds
     seen = []  # this rank's first sample indices: a record of which data the rank trained on
     student.train()
     result = {}
+    # Offline: this rank's share of the store, streamed (split across ranks inside, never by Accelerate).
+    stream = train_ds.micro_batches(t.micro_batch_size, world, rank) if cfg.distill.signal == "offline" else None
     for step in range(t.max_steps):
         started = time.perf_counter()
         micro_steps = range(step * t.grad_accum_steps, (step + 1) * t.grad_accum_steps)
-        indices = [
-            data_lib.train_indices(len(train_ds), t.micro_batch_size, world, rank, t.seed, m) for m in micro_steps
-        ]
+        if stream is not None:
+            batches = [next(stream) for _ in micro_steps]
+            indices = [b.pop("index").tolist() for b in batches]
+        else:
+            indices = [
+                data_lib.train_indices(len(train_ds), t.micro_batch_size, world, rank, t.seed, m) for m in micro_steps
+            ]
+            batches = [data_lib.collate(train_ds, idx) for idx in indices]
         seen.extend(i for idx in indices for i in idx if len(seen) < 256)
-        batches = [data_lib.collate(train_ds, idx) for idx in indices]
         lr = scheduler.get_last_lr()[0]
         res = train_step(accelerator, student, head, teacher, optimizer, batches, cfg)
         scheduler.step()

@@ -1,7 +1,4 @@
-from pathlib import Path
-
 import pytest
-import yaml
 
 from distributed_distill.config import Config, describe, load_config, save_config
 from distributed_distill.errors import ConfigError
@@ -85,13 +82,3 @@ def test_every_key_is_documented():
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_config_loads(path):
     assert isinstance(load_config(path), Config)
-
-
-@pytest.mark.parametrize("path", sorted((ROOT / "launch" / "accelerate").glob("*.yaml")), ids=lambda p: p.name)
-def test_every_accelerate_launch_file_parses(path):
-    from accelerate.commands.config.config_args import load_config_from_file
-
-    raw = yaml.safe_load(Path(path).read_text())
-    loaded = load_config_from_file(str(path))
-    assert loaded.distributed_type.value == raw["distributed_type"]
-    assert loaded.num_processes == raw["num_processes"]

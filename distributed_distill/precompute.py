@@ -1,0 +1,218 @@
+"""`distill precompute`: run the teacher once over the data and keep its top-k targets in a logit store.
+
+    distill precompute --config configs/smoke.yaml distill.store=stores/smoke [distill.store_top_k=64]
+    ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 -m distributed_distill.cli \\
+        precompute --config configs/smoke.yaml distill.store=stores/smoke
+    torchrun --nproc_per_node 8 -m distributed_distill.cli precompute --config ... # one per node under SLURM
+
+The work is a fixed list of shards (train rows in the seeded permutation order that training uses, then the
+validation rows), dealt round-robin to the ranks. Every rank writes its own shards and sidecars; the ranks
+only meet in collectives (the teacher's, and two barriers), never on each other's files. A shard is written
+atomically and counts as done once its sidecar's checksum matches the file, so a killed run started again
+with the same command redoes only unfinished shards, and the store is byte-identical to one made in one go
+(whatever the number of processes: each shard is computed from the same batches).
+
+The targets come from the same teacher source an online run uses (`teacher.setup_teacher` with
+`distill.top_k`), so an offline run with the store and an online run with that top_k see the same values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import pyarrow as pa
+import torch
+from accelerate.utils import set_seed
+
+from . import data as data_lib
+from . import models
+from . import store as store_lib
+from .config import Config
+from .errors import DistillError
+from .teacher import setup_teacher
+
+
+def store_plan(cfg: Config, tokenizer, teacher_config, n_train: int, n_val: int) -> dict:
+    """Everything that determines the store's content; its hash names the store and guards resumes."""
+    d = cfg.distill
+    identity = models.model_identity(cfg.teacher, teacher_config)
+    if cfg.teacher.arch is not None:
+        identity["init_seed"] = cfg.train.seed + 1  # a teacher built from arch is only defined with its seed
+    return {
+        "format": store_lib.FORMAT,
+        "version": store_lib.VERSION,
+        "teacher": identity,
+        "tokenizer_sha256": models.tokenizer_hash(tokenizer),
+        "vocab_size": teacher_config.vocab_size,
+        "top_k": min(d.top_k or d.store_top_k, teacher_config.vocab_size),
+        "temperature": d.temperature,
+        "seq_len": cfg.data.seq_len,
+        "logprob_dtype": "float16",
+        "id_dtype": store_lib.id_dtype(teacher_config.vocab_size).name,
+        "data": {k: v for k, v in dataclasses.asdict(cfg.data).items() if k != "cache_dir"},
+        "order_seed": cfg.train.seed,
+        "batch_size": cfg.train.micro_batch_size,
+        "shard_rows": d.store_shard_rows,
+        "split_rows": {"train": min(n_train, d.store_max_rows or n_train), "validation": n_val},
+    }
+
+
+def _check_store_dir(root: Path, config_hash: str) -> bool:
+    """True if `root` already holds this finished store; raises if it holds anything else (never overwritten)."""
+    if root.exists() and not root.is_dir():
+        raise DistillError(f"distill.store={root} is a file, not a directory")
+    if (root / store_lib.MANIFEST).is_file():
+        manifest = store_lib.read_manifest(root)
+        if manifest.get("config_hash") == config_hash:
+            return True
+        raise DistillError(
+            f"distill.store={root} holds a finished store of another config (hash {manifest.get('config_hash')!s:.12}, "
+            f"this one {config_hash:.12}); choose another distill.store"
+        )
+    if (root / store_lib.PLAN).is_file():
+        old = json.loads((root / store_lib.PLAN).read_text()).get("config_hash")
+        if old != config_hash:
+            raise DistillError(
+                f"distill.store={root} holds an unfinished precompute of another config (hash {old!s:.12}, "
+                f"this one {config_hash:.12}); rerun that command to finish it, or choose another distill.store"
+            )
+    elif root.is_dir() and any(root.iterdir()):
+        raise DistillError(f"distill.store={root} is a non-empty directory that is not a store; choose another")
+    return False
+
+
+def shard_layout(
+    n_train: int, n_val: int, seed: int, shard_rows: int, max_rows: int | None = None
+) -> list[tuple[str, list[int]]]:
+    """(shard name, row indices) of every shard. Training rows go in the order training reads them with this
+    seed (`data.train_indices`, epoch 0), so an offline run without a shuffle buffer sees the online batches;
+    `max_rows` keeps the first rows of that order."""
+    train_order = data_lib.train_indices(n_train, n_train, 1, 0, seed, 0)[:max_rows]
+    orders = {"train": train_order, "validation": list(range(n_val))}
+    layout = []
+    for split in store_lib.SPLITS:
+        order = orders[split]
+        for number, start in enumerate(range(0, len(order), shard_rows)):
+            layout.append((store_lib.shard_name(split, number), order[start : start + shard_rows]))
+    return layout
+
+
+def precompute(cfg: Config) -> dict:
+    from .trainer import setup_accelerator, setup_tokenizer
+
+    d = cfg.distill
+    if cfg.teacher is None:
+        raise DistillError("distill precompute needs a teacher: set teacher.path or teacher.arch")
+    if not d.store:
+        raise DistillError("distill precompute needs distill.store: the directory to write the store into")
+    started = time.perf_counter()
+    accelerator = setup_accelerator(cfg)
+    set_seed(cfg.train.seed)
+    models.check_paths(cfg)
+    tokenizer = setup_tokenizer(cfg, accelerator)
+    _, teacher_config = models.resolve_configs(cfg, len(tokenizer))
+    with accelerator.main_process_first():
+        train_ds, val_ds = data_lib.build_datasets(cfg.data, tokenizer)
+    plan = store_plan(cfg, tokenizer, teacher_config, len(train_ds), len(val_ds))
+    config_hash = hashlib.sha256(json.dumps(plan, sort_keys=True, default=str).encode()).hexdigest()
+    root = Path(d.store)
+    complete = _check_store_dir(root, config_hash)
+    accelerator.wait_for_everyone()  # every rank has looked before anything is written
+    if complete:
+        accelerator.print(f"store {root} is already complete (config hash {config_hash[:12]})")
+        return {"store": str(root), "complete": True, "shards_written": 0}
+    if accelerator.is_main_process:
+        root.mkdir(parents=True, exist_ok=True)
+        store_lib.write_json_atomic(root / store_lib.PLAN, {"config_hash": config_hash, **plan})
+    accelerator.wait_for_everyone()
+
+    layout = shard_layout(len(train_ds), len(val_ds), cfg.train.seed, d.store_shard_rows, d.store_max_rows)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    todo = [
+        (name, idx)
+        for name, idx in layout[rank::world]
+        if store_lib.finished_shard(root, name, config_hash, len(idx)) is None
+    ]
+    bs = cfg.train.micro_batch_size
+    my_calls = sum(-(-len(idx) // bs) for _, idx in todo)
+    # A sharded (ZeRO-3) teacher needs every rank in every forward: ranks with less (or no) work left run
+    # filler batches until all have made the same number of calls.
+    all_calls = int(accelerator.gather(torch.tensor([my_calls], device=accelerator.device)).max())
+    teacher = setup_teacher(
+        dataclasses.replace(cfg, distill=dataclasses.replace(d, top_k=plan["top_k"])),
+        teacher_config,
+        accelerator.device,
+    )
+    vocab, device = plan["vocab_size"], accelerator.device
+    splits = {"train": train_ds, "validation": val_ds}
+    calls, tokens = 0, 0
+    writer = ThreadPoolExecutor(max_workers=1)  # Parquet encoding and zstd overlap the next shard's forwards
+    in_flight: Future | None = None
+    for name, idx in todo:
+        ds = splits[name.split("/")[0]]
+        tables = []
+        for start in range(0, len(idx), bs):
+            rows = idx[start : start + bs]
+            batch = data_lib.collate(ds, rows)
+            targets = teacher.targets({k: v.to(device) for k, v in batch.items()})
+            tables.append(store_lib.encode_rows(rows, batch["input_ids"], batch["labels"], targets, vocab))
+            calls += 1
+            tokens += batch["input_ids"].numel()
+        if in_flight is not None:
+            in_flight.result()
+        in_flight = writer.submit(store_lib.write_shard, root, name, pa.concat_tables(tables), config_hash)
+    filler = {k: v.to(device) for k, v in data_lib.collate(train_ds, [0] * bs).items()}
+    for _ in range(all_calls - calls):
+        teacher.targets(filler)
+    if in_flight is not None:
+        in_flight.result()
+    writer.shutdown()
+    seconds = time.perf_counter() - started
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        write_manifest(root, plan, config_hash, layout)
+    accelerator.wait_for_everyone()
+    local = torch.tensor([tokens, len(todo)], device=device)
+    tokens_all, written = (int(x) for x in accelerator.reduce(local, reduction="sum").tolist())
+    accelerator.print(
+        f"store {root}: wrote {written} of {len(layout)} shards ({tokens_all:,} tokens) in {seconds:.1f} s"
+    )
+    return {"store": str(root), "complete": True, "shards_written": written, "shards": len(layout)}
+
+
+def write_manifest(root: Path, plan: dict, config_hash: str, layout: list[tuple[str, list[int]]]) -> dict:
+    """Assemble the manifest from the shards' sidecars (written by whichever rank made each shard)."""
+    splits = {split: {"rows": 0, "tokens": 0, "target_tokens": 0, "shards": []} for split in store_lib.SPLITS}
+    fingerprint = hashlib.sha256()
+    for name, idx in layout:
+        side = (root / name).with_suffix(".json")
+        try:
+            sidecar = json.loads(side.read_text())
+        except (OSError, ValueError):
+            raise DistillError(f"store {root}: shard {name} was not written (did a rank fail?); rerun") from None
+        if sidecar["config_hash"] != config_hash or sidecar["rows"] != len(idx):
+            raise DistillError(f"store {root}: shard {name} belongs to another precompute; rerun to redo it")
+        entry = {key: sidecar[key] for key in ("path", "rows", "tokens", "target_tokens", "bytes", "sha256")}
+        entry["rows_sha256"] = sidecar["rows_sha256"]
+        split = splits[name.split("/")[0]]
+        split["shards"].append(entry)
+        for key in ("rows", "tokens", "target_tokens"):
+            split[key] += sidecar[key]
+        fingerprint.update(sidecar["rows_sha256"].encode())
+    manifest = {
+        **plan,
+        "config_hash": config_hash,
+        # Content fingerprint of the stored sequences: sha256 over each shard's hash of its rows' hashes.
+        "dataset_fingerprint": fingerprint.hexdigest(),
+        "rows": sum(s["rows"] for s in splits.values()),
+        "tokens": sum(s["tokens"] for s in splits.values()),
+        "bytes": sum(e["bytes"] for s in splits.values() for e in s["shards"]),
+        "splits": splits,
+    }
+    store_lib.write_json_atomic(root / store_lib.MANIFEST, manifest)
+    return manifest

@@ -1,0 +1,111 @@
+"""`distill precompute`: 2 processes write the same store as 1; a SIGKILLed run, started again, finishes the
+store identical to an uninterrupted one; a store directory of another config is never overwritten."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from .conftest import ROOT, SMOKE, run_cli
+from .test_store import TOP_K, precomputed_store
+
+OVERRIDES = [f"distill.store_top_k={TOP_K}"]
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    """Every file of a store by relative path (plan.json included: resuming must not change it either)."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def reference() -> Path:
+    return precomputed_store(*OVERRIDES)
+
+
+LAUNCHERS = {
+    "torchrun": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29711"],
+    "accelerate": [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    + ["--main_process_port", "29713"],
+}
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
+def test_two_processes_write_the_store_one_process_writes(reference, tmp_path, launcher):
+    out = tmp_path / "two"
+    proc = run_cli(
+        ["-m", "distributed_distill.cli", "precompute", "--config", str(SMOKE), f"distill.store={out}", *OVERRIDES],
+        launcher=LAUNCHERS[launcher],
+        env={"ACCELERATE_USE_CPU": "true"} if launcher == "accelerate" else {},
+        timeout=600,
+    )
+    assert re.search(r"wrote (\d+) of \1 shards", proc.stdout)  # both ranks' shards, counted across ranks
+    assert run_cli(["verify-store", str(out)]).stdout.startswith("ok: ")
+    assert _files(out) == _files(reference)
+
+
+def test_killed_precompute_resumes_to_the_identical_store(reference, tmp_path):
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "distributed_distill.cli", "precompute", "--config", str(SMOKE)]
+    cmd += [f"distill.store={out}", *OVERRIDES]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 240
+        while len(list((out / "train").glob("*.json"))) < 3:
+            assert proc.poll() is None, "precompute finished before it could be killed"
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (out / "manifest.json").exists()
+    assert run_cli(["verify-store", str(out)], check=False).returncode == 2  # unfinished is not a store
+    done_before = len(list((out / "train").glob("*.json")))
+    result = json.loads(run_cli(cmd[3:], timeout=300).stdout.strip().splitlines()[-1])
+    assert result["shards_written"] == result["shards"] - done_before  # only the remaining work
+    assert _files(out) == _files(reference)  # same rows, same bytes, same checksums; no leftover temp files
+    again = json.loads(run_cli(cmd[3:], timeout=300).stdout.strip().splitlines()[-1])
+    assert again["shards_written"] == 0
+
+
+def test_store_of_another_config_is_not_overwritten(reference, tmp_path):
+    before = _files(reference)
+    proc = run_cli(
+        ["precompute", "--config", str(SMOKE), f"distill.store={reference}", "distill.store_top_k=8"], check=False
+    )
+    assert proc.returncode == 2
+    assert "holds a finished store of another config" in proc.stderr
+    assert _files(reference) == before
+    other = tmp_path / "not_a_store"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    proc = run_cli(["precompute", "--config", str(SMOKE), f"distill.store={other}"], check=False)
+    assert proc.returncode == 2 and "not a store" in proc.stderr
+    proc = run_cli(["precompute", "--config", str(SMOKE), "teacher=null", "distill.alpha=0"], check=False)
+    assert proc.returncode == 2 and "needs a teacher" in proc.stderr
+
+
+def test_max_rows_keeps_the_first_rows_of_the_training_order(reference, tmp_path):
+    out = tmp_path / "prefix"
+    run_cli(
+        ["precompute", "--config", str(SMOKE), f"distill.store={out}", *OVERRIDES]
+        + ["distill.store_max_rows=40", "distill.store_shard_rows=16"]
+    )
+    assert run_cli(["verify-store", str(out)]).stdout.startswith("ok: ")
+    small, full = (json.loads((d / "manifest.json").read_text()) for d in (out, reference))
+    train = small["splits"]["train"]
+    assert train["rows"] == 40 and [s["rows"] for s in train["shards"]] == [16, 16, 8]
+    assert small["splits"]["validation"]["rows"] == full["splits"]["validation"]["rows"]  # always whole
+    first = [pq.read_table(out / s["path"])["index"].to_pylist() for s in train["shards"]]
+    ref = pq.read_table(reference / full["splits"]["train"]["shards"][0]["path"])["index"].to_pylist()
+    assert sum(first, []) == ref[:40]

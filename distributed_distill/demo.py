@@ -69,7 +69,7 @@ def run_demo(out: Path, overrides: list[str]) -> list[dict]:
             "--model",
             f"teacher={teacher_dir / 'final'}",
             "--model",
-            f"student (distilled)={kd_dir / 'final'}",
+            f"student (distilled online)={kd_dir / 'final'}",
             "--model",
             f"student (distilled offline, top-64)={offline_dir / 'final'}",
             "--model",

@@ -749,32 +749,23 @@ def chunked_distill_loss(
         mm_dtype=mm_dtype,
         teacher_mm_dtype=teacher_mm_dtype,
     )
+    args = (
+        student_hidden.reshape(n, -1),
+        student_weight,
+        student_bias,
+        labels.reshape(n),
+        teacher,
+        spec,
+        float(kd_weight),
+        float(ce_weight),
+    )
     if not torch.is_grad_enabled():
         # Evaluation: values only. (Inside autograd.Function.forward grad mode is always off, so the
         # function itself cannot tell; computing the fused gradients here would double the cost.)
         with torch.autocast(device, enabled=False):
-            sums, *_ = _chunk_loop(
-                student_hidden.reshape(n, -1),
-                student_weight,
-                student_bias,
-                labels.reshape(n),
-                teacher,
-                spec,
-                float(kd_weight),
-                float(ce_weight),
-                (False, False, False),
-            )
+            sums, *_ = _chunk_loop(*args, (False, False, False))
         num_tokens = torch.tensor(sums.count, dtype=torch.int64, device=student_hidden.device)
         return LossOutput(sums.kd, sums.ce, num_tokens, {name: sums.stats[name] for name in _stat_names(teacher)})
     with torch.autocast(device, enabled=False):  # dtypes are chosen explicitly above
-        kd_sum, ce_sum, num_tokens, *stats = _ChunkedDistill.apply(
-            student_hidden.reshape(n, -1),
-            student_weight,
-            student_bias,
-            labels.reshape(n),
-            teacher,
-            spec,
-            float(kd_weight),
-            float(ce_weight),
-        )
+        kd_sum, ce_sum, num_tokens, *stats = _ChunkedDistill.apply(*args)
     return LossOutput(kd_sum, ce_sum, num_tokens, dict(zip(_stat_names(teacher), stats)))

@@ -28,6 +28,15 @@ def torchrun(port: int, *args: str) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port), *args]
 
 
+def accelerate_launch(config: str, port: int) -> list[str]:
+    """`accelerate launch` with one of launch/accelerate/*.yaml, 2 processes."""
+    return [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--config_file", str(ROOT / "launch" / "accelerate" / config),
+        "--num_processes", "2", "--main_process_port", str(port),
+    ]  # fmt: skip
+
+
 def launch(cmd: list[str], timeout: int, env: dict | None = None) -> tuple[subprocess.CompletedProcess, float]:
     """Run a launcher; on timeout kill its process group (the workers too) and fail."""
     started = time.monotonic()
@@ -162,12 +171,9 @@ def test_zero3_teacher_trains_the_same_student_as_replicated(replicated_run, tmp
 @pytest.mark.multiprocess
 def test_deepspeed_zero2_student_with_zero3_teacher(replicated_run, tmp_path):
     out = tmp_path / "zero2"
-    launcher = [
-        sys.executable, "-m", "accelerate.commands.launch",
-        "--config_file", str(ROOT / "launch" / "accelerate" / "zero2.yaml"),
-        "--num_processes", "2", "--main_process_port", "29615",
-    ]  # fmt: skip
-    result = check(launch(train_cmd(launcher, out, "teacher.engine=zero3"), timeout=400)[0])
+    result = check(
+        launch(train_cmd(accelerate_launch("zero2.yaml", 29615), out, "teacher.engine=zero3"), timeout=400)[0]
+    )
     assert "2 process(es) on cpu" in result.stdout
     assert "student strategy deepspeed zero2, teacher engine zero3" in result.stdout
     assert_same_student(replicated_run, out)
@@ -198,11 +204,7 @@ def test_deepspeed_zero3_student_with_zero3_teacher(student_dir, tmp_path):
     ref = tmp_path / "ddp"
     check(launch(train_cmd(torchrun(29616), ref, *common), timeout=400)[0])
     out = tmp_path / "zero3"
-    launcher = [
-        sys.executable, "-m", "accelerate.commands.launch",
-        "--config_file", str(ROOT / "launch" / "accelerate" / "zero3.yaml"),
-        "--num_processes", "2", "--main_process_port", "29618",
-    ]  # fmt: skip
+    launcher = accelerate_launch("zero3.yaml", 29618)
     result = check(launch(train_cmd(launcher, out, "teacher.engine=zero3", *common), timeout=400)[0])
     assert "student strategy deepspeed zero3, teacher engine zero3" in result.stdout
     assert_same_student(ref, out, tol=1e-4)
@@ -282,11 +284,7 @@ def test_teacher_deepspeed_config_must_be_zero_stage_3(tmp_path):
 
 @pytest.mark.multiprocess
 def test_zero3_student_with_the_chunked_loss_is_refused_at_startup(tmp_path):
-    launcher = [
-        sys.executable, "-m", "accelerate.commands.launch",
-        "--config_file", str(ROOT / "launch" / "accelerate" / "zero3.yaml"),
-        "--num_processes", "2", "--main_process_port", "29617",
-    ]  # fmt: skip
+    launcher = accelerate_launch("zero3.yaml", 29617)
     result, _ = launch(train_cmd(launcher, tmp_path / "z3", "teacher.engine=zero3"), timeout=300)
     assert result.returncode != 0
     assert "error: distill.chunk_size=64 needs the student's whole output layer, which a ZeRO-3 student shards" in (

@@ -11,6 +11,7 @@ exactly the optimised quantity.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -110,7 +111,7 @@ def setup_tokenizer(cfg: Config, accelerator: Accelerator):
             cfg.tokenizer.vocab_size,
         ]
     )
-    out = data_lib.cache_root(cfg.data) / "tokenizers" / f"bpe-{models.hashlib.sha256(key.encode()).hexdigest()[:16]}"
+    out = data_lib.cache_root(cfg.data) / "tokenizers" / f"bpe-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
     with accelerator.main_process_first():
         if not out.is_dir():
             out.parent.mkdir(parents=True, exist_ok=True)

@@ -34,7 +34,7 @@ def _check_local(path: str, role: str) -> None:
 
 def check_paths(cfg: Config) -> None:
     for role in ("teacher", "student", "tokenizer"):
-        path = getattr(getattr(cfg, role), "path", None) if getattr(cfg, role) is not None else None
+        path = getattr(getattr(cfg, role), "path", None)  # teacher may be None: no path
         if path is not None:
             _check_local(path, role)
 

@@ -27,7 +27,6 @@ from pathlib import Path
 
 import pyarrow as pa
 import torch
-from accelerate.utils import set_seed
 
 from . import data as data_lib
 from . import models
@@ -103,7 +102,7 @@ def shard_layout(
 
 
 def precompute(cfg: Config) -> dict:
-    from .trainer import setup_accelerator, setup_tokenizer
+    from .trainer import setup_run
 
     d = cfg.distill
     if cfg.teacher is None:
@@ -111,11 +110,7 @@ def precompute(cfg: Config) -> dict:
     if not d.store:
         raise DistillError("distill precompute needs distill.store: the directory to write the store into")
     started = time.perf_counter()
-    accelerator = setup_accelerator(cfg)
-    set_seed(cfg.train.seed)
-    models.check_paths(cfg)
-    tokenizer = setup_tokenizer(cfg, accelerator)
-    _, teacher_config = models.resolve_configs(cfg, len(tokenizer))
+    accelerator, tokenizer, _, teacher_config = setup_run(cfg)
     with accelerator.main_process_first():
         train_ds, val_ds = data_lib.build_datasets(cfg.data, tokenizer)
     plan = store_plan(cfg, tokenizer, teacher_config, len(train_ds), len(val_ds))

@@ -120,6 +120,17 @@ def setup_tokenizer(cfg: Config, accelerator: Accelerator):
     return models.load_tokenizer(str(out))
 
 
+def setup_run(cfg: Config):
+    """What `distill train` and `distill precompute` share: the accelerator, the seed, the tokenizer and the
+    checked model configs (no weights loaded yet)."""
+    accelerator = setup_accelerator(cfg)
+    set_seed(cfg.train.seed)
+    models.check_paths(cfg)  # a typo in a path fails now, not after a tokenizer has been trained
+    tokenizer = setup_tokenizer(cfg, accelerator)
+    student_config, teacher_config = models.resolve_configs(cfg, len(tokenizer))
+    return accelerator, tokenizer, student_config, teacher_config
+
+
 def prepare_output_dir(cfg: Config, accelerator: Accelerator) -> Path:
     out = Path(cfg.output_dir)
     if accelerator.is_main_process:
@@ -278,11 +289,7 @@ def evaluate(accelerator, model, head, teacher, val_ds, cfg: Config) -> dict:
 
 
 def train(cfg: Config) -> dict:
-    accelerator = setup_accelerator(cfg)
-    set_seed(cfg.train.seed)
-    models.check_paths(cfg)  # a typo in a path fails now, not after a tokenizer has been trained
-    tokenizer = setup_tokenizer(cfg, accelerator)
-    student_config, teacher_config = models.resolve_configs(cfg, len(tokenizer))
+    accelerator, tokenizer, student_config, teacher_config = setup_run(cfg)
     offline = None
     if cfg.distill.signal == "offline":
         # The logit store stands in for the data pipeline and the teacher: checked against this run, then streamed.

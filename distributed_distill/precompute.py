@@ -4,6 +4,7 @@
     ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 -m distributed_distill.cli \\
         precompute --config configs/smoke.yaml distill.store=stores/smoke
     torchrun --nproc_per_node 8 -m distributed_distill.cli precompute --config ... # one per node under SLURM
+    DISTILL_STORE_PART=1/4 distill precompute --config ...   # the second quarter of the shards (a job array task)
 
 The work is a fixed list of shards (train rows in the seeded permutation order that training uses, then the
 validation rows), dealt round-robin to the ranks. Every rank writes its own shards and sidecars; the ranks
@@ -11,6 +12,11 @@ only meet in collectives (the teacher's, and two barriers), never on each other'
 atomically and counts as done once its sidecar's checksum matches the file, so a killed run started again
 with the same command redoes only unfinished shards, and the store is byte-identical to one made in one go
 (whatever the number of processes: each shard is computed from the same batches).
+
+Parts: with DISTILL_STORE_PART=I/N (set by launch/slurm/precompute.sbatch from its job array), a run does only
+the I-th of N contiguous ranges of the shard list, so N jobs, on different nodes and at different times, fill one
+store. Parts share nothing but the directory; whichever part finds every shard of the plan finished when it ends
+(the last to finish, or any rerun) writes the manifest.
 
 The targets come from the same teacher source an online run uses (`teacher.setup_teacher` with
 `distill.top_k`), so an offline run with the store and an online run with that top_k see the same values.
@@ -21,6 +27,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
+import socket
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -34,6 +42,8 @@ from . import store as store_lib
 from .config import Config
 from .errors import DistillError
 from .teacher import setup_teacher
+
+PART_ENV = "DISTILL_STORE_PART"
 
 
 def store_plan(cfg: Config, tokenizer, teacher_config, n_train: int, n_val: int) -> dict:
@@ -80,7 +90,8 @@ def _check_store_dir(root: Path, config_hash: str) -> bool:
                 f"distill.store={root} holds an unfinished precompute of another config (hash {old!s:.12}, "
                 f"this one {config_hash:.12}); rerun that command to finish it, or choose another distill.store"
             )
-    elif root.is_dir() and any(root.iterdir()):
+    elif root.is_dir() and any(not p.name.startswith(f".{store_lib.PLAN}.") for p in root.iterdir()):
+        # (a plan being published by a concurrent part, see _publish_json, is not foreign content)
         raise DistillError(f"distill.store={root} is a non-empty directory that is not a store; choose another")
     return False
 
@@ -101,10 +112,38 @@ def shard_layout(
     return layout
 
 
-def precompute(cfg: Config) -> dict:
+def parse_part(text: str | None) -> tuple[int, int] | None:
+    """`I/N` (0 <= I < N) from DISTILL_STORE_PART; None when unset or empty (the whole store)."""
+    if not text:
+        return None
+    index, sep, count = text.partition("/")
+    if sep and index.strip().isdigit() and count.strip().isdigit() and int(index) < int(count):
+        return int(index), int(count)
+    raise DistillError(f"{PART_ENV}={text!r} must be I/N with 0 <= I < N (part I of N of the store's shards)")
+
+
+def part_of(layout: list, part: tuple[int, int] | None) -> list:
+    """The I-th of N contiguous ranges of the shard list (sizes differ by at most one shard)."""
+    if part is None:
+        return layout
+    index, count = part
+    return layout[index * len(layout) // count : (index + 1) * len(layout) // count]
+
+
+def _publish_json(path: Path, obj: dict) -> None:
+    """`write_json_atomic` through a temporary name of this process's own: the parts of one store may publish the
+    same file (plan, manifest, with the same content) at the same moment from different nodes."""
+    own = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}")
+    store_lib.write_json_atomic(own, obj)
+    os.replace(own, path)
+
+
+def precompute(cfg: Config, part: tuple[int, int] | None = None) -> dict:
+    """Write (or finish) the store; `part` (default: DISTILL_STORE_PART) restricts this run to part I of N."""
     from .trainer import setup_run
 
     d = cfg.distill
+    part = part or parse_part(os.environ.get(PART_ENV))
     if cfg.teacher is None:
         raise DistillError("distill precompute needs a teacher: set teacher.path or teacher.arch")
     if not d.store:
@@ -123,14 +162,15 @@ def precompute(cfg: Config) -> dict:
         return {"store": str(root), "complete": True, "shards_written": 0}
     if accelerator.is_main_process:
         root.mkdir(parents=True, exist_ok=True)
-        store_lib.write_json_atomic(root / store_lib.PLAN, {"config_hash": config_hash, **plan})
+        _publish_json(root / store_lib.PLAN, {"config_hash": config_hash, **plan})
     accelerator.wait_for_everyone()
 
     layout = shard_layout(len(train_ds), len(val_ds), cfg.train.seed, d.store_shard_rows, d.store_max_rows)
+    mine = part_of(layout, part)
     world, rank = accelerator.num_processes, accelerator.process_index
     todo = [
         (name, idx)
-        for name, idx in layout[rank::world]
+        for name, idx in mine[rank::world]
         if store_lib.finished_shard(root, name, config_hash, len(idx)) is None
     ]
     bs = cfg.train.micro_batch_size
@@ -138,11 +178,13 @@ def precompute(cfg: Config) -> dict:
     # A sharded (ZeRO-3) teacher needs every rank in every forward: ranks with less (or no) work left run
     # filler batches until all have made the same number of calls.
     all_calls = int(accelerator.gather(torch.tensor([my_calls], device=accelerator.device)).max())
-    teacher = setup_teacher(
-        dataclasses.replace(cfg, distill=dataclasses.replace(d, top_k=plan["top_k"])),
-        teacher_config,
-        accelerator.device,
-    )
+    teacher = None
+    if all_calls:  # (a part, or a rerun, with nothing left to compute does not load the teacher)
+        teacher = setup_teacher(
+            dataclasses.replace(cfg, distill=dataclasses.replace(d, top_k=plan["top_k"])),
+            teacher_config,
+            accelerator.device,
+        )
     vocab, device = plan["vocab_size"], accelerator.device
     splits = {"train": train_ds, "validation": val_ds}
     calls, tokens = 0, 0
@@ -169,15 +211,34 @@ def precompute(cfg: Config) -> dict:
     writer.shutdown()
     seconds = time.perf_counter() - started
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
+    # Without parts every shard is this run's and done now. With parts, the other parts' shards count once their
+    # sidecars are there (each was checksummed when written; verify-store checks them all again).
+    left = 0
+    if part is not None:
+        left = sum(not _sidecar_done(root, name, config_hash, len(idx)) for name, idx in layout)
+    if accelerator.is_main_process and not left:
         write_manifest(root, plan, config_hash, layout)
     accelerator.wait_for_everyone()
     local = torch.tensor([tokens, len(todo)], device=device)
     tokens_all, written = (int(x) for x in accelerator.reduce(local, reduction="sum").tolist())
+    where = "" if part is None else f" (part {part[0]}/{part[1]}: {len(mine)} shards)"
+    done = "store complete" if not left else f"{left} shard(s) of other parts still to do, manifest not written"
     accelerator.print(
-        f"store {root}: wrote {written} of {len(layout)} shards ({tokens_all:,} tokens) in {seconds:.1f} s"
+        f"store {root}: wrote {written} of {len(layout)} shards{where} ({tokens_all:,} tokens) in {seconds:.1f} s; "
+        + done
     )
-    return {"store": str(root), "complete": True, "shards_written": written, "shards": len(layout)}
+    result = {"store": str(root), "complete": not left, "shards_written": written, "shards": len(layout)}
+    if part is not None:
+        result.update(part=f"{part[0]}/{part[1]}", part_shards=len(mine))
+    return result
+
+
+def _sidecar_done(root: Path, name: str, config_hash: str, rows: int) -> bool:
+    try:
+        sidecar = json.loads((root / name).with_suffix(".json").read_text())
+    except (OSError, ValueError):
+        return False
+    return sidecar.get("config_hash") == config_hash and sidecar.get("rows") == rows
 
 
 def write_manifest(root: Path, plan: dict, config_hash: str, layout: list[tuple[str, list[int]]]) -> dict:
@@ -209,5 +270,5 @@ def write_manifest(root: Path, plan: dict, config_hash: str, layout: list[tuple[
         "bytes": sum(e["bytes"] for s in splits.values() for e in s["shards"]),
         "splits": splits,
     }
-    store_lib.write_json_atomic(root / store_lib.MANIFEST, manifest)
+    _publish_json(root / store_lib.MANIFEST, manifest)
     return manifest

@@ -1,5 +1,6 @@
 """`distill precompute`: 2 processes write the same store as 1; a SIGKILLed run, started again, finishes the
-store identical to an uninterrupted one; a store directory of another config is never overwritten."""
+store identical to an uninterrupted one; parts run separately (a job array) write the same store as one run; a
+store directory of another config is never overwritten."""
 
 from __future__ import annotations
 
@@ -14,6 +15,9 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+
+from distributed_distill.errors import DistillError
+from distributed_distill.precompute import PART_ENV, parse_part, part_of
 
 from .conftest import ROOT, SMOKE, run_cli
 from .test_store import TOP_K, precomputed_store
@@ -109,3 +113,35 @@ def test_max_rows_keeps_the_first_rows_of_the_training_order(reference, tmp_path
     first = [pq.read_table(out / s["path"])["index"].to_pylist() for s in train["shards"]]
     ref = pq.read_table(reference / full["splits"]["train"]["shards"][0]["path"])["index"].to_pylist()
     assert sum(first, []) == ref[:40]
+
+
+def test_parts_cover_the_shard_list_in_contiguous_ranges():
+    layout = list(range(26))
+    for count in (1, 2, 3, 7, 26, 30):
+        parts = [part_of(layout, (i, count)) for i in range(count)]
+        assert sum(parts, []) == layout
+        assert max(map(len, parts)) - min(map(len, parts)) <= 1
+    assert part_of(layout, None) is layout
+    assert parse_part("1/4") == (1, 4) and parse_part("") is None and parse_part(None) is None
+    for bad in ("4/4", "-1/4", "1", "a/b", "1/0"):
+        with pytest.raises(DistillError, match="DISTILL_STORE_PART"):
+            parse_part(bad)
+
+
+def test_parts_run_separately_write_the_store_one_run_writes(reference, tmp_path):
+    """A job array's tasks (DISTILL_STORE_PART=I/N) fill one store; the last part to finish writes the manifest."""
+    out = tmp_path / "parts"
+    cmd = ["precompute", "--config", str(SMOKE), f"distill.store={out}", *OVERRIDES]
+    second = json.loads(run_cli(cmd, env={PART_ENV: "1/2"}).stdout.strip().splitlines()[-1])
+    assert second["complete"] is False and second["part"] == "1/2"
+    assert second["shards_written"] == second["part_shards"] < second["shards"]
+    assert not (out / "manifest.json").exists()
+    assert run_cli(["verify-store", str(out)], check=False).returncode == 2  # half a store is not a store
+    first = run_cli(cmd, env={PART_ENV: "0/2"})
+    assert "store complete" in first.stdout
+    first = json.loads(first.stdout.strip().splitlines()[-1])
+    assert first["complete"] is True and first["shards_written"] + second["shards_written"] == first["shards"]
+    assert run_cli(["verify-store", str(out)]).stdout.startswith("ok: ")
+    assert _files(out) == _files(reference)
+    proc = run_cli(cmd, env={PART_ENV: "2/2"}, check=False)
+    assert proc.returncode == 2 and "DISTILL_STORE_PART='2/2' must be I/N" in proc.stderr

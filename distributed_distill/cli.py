@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from .config import describe, load_config
-from .errors import DistillError
+from .errors import DistillError, Preempted
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -146,6 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     except DistillError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Preempted as e:
+        print(f"preempted: {e}", file=sys.stderr)
+        return e.exit_code
 
 
 def train_main(argv: list[str] | None = None) -> int:

@@ -235,12 +235,34 @@ class TrainConfig:
     eval_batches: int = _f(0, "validation micro-batches per process per evaluation; 0 = the whole split")
     log_every: int = _f(1, "write metrics every N steps")
     device: Literal["auto", "cpu", "cuda"] = _f("auto", "auto = cuda when available, else cpu (gloo)")
+    save_every: int = _f(1000, "write a checkpoint output_dir/step-NNNNNNN/ every N steps; 0 = only on SIGTERM/SIGUSR1")
+    keep_last: int = _f(2, "complete checkpoints to keep (older ones are deleted); 0 = keep all")
+    resume: bool | str = _f(
+        "auto",
+        "auto = continue from the newest complete checkpoint in output_dir, if any; false = start fresh (refused "
+        "when output_dir holds checkpoints); or the path of a step-NNNNNNN checkpoint directory",
+    )
+    max_bad_steps: int = _f(
+        5, "stop with an error after N consecutive steps with a non-finite loss or gradient (each one is skipped)"
+    )
 
     def __post_init__(self) -> None:
-        for name in ("max_steps", "micro_batch_size", "grad_accum_steps", "log_every"):
+        if self.resume is True or self.resume in ("true", ""):
+            raise ConfigError(f"train.resume={self.resume!r} must be auto, false or a checkpoint path")
+        if self.resume == "false":
+            self.resume = False
+        for name in ("max_steps", "micro_batch_size", "grad_accum_steps", "log_every", "max_bad_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name}={getattr(self, name)} must be >= 1")
-        for name in ("warmup_steps", "eval_every", "eval_batches", "weight_decay", "max_grad_norm"):
+        for name in (
+            "warmup_steps",
+            "eval_every",
+            "eval_batches",
+            "weight_decay",
+            "max_grad_norm",
+            "save_every",
+            "keep_last",
+        ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name}={getattr(self, name)} must be >= 0")
         if self.lr <= 0:

@@ -12,3 +12,10 @@ class DistillError(Exception):
 
 class ConfigError(DistillError, ValueError):
     """An invalid config key, type or combination; the message names the key."""
+
+
+class Preempted(Exception):
+    """The run stopped on SIGTERM/SIGUSR1 after writing a checkpoint; the CLI exits with `exit_code`, which a job
+    script can tell from an error (sysexits EX_TEMPFAIL: try again). Run the same command to continue."""
+
+    exit_code = 75

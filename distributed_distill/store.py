@@ -263,7 +263,11 @@ class TrainStream:
                 for i in range(table.num_rows):
                     yield table.slice(i, 1)
 
-    def micro_batches(self, micro_batch: int, world: int, rank: int) -> Iterator[dict[str, torch.Tensor]]:
+    def micro_batches(
+        self, micro_batch: int, world: int, rank: int, skip: int = 0
+    ) -> Iterator[dict[str, torch.Tensor]]:
+        """This rank's micro-batches, from the `skip`-th on: a resumed run replays the stream up to its checkpoint
+        (rows are read and shuffled as before, but not decoded), so it continues with exactly the next batch."""
         rng = np.random.default_rng([self.seed, rank, 1])
         buffer: list[pa.Table] = []
         batch: list[pa.Table] = []
@@ -276,7 +280,10 @@ class TrainStream:
                 row, buffer[j] = buffer[j], row
             batch.append(row)
             if len(batch) == micro_batch:
-                yield decode(pa.concat_tables(batch), self.k)
+                if skip:
+                    skip -= 1
+                else:
+                    yield decode(pa.concat_tables(batch), self.k)
                 batch = []
 
 

@@ -32,17 +32,22 @@ def wandb_kwargs(cfg: Config) -> dict | None:
 
 
 class Tracker:
-    def __init__(self, cfg: Config, accelerator: Accelerator, start_step: int = 0):
+    def __init__(self, cfg: Config, accelerator: Accelerator, start_step: int = 0, run_id: str | None = None):
         self.accelerator = accelerator
         self.main = accelerator.is_main_process
         self.max_steps = cfg.train.max_steps
         self.wandb = wandb_kwargs(cfg) is not None
         self.path = Path(cfg.output_dir) / "metrics.jsonl"
         self.bar = None
+        self.run_id = run_id
         if self.wandb:
+            # A resumed run continues the same wandb run (its id is kept in every checkpoint).
+            resume = {"id": run_id, "resume": "allow"} if run_id else {}
             accelerator.init_trackers(
-                cfg.logging.wandb.project, config=to_dict(cfg), init_kwargs={"wandb": wandb_kwargs(cfg)}
+                cfg.logging.wandb.project, config=to_dict(cfg), init_kwargs={"wandb": {**wandb_kwargs(cfg), **resume}}
             )
+            if self.main:
+                self.run_id = accelerator.get_tracker("wandb", unwrap=True).id
         if self.main and cfg.logging.progress:
             self.bar = tqdm(total=self.max_steps, initial=start_step, desc="distill", dynamic_ncols=True)
         self.start = time.perf_counter()
@@ -52,11 +57,12 @@ class Tracker:
         """Append one record to metrics.jsonl (and wandb); `metrics` must hold `step`."""
         if not self.main:
             return
-        clean = {k: (float(v) if isinstance(v, float) and math.isfinite(v) else v) for k, v in metrics.items()}
+        # Non-finite values (a skipped step's loss) are written as null: metrics.jsonl stays strict JSON.
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
         with self.path.open("a") as f:
             f.write(json.dumps(clean) + "\n")
         if self.wandb:
-            self.accelerator.log({k: v for k, v in clean.items() if k != "step"}, step=metrics["step"])
+            self.accelerator.log({k: v for k, v in metrics.items() if k != "step"}, step=metrics["step"])
 
     def progress(self, step: int, loss: float, tokens_per_second: float) -> None:
         if self.bar is None:

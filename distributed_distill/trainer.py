@@ -23,12 +23,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, InitProcessGroupKwargs, set_seed
+from accelerate.utils import DistributedType, InitProcessGroupKwargs, gather_object, set_seed
 
+from . import checkpoint, models
 from . import data as data_lib
-from . import models
-from .config import Config, DistillConfig, save_config
-from .errors import DistillError
+from .config import Config, DistillConfig, save_config, to_dict
+from .errors import DistillError, Preempted
 from .losses import LossOutput, chunked_distill_loss, kd_loss, sparse_kd_loss
 from .teacher import final_hidden, parameter_bytes, setup_teacher
 from .tracking import Tracker, wandb_kwargs
@@ -120,10 +120,10 @@ def setup_tokenizer(cfg: Config, accelerator: Accelerator):
     return models.load_tokenizer(str(out))
 
 
-def setup_run(cfg: Config):
+def setup_run(cfg: Config, accelerator: Accelerator | None = None):
     """What `distill train` and `distill precompute` share: the accelerator, the seed, the tokenizer and the
     checked model configs (no weights loaded yet)."""
-    accelerator = setup_accelerator(cfg)
+    accelerator = accelerator or setup_accelerator(cfg)
     set_seed(cfg.train.seed)
     models.check_paths(cfg)  # a typo in a path fails now, not after a tokenizer has been trained
     tokenizer = setup_tokenizer(cfg, accelerator)
@@ -131,12 +131,20 @@ def setup_run(cfg: Config):
     return accelerator, tokenizer, student_config, teacher_config
 
 
-def prepare_output_dir(cfg: Config, accelerator: Accelerator) -> Path:
+def prepare_output_dir(cfg: Config, accelerator: Accelerator, resume_step: int | None) -> Path:
     out = Path(cfg.output_dir)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        # Metrics restart with the run; earlier runs' records would make the curve ambiguous.
-        (out / "metrics.jsonl").unlink(missing_ok=True)
+        metrics = out / "metrics.jsonl"
+        if resume_step is None:
+            # Metrics restart with the run; earlier runs' records would make the curve ambiguous.
+            metrics.unlink(missing_ok=True)
+        elif metrics.is_file():
+            # Records written after the checkpoint (before a kill) are replaced by the resumed run's own.
+            kept = [line for line in metrics.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
+            tmp = metrics.with_suffix(".tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            tmp.replace(metrics)
         save_config(cfg, out / "config.yaml")
     accelerator.wait_for_everyone()
     return out
@@ -224,10 +232,16 @@ class StepResult:
     num_tokens: int
     grad_norm: float
     stats: dict[str, float]
+    skipped: bool = False  # non-finite loss or gradient: the optimizer step was not applied
 
 
 def train_step(accelerator, student, head, teacher, optimizer, micro_batches: list[dict], cfg: Config) -> StepResult:
-    """One optimizer step over this rank's micro-batches; shared by 1- and N-process runs alike."""
+    """One optimizer step over this rank's micro-batches; shared by 1- and N-process runs alike.
+
+    A non-finite loss or gradient norm (the same verdict on every rank: both are global) skips the step: the
+    gradients are dropped and the weights and optimizer state stay as they were. A DeepSpeed student steps
+    inside `backward`; DeepSpeed skips such a step itself (an invalid gradient norm counts as an overflow).
+    """
     alpha = cfg.distill.alpha
     local_tokens = count_tokens(micro_batches).to(accelerator.device)
     global_tokens = accelerator.reduce(local_tokens.clone(), reduction="sum").clamp(min=1).float()
@@ -236,6 +250,8 @@ def train_step(accelerator, student, head, teacher, optimizer, micro_batches: li
     scale = accelerator.gradient_accumulation_steps * accelerator.num_processes / global_tokens
     sums = torch.zeros(2 + len(STATS), device=accelerator.device)
     present: set[str] = set()
+    engine = _deepspeed_engine(student)
+    skipped_before = engine.skipped_steps if engine is not None else 0
     for mb in micro_batches:
         mb = {k: v.to(accelerator.device) for k, v in mb.items()}
         with accelerator.accumulate(student):
@@ -246,19 +262,32 @@ def train_step(accelerator, student, head, teacher, optimizer, micro_batches: li
             sums += torch.stack([out.kd_sum.detach().float(), out.ce_sum.detach().float(), *stats])
             present.update(out.stats)
             if accelerator.sync_gradients:
+                sums = accelerator.reduce(sums, reduction="sum")
                 max_norm = cfg.train.max_grad_norm or float("inf")
-                grad_norm = accelerator.clip_grad_norm_(student.parameters(), max_norm)
-            optimizer.step()
+                grad_norm = float(accelerator.clip_grad_norm_(student.parameters(), max_norm))
+                finite = bool(torch.isfinite(sums[:2]).all()) and math.isfinite(grad_norm)
+                if finite:
+                    optimizer.step()
+                elif engine is not None and engine.skipped_steps == skipped_before:
+                    raise DistillError(
+                        "DeepSpeed applied an optimizer step with a non-finite loss or gradient; enable its check "
+                        "(bf16.check_grad_overflow: true, or gradient_clipping > 0 in fp32)"
+                    )
             optimizer.zero_grad(set_to_none=True)
-    kd, ce, *stats = (accelerator.reduce(sums, reduction="sum") / global_tokens).tolist()
+    kd, ce, *stats = (sums / global_tokens).tolist()
     return StepResult(
         loss=alpha * kd + (1 - alpha) * ce,
         kd_loss=kd,
         ce_loss=ce,
         num_tokens=int(global_tokens.item()),
-        grad_norm=float(grad_norm),
+        grad_norm=grad_norm,
         stats={name: value for name, value in zip(STATS, stats) if name in present},
+        skipped=not finite,
     )
+
+
+def _deepspeed_engine(model):
+    return model if hasattr(model, "skipped_steps") and hasattr(model, "checkpoint_engine") else None
 
 
 @torch.no_grad()
@@ -289,19 +318,34 @@ def evaluate(accelerator, model, head, teacher, val_ds, cfg: Config) -> dict:
 
 
 def train(cfg: Config) -> dict:
-    accelerator, tokenizer, student_config, teacher_config = setup_run(cfg)
+    with checkpoint.StopRequest() as stop:  # SIGTERM/SIGUSR1 from here on: finish the step, checkpoint, exit
+        return _train(cfg, stop)
+
+
+def _train(cfg: Config, stop: checkpoint.StopRequest) -> dict:
+    given = cfg
+    accelerator = setup_accelerator(cfg)
+    models.check_paths(cfg)  # a mistyped path is named as such, before a checkpoint is compared against it
+    # Which checkpoint to continue from is settled (and a wrong one refused) before any data or model is loaded.
+    resume_path, resume = checkpoint.choose_resume(cfg, accelerator)
+    accelerator, tokenizer, student_config, teacher_config = setup_run(cfg, accelerator)
     offline = None
     if cfg.distill.signal == "offline":
         # The logit store stands in for the data pipeline and the teacher: checked against this run, then streamed.
         from .store import offline_config, open_offline
 
         offline = open_offline(cfg, tokenizer, student_config, accelerator)
+        if resume is not None and resume["store"] != offline.manifest["config_hash"]:
+            raise checkpoint.CheckpointError(
+                f"checkpoint {resume_path} was trained from store {resume['store'][:12]} but distill.store="
+                f"{cfg.distill.store} holds store {offline.manifest['config_hash'][:12]}"
+            )
         train_ds, val_ds = offline.train, offline.val
         cfg = offline_config(cfg)  # no teacher model is loaded
     else:
         with accelerator.main_process_first():
             train_ds, val_ds = data_lib.build_datasets(cfg.data, tokenizer)
-    out_dir = prepare_output_dir(cfg, accelerator)
+    out_dir = prepare_output_dir(cfg, accelerator, resume["step"] if resume else None)
     student = models.load_model(cfg.student, student_config, seed=cfg.train.seed)
     teacher = setup_teacher(cfg, teacher_config, accelerator.device)  # every rank: ZeRO-3 partitions over all
     if offline is not None:
@@ -326,8 +370,14 @@ def train(cfg: Config) -> dict:
         + (f", teacher {teacher.num_parameters():,} params" if teacher is not None else "")
     )
     memory_report(accelerator, student, teacher)
+    # The config as given (an offline run trains with the teacher section dropped): what resume compares against.
+    progress = Progress(store=offline.manifest["config_hash"] if offline else None, config=to_dict(given))
+    if resume is not None:
+        checkpoint.load(accelerator, resume_path)
+        progress.restore(resume, scheduler, accelerator.process_index)
 
-    final = fit(cfg, accelerator, student, head, teacher, optimizer, scheduler, train_ds, val_ds)
+    loop = Loop(cfg, accelerator, student, head, teacher, optimizer, scheduler, progress, stop)
+    final = fit(loop, train_ds, val_ds)
     export(accelerator, student, tokenizer, out_dir / "final")
     return final
 
@@ -349,16 +399,59 @@ def memory_report(accelerator: Accelerator, student, teacher) -> None:
     accelerator.print("\n".join(lines))
 
 
-def fit(cfg, accelerator, student, head, teacher, optimizer, scheduler, train_ds, val_ds) -> dict:
+@dataclass
+class Progress:
+    """The recipe state a checkpoint carries besides weights, optimizer and RNG (checkpoint.json)."""
+
+    step: int = 0
+    tokens_seen: int = 0
+    bad_steps: int = 0  # consecutive steps skipped for a non-finite loss or gradient
+    skipped_steps: int = 0
+    wandb_run_id: str | None = None
+    store: str | None = None  # content hash of the offline store trained from
+    seen: list[int] | None = None  # this rank's first sample indices (the ranks/ record)
+    config: dict | None = None  # the resolved config the run was started with
+
+    def restore(self, meta: dict, scheduler, rank: int) -> None:
+        self.step, self.tokens_seen = meta["step"], meta["tokens_seen"]
+        self.bad_steps, self.skipped_steps = meta["bad_steps"], meta["skipped_steps"]
+        self.wandb_run_id = meta["wandb_run_id"]
+        self.seen = meta["data_position"][rank]["first_sample_indices"]
+        scheduler.load_state_dict(meta["scheduler"])
+
+
+@dataclass
+class Loop:
+    cfg: Config
+    accelerator: Accelerator
+    student: torch.nn.Module
+    head: torch.nn.Module
+    teacher: object
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    progress: Progress
+    stop: checkpoint.StopRequest
+
+
+def fit(loop: Loop, train_ds, val_ds) -> dict:
+    cfg, accelerator, progress = loop.cfg, loop.accelerator, loop.progress
     t = cfg.train
-    tracker = Tracker(cfg, accelerator)
     world, rank = accelerator.num_processes, accelerator.process_index
-    seen = []  # this rank's first sample indices: a record of which data the rank trained on
-    student.train()
+    tracker = Tracker(cfg, accelerator, start_step=progress.step, run_id=progress.wandb_run_id)
+    progress.wandb_run_id = tracker.run_id
+    progress.seen = progress.seen or []
+    loop.student.train()
     result = {}
-    # Offline: this rank's share of the store, streamed (split across ranks inside, never by Accelerate).
-    stream = train_ds.micro_batches(t.micro_batch_size, world, rank) if cfg.distill.signal == "offline" else None
-    for step in range(t.max_steps):
+    # Offline: this rank's share of the store, streamed (split across ranks inside, never by Accelerate), from
+    # where the checkpoint left it. Online: the batch order is a pure function of the micro-step.
+    offline = cfg.distill.signal == "offline"
+    start = progress.step * t.grad_accum_steps
+    stream = train_ds.micro_batches(t.micro_batch_size, world, rank, skip=start) if offline else None
+    saved_at = progress.step
+    while progress.step < t.max_steps:
+        if loop.stop.agreed(accelerator):
+            break
+        step = progress.step
         started = time.perf_counter()
         micro_steps = range(step * t.grad_accum_steps, (step + 1) * t.grad_accum_steps)
         if stream is not None:
@@ -369,14 +462,16 @@ def fit(cfg, accelerator, student, head, teacher, optimizer, scheduler, train_ds
                 data_lib.train_indices(len(train_ds), t.micro_batch_size, world, rank, t.seed, m) for m in micro_steps
             ]
             batches = [data_lib.collate(train_ds, idx) for idx in indices]
-        seen.extend(i for idx in indices for i in idx if len(seen) < 256)
-        lr = scheduler.get_last_lr()[0]
-        res = train_step(accelerator, student, head, teacher, optimizer, batches, cfg)
-        scheduler.step()
+        progress.seen.extend(i for idx in indices for i in idx if len(progress.seen) < 256)
+        lr = loop.scheduler.get_last_lr()[0]
+        res = train_step(accelerator, loop.student, loop.head, loop.teacher, loop.optimizer, batches, cfg)
+        loop.scheduler.step()
+        progress.step += 1
+        progress.tokens_seen += res.num_tokens
         elapsed = time.perf_counter() - started
         tokens = t.micro_batch_size * t.grad_accum_steps * world * cfg.data.seq_len
         record = {
-            "step": step + 1,
+            "step": progress.step,
             "loss": res.loss,
             "kd_loss": res.kd_loss,
             "ce_loss": res.ce_loss,
@@ -386,16 +481,72 @@ def fit(cfg, accelerator, student, head, teacher, optimizer, scheduler, train_ds
             "tokens_per_second": tokens / elapsed,
             **res.stats,
         }
-        last = step + 1 == t.max_steps
-        if (t.eval_every and (step + 1) % t.eval_every == 0) or last:
-            result = evaluate(accelerator, student, head, teacher, val_ds, cfg)
+        if res.skipped:
+            progress.bad_steps += 1
+            progress.skipped_steps += 1
+            record.update(skipped=True, skipped_steps=progress.skipped_steps)
+            accelerator.print(f"step {progress.step}: non-finite loss or gradient, step skipped")
+            if progress.bad_steps >= t.max_bad_steps:
+                tracker.log(record)
+                tracker.close()
+                last = checkpoint.list_checkpoints(Path(cfg.output_dir))
+                raise DistillError(
+                    f"{progress.bad_steps} consecutive steps (up to step {progress.step}) had a non-finite loss or "
+                    f"gradient (train.max_bad_steps={t.max_bad_steps}); stopped without applying them; "
+                    f"last good checkpoint: {last[0][1] if last else 'none'}"
+                )
+        else:
+            progress.bad_steps = 0
+        last = progress.step == t.max_steps
+        if (t.eval_every and progress.step % t.eval_every == 0) or last:
+            result = evaluate(accelerator, loop.student, loop.head, loop.teacher, val_ds, cfg)
             record.update(result)
-        if (step + 1) % t.log_every == 0 or last or "val_loss" in record:
+        if progress.step % t.log_every == 0 or last or "val_loss" in record or res.skipped:
             tracker.log(record)
-        tracker.progress(step + 1, res.loss, record["tokens_per_second"])
+        tracker.progress(progress.step, res.loss, record["tokens_per_second"])
+        if t.save_every and progress.step % t.save_every == 0 and not res.skipped:  # checkpoints hold good steps
+            save_checkpoint(loop)
+            saved_at = progress.step
+    if progress.step < t.max_steps:  # stopped by SIGTERM/SIGUSR1
+        path = save_checkpoint(loop) if saved_at != progress.step else checkpoint_path(cfg, progress.step)
+        tracker.close()
+        raise Preempted(
+            f"preempted at step {progress.step}: checkpoint {path} written; run the same command again "
+            "(train.resume=auto) to continue"
+        )
     tracker.close()
-    _write_rank_record(cfg, accelerator, seen)
+    _write_rank_record(cfg, accelerator, progress.seen)
     return result
+
+
+def checkpoint_path(cfg: Config, step: int) -> Path:
+    return Path(cfg.output_dir) / checkpoint.step_name(step)
+
+
+def save_checkpoint(loop: Loop) -> Path:
+    """Every rank: the recipe state (with each rank's data position) goes into the marker the main process writes."""
+    cfg, accelerator, progress = loop.cfg, loop.accelerator, loop.progress
+    positions = gather_object(
+        [
+            {
+                "rank": accelerator.process_index,
+                "micro_batches": progress.step * cfg.train.grad_accum_steps,
+                "first_sample_indices": progress.seen,
+            }
+        ]
+    )
+    state = {
+        "tokens_seen": progress.tokens_seen,
+        "bad_steps": progress.bad_steps,
+        "skipped_steps": progress.skipped_steps,
+        "world_size": accelerator.num_processes,
+        "scheduler": loop.scheduler.state_dict(),
+        "data_position": sorted(positions, key=lambda p: p["rank"]),
+        "wandb_run_id": progress.wandb_run_id,
+        "store": progress.store,
+        "config": progress.config,
+    }
+    return checkpoint.save(accelerator, loop.student, Path(cfg.output_dir), progress.step, state, cfg.train.keep_last)
 
 
 def _write_rank_record(cfg: Config, accelerator: Accelerator, seen: list[int]) -> None:

@@ -1,0 +1,333 @@
+"""Checkpoints: atomic save, discovery with integrity checks, exact resume, preemption.
+
+    output_dir/step-0000100/
+        model.safetensors, optimizer.bin, random_states_{rank}.pkl   (Accelerate's save_state; DeepSpeed and
+        pytorch_model/ ...                                            FSDP write their own sharded files here)
+        checkpoint.json   written last: step, counters, LR schedule, every rank's data position, wandb run id,
+                          the resolved config, and the size and sha256 of every other file
+
+A checkpoint is written into `.tmp-step-NNNNNNN/`, every file flushed to disk, the marker written last, then the
+directory renamed into place: a kill at any moment leaves either the previous state or a complete checkpoint.
+`train.resume: auto` takes the newest directory whose marker and files check out, says why it skipped any newer
+one, and refuses a checkpoint of a different run, naming the field that differs.
+
+Loading is safe with untrusted files: weights are safetensors; optimizer, scheduler and RNG states go through
+Accelerate's loader, which uses `torch.load(weights_only=True)`; DeepSpeed's shards are read by a checkpoint engine
+that does the same (DeepSpeed's own default unpickles arbitrary objects).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+import shutil
+import signal
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
+from safetensors import SafetensorError
+
+from .config import Config, to_dict
+from .errors import DistillError
+from .store import sha256_file
+
+FORMAT = "distributed_distill-checkpoint"
+VERSION = 1
+MARKER = "checkpoint.json"
+STEP_DIR = re.compile(r"^step-(\d{7,})$")
+# What may differ between a checkpoint's config and the run that resumes it: where things are written and how
+# often, the step budget, and how the (same) teacher is run. Everything else changes what is trained.
+MAY_CHANGE = (
+    "output_dir",
+    "logging.",
+    "train.max_steps",
+    "train.eval_every",
+    "train.eval_batches",
+    "train.log_every",
+    "train.save_every",
+    "train.keep_last",
+    "train.resume",
+    "train.max_bad_steps",
+    "train.device",
+    "teacher.engine",
+    "teacher.offload",
+    "teacher.deepspeed_config",
+    "teacher.collective_timeout",
+    "data.cache_dir",
+    "distill.store",  # the store may move; its content hash is compared instead
+)
+
+
+class CheckpointError(DistillError):
+    """A checkpoint that is missing, incomplete, damaged or from another run."""
+
+
+def step_name(step: int) -> str:
+    return f"step-{step:07d}"
+
+
+def list_checkpoints(out: Path) -> list[tuple[int, Path]]:
+    """Step directories in `out`, newest first (complete or not)."""
+    if not out.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in out.iterdir() if p.is_dir() and (m := STEP_DIR.match(p.name))]
+    return sorted(found, reverse=True)
+
+
+def verify(path: Path) -> dict:
+    """The checkpoint's marker, after checking that every file it lists is present with its size and sha256."""
+    marker = path / MARKER
+    if not marker.is_file():
+        raise CheckpointError(f"{path} is incomplete (no {MARKER}: the run stopped while writing it)")
+    try:
+        meta = json.loads(marker.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{marker} is unreadable: {e}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"{marker} is not a {FORMAT} marker")
+    if meta.get("version") != VERSION:
+        raise CheckpointError(f"{marker} has format version {meta.get('version')}, this code reads {VERSION}")
+    for rel, info in meta["files"].items():
+        f = path / rel
+        if not f.is_file():
+            raise CheckpointError(f"{path} is damaged: {rel} is missing")
+        size = f.stat().st_size
+        if size != info["bytes"]:
+            raise CheckpointError(f"{path} is damaged: {rel} has {size} bytes, {info['bytes']} were written")
+        if sha256_file(f) != info["sha256"]:
+            raise CheckpointError(f"{path} is damaged: {rel} does not match its sha256")
+    return meta
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# ----------------------------------------------------------------------------------------------
+# Choosing what to resume
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    flat = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            flat.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            flat[f"{prefix}{k}"] = v
+    return flat
+
+
+def check_compatible(meta: dict, cfg: Config, world_size: int, where: Path) -> None:
+    """Refuse a checkpoint of a different run: the first differing config key that matters is named."""
+    old, new = _flatten(meta["config"]), _flatten(to_dict(cfg))
+    for key in sorted(old.keys() | new.keys()):
+        if key.startswith(MAY_CHANGE) or old.get(key) == new.get(key):
+            continue
+        raise CheckpointError(
+            f"checkpoint {where} was written with {key}={old.get(key)!r} but this run has {key}={new.get(key)!r}; "
+            "only logging, evaluation, checkpointing and the step budget may change on resume "
+            "(use another output_dir to start a different run)"
+        )
+    if meta["world_size"] != world_size:
+        raise CheckpointError(
+            f"checkpoint {where} was written by {meta['world_size']} process(es) but this run has {world_size}; "
+            "each rank's data position belongs to its process count, resume with the same number of processes"
+        )
+
+
+def _choose(cfg: Config, world_size: int) -> tuple[Path | None, dict | None, list[str]]:
+    out = Path(cfg.output_dir)
+    resume = cfg.train.resume
+    existing = list_checkpoints(out)
+    if resume is False:
+        if existing:
+            names = ", ".join(p.name for _, p in existing[:3])
+            raise CheckpointError(
+                f"output_dir {out} holds checkpoints of an earlier run ({names}); set train.resume=auto to "
+                "continue it, or choose another output_dir"
+            )
+        return None, None, []
+    notes = []
+    if resume == "auto":
+        for _, path in existing:
+            try:
+                meta = verify(path)
+            except CheckpointError as e:
+                notes.append(f"skipping {e}")
+                continue
+            check_compatible(meta, cfg, world_size, path)
+            return path, meta, notes
+        if existing:
+            raise CheckpointError(
+                f"output_dir {out} holds no usable checkpoint ({'; '.join(notes)}); delete the damaged step "
+                "directories or choose another output_dir"
+            )
+        return None, None, []
+    path = Path(resume)
+    if not path.is_dir():
+        raise CheckpointError(f"train.resume={resume}: no such checkpoint directory")
+    if not (path / MARKER).exists() and list_checkpoints(path):
+        path = list_checkpoints(path)[0][1]  # a run directory: its newest checkpoint, which must be sound
+    meta = verify(path)
+    check_compatible(meta, cfg, world_size, path)
+    return path, meta, notes
+
+
+def choose_resume(cfg: Config, accelerator: Accelerator) -> tuple[Path | None, dict | None]:
+    """Decide on the main process which checkpoint to resume (or none), and tell every rank; before any data or
+    model is loaded. Damaged newer checkpoints are renamed `step-NNNNNNN.damaged` (kept, never resumed)."""
+    choice: list = [None, None, None]
+    if accelerator.is_main_process:
+        try:
+            path, meta, notes = _choose(cfg, accelerator.num_processes)
+            for note in notes:
+                accelerator.print(f"resume: {note}")
+            if path is not None:
+                accelerator.print(f"resume: continuing from {path} (step {meta['step']})")
+                for step, other in list_checkpoints(Path(cfg.output_dir)):
+                    if step > meta["step"] and other.parent.resolve() == path.parent.resolve():
+                        other.rename(other.with_name(other.name + ".damaged"))
+            choice = [str(path) if path else None, meta, None]
+        except CheckpointError as e:
+            choice = [None, None, str(e)]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(choice)
+    path, meta, error = choice
+    if error is not None:
+        raise CheckpointError(error)
+    return (Path(path) if path else None), meta
+
+
+# ----------------------------------------------------------------------------------------------
+# Save and load
+
+
+def _all_finite(accelerator: Accelerator, model) -> bool:
+    flag = torch.ones((), device=accelerator.device)
+    for p in model.parameters():
+        if p.numel() and not torch.isfinite(p.detach()).all():
+            flag.zero_()
+            break
+    return bool(accelerator.reduce(flag, reduction="sum").item() == accelerator.num_processes)
+
+
+def save(accelerator: Accelerator, model, out: Path, step: int, state: dict, keep_last: int) -> Path:
+    """Write `step-NNNNNNN/` atomically (all ranks call this); `state` is recorded in the marker."""
+    if not _all_finite(accelerator, model):
+        raise DistillError(f"the student's weights are not finite at step {step}; no checkpoint written")
+    final = out / step_name(step)
+    tmp = out / f".tmp-{step_name(step)}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp), safe_serialization=True)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        files = {}
+        for f in sorted(p for p in tmp.rglob("*") if p.is_file()):
+            _fsync(f)
+            files[str(f.relative_to(tmp))] = {"bytes": f.stat().st_size, "sha256": sha256_file(f)}
+        meta = {"format": FORMAT, "version": VERSION, "step": step, **state, "files": files}
+        marker = tmp / MARKER
+        marker.write_text(json.dumps(meta, indent=1))
+        _fsync(marker)
+        _fsync(tmp)
+        if final.exists():  # a damaged or abandoned checkpoint of the same step: replaced, never merged
+            trash = out / f".trash-{step_name(step)}"
+            shutil.rmtree(trash, ignore_errors=True)
+            final.rename(trash)
+            shutil.rmtree(trash)
+        tmp.rename(final)
+        _fsync(out)
+        prune(out, keep_last)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def prune(out: Path, keep_last: int) -> None:
+    """Delete complete checkpoints beyond the newest `keep_last` (0 keeps all), and abandoned temporaries."""
+    for leftover in out.glob(".tmp-step-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    if keep_last:
+        complete = [p for _, p in list_checkpoints(out) if (p / MARKER).is_file()]
+        for old in complete[keep_last:]:
+            shutil.rmtree(old)
+
+
+def load(accelerator: Accelerator, path: Path) -> None:
+    """Restore the student, optimizer, gradient scaler and this rank's RNG states from `path`."""
+    if accelerator.state.deepspeed_plugin is not None:
+        _use_safe_deepspeed_loader(accelerator)
+    rng = path / f"random_states_{accelerator.process_index}.pkl"
+    if not rng.is_file():  # Accelerate would skip a missing RNG file silently, and the run would not be exact
+        raise CheckpointError(f"checkpoint {path} has no RNG state for rank {accelerator.process_index}")
+    try:
+        accelerator.load_state(str(path))
+    except (pickle.UnpicklingError, RuntimeError, OSError, ValueError, KeyError, SafetensorError) as e:
+        # weights_only refuses anything but tensors and plain data: a tampered file fails here, it never runs.
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"checkpoint {path} cannot be loaded: {reason}") from None
+
+
+def _use_safe_deepspeed_loader(accelerator: Accelerator) -> None:
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
+        """DeepSpeed's torch engine with `weights_only=True`: its shards hold tensors, numbers, strings and a few
+        DeepSpeed/torch types that are allowed explicitly."""
+
+        def load(self, path: str, map_location=None):
+            from deepspeed.runtime.fp16.loss_scaler import LossScaler
+            from deepspeed.runtime.zero.config import ZeroStageEnum
+
+            with torch.serialization.safe_globals([ZeroStageEnum, LossScaler, torch.Size]):
+                return torch.load(path, map_location=map_location, weights_only=True)
+
+    for model in accelerator._models:
+        if hasattr(model, "checkpoint_engine"):
+            engine = WeightsOnlyCheckpointEngine()
+            model.checkpoint_engine = engine
+            if getattr(model, "optimizer", None) is not None and hasattr(model.optimizer, "checkpoint_engine"):
+                model.optimizer.checkpoint_engine = engine
+
+
+# ----------------------------------------------------------------------------------------------
+# Preemption: SLURM sends SIGTERM (or the SIGUSR1 a job asks for with --signal) before it kills or requeues a job.
+
+
+class StopRequest:
+    """Records SIGTERM/SIGUSR1; the loop finishes its step, checkpoints and exits. Every rank checks the flag at the
+    same point of every step (one all-reduce), so ranks signalled at different moments stop at the same step."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict = {}
+
+    def __enter__(self) -> StopRequest:
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signum
+
+    def agreed(self, accelerator: Accelerator) -> bool:
+        flag = torch.tensor(float(self.received is not None), device=accelerator.device)
+        if accelerator.num_processes > 1:
+            flag = accelerator.reduce(flag, reduction="sum")
+        return bool(flag.item() > 0)

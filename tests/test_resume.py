@@ -1,0 +1,155 @@
+"""Exact resume: a run killed at a random step (SIGKILL, nothing flushed) or stopped by SIGTERM/SIGUSR1 and
+started again with the same command ends with student weights bit-identical to an uninterrupted run; online and
+offline (the streamed store, shuffle buffer included), with 1 and with 2 processes."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from .conftest import ROOT, SMOKE, read_metrics, run_cli
+from .test_store import TOP_K, precomputed_store
+
+STEPS = 40
+SAVE_EVERY = 4
+COMMON = [f"train.max_steps={STEPS}", f"train.save_every={SAVE_EVERY}", "train.eval_every=10", "train.keep_last=2"]
+
+
+def _launcher(procs: int, port: int) -> list[str]:
+    if procs == 1:
+        return [sys.executable, "train.py"]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(port),
+        "train.py",
+    ]
+
+
+def _args(out: Path, procs: int, signal_source: str) -> list[str]:
+    args = ["--config", str(SMOKE), f"output_dir={out}", *COMMON, f"train.micro_batch_size={4 // procs}"]
+    if signal_source == "offline":
+        store = precomputed_store(f"distill.store_top_k={TOP_K}")
+        args += ["distill.signal=offline", f"distill.store={store}", "distill.shuffle_buffer=16"]
+    return args
+
+
+def _last_step(out: Path) -> int:
+    try:
+        return max((r["step"] for r in read_metrics(out)), default=0)
+    except (FileNotFoundError, ValueError):  # not created yet, or a line being written
+        return 0
+
+
+def interrupt(cmd: list[str], out: Path, at_step: int, sig: int, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Start `cmd`, wait until metrics.jsonl reaches `at_step`, send `sig` to it and all its descendants (as SLURM
+    signals every process of a job step; torchrun's workers run in sessions of their own, so a process group
+    would miss them), and wait for it to end."""
+    env = {k: v for k, v in os.environ.items()}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + timeout
+    while _last_step(out) < at_step:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            stdout, stderr = proc.communicate()
+            raise AssertionError(f"run ended before step {at_step} ({proc.returncode}):\n{stdout}\n{stderr[-4000:]}")
+        time.sleep(0.01)
+    parent = psutil.Process(proc.pid)
+    for p in [parent, *parent.children(recursive=True)]:
+        p.send_signal(sig)
+    stdout, stderr = proc.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
+def assert_same_student(a: Path, b: Path) -> None:
+    wa, wb = load_file(a / "final" / "model.safetensors"), load_file(b / "final" / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        assert torch.equal(wa[name], wb[name]), f"{name} differs after resume"
+
+
+def assert_same_curve(a: Path, b: Path) -> None:
+    ra, rb = read_metrics(a), read_metrics(b)
+    assert [r["step"] for r in rb] == [r["step"] for r in ra] == list(range(1, STEPS + 1))
+    for x, y in zip(ra, rb):
+        for key in ("loss", "kd_loss", "ce_loss", "lr", "grad_norm", "val_loss"):
+            assert x.get(key) == y.get(key), (key, x["step"])
+
+
+_references: dict = {}
+
+
+def reference(tmp_path_factory, procs: int, source: str) -> Path:
+    """The uninterrupted run, once per (processes, signal source)."""
+    if (procs, source) not in _references:
+        out = tmp_path_factory.mktemp("reference") / f"{source}-{procs}"
+        run_cli(_args(out, procs, source), launcher=_launcher(procs, 29541), timeout=600)
+        _references[procs, source] = out
+    return _references[procs, source]
+
+
+@pytest.mark.parametrize("procs", [1, pytest.param(2, marks=pytest.mark.multiprocess)], ids=["1proc", "2proc"])
+@pytest.mark.parametrize("source", ["online", "offline"])
+def test_sigkill_at_a_random_step_then_resume_is_bit_identical(tmp_path_factory, tmp_path, procs, source):
+    ref = reference(tmp_path_factory, procs, source)
+    out = tmp_path / "run"
+    # A random step, not a multiple of save_every: the steps after the last checkpoint are lost and redone.
+    rng = random.Random()
+    at_step = rng.choice([s for s in range(SAVE_EVERY + 1, STEPS // 2) if s % SAVE_EVERY])
+    print(f"killing at step {at_step}")
+    killed = interrupt(_launcher(procs, 29542) + _args(out, procs, source), out, at_step, signal.SIGKILL)
+    assert killed.returncode != 0
+    assert not (out / "final").exists(), "the run finished before it was killed; the test needs more steps"
+    lost = _last_step(out)
+    proc = run_cli(_args(out, procs, source), launcher=_launcher(procs, 29543), timeout=600)
+    resumed_from = max(s for s in range(0, lost + 1, SAVE_EVERY) if s <= lost)
+    assert f"continuing from {out / f'step-{resumed_from:07d}'}" in proc.stdout
+    assert_same_student(ref, out)
+    assert_same_curve(ref, out)  # the records after the checkpoint were replaced, not duplicated
+    # keep_last=2: only the two newest complete checkpoints remain, and no temporary directory.
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(("step-", ".tmp"))) == [
+        f"step-{STEPS - SAVE_EVERY:07d}",
+        f"step-{STEPS:07d}",
+    ]
+
+
+@pytest.mark.parametrize(
+    "procs, sig",
+    [(1, signal.SIGTERM), pytest.param(2, signal.SIGUSR1, marks=pytest.mark.multiprocess)],
+    ids=["1proc-sigterm", "2proc-sigusr1"],
+)
+def test_preemption_signal_checkpoints_the_current_step_and_resume_is_exact(tmp_path_factory, tmp_path, procs, sig):
+    ref = reference(tmp_path_factory, procs, "online")
+    out = tmp_path / "run"
+    cmd = _launcher(procs, 29544) + _args(out, procs, "online")
+    if procs == 2:
+        # torchrun's agent would die of SIGUSR1; the SLURM scripts start it with the signal ignored, so only the
+        # workers (which install their own handler) act on it.
+        cmd = ["bash", "-c", 'trap "" USR1; exec "$@"', "launcher", *cmd]
+    stopped = interrupt(cmd, out, 6, sig)
+    if procs == 1:
+        assert stopped.returncode == 75, stopped.stderr[-3000:]
+    assert "preempted at step" in stopped.stderr, stopped.stderr[-3000:]
+    step = _last_step(out)
+    assert step < STEPS
+    marker = out / f"step-{step:07d}" / "checkpoint.json"
+    assert marker.is_file(), f"no complete checkpoint for the step the run stopped at ({step})"
+    assert not list(out.glob(".tmp-*"))
+    proc = run_cli(_args(out, procs, "online"), launcher=_launcher(procs, 29545), timeout=600)
+    assert f"continuing from {out / f'step-{step:07d}'}" in proc.stdout
+    assert_same_student(ref, out)
+    assert_same_curve(ref, out)

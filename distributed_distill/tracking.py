@@ -74,4 +74,7 @@ class Tracker:
         if self.bar is not None:
             self.bar.close()
         if self.wandb:
-            self.accelerator.end_training()
+            # The trackers only: Accelerator.end_training also destroys the process group, which the export after
+            # this still needs (its barrier failed on every rank but the main one).
+            for tracker in self.accelerator.trackers:
+                tracker.finish()

@@ -2,7 +2,10 @@
 
 import json
 import struct
+import sys
 from pathlib import Path
+
+import pytest
 
 from .conftest import SMOKE, read_metrics, run_cli
 
@@ -60,6 +63,21 @@ def test_wandb_offline_writes_the_logged_metrics(tmp_path):
     for row, rec in zip(history, logged):
         assert row["loss"] == rec["loss"] and row["kd_loss"] == rec["kd_loss"]
     assert "val_loss" in history[-1]
+
+
+@pytest.mark.multiprocess
+def test_wandb_offline_with_two_processes(tmp_path):
+    """The tracker ends without taking down the process group that the export after it still uses."""
+    out = tmp_path / "run"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29815"]
+    run_cli(
+        ["--config", str(SMOKE), f"output_dir={out}", "logging.wandb.mode=offline", "train.max_steps=2"],
+        launcher=[*torchrun, "train.py"],
+        env={"WANDB_MODE": None, "WANDB_SILENT": "true"},
+        timeout=600,
+    )
+    assert len(list((out / "wandb").glob("offline-run-*"))) == 1
+    assert (out / "final" / "model.safetensors").is_file()
 
 
 def test_wandb_disabled_writes_nothing(tmp_path):

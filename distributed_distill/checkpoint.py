@@ -288,8 +288,9 @@ def _use_safe_deepspeed_loader(accelerator: Accelerator) -> None:
         def load(self, path: str, map_location=None):
             from deepspeed.runtime.fp16.loss_scaler import LossScaler
             from deepspeed.runtime.zero.config import ZeroStageEnum
+            from deepspeed.utils.tensor_fragment import fragment_address
 
-            with torch.serialization.safe_globals([ZeroStageEnum, LossScaler, torch.Size]):
+            with torch.serialization.safe_globals([ZeroStageEnum, LossScaler, fragment_address, torch.Size]):
                 return torch.load(path, map_location=map_location, weights_only=True)
 
     for model in accelerator._models:

@@ -25,7 +25,13 @@ SAVE_EVERY = 4
 COMMON = [f"train.max_steps={STEPS}", f"train.save_every={SAVE_EVERY}", "train.eval_every=10", "train.keep_last=2"]
 
 
-def _launcher(procs: int, port: int) -> list[str]:
+def _launcher(procs: int | str, port: int) -> list[str]:
+    if procs == "zero2":  # a DeepSpeed ZeRO-2 student: DeepSpeed's sharded checkpoint, read by the safe loader
+        return [
+            sys.executable, "-m", "accelerate.commands.launch",
+            "--config_file", str(ROOT / "launch" / "accelerate" / "zero2.yaml"),
+            "--num_processes", "2", "--main_process_port", str(port), "train.py",
+        ]  # fmt: skip
     if procs == 1:
         return [sys.executable, "train.py"]
     return [
@@ -41,7 +47,7 @@ def _launcher(procs: int, port: int) -> list[str]:
 
 
 def _args(out: Path, procs: int, signal_source: str) -> list[str]:
-    args = ["--config", str(SMOKE), f"output_dir={out}", *COMMON, f"train.micro_batch_size={4 // procs}"]
+    args = ["--config", str(SMOKE), f"output_dir={out}", *COMMON, f"train.micro_batch_size={4 if procs == 1 else 2}"]
     if signal_source == "offline":
         store = precomputed_store(f"distill.store_top_k={TOP_K}")
         args += ["distill.signal=offline", f"distill.store={store}", "distill.shuffle_buffer=16"]
@@ -102,8 +108,17 @@ def reference(tmp_path_factory, procs: int, source: str) -> Path:
     return _references[procs, source]
 
 
-@pytest.mark.parametrize("procs", [1, pytest.param(2, marks=pytest.mark.multiprocess)], ids=["1proc", "2proc"])
-@pytest.mark.parametrize("source", ["online", "offline"])
+@pytest.mark.parametrize(
+    "procs, source",
+    [
+        (1, "online"),
+        (1, "offline"),
+        pytest.param(2, "online", marks=pytest.mark.multiprocess),
+        pytest.param(2, "offline", marks=pytest.mark.multiprocess),
+        pytest.param("zero2", "online", marks=pytest.mark.multiprocess),
+    ],
+    ids=["online-1proc", "offline-1proc", "online-2proc", "offline-2proc", "online-zero2"],
+)
 def test_sigkill_at_a_random_step_then_resume_is_bit_identical(tmp_path_factory, tmp_path, procs, source):
     ref = reference(tmp_path_factory, procs, source)
     out = tmp_path / "run"

@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except Preempted as e:
-        print(f"preempted: {e}", file=sys.stderr)
+        print(e, file=sys.stderr)  # "preempted at step N: checkpoint ... written; ..."
         return e.exit_code
 
 

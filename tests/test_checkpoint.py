@@ -9,6 +9,7 @@ import json
 import os
 import pickle
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -137,6 +138,25 @@ def test_resume_refuses_a_different_run_naming_the_field(run_copy, override, key
     before = snapshot(run_copy)
     line = _error(_train(run_copy, override, check=False))
     assert f"was written with {key}=" in line and f"this run has {key}=" in line
+    assert snapshot(run_copy) == before
+
+
+@pytest.mark.multiprocess
+def test_resume_with_another_process_count_is_refused(run_copy):
+    before = snapshot(run_copy)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29546"]
+    proc = run_cli(["train.py", "--config", str(SMOKE), f"output_dir={run_copy}", *RUN], launcher=launcher, check=False)
+    assert proc.returncode != 0
+    assert f"checkpoint {run_copy / 'step-0000006'} was written by 1 process(es) but this run has 2" in proc.stderr
+    assert snapshot(run_copy) == before
+
+
+def test_no_usable_checkpoint_is_an_error(run_copy):
+    for name in ("step-0000004", "step-0000006"):
+        (run_copy / name / "checkpoint.json").unlink()
+    before = snapshot(run_copy)
+    line = _error(_train(run_copy, check=False))
+    assert f"output_dir {run_copy} holds no usable checkpoint" in line and "step-0000004 is incomplete" in line
     assert snapshot(run_copy) == before
 
 

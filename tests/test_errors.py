@@ -2,10 +2,12 @@
 and nothing written into the run directory."""
 
 import json
+import shutil
 
 import pytest
 
 from .conftest import SMOKE, run_cli
+from .test_checkpoint import snapshot
 
 
 @pytest.fixture(scope="module")
@@ -27,66 +29,92 @@ def pretrained(tmp_path_factory):
     return base
 
 
-def _fails(tmp_path, *overrides, config=SMOKE, env=None):
+@pytest.fixture(scope="module")
+def previous_run(tmp_path_factory):
+    """A finished run (config, metrics, teacher record, export): a failed start in its directory must leave it
+    exactly as it was."""
+    out = tmp_path_factory.mktemp("previous") / "run"
+    run_cli(["train", "--config", str(SMOKE), f"output_dir={out}", "train.max_steps=2"])
+    return out
+
+
+def _fails(tmp_path, *overrides, config=SMOKE, env=None, previous=None):
     out = tmp_path / "run"
+    if previous is not None:
+        shutil.copytree(previous, out)
+    before = snapshot(out) if out.exists() else None
     proc = run_cli(["train", "--config", str(config), f"output_dir={out}", *overrides], check=False, env=env)
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert len(lines) == 1, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
-    assert not out.exists(), "a failed start wrote into the run directory"
+    if before is None:
+        assert not out.exists(), "a failed start wrote into the run directory"
+    else:
+        assert snapshot(out) == before, "a failed start changed the previous run's files"
     return lines[0]
+
+
+def _fails_over(previous, tmp_path, *overrides, **kwargs):
+    return _fails(tmp_path, *overrides, previous=previous, **kwargs)
 
 
 def test_typo_names_the_closest_key(tmp_path):
     assert "unknown config key 'train.max_stepz' (did you mean 'max_steps'?)" in _fails(tmp_path, "train.max_stepz=3")
 
 
-def test_wrong_type(tmp_path):
-    assert "train.lr='fast' must be of type float" in _fails(tmp_path, "train.lr=fast")
+def test_wrong_type(previous_run, tmp_path):
+    assert "train.lr='fast' must be of type float" in _fails_over(previous_run, tmp_path, "train.lr=fast")
 
 
-def test_alpha_one_without_teacher(tmp_path):
-    assert "distill.alpha=1.0 needs a teacher" in _fails(tmp_path, "distill.alpha=1.0", "teacher=null")
+def test_alpha_one_without_teacher(previous_run, tmp_path):
+    assert "distill.alpha=1.0 needs a teacher" in _fails_over(
+        previous_run, tmp_path, "distill.alpha=1.0", "teacher=null"
+    )
 
 
 def test_missing_config_file(tmp_path):
     assert "does not exist" in _fails(tmp_path, config=tmp_path / "nope.yaml")
 
 
-def test_missing_model_path(tmp_path):
-    line = _fails(tmp_path, "teacher.arch=null", f"teacher.path={tmp_path / 'no_such_model'}")
+def test_missing_model_path(previous_run, tmp_path):
+    line = _fails_over(previous_run, tmp_path, "teacher.arch=null", f"teacher.path={tmp_path / 'no_such_model'}")
     assert f"teacher.path={tmp_path / 'no_such_model'}: no such model directory" in line
 
 
-def test_vocabulary_mismatch_names_both_sizes(tmp_path, pretrained):
+def test_vocabulary_mismatch_names_both_sizes(previous_run, tmp_path, pretrained):
     line = _fails(
         tmp_path,
         "teacher.arch=null",
         f"teacher.path={pretrained / 'v600'}",
         "student.arch=null",
         f"student.path={pretrained / 'v512'}",
+        previous=previous_run,
     )
     assert "teacher has vocab_size=600, student has vocab_size=512" in line
 
 
-def test_seq_len_beyond_the_pretrained_maximum(tmp_path, pretrained):
-    line = _fails(tmp_path, "teacher.arch=null", f"teacher.path={pretrained / 'v600'}", "data.seq_len=100")
+def test_seq_len_beyond_the_pretrained_maximum(previous_run, tmp_path, pretrained):
+    line = _fails_over(
+        previous_run, tmp_path, "teacher.arch=null", f"teacher.path={pretrained / 'v600'}", "data.seq_len=100"
+    )
     assert "data.seq_len=100 exceeds the teacher's maximum positions (64)" in line
 
 
-def test_empty_data(tmp_path):
+def test_empty_data(previous_run, tmp_path):
     (tmp_path / "empty.jsonl").write_text("")
-    assert "is empty" in _fails(tmp_path, f"data.source={tmp_path / 'empty.jsonl'}")
+    assert "is empty" in _fails_over(previous_run, tmp_path, f"data.source={tmp_path / 'empty.jsonl'}")
 
 
-def test_unreadable_data(tmp_path):
+def test_unreadable_data(previous_run, tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{broken\n')
-    assert "cannot read as json" in _fails(tmp_path, f"data.source={tmp_path / 'bad.jsonl'}")
+    assert "cannot read as json" in _fails_over(previous_run, tmp_path, f"data.source={tmp_path / 'bad.jsonl'}")
 
 
-def test_missing_data(tmp_path):
-    assert "no such file, directory or built-in corpus" in _fails(tmp_path, f"data.source={tmp_path / 'nothing'}")
+def test_missing_data(previous_run, tmp_path):
+    assert "no such file, directory or built-in corpus" in _fails_over(
+        previous_run, tmp_path, f"data.source={tmp_path / 'nothing'}"
+    )
 
 
 def test_good_prompt_completion_data_trains(tmp_path):

@@ -49,6 +49,8 @@ def model_config(mcfg: ModelConfig, vocab_size: int, role: str) -> PretrainedCon
             )
         except (OSError, ValueError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            if "custom code" in first and not mcfg.trust_remote_code:
+                first = f"it needs the repository's own code, which runs only with {role}.trust_remote_code=true"
             raise DistillError(f"{role}.path={mcfg.path}: cannot load its config: {first}") from None
     return arch_config(mcfg.arch, vocab_size)
 
@@ -168,10 +170,11 @@ def tokenizer_source(cfg: Config) -> str | None:
     return None
 
 
-def load_tokenizer(path: str, revision: str | None = None) -> PreTrainedTokenizerBase:
+def load_tokenizer(path: str, revision: str | None = None, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     _check_local(path, "tokenizer")
     try:
-        tok = AutoTokenizer.from_pretrained(path, revision=revision)
+        # trust_remote_code is always explicit: left unset, transformers asks on an interactive terminal.
+        tok = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DistillError(f"tokenizer {path}: cannot load: {first}") from None

@@ -97,7 +97,8 @@ def launcher_world_size() -> tuple[str, int]:
 def setup_tokenizer(cfg: Config, accelerator: Accelerator):
     source = models.tokenizer_source(cfg)
     if source is not None:
-        return models.load_tokenizer(source)
+        trust = any(m is not None and m.trust_remote_code for m in (cfg.teacher, cfg.student))
+        return models.load_tokenizer(source, trust_remote_code=trust)
     # Both models are built from arch: train a BPE tokenizer on the training split, once, cached by the
     # data and vocabulary it was trained on.
     key = json.dumps(

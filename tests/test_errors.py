@@ -143,3 +143,21 @@ def test_processes_that_would_train_alone_are_refused(tmp_path):
     would silently train its own student. The environment below is what srun gives each such task."""
     line = _fails(tmp_path, env={"SLURM_STEP_NUM_TASKS": "2", "SLURM_PROCID": "0"})
     assert "Accelerate sees 1 process(es) but the launcher started SLURM_STEP_NUM_TASKS=2" in line
+
+
+def test_repository_code_does_not_run_without_trust_remote_code(previous_run, tmp_path, pretrained):
+    """A model directory whose config points at its own Python code (auto_map, unknown model_type): refused with a
+    one-line error naming the switch, and the code never runs (no prompt either: stdin is not consulted)."""
+    model = tmp_path / "custom"
+    shutil.copytree(pretrained / "v512", model)
+    witness = tmp_path / "code-ran"
+    (model / "custom_code.py").write_text(f"open({str(witness)!r}, 'w').close()\n")
+    config = json.loads((model / "config.json").read_text())
+    config.update(model_type="custom", auto_map={"AutoConfig": "custom_code.Config"})
+    (model / "config.json").write_text(json.dumps(config))
+    line = _fails_over(
+        previous_run, tmp_path, "student.arch=null", f"student.path={model}", "teacher=null", "distill.alpha=0"
+    )
+    assert f"student.path={model}: cannot load its config: it needs the repository's own code" in line
+    assert "student.trust_remote_code=true" in line
+    assert not witness.exists()

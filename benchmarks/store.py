@@ -13,7 +13,8 @@ Prints one JSON object, then a table. What is measured:
   Zipf-like prior over the ids (frequent tokens have small BPE ids) plus noise, from `teacher.topk_targets`
   as precompute calls it. "flat" is the worst case: near-uniform logits, so the top-k ids are random.
 - reader: tokens/s of `store.TrainStream.micro_batches` (datasets streaming, split, hash check, decode to
-  tensors) on one core (torch and Arrow limited to one thread).
+  tensors) on one core (torch and Arrow limited to one thread); and how fast a resumed run fast-forwards its
+  stream to the checkpoint's position (`skip=`: rows read and shuffled, not decoded).
 - precompute vs teacher forward: the precompute loop (`OnlineTeacher.targets` with top-k + `encode_rows` +
   the background shard writer) against `model(input_ids).logits` alone, on the same batches, same teacher.
 - offline KD step vs CE step: `trainer.forward_losses` + backward + AdamW step of the same student: the
@@ -83,20 +84,30 @@ def bytes_per_token(tmp: Path, vocab: int, k: int, seq_len: int, tokens: int, fl
     return sum(s["bytes"] for s in train["shards"]) / train["tokens"]
 
 
-def reader_tokens_per_second(tmp: Path, vocab: int, k: int, seq_len: int, tokens: int, repeats: int) -> float:
+def reader_tokens_per_second(
+    tmp: Path, vocab: int, k: int, seq_len: int, tokens: int, repeats: int
+) -> tuple[float, float]:
+    """Decode throughput, and the fast-forward throughput of a resume (the same rows read, not decoded)."""
     root = tmp / "reader"
     manifest = write_store(root, vocab, k, seq_len, max(8, tokens // seq_len), flat=False)
     rows, mb = manifest["splits"]["train"]["rows"], 4
-    best = 0.0
+    batches = 2 * rows // mb  # two epochs
+    best = skip_best = 0.0
     for _ in range(repeats):
         stream = store_lib.TrainStream(root, manifest, seed=0, shuffle_buffer=64).micro_batches(mb, 1, 0)
         next(stream)  # opening the dataset is a one-off cost, not decode throughput
         started, n = time.perf_counter(), 0
-        for _ in range(2 * rows // mb):  # two epochs
+        for _ in range(batches):
             n += next(stream)["input_ids"].numel()
         best = max(best, n / (time.perf_counter() - started))
+        started = time.perf_counter()
+        skipping = store_lib.TrainStream(root, manifest, seed=0, shuffle_buffer=64).micro_batches(
+            mb, 1, 0, skip=batches
+        )
+        next(skipping)  # the first batch after the skipped ones (includes opening the dataset)
+        skip_best = max(skip_best, batches * mb * seq_len / (time.perf_counter() - started))
     shutil.rmtree(root)
-    return best
+    return best, skip_best
 
 
 def teacher_model(vocab: int, hidden: int, layers: int, device: str):
@@ -244,7 +255,7 @@ def main() -> None:
         for name, vocab in (("32k", args.vocab_small), ("128k", args.vocab_large)):
             r[f"bytes_per_token_V{name}"] = bytes_per_token(tmp, vocab, 64, args.seq_len, args.tokens, flat=False)
             r[f"bytes_per_token_V{name}_flat"] = bytes_per_token(tmp, vocab, 64, args.seq_len, args.tokens, True)
-        r["reader_tokens_per_s_per_core"] = reader_tokens_per_second(
+        r["reader_tokens_per_s_per_core"], r["resume_fast_forward_tokens_per_s"] = reader_tokens_per_second(
             tmp, args.vocab_small, 64, args.seq_len, args.tokens, args.repeats
         )
         pre, bare, ratio = precompute_ratio(tmp, args, args.device)
@@ -261,6 +272,7 @@ def main() -> None:
         ("bytes/token, k=64, V=128k (zipf-like / flat)", "<= 264 (stretch 200)",
          size(r["bytes_per_token_V128k"], r["bytes_per_token_V128k_flat"])),
         ("reader decode, tokens/s per core", ">= 100k", f"{r['reader_tokens_per_s_per_core']:,.0f}"),
+        ("resume fast-forward (rows read, not decoded), tokens/s", "", f"{r['resume_fast_forward_tokens_per_s']:,.0f}"),
         ("precompute vs bare teacher forward", ">= 0.85x", f"{r['precompute_vs_forward']:.2f}x"),
         ("offline KD step vs CE step", "<= 1.10x", f"{r['offline_kd_vs_ce_step']:.2f}x"),
     ]  # fmt: skip

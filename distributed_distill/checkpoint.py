@@ -211,12 +211,13 @@ def choose_resume(cfg: Config, accelerator: Accelerator) -> tuple[Path | None, d
 
 
 def _all_finite(accelerator: Accelerator, model) -> bool:
-    flag = torch.ones((), device=accelerator.device)
+    """Every rank's (shard of the) weights is finite."""
+    bad = torch.zeros((), device=accelerator.device)
     for p in model.parameters():
         if p.numel() and not torch.isfinite(p.detach()).all():
-            flag.zero_()
+            bad.fill_(1)
             break
-    return bool(accelerator.reduce(flag, reduction="sum").item() == accelerator.num_processes)
+    return accelerator.reduce(bad, reduction="sum").item() == 0
 
 
 def save(accelerator: Accelerator, model, out: Path, step: int, state: dict, keep_last: int) -> Path:

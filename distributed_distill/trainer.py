@@ -511,9 +511,10 @@ def fit(loop: Loop, train_ds, val_ds) -> dict:
     if progress.step < t.max_steps:  # stopped by SIGTERM/SIGUSR1
         path = save_checkpoint(loop) if saved_at != progress.step else checkpoint_path(cfg, progress.step)
         tracker.close()
+        # Stopped before any step since the last checkpoint (or since the start): nothing new to save.
+        saved = f"checkpoint {path} written" if path.is_dir() else "no step trained yet, nothing to save"
         raise Preempted(
-            f"preempted at step {progress.step}: checkpoint {path} written; run the same command again "
-            "(train.resume=auto) to continue"
+            f"preempted at step {progress.step}: {saved}; run the same command again (train.resume=auto) to continue"
         )
     tracker.close()
     _write_rank_record(cfg, accelerator, progress.seen)

@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 
 from .conftest import ROOT, SMOKE, read_metrics, run_cli
 from .test_store import TOP_K, precomputed_store
+from .test_teacher_engines import student_dir  # noqa: F401  (a fixture)
 
 STEPS = 40
 SAVE_EVERY = 4
@@ -26,10 +27,10 @@ COMMON = [f"train.max_steps={STEPS}", f"train.save_every={SAVE_EVERY}", "train.e
 
 
 def _launcher(procs: int | str, port: int) -> list[str]:
-    if procs == "zero2":  # a DeepSpeed ZeRO-2 student: DeepSpeed's sharded checkpoint, read by the safe loader
+    if procs in ("zero2", "zero3"):  # a DeepSpeed student: DeepSpeed's sharded checkpoint, read by the safe loader
         return [
             sys.executable, "-m", "accelerate.commands.launch",
-            "--config_file", str(ROOT / "launch" / "accelerate" / "zero2.yaml"),
+            "--config_file", str(ROOT / "launch" / "accelerate" / f"{procs}.yaml"),
             "--num_processes", "2", "--main_process_port", str(port), "train.py",
         ]  # fmt: skip
     if procs == 1:
@@ -48,6 +49,8 @@ def _launcher(procs: int | str, port: int) -> list[str]:
 
 def _args(out: Path, procs: int, signal_source: str) -> list[str]:
     args = ["--config", str(SMOKE), f"output_dir={out}", *COMMON, f"train.micro_batch_size={4 if procs == 1 else 2}"]
+    if procs == "zero3":  # a sharded student: pretrained (rank 0 fills the partitions), logits from forward
+        args += ["distill.chunk_size=0", "student.arch=null", f"student.path={_student_dir}"]
     if signal_source == "offline":
         store = precomputed_store(f"distill.store_top_k={TOP_K}")
         args += ["distill.signal=offline", f"distill.store={store}", "distill.shuffle_buffer=16"]
@@ -97,6 +100,7 @@ def assert_same_curve(a: Path, b: Path) -> None:
 
 
 _references: dict = {}
+_student_dir = None  # the pretrained student a ZeRO-3 run starts from (test_teacher_engines.student_dir)
 
 
 def reference(tmp_path_factory, procs: int, source: str) -> Path:
@@ -116,10 +120,14 @@ def reference(tmp_path_factory, procs: int, source: str) -> Path:
         pytest.param(2, "online", marks=pytest.mark.multiprocess),
         pytest.param(2, "offline", marks=pytest.mark.multiprocess),
         pytest.param("zero2", "online", marks=pytest.mark.multiprocess),
+        pytest.param("zero3", "online", marks=pytest.mark.multiprocess),
     ],
-    ids=["online-1proc", "offline-1proc", "online-2proc", "offline-2proc", "online-zero2"],
+    ids=["online-1proc", "offline-1proc", "online-2proc", "offline-2proc", "online-zero2", "online-zero3"],
 )
-def test_sigkill_at_a_random_step_then_resume_is_bit_identical(tmp_path_factory, tmp_path, procs, source):
+def test_sigkill_at_a_random_step_then_resume_is_bit_identical(request, tmp_path_factory, tmp_path, procs, source):
+    if procs == "zero3":
+        global _student_dir
+        _student_dir = request.getfixturevalue("student_dir")
     ref = reference(tmp_path_factory, procs, source)
     out = tmp_path / "run"
     # A random step, not a multiple of save_every: the steps after the last checkpoint are lost and redone.

@@ -115,12 +115,13 @@ def reference(tmp_path_factory, procs: int, source: str) -> Path:
 @pytest.mark.parametrize(
     "procs, source",
     [
+        # The default run covers online and offline, 1 and 2 processes; `make test-slow` (CI) the rest.
         (1, "online"),
-        (1, "offline"),
-        pytest.param(2, "online", marks=pytest.mark.multiprocess),
+        pytest.param(1, "offline", marks=pytest.mark.slow),
+        pytest.param(2, "online", marks=[pytest.mark.multiprocess, pytest.mark.slow]),
         pytest.param(2, "offline", marks=pytest.mark.multiprocess),
-        pytest.param("zero2", "online", marks=pytest.mark.multiprocess),
-        pytest.param("zero3", "online", marks=pytest.mark.multiprocess),
+        pytest.param("zero2", "online", marks=[pytest.mark.multiprocess, pytest.mark.slow]),
+        pytest.param("zero3", "online", marks=[pytest.mark.multiprocess, pytest.mark.slow]),
     ],
     ids=["online-1proc", "offline-1proc", "online-2proc", "offline-2proc", "online-zero2", "online-zero3"],
 )

@@ -148,7 +148,8 @@ def test_interrupted_train_job_resumes_to_the_same_student(slurm, uninterrupted,
     `usr1`: what --signal=B:USR1@300 does before the time limit: the script has the workers checkpoint and stop,
     then requeues the job itself."""
     out, logs = tmp_path / "run", tmp_path / "logs"
-    env = {**slurm, "MASTER_PORT": "29813" if interrupt == "requeue" else "29814", "WANDB_MODE": "disabled"}
+    # wandb's service process is in the job step too, and gets the signals as well: it must not break the run.
+    env = {**slurm, "MASTER_PORT": "29813" if interrupt == "requeue" else "29814", "WANDB_MODE": "offline"}
     job = _sbatch(env, logs, TRAIN, "--config", str(SMOKE), f"output_dir={out}", *LONG)
     _wait(env, job, logs, until=lambda: any(out.glob("step-*/checkpoint.json")))
     cmd = ["scontrol", "requeue", job] if interrupt == "requeue" else ["scancel", "--signal=USR1", "--batch", job]

@@ -119,6 +119,16 @@ def test_train_job(slurm, tmp_path):
     assert model(ids).logits.shape[-1] == model.config.vocab_size
 
 
+def test_train_job_with_an_accelerate_config(slurm, tmp_path):
+    """ACCELERATE_CONFIG: `accelerate launch` per node instead of torchrun; here a DeepSpeed ZeRO-2 student on CPU."""
+    out, logs = tmp_path / "run", tmp_path / "logs"
+    env = {**slurm, "MASTER_PORT": "29816", "ACCELERATE_CONFIG": "launch/accelerate/zero2.yaml"}
+    job = _sbatch(env, logs, TRAIN, "--config", str(SMOKE), f"output_dir={out}", "train.max_steps=2")
+    log = _completed(_wait(env, job, logs), logs)
+    assert "2 process(es) on cpu" in log and "student strategy deepspeed zero2" in log, log
+    assert (out / "final" / "model.safetensors").is_file()
+
+
 def test_precompute_job_array_writes_one_store(slurm, tmp_path):
     store, logs = tmp_path / "store", tmp_path / "logs"
     env = {**slurm, "MASTER_PORT": "29811"}

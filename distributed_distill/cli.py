@@ -34,9 +34,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .trainer import train
 
     result = train(cfg)
-    if result:
+    if result and _main_process():
         print(json.dumps({"output_dir": cfg.output_dir, **result}))
     return 0
+
+
+def _main_process() -> bool:
+    """After a run: whether this is the main process (the result line is printed once, not once per rank)."""
+    from accelerate import PartialState
+
+    return PartialState().is_main_process
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -67,7 +74,9 @@ def cmd_precompute(args: argparse.Namespace) -> int:
     from .precompute import precompute
 
     cfg = load_config(args.config, args.overrides)
-    print(json.dumps(precompute(cfg)))
+    result = precompute(cfg)
+    if _main_process():
+        print(json.dumps(result))
     return 0
 
 

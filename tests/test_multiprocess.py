@@ -57,13 +57,17 @@ def _compare(one, two):
     assert interleaved == reference[:16]
 
 
-@pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
+# launch/accelerate/cpu.yaml: the config file alone (no environment variable) must give 2 CPU processes.
+CPU_YAML = [*ACCELERATE[:3], "--config_file", "launch/accelerate/cpu.yaml", "--main_process_port", "29533", "train.py"]
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "accelerate", "cpu.yaml"])
 def test_two_processes_match_one_process(one_process, tmp_path, launcher):
     out = tmp_path / launcher
     env = {"ACCELERATE_USE_CPU": "true"} if launcher == "accelerate" else {}
     proc = run_cli(
         ["--config", str(SMOKE), f"output_dir={out}", "train.micro_batch_size=2", *COMMON],
-        launcher=TORCHRUN if launcher == "torchrun" else ACCELERATE,
+        launcher={"torchrun": TORCHRUN, "accelerate": ACCELERATE, "cpu.yaml": CPU_YAML}[launcher],
         env=env,
         timeout=600,
     )

@@ -330,6 +330,4 @@ class StopRequest:
 
     def agreed(self, accelerator: Accelerator) -> bool:
         flag = torch.tensor(float(self.received is not None), device=accelerator.device)
-        if accelerator.num_processes > 1:
-            flag = accelerator.reduce(flag, reduction="sum")
-        return bool(flag.item() > 0)
+        return accelerator.reduce(flag, reduction="sum").item() > 0

@@ -405,6 +405,7 @@ class Progress:
     """The recipe state a checkpoint carries besides weights, optimizer and RNG (checkpoint.json)."""
 
     step: int = 0
+    micro_batches: int = 0  # this rank's data position: micro-batches consumed (the stream skips them on resume)
     tokens_seen: int = 0
     bad_steps: int = 0  # consecutive steps skipped for a non-finite loss or gradient
     skipped_steps: int = 0
@@ -417,7 +418,8 @@ class Progress:
         self.step, self.tokens_seen = meta["step"], meta["tokens_seen"]
         self.bad_steps, self.skipped_steps = meta["bad_steps"], meta["skipped_steps"]
         self.wandb_run_id = meta["wandb_run_id"]
-        self.seen = meta["data_position"][rank]["first_sample_indices"]
+        position = meta["data_position"][rank]
+        self.micro_batches, self.seen = position["micro_batches"], position["first_sample_indices"]
         scheduler.load_state_dict(meta["scheduler"])
 
 
@@ -446,15 +448,13 @@ def fit(loop: Loop, train_ds, val_ds) -> dict:
     # Offline: this rank's share of the store, streamed (split across ranks inside, never by Accelerate), from
     # where the checkpoint left it. Online: the batch order is a pure function of the micro-step.
     offline = cfg.distill.signal == "offline"
-    start = progress.step * t.grad_accum_steps
-    stream = train_ds.micro_batches(t.micro_batch_size, world, rank, skip=start) if offline else None
+    stream = train_ds.micro_batches(t.micro_batch_size, world, rank, skip=progress.micro_batches) if offline else None
     saved_at = progress.step
     while progress.step < t.max_steps:
         if loop.stop.agreed(accelerator):
             break
-        step = progress.step
         started = time.perf_counter()
-        micro_steps = range(step * t.grad_accum_steps, (step + 1) * t.grad_accum_steps)
+        micro_steps = range(progress.micro_batches, progress.micro_batches + t.grad_accum_steps)
         if stream is not None:
             batches = [next(stream) for _ in micro_steps]
             indices = [b.pop("index").tolist() for b in batches]
@@ -468,6 +468,7 @@ def fit(loop: Loop, train_ds, val_ds) -> dict:
         res = train_step(accelerator, loop.student, loop.head, loop.teacher, loop.optimizer, batches, cfg)
         loop.scheduler.step()
         progress.step += 1
+        progress.micro_batches += t.grad_accum_steps
         progress.tokens_seen += res.num_tokens
         elapsed = time.perf_counter() - started
         tokens = t.micro_batch_size * t.grad_accum_steps * world * cfg.data.seq_len
@@ -490,11 +491,11 @@ def fit(loop: Loop, train_ds, val_ds) -> dict:
             if progress.bad_steps >= t.max_bad_steps:
                 tracker.log(record)
                 tracker.close()
-                last = checkpoint.list_checkpoints(Path(cfg.output_dir))
+                good = checkpoint.list_checkpoints(Path(cfg.output_dir))
                 raise DistillError(
                     f"{progress.bad_steps} consecutive steps (up to step {progress.step}) had a non-finite loss or "
                     f"gradient (train.max_bad_steps={t.max_bad_steps}); stopped without applying them; "
-                    f"last good checkpoint: {last[0][1] if last else 'none'}"
+                    f"last good checkpoint: {good[0][1] if good else 'none'}"
                 )
         else:
             progress.bad_steps = 0
@@ -532,7 +533,7 @@ def save_checkpoint(loop: Loop) -> Path:
         [
             {
                 "rank": accelerator.process_index,
-                "micro_batches": progress.step * cfg.train.grad_accum_steps,
+                "micro_batches": progress.micro_batches,
                 "first_sample_indices": progress.seen,
             }
         ]

@@ -256,7 +256,6 @@ def test_too_many_non_finite_steps_stop_the_run_keeping_the_last_good_checkpoint
             "train.grad_accum_steps=2",
         ],
     )
-    good = None
     with pytest.raises(DistillError) as e:
         trainer.train(cfg)
     message = str(e.value)

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from .conftest import ROOT, SMOKE, read_metrics, run_cli
 from .test_store import TOP_K, precomputed_store
-from .test_teacher_engines import student_dir  # noqa: F401  (a fixture)
+from .test_teacher_engines import accelerate_launch, student_dir, torchrun  # noqa: F401  (student_dir: a fixture)
 
 STEPS = 40
 SAVE_EVERY = 4
@@ -28,23 +28,10 @@ COMMON = [f"train.max_steps={STEPS}", f"train.save_every={SAVE_EVERY}", "train.e
 
 def _launcher(procs: int | str, port: int) -> list[str]:
     if procs in ("zero2", "zero3"):  # a DeepSpeed student: DeepSpeed's sharded checkpoint, read by the safe loader
-        return [
-            sys.executable, "-m", "accelerate.commands.launch",
-            "--config_file", str(ROOT / "launch" / "accelerate" / f"{procs}.yaml"),
-            "--num_processes", "2", "--main_process_port", str(port), "train.py",
-        ]  # fmt: skip
+        return [*accelerate_launch(f"{procs}.yaml", port), "train.py"]
     if procs == 1:
         return [sys.executable, "train.py"]
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(port),
-        "train.py",
-    ]
+    return torchrun(port, "train.py")
 
 
 def _args(out: Path, procs: int, signal_source: str) -> list[str]:

@@ -17,7 +17,7 @@ Prints one JSON object, then a table. What is measured:
   stream to the checkpoint's position (`skip=`: rows read and shuffled, not decoded).
 - precompute vs teacher forward: the precompute loop (`OnlineTeacher.targets` with top-k + `encode_rows` +
   the background shard writer) against `model(input_ids).logits` alone, on the same batches, same teacher.
-- offline KD step vs CE step: `trainer.forward_losses` + backward + AdamW step of the same student: the
+- offline KD step vs CE step: `objective.forward_losses` + backward + AdamW step of the same student: the
   offline step includes reading its batch from the store; the CE step gets ready tensors.
 Each timing is the minimum over repeats, alternating the two sides.
 """
@@ -41,8 +41,8 @@ import torch  # noqa: E402
 
 from distributed_distill import store as store_lib  # noqa: E402
 from distributed_distill.config import DistillConfig  # noqa: E402
+from distributed_distill.objective import forward_losses  # noqa: E402
 from distributed_distill.teacher import OnlineTeacher, topk_targets  # noqa: E402
-from distributed_distill.trainer import forward_losses  # noqa: E402
 
 
 def synthetic_targets(n: int, vocab: int, k: int, flat: bool, seed: int = 0):

@@ -47,8 +47,8 @@ def worker(args) -> None:
 
     from distributed_distill import models
     from distributed_distill.config import load_config
-    from distributed_distill.teacher import parameter_bytes, setup_teacher
-    from distributed_distill.trainer import setup_accelerator
+    from distributed_distill.setup import setup_accelerator
+    from distributed_distill.teacher import setup_teacher
 
     overrides = [f"teacher.path={args.teacher}", "teacher.arch=null", f"teacher.engine={args.engine}"]
     cfg = load_config(ROOT / "configs" / "smoke.yaml", overrides)
@@ -61,7 +61,7 @@ def worker(args) -> None:
     for _ in range(2):
         targets = teacher.targets({"input_ids": ids})
         del targets
-    local, full, count = parameter_bytes(teacher.model)
+    (local, full), count = teacher.parameter_bytes(), teacher.num_parameters()
     row = {
         "engine": args.engine,
         "rank": accelerator.process_index,

@@ -19,7 +19,6 @@ that does the same (DeepSpeed's own default unpickles arbitrary objects).
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import re
 import shutil
@@ -33,7 +32,7 @@ from safetensors import SafetensorError
 
 from .config import Config, to_dict
 from .errors import DistillError
-from .store import sha256_file
+from .integrity import atomic_write_text, file_problem, publish_dir, record
 
 FORMAT = "distributed_distill-checkpoint"
 VERSION = 1
@@ -92,23 +91,10 @@ def verify(path: Path) -> dict:
     if meta.get("version") != VERSION:
         raise CheckpointError(f"{marker} has format version {meta.get('version')}, this code reads {VERSION}")
     for rel, info in meta["files"].items():
-        f = path / rel
-        if not f.is_file():
-            raise CheckpointError(f"{path} is damaged: {rel} is missing")
-        size = f.stat().st_size
-        if size != info["bytes"]:
-            raise CheckpointError(f"{path} is damaged: {rel} has {size} bytes, {info['bytes']} were written")
-        if sha256_file(f) != info["sha256"]:
-            raise CheckpointError(f"{path} is damaged: {rel} does not match its sha256")
+        problem = file_problem(path / rel, info)
+        if problem is not None:
+            raise CheckpointError(f"{path} is damaged: {rel} {problem}")
     return meta
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -233,22 +219,15 @@ def save(accelerator: Accelerator, model, out: Path, step: int, state: dict, kee
     accelerator.save_state(str(tmp), safe_serialization=True)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        files = {}
-        for f in sorted(p for p in tmp.rglob("*") if p.is_file()):
-            _fsync(f)
-            files[str(f.relative_to(tmp))] = {"bytes": f.stat().st_size, "sha256": sha256_file(f)}
+        files = {str(f.relative_to(tmp)): record(f) for f in sorted(p for p in tmp.rglob("*") if p.is_file())}
         meta = {"format": FORMAT, "version": VERSION, "step": step, **state, "files": files}
-        marker = tmp / MARKER
-        marker.write_text(json.dumps(meta, indent=1))
-        _fsync(marker)
-        _fsync(tmp)
+        atomic_write_text(tmp / MARKER, json.dumps(meta, indent=1))
         if final.exists():  # a damaged or abandoned checkpoint of the same step: replaced, never merged
             trash = out / f".trash-{step_name(step)}"
             shutil.rmtree(trash, ignore_errors=True)
             final.rename(trash)
             shutil.rmtree(trash)
-        tmp.rename(final)
-        _fsync(out)
+        publish_dir(tmp, final)
         prune(out, keep_last)
     accelerator.wait_for_everyone()
     return final

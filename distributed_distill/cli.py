@@ -21,6 +21,9 @@ from pathlib import Path
 from .config import describe, load_config
 from .errors import DistillError, Preempted
 
+# Each command imports its module when it runs: the trainer, evaluation and precompute pull in transformers,
+# datasets, Accelerate and DeepSpeed (seconds), which a config mistake or `--help` never needs.
+
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML run config (see configs/)")
@@ -30,7 +33,7 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, args.overrides)  # config mistakes fail before torch is even imported
+    cfg = load_config(args.config, args.overrides)  # config mistakes fail before the heavy imports
     from .trainer import train
 
     result = train(cfg)
@@ -47,7 +50,7 @@ def _main_process() -> bool:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .evaluate import evaluate_models
+    from .evaluate import evaluate_models, format_table
 
     cfg = load_config(args.config, args.overrides)
     named = {}
@@ -92,12 +95,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     run_demo(Path(args.output_dir), args.overrides)
     return 0
-
-
-def format_table(rows: list[dict]) -> str:
-    lines = ["| model | val loss | val perplexity |", "|---|---:|---:|"]
-    lines += [f"| {r['model']} | {r['val_loss']:.4f} | {r['val_ppl']:.2f} |" for r in rows]
-    return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -16,8 +16,8 @@ import sys
 import time
 from pathlib import Path
 
-from .cli import format_table
 from .config import load_config
+from .evaluate import format_table
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 

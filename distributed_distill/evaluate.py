@@ -1,14 +1,52 @@
-"""Compare models on a config's validation split, and summarise run directories."""
+"""Validation during training, `distill eval` (models compared on a config's validation split), and `distill report`
+(a run directory summarised)."""
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
+
+import torch
+from accelerate import Accelerator
 
 from . import data as data_lib
 from . import models
 from .config import Config, ModelConfig
 from .errors import DistillError
+from .objective import forward_losses
+from .setup import setup_accelerator, setup_tokenizer
+from .teacher import TeacherSource
+
+
+@torch.no_grad()
+def evaluate(
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    head: torch.nn.Module,
+    teacher: TeacherSource | None,
+    val_ds,
+    cfg: Config,
+) -> dict:
+    """Validation CE (and KD against the teacher, if any) over the split, token-weighted across ranks."""
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(3, device=accelerator.device)
+    batches = data_lib.eval_batches(
+        val_ds, cfg.train.micro_batch_size, accelerator.num_processes, accelerator.process_index, cfg.train.eval_batches
+    )
+    for mb in batches:
+        mb = {k: v.to(accelerator.device) for k, v in mb.items()}
+        with accelerator.autocast():
+            out = forward_losses(model, teacher, mb, cfg.distill, head=head)
+        sums += torch.stack([out.ce_sum.float(), out.kd_sum.float(), out.num_tokens.float()])
+    ce, kd, n = accelerator.reduce(sums, reduction="sum").tolist()
+    model.train(was_training)
+    n = max(n, 1.0)
+    result = {"val_loss": ce / n, "val_ppl": math.exp(min(ce / n, 50.0)), "val_tokens": int(n)}
+    if teacher is not None and cfg.distill.alpha > 0:
+        result["val_kd_loss"] = kd / n
+    return result
 
 
 def evaluate_models(cfg: Config, named: dict[str, str]) -> list[dict]:
@@ -16,8 +54,6 @@ def evaluate_models(cfg: Config, named: dict[str, str]) -> list[dict]:
 
     `named` maps a display name to a model directory or hub id; empty means the config's teacher and student.
     """
-    from .trainer import evaluate, setup_accelerator, setup_tokenizer
-
     if not named:
         for role in ("teacher", "student"):
             mcfg = getattr(cfg, role)
@@ -68,4 +104,11 @@ def report(run_dir: Path) -> str:
         )
     if (run_dir / "final").is_dir():
         lines.append(f"exported student: {run_dir / 'final'}")
+    return "\n".join(lines)
+
+
+def format_table(rows: list[dict]) -> str:
+    """`distill eval` rows as a Markdown table."""
+    lines = ["| model | val loss | val perplexity |", "|---|---:|---:|"]
+    lines += [f"| {r['model']} | {r['val_loss']:.4f} | {r['val_ppl']:.2f} |" for r in rows]
     return "\n".join(lines)

@@ -19,12 +19,15 @@ float64) and in log space, which keeps logits of magnitude 1e4 finite.
 from __future__ import annotations
 
 import math
+import typing
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-KINDS = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd", "mse")
+# The objectives (`distill.loss` takes its choices from here).
+LossKind = typing.Literal["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd", "mse"]
+KINDS: tuple[str, ...] = typing.get_args(LossKind)
 TAILS = ("bucket", "renormalize")
 REDUCTIONS = ("mean", "sum")
 
@@ -351,7 +354,7 @@ def sparse_kd_loss(
 
 @dataclass
 class LossOutput:
-    """Sums over counted positions; the caller divides by the global token count (DESIGN.md)."""
+    """Sums over counted positions; the caller divides by the global token count (docs/design.md, normalisation)."""
 
     kd_sum: torch.Tensor  # scalar float32: sum of per-position divergence * T^2 (0 without a teacher)
     ce_sum: torch.Tensor  # scalar float32: sum of token cross-entropy at temperature 1
@@ -360,14 +363,22 @@ class LossOutput:
 
 
 @dataclass
-class _Teacher:
-    """The teacher source, flattened to rows; exactly one group of fields is set (or none)."""
+class TeacherTargets:
+    """The teacher's signal for N next-token positions, as rows; every teacher source (online engines, the offline
+    store) produces it and every loss entry point accepts it. Exactly one form is set (none: no teacher):
 
-    hidden: torch.Tensor | None = None  # [N, Ht] with weight [V, Ht], bias [V]: online, logits per chunk
+      dense, projected lazily: `hidden` [N, Ht] with the output layer `weight` [V, Ht] (and `bias` [V]); the
+        chunked loss computes logits chunk by chunk, so no [N, V] tensor exists;
+      dense, materialised: `logits` [N, V];
+      sparse top-k: `ids` [N, k], `logprobs` [N, k] (log-softmax at the teacher temperature), optionally
+        `tail_logmass` [N] (log of the probability outside the top k).
+    """
+
+    hidden: torch.Tensor | None = None
     weight: torch.Tensor | None = None
     bias: torch.Tensor | None = None
-    logits: torch.Tensor | None = None  # [N, V] materialised
-    ids: torch.Tensor | None = None  # [N, k] int64 with logprobs [N, k], tail_logmass [N]: sparse
+    logits: torch.Tensor | None = None
+    ids: torch.Tensor | None = None
     logprobs: torch.Tensor | None = None
     tail_logmass: torch.Tensor | None = None
 
@@ -378,6 +389,20 @@ class _Teacher:
     @property
     def sparse(self) -> bool:
         return self.ids is not None
+
+    def loss_kwargs(self) -> dict:
+        """Keyword arguments of `chunked_distill_loss` for this signal."""
+        if self.sparse:
+            return dict(teacher_ids=self.ids, teacher_logprobs=self.logprobs, teacher_tail_logmass=self.tail_logmass)
+        if self.logits is not None:
+            return dict(teacher_logits=self.logits)
+        return dict(teacher_hidden=self.hidden, teacher_weight=self.weight, teacher_bias=self.bias)
+
+    def dense_logits(self) -> torch.Tensor:
+        """[N, V] logits, for the naive (unchunked) loss path."""
+        if self.logits is not None:
+            return self.logits
+        return F.linear(self.hidden, self.weight, self.bias)
 
 
 @dataclass(frozen=True)
@@ -423,7 +448,7 @@ def _log_softmax_(x: torch.Tensor, temperature: float) -> torch.Tensor:
     return x.sub_(x.logsumexp(-1, keepdim=True)).clamp_min_(_NEG)
 
 
-def _teacher_logits_chunk(teacher: _Teacher, rows: slice | torch.Tensor, mm_dtype: torch.dtype) -> torch.Tensor:
+def _teacher_logits_chunk(teacher: TeacherTargets, rows: slice | torch.Tensor, mm_dtype: torch.dtype) -> torch.Tensor:
     """[c, V] float32 teacher logits of the chunk, in a fresh buffer (the caller may modify it)."""
     if teacher.hidden is not None:
         return _linear_fp32(_rows(teacher.hidden, rows), teacher.weight, teacher.bias, mm_dtype)
@@ -439,7 +464,7 @@ def _entropy(p: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
 def _chunk_objective(
     z: torch.Tensor,
     y: torch.Tensor,
-    teacher: _Teacher,
+    teacher: TeacherTargets,
     rows: slice | torch.Tensor,
     spec: _Spec,
     kd_scale: float,
@@ -529,7 +554,7 @@ def _chunk_loop(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     labels: torch.Tensor,
-    teacher: _Teacher,
+    teacher: TeacherTargets,
     spec: _Spec,
     kd_scale: float,
     ce_scale: float,
@@ -615,7 +640,9 @@ class _ChunkedDistill(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, teacher: _Teacher, spec: _Spec, kd_weight: float, ce_weight: float):
+    def forward(
+        ctx, hidden, weight, bias, labels, teacher: TeacherTargets, spec: _Spec, kd_weight: float, ce_weight: float
+    ):
         needs = tuple(ctx.needs_input_grad[:3])
         sums, gh, gw, gb = _chunk_loop(hidden, weight, bias, labels, teacher, spec, kd_weight, ce_weight, needs)
         ctx.save_for_backward(hidden, weight, bias, labels)
@@ -648,7 +675,7 @@ class _ChunkedDistill(torch.autograd.Function):
         return gh, gw, gb, None, None, None, None, None
 
 
-def _stat_names(teacher: _Teacher) -> tuple[str, ...]:
+def _stat_names(teacher: TeacherTargets) -> tuple[str, ...]:
     if not teacher.present:
         return ()
     return ("teacher_entropy", "top1_agreement") + (("topk_mass",) if teacher.sparse else ())
@@ -723,7 +750,7 @@ def chunked_distill_loss(
 
     n = labels.numel()
     k = None if teacher_ids is None else teacher_ids.shape[-1]
-    teacher = _Teacher(
+    teacher = TeacherTargets(
         hidden=None if teacher_hidden is None else teacher_hidden.detach().reshape(n, -1),
         weight=None if teacher_weight is None else teacher_weight.detach(),
         bias=None if teacher_bias is None else teacher_bias.detach(),

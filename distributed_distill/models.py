@@ -16,6 +16,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Pretra
 
 from .config import ArchConfig, Config, ModelConfig
 from .errors import DistillError
+from .integrity import publish_dir
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -160,13 +161,12 @@ def model_identity(mcfg: ModelConfig, config: PretrainedConfig) -> dict:
 # Tokenizer
 
 
-def tokenizer_source(cfg: Config) -> str | None:
-    """Where the tokenizer comes from: explicit path, else the teacher's or student's pretrained one."""
-    if cfg.tokenizer.path is not None:
-        return cfg.tokenizer.path
-    for mcfg in (cfg.teacher, cfg.student):
-        if mcfg is not None and mcfg.path is not None:
-            return mcfg.path
+def tokenizer_source(cfg: Config) -> tuple[str, str | None] | None:
+    """(path, revision) of the tokenizer: the explicit one, else the teacher's or student's pretrained one at the
+    model's own revision (a pinned model never pairs with an unpinned tokenizer); None = train one on the data."""
+    for source in (cfg.tokenizer, cfg.teacher, cfg.student):
+        if source is not None and source.path is not None:
+            return source.path, source.revision
     return None
 
 
@@ -202,7 +202,7 @@ def train_bpe_tokenizer(texts, vocab_size: int, out_dir: Path) -> PreTrainedToke
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIAL_TOKENS)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     fast.save_pretrained(tmp)
-    tmp.rename(out_dir)  # atomic: a half-written tokenizer is never picked up from the cache
+    publish_dir(tmp, out_dir)  # a half-written tokenizer is never picked up from the cache
     return fast
 
 

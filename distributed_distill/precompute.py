@@ -41,6 +41,8 @@ from . import models
 from . import store as store_lib
 from .config import Config
 from .errors import DistillError
+from .integrity import write_json_atomic
+from .setup import setup_run
 from .teacher import setup_teacher
 
 PART_ENV = "DISTILL_STORE_PART"
@@ -90,7 +92,7 @@ def _check_store_dir(root: Path, config_hash: str) -> bool:
                 f"distill.store={root} holds an unfinished precompute of another config (hash {old!s:.12}, "
                 f"this one {config_hash:.12}); rerun that command to finish it, or choose another distill.store"
             )
-    elif root.is_dir() and any(not p.name.startswith(f".{store_lib.PLAN}.") for p in root.iterdir()):
+    elif root.is_dir() and any(not p.name.startswith(f"{store_lib.PLAN}.") for p in root.iterdir()):
         # (a plan being published by a concurrent part, see _publish_json, is not foreign content)
         raise DistillError(f"distill.store={root} is a non-empty directory that is not a store; choose another")
     return False
@@ -133,15 +135,11 @@ def part_of(layout: list, part: tuple[int, int] | None) -> list:
 def _publish_json(path: Path, obj: dict) -> None:
     """`write_json_atomic` through a temporary name of this process's own: the parts of one store may publish the
     same file (plan, manifest, with the same content) at the same moment from different nodes."""
-    own = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}")
-    store_lib.write_json_atomic(own, obj)
-    os.replace(own, path)
+    write_json_atomic(path, obj, tmp_suffix=f".{socket.gethostname()}.{os.getpid()}")
 
 
 def precompute(cfg: Config, part: tuple[int, int] | None = None) -> dict:
     """Write (or finish) the store; `part` (default: DISTILL_STORE_PART) restricts this run to part I of N."""
-    from .trainer import setup_run
-
     d = cfg.distill
     part = part or parse_part(os.environ.get(PART_ENV))
     if cfg.teacher is None:

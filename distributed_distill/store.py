@@ -21,6 +21,7 @@ else uint32.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -28,14 +29,20 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+import datasets
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
+from accelerate import Accelerator
+from datasets.distributed import split_dataset_by_node
 
+from .config import Config
 from .errors import DistillError
-from .teacher import TeacherTargets
+from .integrity import file_problem, fsync_path, record, write_json_atomic
+from .losses import TeacherTargets
+from .models import tokenizer_hash, tokenizer_source
 
 FORMAT = "distributed_distill.logit_store"
 VERSION = 1
@@ -72,18 +79,12 @@ def row_hash(input_ids: np.ndarray) -> str:
     return hashlib.blake2b(np.ascontiguousarray(input_ids, dtype="<i4").tobytes(), digest_size=16).hexdigest()
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def write_json_atomic(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+def first_bad_row(input_ids: np.ndarray, hashes: list[str]) -> int | None:
+    """The first row [B, S] whose token ids do not match its recorded content hash, or None."""
+    for i, (row, expected) in enumerate(zip(input_ids, hashes)):
+        if row_hash(row) != expected:
+            return i
+    return None
 
 
 def shard_name(split: str, number: int) -> str:
@@ -128,8 +129,7 @@ def write_shard(root: Path, name: str, table: pa.Table, config_hash: str) -> dic
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     pq.write_table(table, tmp, **PARQUET_OPTIONS)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
+    fsync_path(tmp)
     os.replace(tmp, path)
     seq_len = len(table["input_ids"][0]) if table.num_rows else 0
     hashes = table["row_hash"].to_pylist()
@@ -137,8 +137,7 @@ def write_shard(root: Path, name: str, table: pa.Table, config_hash: str) -> dic
         "path": name,
         "rows": table.num_rows,
         "tokens": table.num_rows * seq_len,
-        "bytes": path.stat().st_size,
-        "sha256": sha256_file(path),
+        **record(path),
         "rows_sha256": hashlib.sha256("".join(hashes).encode()).hexdigest(),
         "target_tokens": int((_flat(table["labels"]).reshape(table.num_rows, -1)[:, 1:] != -100).sum()),
         "config_hash": config_hash,
@@ -154,9 +153,7 @@ def finished_shard(root: Path, name: str, config_hash: str, rows: int) -> dict |
         sidecar = json.loads(side.read_text())
     except (OSError, ValueError):
         return None
-    if sidecar.get("config_hash") != config_hash or sidecar.get("rows") != rows or not path.is_file():
-        return None
-    if path.stat().st_size != sidecar["bytes"] or sha256_file(path) != sidecar["sha256"]:
+    if sidecar.get("config_hash") != config_hash or sidecar.get("rows") != rows or file_problem(path, sidecar):
         return None
     return sidecar
 
@@ -191,14 +188,9 @@ def check_shard_files(root: Path, manifest: dict) -> None:
     """Cheap startup check (no reading): every shard is present with its recorded size."""
     for split in SPLITS:
         for s in manifest["splits"][split]["shards"]:
-            path = root / s["path"]
-            if not path.is_file():
-                raise DistillError(f"store {root}: shard {s['path']} is missing")
-            if path.stat().st_size != s["bytes"]:
-                raise DistillError(
-                    f"store {root}: shard {s['path']} has {path.stat().st_size} bytes, the manifest says {s['bytes']} "
-                    "(truncated or replaced; run `distill verify-store`)"
-                )
+            problem = file_problem(root / s["path"], s, check_hash=False)
+            if problem is not None:
+                raise DistillError(f"store {root}: shard {s['path']} {problem}; run `distill verify-store`")
 
 
 def _flat(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
@@ -211,10 +203,9 @@ def decode(table: pa.Table, k: int, check_hashes: bool = True) -> dict[str, torc
     teacher_logprobs [B, S-1, k] and teacher_tail [B, S-1] float32, index [B]."""
     b = table.num_rows
     input_ids = _flat(table["input_ids"]).reshape(b, -1)
-    if check_hashes:
-        for i, (row, expected) in enumerate(zip(input_ids, table["row_hash"].to_pylist())):
-            if row_hash(row) != expected:
-                raise DistillError(f"store row {table['index'][i].as_py()}: token ids do not match their content hash")
+    bad = first_bad_row(input_ids, table["row_hash"].to_pylist()) if check_hashes else None
+    if bad is not None:
+        raise DistillError(f"store row {table['index'][bad].as_py()}: token ids do not match their content hash")
     s = input_ids.shape[1]
     return {
         "input_ids": torch.from_numpy(input_ids.astype(np.int64)),
@@ -250,9 +241,6 @@ class TrainStream:
         return self.rows
 
     def _rows(self, world: int, rank: int) -> Iterator[pa.Table]:
-        import datasets
-        from datasets.distributed import split_dataset_by_node
-
         for epoch in itertools.count():
             files = self.files
             if self.shuffle_buffer:
@@ -292,8 +280,6 @@ class ValidationSplit:
     `data.eval_batches` expects, and searchable by row hash for the offline teacher."""
 
     def __init__(self, root: Path, manifest: dict, cache_dir: str | None):
-        import datasets
-
         self.k = manifest["top_k"]
         files = shard_paths(root, manifest, "validation")
         self.ds = datasets.load_dataset("parquet", data_files=files, split="train", cache_dir=cache_dir)
@@ -312,7 +298,6 @@ class OfflineTeacher:
     (`teacher_*` keys); validation batches are matched to store rows by the content hash of their token ids."""
 
     engine = "offline store"
-    model = torch.nn.Module()  # no parameters: the teacher ran when the store was made
 
     def __init__(self, manifest: dict, validation: ValidationSplit):
         self.identity = {**manifest["teacher"], "store_config_hash": manifest["config_hash"]}
@@ -338,7 +323,10 @@ class OfflineTeacher:
         return {k: v.to(input_ids.device) for k, v in found.items()}
 
     def num_parameters(self) -> int:
-        return 0
+        return 0  # the teacher ran when the store was made; none runs now
+
+    def parameter_bytes(self) -> tuple[int, int]:
+        return 0, 0
 
 
 class OfflineSource:
@@ -348,21 +336,16 @@ class OfflineSource:
         self.train, self.val, self.teacher, self.manifest = train, val, teacher, manifest
 
 
-def offline_config(cfg):
+def offline_config(cfg: Config) -> Config:
     """The run's config without its teacher (the store replaces it), keeping the tokenizer it resolved to."""
-    import dataclasses
-
-    from .models import tokenizer_source
-
-    tokenizer = dataclasses.replace(cfg.tokenizer, path=tokenizer_source(cfg))
+    path, revision = tokenizer_source(cfg) or (None, None)
+    tokenizer = dataclasses.replace(cfg.tokenizer, path=path, revision=revision)
     return dataclasses.replace(cfg, teacher=None, tokenizer=tokenizer)
 
 
-def open_offline(cfg, tokenizer, student_config, accelerator) -> OfflineSource:
+def open_offline(cfg: Config, tokenizer, student_config, accelerator: Accelerator) -> OfflineSource:
     """Open `distill.store` for training after checking it fits the student: manifest, tokenizer, vocabulary,
     sequence length, temperature, k and the presence and sizes of all shards; all before any model loads."""
-    from .models import tokenizer_hash
-
     root = Path(cfg.distill.store)
     manifest = read_manifest(root)
     where = f"distill.store={root}"
@@ -415,13 +398,10 @@ def verify_store(root: str | Path) -> str:
             name, path = s["path"], root / s["path"]
             listed.add(name)
             where = f"store {root}: shard {name}"
-            if not path.is_file():
-                raise DistillError(f"{where} is missing")
-            size = path.stat().st_size
-            if size != s["bytes"]:
-                raise DistillError(f"{where} has {size} bytes, the manifest says {s['bytes']} (truncated or replaced)")
-            if sha256_file(path) != s["sha256"]:
-                raise DistillError(f"{where}: checksum mismatch{_locate_damage(path, k, vocab, seq_len)}")
+            problem = file_problem(path, s)
+            if problem is not None:
+                located = _locate_damage(path, seq_len) if problem.endswith("(checksum mismatch)") else ""
+                raise DistillError(f"{where} {problem}{located}")
             _check_rows(path, where, s, k, vocab, seq_len)
             fingerprint.update(s["rows_sha256"].encode())
             rows += s["rows"]
@@ -470,9 +450,9 @@ def _check_rows(path: Path, where: str, shard: dict, k: int, vocab: int, seq_len
         if bad.size:
             raise DistillError(f"{where} row {int(bad[0])}: {column} has the wrong length (expected {n})")
     input_ids = _flat(table["input_ids"]).reshape(-1, seq_len)
-    for i, (row, expected) in enumerate(zip(input_ids, table["row_hash"].to_pylist())):
-        if row_hash(row) != expected:
-            raise DistillError(f"{where} row {i}: token ids do not match their content hash")
+    bad_row = first_bad_row(input_ids, table["row_hash"].to_pylist())
+    if bad_row is not None:
+        raise DistillError(f"{where} row {bad_row}: token ids do not match their content hash")
     ids = _flat(table["teacher_ids"]).reshape(len(input_ids), -1)
     bad = np.flatnonzero((ids >= vocab).any(-1))
     if bad.size:
@@ -485,14 +465,13 @@ def _check_rows(path: Path, where: str, shard: dict, k: int, vocab: int, seq_len
         raise DistillError(f"{where}: its rows are not the ones the manifest lists (row hashes differ)")
 
 
-def _locate_damage(path: Path, k: int, vocab: int, seq_len: int) -> str:
+def _locate_damage(path: Path, seq_len: int) -> str:
     """After a checksum mismatch, try to name the damaged row (best effort: damage may make the file unreadable)."""
     try:
         table = pq.read_table(path)
-        input_ids = _flat(table["input_ids"]).reshape(-1, seq_len)
-        for i, (row, expected) in enumerate(zip(input_ids, table["row_hash"].to_pylist())):
-            if row_hash(row) != expected:
-                return f" (row {i}: token ids do not match their content hash)"
+        bad = first_bad_row(_flat(table["input_ids"]).reshape(-1, seq_len), table["row_hash"].to_pylist())
+        if bad is not None:
+            return f" (row {bad}: token ids do not match their content hash)"
         return " (the file still decodes; the damage is in targets or metadata)"
     except Exception as e:  # unreadable: the checksum is the verdict
         return f" (the file no longer decodes: {' '.join(str(e).split())[:120]})"

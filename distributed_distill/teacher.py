@@ -19,7 +19,7 @@ import copy
 import json
 import os
 import socket
-from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -27,45 +27,29 @@ import torch.nn.functional as F
 from . import models
 from .config import Config, TeacherConfig
 from .errors import DistillError
+from .losses import TeacherTargets
 
 
-@dataclass
-class TeacherTargets:
-    """The teacher's signal for the N = B * (S - 1) next-token positions of a micro-batch, as rows.
-
-    Exactly one form is set:
-      dense, projected lazily: `hidden` [N, H] with the output layer `weight` [V, H] (and `bias` [V]); the
-        chunked loss computes logits chunk by chunk, so no [N, V] tensor exists;
-      dense, materialised: `logits` [N, V];
-      sparse top-k: `ids` [N, k], `logprobs` [N, k] (log-softmax at the teacher temperature), optionally
-        `tail_logmass` [N] (log of the probability outside the top k).
+class TeacherSource(Protocol):
+    """What the training step, evaluation and the memory report need from a teacher, wherever its signal comes
+    from: the online engines below (`OnlineTeacher`, `Zero3Teacher`) and the offline store (`store.OfflineTeacher`).
     """
 
-    hidden: torch.Tensor | None = None
-    weight: torch.Tensor | None = None
-    bias: torch.Tensor | None = None
-    logits: torch.Tensor | None = None
-    ids: torch.Tensor | None = None
-    logprobs: torch.Tensor | None = None
-    tail_logmass: torch.Tensor | None = None
+    engine: str  # "replicated", "zero3" or "offline store": printed in the memory report
+    identity: dict  # what the run records about the teacher (teacher.json); never the weights
 
-    @property
-    def sparse(self) -> bool:
-        return self.ids is not None
+    def targets(self, batch: dict) -> TeacherTargets:
+        """The signal for the next-token positions of a micro-batch ([B, S] input_ids -> B * (S - 1) rows).
+        Online sources are collectives under a sharded engine: every rank calls them in lockstep."""
+        ...
 
-    def loss_kwargs(self) -> dict:
-        """Keyword arguments of `losses.chunked_distill_loss` for this signal."""
-        if self.sparse:
-            return dict(teacher_ids=self.ids, teacher_logprobs=self.logprobs, teacher_tail_logmass=self.tail_logmass)
-        if self.logits is not None:
-            return dict(teacher_logits=self.logits)
-        return dict(teacher_hidden=self.hidden, teacher_weight=self.weight, teacher_bias=self.bias)
+    def num_parameters(self) -> int:
+        """Parameters of the whole teacher (0 when no model runs in this process)."""
+        ...
 
-    def dense_logits(self) -> torch.Tensor:
-        """[N, V] logits, for the naive (unchunked) loss path."""
-        if self.logits is not None:
-            return self.logits
-        return F.linear(self.hidden, self.weight, self.bias)
+    def parameter_bytes(self) -> tuple[int, int]:
+        """(bytes of teacher parameters this rank holds, bytes of the whole teacher)."""
+        ...
 
 
 def final_hidden(model, input_ids: torch.Tensor) -> torch.Tensor:
@@ -153,9 +137,9 @@ class OnlineTeacher:
     def num_parameters(self) -> int:
         return parameter_bytes(self.model)[2]
 
-    def local_parameter_bytes(self) -> int:
-        """Bytes of teacher parameters this rank holds."""
-        return parameter_bytes(self.model)[0]
+    def parameter_bytes(self) -> tuple[int, int]:
+        local, full, _ = parameter_bytes(self.model)
+        return local, full
 
 
 class Zero3Teacher(OnlineTeacher):
@@ -349,12 +333,15 @@ def load_zero3(cfg: Config, teacher_config, device: torch.device, **kwargs) -> Z
 ENGINES = {"replicated": load_replicated, "zero3": load_zero3}
 
 
-def setup_teacher(cfg: Config, teacher_config, device: torch.device) -> OnlineTeacher | None:
+def setup_teacher(cfg: Config, teacher_config, device: torch.device) -> OnlineTeacher:
     """The frozen teacher: eval mode, no gradients, no optimizer, kept out of `accelerator.prepare` (never in a
     checkpoint; its identity goes to the run directory), and called by every rank once per micro-batch."""
-    if cfg.teacher is None:
-        return None
-    d = cfg.distill
+    distill = cfg.distill
     return ENGINES[cfg.teacher.engine](
-        cfg, teacher_config, device, top_k=d.top_k, temperature=d.temperature, chunk_size=d.chunk_size or 1024
+        cfg,
+        teacher_config,
+        device,
+        top_k=distill.top_k,
+        temperature=distill.temperature,
+        chunk_size=distill.chunk_size or 1024,
     )

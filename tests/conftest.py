@@ -1,18 +1,14 @@
-"""Shared fixtures: an isolated cache, tiny configs, and a way to run the real CLI in a subprocess."""
+"""Shared fixtures: an isolated cache, a clean Accelerate state, and a tiny pretrained student (helpers.py has the
+non-fixture helpers)."""
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
-SMOKE = ROOT / "configs" / "smoke.yaml"
+from .helpers import SMOKE
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -49,35 +45,18 @@ def reset_accelerate():
     GradientState._reset_state()
 
 
-def run_cli(
-    args: list[str],
-    *,
-    launcher: list[str] | None = None,
-    env: dict[str, str | None] | None = None,
-    timeout: int = 300,
-    check: bool = True,
-) -> subprocess.CompletedProcess:
-    """Run `distill ...` (or `python train.py ...` via launcher) for real, in a fresh interpreter."""
-    cmd = (launcher or [sys.executable, "-m", "distributed_distill.cli"]) + args
-    full_env = {**os.environ, **(env or {})}
-    full_env = {k: v for k, v in full_env.items() if v is not None}  # None unsets a variable
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=full_env)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{cmd} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    return proc
+@pytest.fixture(scope="module")
+def student_dir(tmp_path_factory) -> Path:
+    """The smoke student saved as a checkpoint: a ZeRO-3 student is initialised by transformers on rank 0 when
+    built from `arch`, so strategies are compared from the same starting weights."""
+    from distributed_distill import data, models
+    from distributed_distill.config import load_config
 
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def write_config(path: Path, base: Path = SMOKE, **sections) -> Path:
-    """A copy of `base` with some sections replaced or updated (one level deep)."""
-    cfg = yaml.safe_load(base.read_text())
-    for key, value in sections.items():
-        if isinstance(value, dict) and isinstance(cfg.get(key), dict):
-            cfg[key].update(value)
-        else:
-            cfg[key] = value
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    cfg = load_config(SMOKE)
+    out = tmp_path_factory.mktemp("student") / "tiny-llama"
+    # A pretrained student brings its tokenizer: the BPE tokenizer the smoke config trains, trained the same way.
+    tokenizer = models.train_bpe_tokenizer(data.texts_for_tokenizer(cfg.data), cfg.tokenizer.vocab_size, out)
+    models.load_model(cfg.student, models.model_config(cfg.student, len(tokenizer), "student"), seed=0).save_pretrained(
+        out
+    )
+    return out

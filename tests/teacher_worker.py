@@ -27,8 +27,8 @@ sys.path.insert(0, str(ROOT))
 from distributed_distill import models  # noqa: E402
 from distributed_distill.config import load_config  # noqa: E402
 from distributed_distill.errors import DistillError  # noqa: E402
-from distributed_distill.teacher import parameter_bytes, setup_teacher  # noqa: E402
-from distributed_distill.trainer import setup_accelerator  # noqa: E402
+from distributed_distill.setup import setup_accelerator  # noqa: E402
+from distributed_distill.teacher import setup_teacher  # noqa: E402
 
 SMOKE = ROOT / "configs" / "smoke.yaml"
 ENGINES = (
@@ -80,8 +80,8 @@ def equivalence(out: Path, teacher_dir: str, extra: list[str]) -> None:
                 "max_abs_diff": (dense - reference[0]).abs().max().item(),
                 "topk_ids_equal": bool(torch.equal(topk.ids, reference[1].ids)),
                 "topk_logprob_diff": (topk.logprobs - reference[1].logprobs).abs().max().item(),
-                "local_bytes": teacher.local_parameter_bytes(),
-                "full_bytes": parameter_bytes(teacher.model)[1],
+                "local_bytes": teacher.parameter_bytes()[0],
+                "full_bytes": teacher.parameter_bytes()[1],
                 "num_parameters": teacher.num_parameters(),
                 "engine": teacher.engine,
                 "tokens_per_second": tokens_per_second(teacher, ids, repeats),

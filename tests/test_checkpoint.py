@@ -20,17 +20,9 @@ from distributed_distill import checkpoint, trainer
 from distributed_distill.config import load_config
 from distributed_distill.errors import DistillError
 
-from .conftest import SMOKE, read_metrics, run_cli
+from .helpers import SMOKE, TOP_K, precomputed_store, read_metrics, run_cli, snapshot
 
 RUN = ["train.max_steps=6", "train.save_every=2", "train.keep_last=2"]
-
-
-def snapshot(root: Path) -> dict[str, str]:
-    return {
-        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(root.rglob("*"))
-        if p.is_file()
-    }
 
 
 @pytest.fixture(scope="module")
@@ -168,8 +160,6 @@ def test_starting_fresh_over_checkpoints_is_refused(run_copy):
 
 
 def test_offline_resume_refuses_another_store(tmp_path):
-    from .test_store import TOP_K, precomputed_store
-
     a = precomputed_store(f"distill.store_top_k={TOP_K}")
     # The same teacher and data cut into other shards: another store (content hash), same training config.
     b = precomputed_store(f"distill.store_top_k={TOP_K}", "distill.store_shard_rows=100", name="other-shards")

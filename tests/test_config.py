@@ -3,7 +3,7 @@ import pytest
 from distributed_distill.config import Config, describe, load_config, save_config
 from distributed_distill.errors import ConfigError
 
-from .conftest import ROOT, SMOKE
+from .helpers import ROOT, SMOKE
 
 
 def test_overrides_are_typed_and_nested():

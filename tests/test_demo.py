@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from .conftest import run_cli
+from .helpers import run_cli
 
 pytestmark = pytest.mark.slow
 

@@ -6,8 +6,7 @@ import shutil
 
 import pytest
 
-from .conftest import SMOKE, run_cli
-from .test_checkpoint import snapshot
+from .helpers import SMOKE, run_cli, snapshot
 
 
 @pytest.fixture(scope="module")

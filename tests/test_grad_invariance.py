@@ -1,5 +1,5 @@
 """The gradient of one optimizer step does not depend on how the global batch is split into micro-batches
-and accumulation steps (DESIGN.md, normalisation): token-level losses are divided by the valid-token count
+and accumulation steps (docs/design.md, normalisation): token-level losses are divided by the valid-token count
 of the whole step, not of each micro-batch."""
 
 import copy
@@ -7,11 +7,11 @@ import copy
 import pytest
 import torch
 
-from distributed_distill import models, trainer
+from distributed_distill import models, setup, trainer
 from distributed_distill.config import load_config
 from distributed_distill.teacher import OnlineTeacher
 
-from .conftest import SMOKE
+from .helpers import SMOKE
 
 VOCAB, SEQ = 97, 16
 
@@ -39,7 +39,7 @@ def _step_delta(micro: int, accum: int, alpha: float, loss: str, chunk: int) -> 
             "train.max_grad_norm=0",
         ],
     )
-    accelerator = trainer.setup_accelerator(cfg)
+    accelerator = setup.setup_accelerator(cfg)
     student = models.load_model(cfg.student, models.arch_config(cfg.student.arch, VOCAB), seed=0)
     teacher = OnlineTeacher(models.load_model(cfg.teacher, models.arch_config(cfg.teacher.arch, VOCAB), seed=1), {})
     before = copy.deepcopy(student.state_dict())
@@ -79,3 +79,35 @@ def test_chunked_and_naive_paths_give_the_same_step():
     for name, delta in naive.items():
         if isinstance(delta, torch.Tensor):
             torch.testing.assert_close(chunked[name], delta, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("chunk", [5, 0])
+def test_bf16_training_and_validation_compute_the_same_loss(chunk):
+    """Under `train.precision: bf16` the step and validation run the loss under the same autocast, so the loss the
+    step optimises for a batch is the loss validation reports for it (the chunked loss takes its matmul dtype from
+    the active autocast)."""
+    from datasets import Dataset
+
+    from distributed_distill.evaluate import evaluate
+
+    cfg = load_config(
+        SMOKE, ["train.precision=bf16", "train.micro_batch_size=4", f"distill.chunk_size={chunk}", "train.device=cpu"]
+    )
+    accelerator = setup.setup_accelerator(cfg)
+    student = models.load_model(cfg.student, models.arch_config(cfg.student.arch, VOCAB), seed=0)
+    teacher = OnlineTeacher(models.load_model(cfg.teacher, models.arch_config(cfg.teacher.arch, VOCAB), seed=1), {})
+    optimizer = torch.optim.SGD(student.parameters(), lr=0.0)
+    student, optimizer = accelerator.prepare(student, optimizer)
+    head = accelerator.unwrap_model(student).get_output_embeddings()
+    batch = _global_batch()
+    val_ds = Dataset.from_dict({k: v.tolist() for k, v in batch.items()}).with_format("torch")
+    student.train()
+    stepped = trainer.train_step(accelerator, student, head, teacher, optimizer, [batch], cfg)
+    validated = evaluate(accelerator, student, head, teacher, val_ds, cfg)
+    assert validated["val_tokens"] == stepped.num_tokens == 15 + 9 + 3
+    assert validated["val_loss"] == pytest.approx(stepped.ce_loss, rel=1e-6, abs=1e-6)
+    assert validated["val_kd_loss"] == pytest.approx(stepped.kd_loss, rel=1e-6, abs=1e-6)
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from .conftest import ROOT
+from .helpers import ROOT
 
 LAUNCH = ROOT / "launch"
 FILES = sorted(p for p in LAUNCH.rglob("*") if p.suffix in (".yaml", ".json"))

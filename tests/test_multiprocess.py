@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from .conftest import SMOKE, read_metrics, run_cli
+from .helpers import SMOKE, read_metrics, run_cli
 
 pytestmark = pytest.mark.multiprocess
 

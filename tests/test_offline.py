@@ -9,8 +9,7 @@ import sys
 import pyarrow.parquet as pq
 import pytest
 
-from .conftest import SMOKE, read_metrics, run_cli
-from .test_store import TOP_K, precomputed_store
+from .helpers import SMOKE, TOP_K, precomputed_store, read_metrics, run_cli
 
 
 @pytest.fixture(scope="module")

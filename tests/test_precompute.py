@@ -19,20 +19,12 @@ import pytest
 from distributed_distill.errors import DistillError
 from distributed_distill.precompute import PART_ENV, parse_part, part_of
 
-from .conftest import ROOT, SMOKE, run_cli
-from .test_store import TOP_K, precomputed_store
-
-OVERRIDES = [f"distill.store_top_k={TOP_K}"]
-
-
-def _files(root: Path) -> dict[str, bytes]:
-    """Every file of a store by relative path (plan.json included: resuming must not change it either)."""
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+from .helpers import ROOT, SMOKE, STORE_OVERRIDES, precomputed_store, run_cli, store_files
 
 
 @pytest.fixture(scope="module")
 def reference() -> Path:
-    return precomputed_store(*OVERRIDES)
+    return precomputed_store(*STORE_OVERRIDES)
 
 
 LAUNCHERS = {
@@ -47,20 +39,28 @@ LAUNCHERS = {
 def test_two_processes_write_the_store_one_process_writes(reference, tmp_path, launcher):
     out = tmp_path / "two"
     proc = run_cli(
-        ["-m", "distributed_distill.cli", "precompute", "--config", str(SMOKE), f"distill.store={out}", *OVERRIDES],
+        [
+            "-m",
+            "distributed_distill.cli",
+            "precompute",
+            "--config",
+            str(SMOKE),
+            f"distill.store={out}",
+            *STORE_OVERRIDES,
+        ],
         launcher=LAUNCHERS[launcher],
         env={"ACCELERATE_USE_CPU": "true"} if launcher == "accelerate" else {},
         timeout=600,
     )
     assert re.search(r"wrote (\d+) of \1 shards", proc.stdout)  # both ranks' shards, counted across ranks
     assert run_cli(["verify-store", str(out)]).stdout.startswith("ok: ")
-    assert _files(out) == _files(reference)
+    assert store_files(out) == store_files(reference)
 
 
 def test_killed_precompute_resumes_to_the_identical_store(reference, tmp_path):
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "distributed_distill.cli", "precompute", "--config", str(SMOKE)]
-    cmd += [f"distill.store={out}", *OVERRIDES]
+    cmd += [f"distill.store={out}", *STORE_OVERRIDES]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 240
@@ -77,19 +77,19 @@ def test_killed_precompute_resumes_to_the_identical_store(reference, tmp_path):
     done_before = len(list((out / "train").glob("*.json")))
     result = json.loads(run_cli(cmd[3:], timeout=300).stdout.strip().splitlines()[-1])
     assert result["shards_written"] == result["shards"] - done_before  # only the remaining work
-    assert _files(out) == _files(reference)  # same rows, same bytes, same checksums; no leftover temp files
+    assert store_files(out) == store_files(reference)  # same rows, same bytes, same checksums; no leftover temp files
     again = json.loads(run_cli(cmd[3:], timeout=300).stdout.strip().splitlines()[-1])
     assert again["shards_written"] == 0
 
 
 def test_store_of_another_config_is_not_overwritten(reference, tmp_path):
-    before = _files(reference)
+    before = store_files(reference)
     proc = run_cli(
         ["precompute", "--config", str(SMOKE), f"distill.store={reference}", "distill.store_top_k=8"], check=False
     )
     assert proc.returncode == 2
     assert "holds a finished store of another config" in proc.stderr
-    assert _files(reference) == before
+    assert store_files(reference) == before
     other = tmp_path / "not_a_store"
     other.mkdir()
     (other / "notes.txt").write_text("mine")
@@ -102,7 +102,7 @@ def test_store_of_another_config_is_not_overwritten(reference, tmp_path):
 def test_max_rows_keeps_the_first_rows_of_the_training_order(reference, tmp_path):
     out = tmp_path / "prefix"
     run_cli(
-        ["precompute", "--config", str(SMOKE), f"distill.store={out}", *OVERRIDES]
+        ["precompute", "--config", str(SMOKE), f"distill.store={out}", *STORE_OVERRIDES]
         + ["distill.store_max_rows=40", "distill.store_shard_rows=16"]
     )
     assert run_cli(["verify-store", str(out)]).stdout.startswith("ok: ")
@@ -131,7 +131,7 @@ def test_parts_cover_the_shard_list_in_contiguous_ranges():
 def test_parts_run_separately_write_the_store_one_run_writes(reference, tmp_path):
     """A job array's tasks (DISTILL_STORE_PART=I/N) fill one store; the last part to finish writes the manifest."""
     out = tmp_path / "parts"
-    cmd = ["precompute", "--config", str(SMOKE), f"distill.store={out}", *OVERRIDES]
+    cmd = ["precompute", "--config", str(SMOKE), f"distill.store={out}", *STORE_OVERRIDES]
     second = json.loads(run_cli(cmd, env={PART_ENV: "1/2"}).stdout.strip().splitlines()[-1])
     assert second["complete"] is False and second["part"] == "1/2"
     assert second["shards_written"] == second["part_shards"] < second["shards"]
@@ -142,6 +142,6 @@ def test_parts_run_separately_write_the_store_one_run_writes(reference, tmp_path
     first = json.loads(first.stdout.strip().splitlines()[-1])
     assert first["complete"] is True and first["shards_written"] + second["shards_written"] == first["shards"]
     assert run_cli(["verify-store", str(out)]).stdout.startswith("ok: ")
-    assert _files(out) == _files(reference)
+    assert store_files(out) == store_files(reference)
     proc = run_cli(cmd, env={PART_ENV: "2/2"}, check=False)
     assert proc.returncode == 2 and "DISTILL_STORE_PART='2/2' must be I/N" in proc.stderr

@@ -17,9 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from .conftest import ROOT, SMOKE, read_metrics, run_cli
-from .test_store import TOP_K, precomputed_store
-from .test_teacher_engines import accelerate_launch, student_dir, torchrun  # noqa: F401  (student_dir: a fixture)
+from .helpers import ROOT, SMOKE, TOP_K, accelerate_launch, precomputed_store, read_metrics, run_cli, torchrun
 
 STEPS = 40
 SAVE_EVERY = 4

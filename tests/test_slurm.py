@@ -23,9 +23,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from .conftest import ROOT, SMOKE, read_metrics, run_cli
-from .test_precompute import OVERRIDES, _files
-from .test_store import precomputed_store
+from .helpers import ROOT, SMOKE, STORE_OVERRIDES, precomputed_store, read_metrics, run_cli, store_files
 
 pytestmark = pytest.mark.slurm
 
@@ -132,7 +130,7 @@ def test_train_job_with_an_accelerate_config(slurm, tmp_path):
 def test_precompute_job_array_writes_one_store(slurm, tmp_path):
     store, logs = tmp_path / "store", tmp_path / "logs"
     env = {**slurm, "MASTER_PORT": "29811"}
-    args = ["--config", str(SMOKE), f"distill.store={store}", *OVERRIDES]
+    args = ["--config", str(SMOKE), f"distill.store={store}", *STORE_OVERRIDES]
     job = _sbatch(env, logs, PRECOMPUTE, *args, options=("--array=0-1",))
     jobs = _wait(env, job, logs)
     assert len(jobs) == 2
@@ -140,7 +138,9 @@ def test_precompute_job_array_writes_one_store(slurm, tmp_path):
     assert "part 0/2 of the shards" in log and "part 1/2 of the shards" in log
     assert "store complete" in log  # the task that finished last wrote the manifest
     assert run_cli(["verify-store", str(store)]).stdout.startswith("ok: ")
-    assert _files(store) == _files(precomputed_store(*OVERRIDES))  # byte-identical to a store made in one run
+    assert store_files(store) == store_files(
+        precomputed_store(*STORE_OVERRIDES)
+    )  # byte-identical to a store made in one run
 
 
 @pytest.fixture(scope="module")

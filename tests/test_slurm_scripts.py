@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from .conftest import ROOT
+from .helpers import ROOT
 
 SBATCH = sorted((ROOT / "launch" / "slurm").glob("*.sbatch"))
 SCRIPTS = SBATCH + [ROOT / ".ci" / "run", ROOT / ".ci" / "slurm.sh"]

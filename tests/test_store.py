@@ -3,9 +3,7 @@ damaged stores (corrupted, truncated, missing shard, a row whose ids no longer m
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -17,18 +15,7 @@ import pytest
 
 from distributed_distill import store as store_lib
 
-from .conftest import SMOKE, run_cli
-
-TOP_K = 16
-
-
-def precomputed_store(*overrides: str, name: str | None = None) -> Path:
-    """A store of the smoke config, made once per test session (keyed by its overrides) and reused."""
-    key = hashlib.sha256(json.dumps(overrides).encode()).hexdigest()[:12]
-    root = Path(os.environ["DISTILL_CACHE"]) / "stores" / (name or key)
-    if not (root / "manifest.json").is_file():
-        run_cli(["precompute", "--config", str(SMOKE), f"distill.store={root}", *overrides], timeout=300)
-    return root
+from .helpers import TOP_K, precomputed_store, run_cli
 
 
 @pytest.fixture(scope="module")

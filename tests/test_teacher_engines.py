@@ -18,23 +18,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from .conftest import ROOT, SMOKE, read_metrics
+from .helpers import ROOT, SMOKE, accelerate_launch, read_metrics, torchrun
 
 WORKER = str(ROOT / "tests" / "teacher_worker.py")
 STEPS = ["train.max_steps=4", "train.eval_every=2", "train.micro_batch_size=2", "distill.alpha=0.5"]
-
-
-def torchrun(port: int, *args: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port), *args]
-
-
-def accelerate_launch(config: str, port: int) -> list[str]:
-    """`accelerate launch` with one of launch/accelerate/*.yaml, 2 processes."""
-    return [
-        sys.executable, "-m", "accelerate.commands.launch",
-        "--config_file", str(ROOT / "launch" / "accelerate" / config),
-        "--num_processes", "2", "--main_process_port", str(port),
-    ]  # fmt: skip
 
 
 def launch(cmd: list[str], timeout: int, env: dict | None = None) -> tuple[subprocess.CompletedProcess, float]:
@@ -177,23 +164,6 @@ def test_deepspeed_zero2_student_with_zero3_teacher(replicated_run, tmp_path):
     assert "2 process(es) on cpu" in result.stdout
     assert "student strategy deepspeed zero2, teacher engine zero3" in result.stdout
     assert_same_student(replicated_run, out)
-
-
-@pytest.fixture(scope="module")
-def student_dir(tmp_path_factory) -> Path:
-    """The smoke student saved as a checkpoint: a ZeRO-3 student is initialised by transformers on rank 0 when
-    built from `arch`, so strategies are compared from the same starting weights."""
-    from distributed_distill import data, models
-    from distributed_distill.config import load_config
-
-    cfg = load_config(SMOKE)
-    out = tmp_path_factory.mktemp("student") / "tiny-llama"
-    # A pretrained student brings its tokenizer: the BPE tokenizer the smoke config trains, trained the same way.
-    tokenizer = models.train_bpe_tokenizer(data.texts_for_tokenizer(cfg.data), cfg.tokenizer.vocab_size, out)
-    models.load_model(cfg.student, models.model_config(cfg.student, len(tokenizer), "student"), seed=0).save_pretrained(
-        out
-    )
-    return out
 
 
 @pytest.mark.multiprocess

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import SMOKE, read_metrics, run_cli
+from .helpers import SMOKE, read_metrics, run_cli
 
 
 def _records(run_file) -> list[bytes]:

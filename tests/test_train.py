@@ -12,7 +12,7 @@ import yaml
 
 from distributed_distill.config import load_config
 
-from .conftest import ROOT, SMOKE, read_metrics, run_cli
+from .helpers import ROOT, SMOKE, read_metrics, run_cli
 
 REQUIRED = {"step", "loss", "kd_loss", "ce_loss", "tokens_per_second"}
 

@@ -1,0 +1,156 @@
+"""What every command sets up before its own work: the accelerator, the seed, the tokenizer, the model configs,
+the run directory and the learning-rate schedule.
+
+    distill train      -> setup_run (+ prepare_output_dir, lr_lambda)    trainer.py
+    distill precompute -> setup_run                                       precompute.py
+    distill eval       -> setup_accelerator, setup_tokenizer              evaluate.py
+
+Nothing here loads weights or data: a mistake in the config, the paths or the launch is reported before any
+expensive work starts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType, InitProcessGroupKwargs, set_seed
+
+from . import data as data_lib
+from . import models
+from .config import Config, save_config
+from .errors import DistillError
+from .integrity import atomic_write_text
+from .tracking import wandb_kwargs
+
+
+def setup_accelerator(cfg: Config) -> Accelerator:
+    use_cpu = cfg.train.device == "cpu" or (cfg.train.device == "auto" and not torch.cuda.is_available())
+    if cfg.train.device == "cuda" and not torch.cuda.is_available():
+        raise DistillError("train.device=cuda but CUDA is not available on this machine")
+    # The timeout bounds every collective: a rank that dies or stops calling a ZeRO-3 teacher fails the job.
+    pg = {"timeout": timedelta(seconds=cfg.teacher.collective_timeout if cfg.teacher is not None else 1800)}
+    deepspeed_student = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    if use_cpu and deepspeed_student:
+        # A DeepSpeed student on CPU (`accelerate launch --config_file launch/accelerate/zero2.yaml`): with
+        # cpu=True Accelerate never selects DeepSpeed, and with cpu=False it finds no backend, initialises
+        # DeepSpeed's process group anyway and reports num_processes=1 on every rank. Naming gloo gives it the
+        # backend: torch.distributed, Accelerate and DeepSpeed then agree on the world size (see docs/distributed.md).
+        use_cpu, pg["backend"] = False, "gloo"
+    accelerator = Accelerator(
+        cpu=use_cpu,
+        mixed_precision="bf16" if cfg.train.precision == "bf16" else "no",
+        gradient_accumulation_steps=cfg.train.grad_accum_steps,
+        log_with="wandb" if wandb_kwargs(cfg) is not None else None,
+        kwargs_handlers=[InitProcessGroupKwargs(**pg)],
+    )
+    # A launcher that starts N processes which do not join one process group gives N students trained alone
+    # (torchrun without Accelerator(cpu=True) on CPU; `srun -n 2 python train.py` without torchrun). Refuse.
+    name, world = launcher_world_size()
+    if accelerator.num_processes != world:
+        raise DistillError(
+            f"Accelerate sees {accelerator.num_processes} process(es) but the launcher started {name}={world}; "
+            "on CPU launch with `ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes N` or torchrun, "
+            "under SLURM run one torchrun/accelerate launch per node"
+        )
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is not None:
+        # The trainer feeds its own micro-batches (no prepared DataLoader for Accelerate to read a size from).
+        for key, value in (
+            ("train_micro_batch_size_per_gpu", cfg.train.micro_batch_size),
+            ("gradient_clipping", cfg.train.max_grad_norm),
+        ):
+            if plugin.is_auto(key):
+                plugin.deepspeed_config[key] = value
+    sharded = accelerator.distributed_type == DistributedType.FSDP or (plugin is not None and plugin.zero_stage == 3)
+    if sharded and cfg.distill.chunk_size > 0:
+        # The chunked loss multiplies by the student's lm_head weight outside its forward, where ZeRO-3 and FSDP
+        # hold only a shard of it.
+        raise DistillError(
+            f"distill.chunk_size={cfg.distill.chunk_size} needs the student's whole output layer, which a "
+            f"{'FSDP' if plugin is None else 'ZeRO-3'} student shards; set distill.chunk_size=0 (logits from forward)"
+        )
+    return accelerator
+
+
+def launcher_world_size() -> tuple[str, int]:
+    """How many processes the launcher started, and the variable that says so."""
+    for name in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE", "SLURM_STEP_NUM_TASKS"):
+        if os.environ.get(name):
+            return name, int(os.environ[name])
+    return "WORLD_SIZE", 1
+
+
+def setup_tokenizer(cfg: Config, accelerator: Accelerator):
+    source = models.tokenizer_source(cfg)
+    if source is not None:
+        path, revision = source
+        trust = any(m is not None and m.trust_remote_code for m in (cfg.teacher, cfg.student))
+        return models.load_tokenizer(path, revision=revision, trust_remote_code=trust)
+    # Both models are built from arch: train a BPE tokenizer on the training split, once, cached by the
+    # data and vocabulary it was trained on.
+    key = json.dumps(
+        [
+            cfg.data.source,
+            cfg.data.max_documents,
+            cfg.data.val_fraction,
+            cfg.data.text_field,
+            cfg.data.prompt_field,
+            cfg.data.completion_field,
+            cfg.tokenizer.vocab_size,
+        ]
+    )
+    out = data_lib.cache_root(cfg.data) / "tokenizers" / f"bpe-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+    with accelerator.main_process_first():
+        if not out.is_dir():
+            out.parent.mkdir(parents=True, exist_ok=True)
+            accelerator.print(f"training a {cfg.tokenizer.vocab_size}-token BPE tokenizer on {cfg.data.source} ...")
+            models.train_bpe_tokenizer(data_lib.texts_for_tokenizer(cfg.data), cfg.tokenizer.vocab_size, out)
+    return models.load_tokenizer(str(out))
+
+
+def setup_run(cfg: Config, accelerator: Accelerator | None = None):
+    """What `distill train` and `distill precompute` share: the accelerator, the seed, the tokenizer and the
+    checked model configs (no weights loaded yet)."""
+    accelerator = accelerator or setup_accelerator(cfg)
+    set_seed(cfg.train.seed)
+    models.check_paths(cfg)  # a typo in a path fails now, not after a tokenizer has been trained
+    tokenizer = setup_tokenizer(cfg, accelerator)
+    student_config, teacher_config = models.resolve_configs(cfg, len(tokenizer))
+    return accelerator, tokenizer, student_config, teacher_config
+
+
+def prepare_output_dir(cfg: Config, accelerator: Accelerator, resume_step: int | None) -> Path:
+    out = Path(cfg.output_dir)
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        metrics = out / "metrics.jsonl"
+        if resume_step is None:
+            # Metrics restart with the run; earlier runs' records would make the curve ambiguous.
+            metrics.unlink(missing_ok=True)
+        elif metrics.is_file():
+            # Records written after the checkpoint (before a kill) are replaced by the resumed run's own.
+            kept = [line for line in metrics.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
+            atomic_write_text(metrics, "".join(line + "\n" for line in kept))
+        save_config(cfg, out / "config.yaml")
+    accelerator.wait_for_everyone()
+    return out
+
+
+def lr_lambda(cfg: Config):
+    """Linear warmup, then cosine decay to lr * min_lr_ratio; a multiplier of the peak lr per optimizer step."""
+    train = cfg.train
+
+    def schedule(step: int) -> float:
+        if step < train.warmup_steps:
+            return (step + 1) / (train.warmup_steps + 1)
+        progress = (step - train.warmup_steps) / max(1, train.max_steps - train.warmup_steps)
+        return train.min_lr_ratio + (1 - train.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return schedule

@@ -1,0 +1,91 @@
+"""Helpers shared by the test modules: running the real CLI, reading what a run wrote, launch commands, and a
+logit store made once per test session. (Fixtures live in conftest.py.)"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+SMOKE = ROOT / "configs" / "smoke.yaml"
+
+
+def run_cli(
+    args: list[str],
+    *,
+    launcher: list[str] | None = None,
+    env: dict[str, str | None] | None = None,
+    timeout: int = 300,
+    check: bool = True,
+) -> subprocess.CompletedProcess:
+    """Run `distill ...` (or `python train.py ...` via launcher) for real, in a fresh interpreter."""
+    cmd = (launcher or [sys.executable, "-m", "distributed_distill.cli"]) + args
+    full_env = {**os.environ, **(env or {})}
+    full_env = {k: v for k, v in full_env.items() if v is not None}  # None unsets a variable
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=full_env)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{cmd} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def write_config(path: Path, base: Path = SMOKE, **sections) -> Path:
+    """A copy of `base` with some sections replaced or updated (one level deep)."""
+    cfg = yaml.safe_load(base.read_text())
+    for key, value in sections.items():
+        if isinstance(value, dict) and isinstance(cfg.get(key), dict):
+            cfg[key].update(value)
+        else:
+            cfg[key] = value
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+TOP_K = 16
+
+
+def precomputed_store(*overrides: str, name: str | None = None) -> Path:
+    """A store of the smoke config, made once per test session (keyed by its overrides) and reused."""
+    key = hashlib.sha256(json.dumps(overrides).encode()).hexdigest()[:12]
+    root = Path(os.environ["DISTILL_CACHE"]) / "stores" / (name or key)
+    if not (root / "manifest.json").is_file():
+        run_cli(["precompute", "--config", str(SMOKE), f"distill.store={root}", *overrides], timeout=300)
+    return root
+
+
+STORE_OVERRIDES = [f"distill.store_top_k={TOP_K}"]
+
+
+def store_files(root: Path) -> dict[str, bytes]:
+    """Every file of a store by relative path (plan.json included: resuming must not change it either)."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def torchrun(port: int, *args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port), *args]
+
+
+def accelerate_launch(config: str, port: int) -> list[str]:
+    """`accelerate launch` with one of launch/accelerate/*.yaml, 2 processes."""
+    return [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--config_file", str(ROOT / "launch" / "accelerate" / config),
+        "--num_processes", "2", "--main_process_port", str(port),
+    ]  # fmt: skip

@@ -681,6 +681,32 @@ def _stat_names(teacher: TeacherTargets) -> tuple[str, ...]:
     return ("teacher_entropy", "top1_agreement") + (("topk_mass",) if teacher.sparse else ())
 
 
+def _teacher_rows(n: int, t: TeacherTargets) -> TeacherTargets:
+    """The teacher's signal checked (at most one form, complete) and flattened to n rows, detached."""
+    forms = {"teacher_hidden": t.hidden, "teacher_logits": t.logits, "teacher_ids": t.ids}
+    given = [name for name, x in forms.items() if x is not None]
+    if len(given) > 1:
+        raise ValueError(f"give at most one teacher source, got {', '.join(given)}")
+    if t.hidden is not None and t.weight is None:
+        raise ValueError("teacher_hidden needs teacher_weight (the teacher's lm_head weight)")
+    if (t.ids is None) != (t.logprobs is None):
+        raise ValueError("sparse targets need both teacher_ids and teacher_logprobs")
+
+    def rows(x: torch.Tensor | None, *shape: int) -> torch.Tensor | None:
+        return None if x is None else x.detach().reshape(n, *shape)
+
+    k = None if t.ids is None else t.ids.shape[-1]
+    return TeacherTargets(
+        hidden=rows(t.hidden, -1),
+        weight=None if t.weight is None else t.weight.detach(),
+        bias=None if t.bias is None else t.bias.detach(),
+        logits=rows(t.logits, -1),
+        ids=None if t.ids is None else t.ids.reshape(n, k).long(),
+        logprobs=rows(t.logprobs, k) if k is not None else None,
+        tail_logmass=rows(t.tail_logmass),
+    )
+
+
 def chunked_distill_loss(
     student_hidden: torch.Tensor,
     student_weight: torch.Tensor,
@@ -725,40 +751,24 @@ def chunked_distill_loss(
     _check_args(kind, temperature, beta, skew)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    sources = [
-        name
-        for name, x in (
-            ("teacher_hidden", teacher_hidden),
-            ("teacher_logits", teacher_logits),
-            ("teacher_ids", teacher_ids),
-        )
-        if x is not None
-    ]
-    if len(sources) > 1:
-        raise ValueError(f"give at most one teacher source, got {', '.join(sources)}")
-    if teacher_hidden is not None and teacher_weight is None:
-        raise ValueError("teacher_hidden needs teacher_weight (the teacher's lm_head weight)")
-    if (teacher_ids is None) != (teacher_logprobs is None):
-        raise ValueError("sparse targets need both teacher_ids and teacher_logprobs")
-    if teacher_ids is not None:
-        _check_tail(tail, kind)
     if student_weight.dim() != 2 or student_weight.shape[1] != student_hidden.shape[-1]:
         raise ValueError(
             f"student_weight {tuple(student_weight.shape)} must be [V, H] with H = {student_hidden.shape[-1]}"
         )
     _check_labels(labels, student_hidden.shape[:-1], "hidden")
-
     n = labels.numel()
-    k = None if teacher_ids is None else teacher_ids.shape[-1]
-    teacher = TeacherTargets(
-        hidden=None if teacher_hidden is None else teacher_hidden.detach().reshape(n, -1),
-        weight=None if teacher_weight is None else teacher_weight.detach(),
-        bias=None if teacher_bias is None else teacher_bias.detach(),
-        logits=None if teacher_logits is None else teacher_logits.detach().reshape(n, -1),
-        ids=None if teacher_ids is None else teacher_ids.reshape(n, k).long(),
-        logprobs=None if teacher_logprobs is None else teacher_logprobs.detach().reshape(n, k),
-        tail_logmass=None if teacher_tail_logmass is None else teacher_tail_logmass.detach().reshape(n),
+    given = TeacherTargets(
+        hidden=teacher_hidden,
+        weight=teacher_weight,
+        bias=teacher_bias,
+        logits=teacher_logits,
+        ids=teacher_ids,
+        logprobs=teacher_logprobs,
+        tail_logmass=teacher_tail_logmass,
     )
+    teacher = _teacher_rows(n, given)
+    if teacher.sparse:
+        _check_tail(tail, kind)
     device = student_hidden.device.type
     autocast_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
     mm_dtype = autocast_dtype or torch.promote_types(student_hidden.dtype, student_weight.dtype)

@@ -43,14 +43,14 @@ from .config import Config
 from .errors import DistillError
 from .integrity import write_json_atomic
 from .setup import setup_run
-from .teacher import setup_teacher
+from .teacher import TeacherSource, setup_teacher
 
 PART_ENV = "DISTILL_STORE_PART"
 
 
 def store_plan(cfg: Config, tokenizer, teacher_config, n_train: int, n_val: int) -> dict:
     """Everything that determines the store's content; its hash names the store and guards resumes."""
-    d = cfg.distill
+    distill = cfg.distill
     identity = models.model_identity(cfg.teacher, teacher_config)
     if cfg.teacher.arch is not None:
         identity["init_seed"] = cfg.train.seed + 1  # a teacher built from arch is only defined with its seed
@@ -60,16 +60,16 @@ def store_plan(cfg: Config, tokenizer, teacher_config, n_train: int, n_val: int)
         "teacher": identity,
         "tokenizer_sha256": models.tokenizer_hash(tokenizer),
         "vocab_size": teacher_config.vocab_size,
-        "top_k": min(d.top_k or d.store_top_k, teacher_config.vocab_size),
-        "temperature": d.temperature,
+        "top_k": min(distill.top_k or distill.store_top_k, teacher_config.vocab_size),
+        "temperature": distill.temperature,
         "seq_len": cfg.data.seq_len,
         "logprob_dtype": "float16",
         "id_dtype": store_lib.id_dtype(teacher_config.vocab_size).name,
         "data": {k: v for k, v in dataclasses.asdict(cfg.data).items() if k != "cache_dir"},
         "order_seed": cfg.train.seed,
         "batch_size": cfg.train.micro_batch_size,
-        "shard_rows": d.store_shard_rows,
-        "split_rows": {"train": min(n_train, d.store_max_rows or n_train), "validation": n_val},
+        "shard_rows": distill.store_shard_rows,
+        "split_rows": {"train": min(n_train, distill.store_max_rows or n_train), "validation": n_val},
     }
 
 
@@ -140,11 +140,11 @@ def _publish_json(path: Path, obj: dict) -> None:
 
 def precompute(cfg: Config, part: tuple[int, int] | None = None) -> dict:
     """Write (or finish) the store; `part` (default: DISTILL_STORE_PART) restricts this run to part I of N."""
-    d = cfg.distill
+    distill = cfg.distill
     part = part or parse_part(os.environ.get(PART_ENV))
     if cfg.teacher is None:
         raise DistillError("distill precompute needs a teacher: set teacher.path or teacher.arch")
-    if not d.store:
+    if not distill.store:
         raise DistillError("distill precompute needs distill.store: the directory to write the store into")
     started = time.perf_counter()
     accelerator, tokenizer, _, teacher_config = setup_run(cfg)
@@ -152,7 +152,7 @@ def precompute(cfg: Config, part: tuple[int, int] | None = None) -> dict:
         train_ds, val_ds = data_lib.build_datasets(cfg.data, tokenizer)
     plan = store_plan(cfg, tokenizer, teacher_config, len(train_ds), len(val_ds))
     config_hash = hashlib.sha256(json.dumps(plan, sort_keys=True, default=str).encode()).hexdigest()
-    root = Path(d.store)
+    root = Path(distill.store)
     complete = _check_store_dir(root, config_hash)
     accelerator.wait_for_everyone()  # every rank has looked before anything is written
     if complete:
@@ -163,7 +163,7 @@ def precompute(cfg: Config, part: tuple[int, int] | None = None) -> dict:
         _publish_json(root / store_lib.PLAN, {"config_hash": config_hash, **plan})
     accelerator.wait_for_everyone()
 
-    layout = shard_layout(len(train_ds), len(val_ds), cfg.train.seed, d.store_shard_rows, d.store_max_rows)
+    layout = shard_layout(len(train_ds), len(val_ds), cfg.train.seed, distill.store_shard_rows, distill.store_max_rows)
     mine = part_of(layout, part)
     world, rank = accelerator.num_processes, accelerator.process_index
     todo = [
@@ -179,34 +179,14 @@ def precompute(cfg: Config, part: tuple[int, int] | None = None) -> dict:
     teacher = None
     if all_calls:  # (a part, or a rerun, with nothing left to compute does not load the teacher)
         teacher = setup_teacher(
-            dataclasses.replace(cfg, distill=dataclasses.replace(d, top_k=plan["top_k"])),
+            dataclasses.replace(cfg, distill=dataclasses.replace(distill, top_k=plan["top_k"])),
             teacher_config,
             accelerator.device,
         )
-    vocab, device = plan["vocab_size"], accelerator.device
     splits = {"train": train_ds, "validation": val_ds}
-    calls, tokens = 0, 0
-    writer = ThreadPoolExecutor(max_workers=1)  # Parquet encoding and zstd overlap the next shard's forwards
-    in_flight: Future | None = None
-    for name, idx in todo:
-        ds = splits[name.split("/")[0]]
-        tables = []
-        for start in range(0, len(idx), bs):
-            rows = idx[start : start + bs]
-            batch = data_lib.collate(ds, rows)
-            targets = teacher.targets({k: v.to(device) for k, v in batch.items()})
-            tables.append(store_lib.encode_rows(rows, batch["input_ids"], batch["labels"], targets, vocab))
-            calls += 1
-            tokens += batch["input_ids"].numel()
-        if in_flight is not None:
-            in_flight.result()
-        in_flight = writer.submit(store_lib.write_shard, root, name, pa.concat_tables(tables), config_hash)
-    filler = {k: v.to(device) for k, v in data_lib.collate(train_ds, [0] * bs).items()}
-    for _ in range(all_calls - calls):
-        teacher.targets(filler)
-    if in_flight is not None:
-        in_flight.result()
-    writer.shutdown()
+    tokens = write_shards(
+        teacher, todo, splits, bs, all_calls, root, config_hash, plan["vocab_size"], accelerator.device
+    )
     seconds = time.perf_counter() - started
     accelerator.wait_for_everyone()
     # Without parts every shard is this run's and done now. With parts, the other parts' shards count once their
@@ -217,7 +197,7 @@ def precompute(cfg: Config, part: tuple[int, int] | None = None) -> dict:
     if accelerator.is_main_process and not left:
         write_manifest(root, plan, config_hash, layout)
     accelerator.wait_for_everyone()
-    local = torch.tensor([tokens, len(todo)], device=device)
+    local = torch.tensor([tokens, len(todo)], device=accelerator.device)
     tokens_all, written = (int(x) for x in accelerator.reduce(local, reduction="sum").tolist())
     where = "" if part is None else f" (part {part[0]}/{part[1]}: {len(mine)} shards)"
     done = "store complete" if not left else f"{left} shard(s) of other parts still to do, manifest not written"
@@ -229,6 +209,45 @@ def precompute(cfg: Config, part: tuple[int, int] | None = None) -> dict:
     if part is not None:
         result.update(part=f"{part[0]}/{part[1]}", part_shards=len(mine))
     return result
+
+
+def write_shards(
+    teacher: TeacherSource | None,
+    todo: list[tuple[str, list[int]]],
+    splits: dict,
+    batch_size: int,
+    calls_needed: int,
+    root: Path,
+    config_hash: str,
+    vocab: int,
+    device: torch.device,
+) -> int:
+    """Run the teacher over this rank's unfinished shards and write each one (Parquet encoding overlaps the next
+    shard's forwards), then make filler calls until this rank has called the teacher `calls_needed` times, as
+    every rank does (lockstep). Returns the tokens computed."""
+    calls, tokens = 0, 0
+    writer = ThreadPoolExecutor(max_workers=1)
+    in_flight: Future | None = None
+    for name, idx in todo:
+        ds = splits[name.split("/")[0]]
+        tables = []
+        for start in range(0, len(idx), batch_size):
+            rows = idx[start : start + batch_size]
+            batch = data_lib.collate(ds, rows)
+            targets = teacher.targets({k: v.to(device) for k, v in batch.items()})
+            tables.append(store_lib.encode_rows(rows, batch["input_ids"], batch["labels"], targets, vocab))
+            calls += 1
+            tokens += batch["input_ids"].numel()
+        if in_flight is not None:
+            in_flight.result()
+        in_flight = writer.submit(store_lib.write_shard, root, name, pa.concat_tables(tables), config_hash)
+    filler = {k: v.to(device) for k, v in data_lib.collate(splits["train"], [0] * batch_size).items()}
+    for _ in range(calls_needed - calls):
+        teacher.targets(filler)
+    if in_flight is not None:
+        in_flight.result()
+    writer.shutdown()
+    return tokens
 
 
 def _sidecar_done(root: Path, name: str, config_hash: str, rows: int) -> bool:

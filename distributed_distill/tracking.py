@@ -20,14 +20,14 @@ from .config import Config, to_dict
 
 def wandb_kwargs(cfg: Config) -> dict | None:
     """What `Accelerator(log_with=...)` and `init_trackers` need, or None when wandb is disabled."""
-    w = cfg.logging.wandb
-    if w.mode == "disabled":
+    wandb = cfg.logging.wandb
+    if wandb.mode == "disabled":
         return None
     return {
-        "mode": w.mode,
-        "dir": str(Path(w.dir or cfg.output_dir).resolve()),
-        "name": w.name or Path(cfg.output_dir).name,
-        "entity": w.entity,
+        "mode": wandb.mode,
+        "dir": str(Path(wandb.dir or cfg.output_dir).resolve()),
+        "name": wandb.name or Path(cfg.output_dir).name,
+        "entity": wandb.entity,
     }
 
 

@@ -82,3 +82,18 @@ def test_every_key_is_documented():
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_config_loads(path):
     assert isinstance(load_config(path), Config)
+
+
+def test_a_pinned_model_pins_its_tokenizer(tmp_path):
+    """The tokenizer is loaded at the revision of the model it comes from (a pinned teacher never pairs with an
+    unpinned tokenizer), and an offline run records that pin with the tokenizer it resolved to."""
+    from distributed_distill.models import tokenizer_source
+    from distributed_distill.store import offline_config
+
+    pinned = ["teacher.arch=null", "teacher.path=org/teacher", "teacher.revision=abc123"]
+    assert tokenizer_source(load_config(SMOKE, pinned)) == ("org/teacher", "abc123")
+    explicit = [*pinned, "tokenizer.path=org/tok", "tokenizer.revision=v2"]
+    assert tokenizer_source(load_config(SMOKE, explicit)) == ("org/tok", "v2")
+    assert tokenizer_source(load_config(SMOKE)) is None  # both built from arch: a tokenizer is trained
+    offline = offline_config(load_config(SMOKE, [*pinned, "distill.signal=offline", f"distill.store={tmp_path}"]))
+    assert offline.teacher is None and (offline.tokenizer.path, offline.tokenizer.revision) == ("org/teacher", "abc123")

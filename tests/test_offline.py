@@ -131,3 +131,22 @@ def test_shuffle_buffer_is_seeded(smoke_store):
     assert len(set(shuffled)) == len(shuffled)  # a permutation within the epoch: no row twice
     ranks = [order(0, 64, rank, 2) for rank in (0, 1)]
     assert not set(ranks[0]) & set(ranks[1])
+
+
+def test_stream_position_is_global(smoke_store):
+    """The store's order does not depend on the number of ranks: 2 ranks' micro-batches interleaved are the one
+    rank's stream, and a stream started at a position (a resume, on any number of ranks) continues that order."""
+    from distributed_distill import store as store_lib
+
+    manifest = store_lib.read_manifest(smoke_store)
+
+    def rows(world: int, rank: int, skip: int, n: int) -> list[list[int]]:
+        stream = store_lib.TrainStream(smoke_store, manifest, 0, 16).micro_batches(2, world, rank, skip=skip)
+        return [next(stream)["index"].tolist() for _ in range(n)]
+
+    one = rows(1, 0, 0, 24)
+    two = [rows(2, rank, 0, 12) for rank in (0, 1)]
+    assert [two[q % 2][q // 2] for q in range(24)] == one
+    # 2 ranks stopped after 4 micro-steps each (8 global micro-batches) -> 1 rank continues at its 8th, and back.
+    assert rows(1, 0, 8, 4) == one[8:12]
+    assert [rows(2, rank, 4, 2) for rank in (0, 1)] == [[one[8], one[10]], [one[9], one[11]]]

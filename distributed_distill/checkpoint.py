@@ -81,6 +81,11 @@ def list_checkpoints(out: Path) -> list[tuple[int, Path]]:
     return sorted(found, reverse=True)
 
 
+def complete_checkpoints(out: Path) -> list[Path]:
+    """Step directories in `out` whose marker was written (the last act of a save), newest first."""
+    return [p for _, p in list_checkpoints(out) if (p / MARKER).is_file()]
+
+
 def verify(path: Path) -> dict:
     """The checkpoint's marker, after checking that every file it lists is present with its size and sha256."""
     marker = path / MARKER
@@ -274,8 +279,7 @@ def prune(out: Path, keep_last: int) -> None:
     for leftover in out.glob(".tmp-step-*"):
         shutil.rmtree(leftover, ignore_errors=True)
     if keep_last:
-        complete = [p for _, p in list_checkpoints(out) if (p / MARKER).is_file()]
-        for old in complete[keep_last:]:
+        for old in complete_checkpoints(out)[keep_last:]:
             shutil.rmtree(old)
 
 

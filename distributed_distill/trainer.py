@@ -29,6 +29,7 @@ from . import data as data_lib
 from .config import Config, to_dict
 from .errors import DistillError, Preempted
 from .evaluate import evaluate
+from .heartbeat import Heartbeat
 from .objective import STATS, count_tokens, forward_losses
 from .setup import lr_lambda, prepare_output_dir, setup_accelerator, setup_run
 from .store import OfflineSource, offline_config, open_offline
@@ -109,7 +110,22 @@ def _train(cfg: Config, stop: checkpoint.StopRequest) -> dict:
         progress.restore(resume, scheduler, accelerator)
 
     loop = Loop(cfg, accelerator, student, head, teacher, optimizer, scheduler, progress, stop)
-    final = fit(loop, train_ds, val_ds)
+    heartbeat = Heartbeat.start(accelerator.process_index, accelerator.num_processes)
+    try:
+        final = fit(loop, train_ds, val_ds)
+    except (RuntimeError, DistillError) as e:  # a collective that failed (or timed out) because a rank died?
+        lost = heartbeat.lost() if heartbeat is not None else None
+        if lost is None:
+            raise
+        newest = next(iter(checkpoint.complete_checkpoints(Path(cfg.output_dir))), None)
+        raise DistillError(
+            f"lost {lost} during step {progress.step + 1}: its node or launcher stopped, so this job ends; "
+            f"newest complete checkpoint: {newest or 'none'}; submit the job again to resume (on fewer nodes "
+            "if that one is down: docs/cluster.md)"
+        ) from e
+    finally:
+        if heartbeat is not None:
+            heartbeat.close()
     export(accelerator, student, tokenizer, out_dir / "final")
     return final
 

@@ -343,15 +343,15 @@ def _use_safe_deepspeed_loader(accelerator: Accelerator) -> None:
 def _weights_only_torch_load():
     """DeepSpeed's universal-checkpoint code calls `torch.load(weights_only=False)` directly (no checkpoint
     engine): for its duration every `torch.load` is made `weights_only=True`, with DeepSpeed's types allowed."""
-    original = torch.load
+    original, allowed = torch.load, _deepspeed_safe_globals()
 
     def load(*args, **kwargs):
-        return original(*args, **{**kwargs, "weights_only": True})
+        with torch.serialization.safe_globals(allowed):  # per call: loaders in between reset the allowed list
+            return original(*args, **{**kwargs, "weights_only": True})
 
     torch.load = load
     try:
-        with torch.serialization.safe_globals(_deepspeed_safe_globals()):
-            yield
+        yield
     finally:
         torch.load = original
 

@@ -108,6 +108,9 @@ def _train(cfg: Config, stop: checkpoint.StopRequest) -> dict:
     if resume is not None:
         checkpoint.load(accelerator, resume_path, resume)
         progress.restore(resume, scheduler, accelerator)
+        # Accelerate syncs gradients when its micro-step counter (restored from the checkpoint) divides by the
+        # accumulation: counted in this run's micro-batches, or a resume on other process counts syncs mid-step.
+        accelerator.step = progress.micro_batches
 
     loop = Loop(cfg, accelerator, student, head, teacher, optimizer, scheduler, progress, stop)
     heartbeat = Heartbeat.start(accelerator.process_index, accelerator.num_processes)

@@ -19,7 +19,9 @@ from safetensors.torch import load_file
 from .helpers import SMOKE, TOP_K, accelerate_launch, interrupt, precomputed_store, read_metrics, run_cli, torchrun
 
 STEPS = 12
-COMMON = [f"train.max_steps={STEPS}", "train.save_every=4", "train.eval_every=6", "train.micro_batch_size=2"]
+# save_every=5: the checkpoint resumed is at an odd step, where 2 processes have taken an odd number of micro-steps
+# (the 1-process run must still sync its gradients on even ones).
+COMMON = [f"train.max_steps={STEPS}", "train.save_every=5", "train.eval_every=6", "train.micro_batch_size=2"]
 
 
 def _launcher(procs: int | str, port: int) -> list[str]:
@@ -65,8 +67,8 @@ def test_resume_on_another_process_count_equals_an_uninterrupted_run(tmp_path, b
     reference = tmp_path / "reference"
     run_cli(_args(reference, 2 // procs_after, source), launcher=_launcher(after, 29561), timeout=600)
     out = tmp_path / "run"
-    # Killed at step 6: the step-4 checkpoint (written by `before` processes) is what the next run continues from.
-    killed = interrupt(_launcher(before, 29562) + _args(out, accum, source), out, 6, signal.SIGKILL)
+    # Killed at step 7: the step-5 checkpoint (written by `before` processes) is what the next run continues from.
+    killed = interrupt(_launcher(before, 29562) + _args(out, accum, source), out, 7, signal.SIGKILL)
     assert killed.returncode != 0 and not (out / "final").exists()
     done = [int(p.name[5:]) for p in out.glob("step-*") if (p / "checkpoint.json").is_file()]
     # The same command on `after` processes: the accumulation adjusts by itself.

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list
+from accelerate.utils import DistributedType, broadcast_object_list
 from safetensors import SafetensorError
 
 from .config import Config, to_dict
@@ -297,6 +297,11 @@ def load(accelerator: Accelerator, path: Path, meta: dict) -> None:
     source = path
     if deepspeed and written_by != accelerator.num_processes:
         source = _universal_checkpoint(accelerator, path)
+    elif accelerator.distributed_type == DistributedType.FSDP and written_by != accelerator.num_processes:
+        raise CheckpointError(
+            f"checkpoint {path} holds an FSDP student sharded over {written_by} process(es); resume it on "
+            f"{written_by} (re-sharding FSDP checkpoints is not supported yet)"
+        )
     try:
         with _universal_load(accelerator, enabled=source != path):
             accelerator.load_state(str(source))

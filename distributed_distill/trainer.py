@@ -122,9 +122,9 @@ def _train(cfg: Config, stop: checkpoint.StopRequest) -> dict:
             raise
         newest = next(iter(checkpoint.complete_checkpoints(Path(cfg.output_dir))), None)
         raise DistillError(
-            f"lost {lost} during step {progress.step + 1}: its node or launcher stopped, so this job ends; "
-            f"newest complete checkpoint: {newest or 'none'}; submit the job again to resume (on fewer nodes "
-            "if that one is down: docs/cluster.md)"
+            f"lost {lost} during step {progress.step + 1}: that process stopped (its node or launcher died, or it "
+            f"failed: see its own error), so this job ends; newest complete checkpoint: {newest or 'none'}; submit "
+            "the job again to resume (on fewer nodes if one is down: docs/cluster.md)"
         ) from e
     finally:
         if heartbeat is not None:

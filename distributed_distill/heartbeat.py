@@ -40,7 +40,10 @@ class Heartbeat:
         """A heartbeat for a multi-process job launched with a rendezvous store; None otherwise."""
         if world < 2 or not os.environ.get("MASTER_ADDR") or not os.environ.get("MASTER_PORT"):
             return None
-        return Heartbeat(rank, world)
+        try:
+            return Heartbeat(rank, world)
+        except RuntimeError:  # no store at MASTER_ADDR:MASTER_PORT (a launcher without one): train without names
+            return None
 
     def _store(self) -> dist.TCPStore:
         host, port = self.address.rsplit(":", 1)

@@ -61,15 +61,17 @@ def test_two_process_offline_run_splits_the_store_once(smoke_store, tmp_path):
     assert all(r["loss"] == r["loss"] for r in records) and "val_loss" in records[-1]
     seen = [json.loads((out / "ranks" / f"rank-{r}.json").read_text())["first_sample_indices"] for r in (0, 1)]
     assert len(seen[0]) == len(seen[1]) == 4 * 4  # 4 steps x micro-batch 4, on each rank
-    # Split once, by whole shards (26 shards, 2 ranks): without a buffer each rank reads the first rows of one
-    # shard, consecutively. No split would give both ranks the same rows; a second split (by Accelerate)
-    # would skip every other row.
+    # Split once, in the store's one global order: without a buffer, rank r takes the r-th micro-batch of 4 of
+    # every round of 2, exactly as online batches are dealt. No split would give both ranks the same rows; a second
+    # split (by Accelerate) would skip every other row.
     manifest = json.loads((smoke_store / "manifest.json").read_text())
-    starts = [
-        pq.read_table(smoke_store / sh["path"], columns=["index"])["index"].to_pylist()[:16]
+    store_order = [
+        i
         for sh in manifest["splits"]["train"]["shards"]
+        for i in pq.read_table(smoke_store / sh["path"], columns=["index"])["index"].to_pylist()
     ]
-    assert seen[0] in starts and seen[1] in starts and seen[0] != seen[1]
+    interleaved = [i for step in range(4) for r in (0, 1) for i in seen[r][4 * step : 4 * step + 4]]
+    assert interleaved == store_order[:32]
 
 
 def test_store_of_another_tokenizer_is_refused_before_training(smoke_store, tmp_path):

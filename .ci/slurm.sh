@@ -1,5 +1,8 @@
 #!/usr/bin/env bash
-# A real one-node SLURM (slurmctld + slurmd, with munge) on this machine, for tests/test_slurm.py and CI.
+# A real SLURM (slurmctld, two slurmd, munge) on this machine, for tests/test_slurm.py and CI: two nodes, distill-0
+# and distill-1, each a slurmd of its own on this host (NodeAddr 127.0.0.1, a port each: Debian's slurm-wlm is
+# built with multiple-slurmd support), so that `sbatch --nodes=2` runs a real two-node job. Each node offers all
+# of this machine's CPUs: a one-node job gets what it got before, and two jobs may share the cores.
 #
 #   .ci/slurm.sh up      # install slurm-wlm and munge if missing (apt-get, root), start them; prints the
 #                        # `export SLURM_CONF=...` line that clients (sbatch, squeue, scontrol) need
@@ -16,7 +19,8 @@ DIR=${DISTILL_SLURM_DIR:-/tmp/distill-slurm}
 CONF=$DIR/slurm.conf
 HOST=$(hostname -s)
 CTLD_PORT=${DISTILL_SLURMCTLD_PORT:-6817}
-SLURMD_PORT=${DISTILL_SLURMD_PORT:-6818}
+SLURMD_PORT=${DISTILL_SLURMD_PORT:-6818}  # and the next port for the second node
+NODES=(distill-0 distill-1)
 export SLURM_CONF=$CONF
 
 log() { echo "slurm.sh: $*" >&2; }
@@ -61,7 +65,7 @@ munge_up() {
 write_conf() {
     mkdir -p "$DIR/state" "$DIR/spool" "$DIR/log"
     cat >"$CONF" <<EOF
-# Written by .ci/slurm.sh: one node, this host, as controller and compute node.
+# Written by .ci/slurm.sh: this host as controller and as two compute nodes (a slurmd each, own port).
 ClusterName=distill
 SlurmctldHost=$HOST
 SlurmUser=root
@@ -72,11 +76,11 @@ AuthType=auth/munge
 # A requeued job waits out the credential lifetime before it starts again (default 120 s): 10 s for the tests.
 AuthInfo=cred_expire=10
 StateSaveLocation=$DIR/state
-SlurmdSpoolDir=$DIR/spool
+SlurmdSpoolDir=$DIR/spool/%n
 SlurmctldPidFile=$DIR/slurmctld.pid
-SlurmdPidFile=$DIR/slurmd.pid
+SlurmdPidFile=$DIR/slurmd-%n.pid
 SlurmctldLogFile=$DIR/log/slurmctld.log
-SlurmdLogFile=$DIR/log/slurmd.log
+SlurmdLogFile=$DIR/log/slurmd-%n.log
 # No cgroups on a test machine or in a container: processes are tracked by parent pid, tasks are not bound.
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
@@ -98,12 +102,16 @@ KillWait=30
 ReturnToService=2
 SlurmctldTimeout=30
 SlurmdTimeout=60
-NodeName=$HOST CPUs=$(nproc) State=UNKNOWN
-PartitionName=debug Nodes=$HOST Default=YES MaxTime=INFINITE State=UP
+NodeName=${NODES[0]} NodeHostname=$HOST NodeAddr=127.0.0.1 Port=$SLURMD_PORT CPUs=$(nproc) State=UNKNOWN
+NodeName=${NODES[1]} NodeHostname=$HOST NodeAddr=127.0.0.1 Port=$((SLURMD_PORT + 1)) CPUs=$(nproc) State=UNKNOWN
+PartitionName=debug Nodes=${NODES[0]},${NODES[1]} Default=YES MaxTime=INFINITE State=UP
 EOF
 }
 
-running() { alive "$DIR/slurmctld.pid" && alive "$DIR/slurmd.pid" && scontrol ping 2>/dev/null | grep -q UP; }
+running() {
+    alive "$DIR/slurmctld.pid" && alive "$DIR/slurmd-${NODES[0]}.pid" && alive "$DIR/slurmd-${NODES[1]}.pid" \
+        && scontrol ping 2>/dev/null | grep -q UP
+}
 
 status() {
     running || { log "not running ($CONF)"; return 1; }
@@ -125,17 +133,20 @@ up() {
     rm -rf "$DIR/state" "$DIR/spool"
     write_conf
     slurmctld -f "$CONF"
-    slurmd -f "$CONF"
+    for node in "${NODES[@]}"; do
+        mkdir -p "$DIR/spool/$node"
+        slurmd -f "$CONF" -N "$node"
+    done
     for _ in $(seq 120); do
-        if sinfo -h -o %T 2>/dev/null | grep -qx idle; then
-            log "up: node $HOST, $(nproc) CPUs, partition debug ($CONF, logs in $DIR/log)"
+        if [[ $(sinfo -h -N -o %T 2>/dev/null | grep -cx idle) == "${#NODES[@]}" ]]; then
+            log "up: nodes ${NODES[*]} on $HOST, $(nproc) CPUs each, partition debug ($CONF, logs in $DIR/log)"
             echo "export SLURM_CONF=$CONF"
             return
         fi
         sleep 0.5
     done
-    log "the node did not become idle; last lines of the daemon logs:"
-    tail -n 20 "$DIR/log/slurmctld.log" "$DIR/log/slurmd.log" >&2 || true
+    log "the nodes did not become idle; last lines of the daemon logs:"
+    tail -n 20 "$DIR/log/slurmctld.log" "$DIR"/log/slurmd-*.log >&2 || true
     return 1
 }
 
@@ -156,7 +167,10 @@ stop_pid() {  # stop_pid PIDFILE NAME: TERM, then KILL after 10 s; only the proc
 }
 
 down_daemons() {
-    stop_pid "$DIR/slurmd.pid" slurmd
+    local pidfile
+    for pidfile in "$DIR"/slurmd*.pid; do # both nodes' (and a one-node cluster's slurmd.pid of older versions)
+        [[ -e $pidfile ]] && stop_pid "$pidfile" slurmd
+    done
     stop_pid "$DIR/slurmctld.pid" slurmctld
 }
 

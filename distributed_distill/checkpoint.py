@@ -18,6 +18,10 @@ that does the same (DeepSpeed's own default unpickles arbitrary objects).
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import dataclasses
+import io
 import json
 import pickle
 import re
@@ -27,7 +31,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list
+from accelerate.utils import DistributedType, broadcast_object_list
 from safetensors import SafetensorError
 
 from .config import Config, to_dict
@@ -77,6 +81,11 @@ def list_checkpoints(out: Path) -> list[tuple[int, Path]]:
     return sorted(found, reverse=True)
 
 
+def complete_checkpoints(out: Path) -> list[Path]:
+    """Step directories in `out` whose marker was written (the last act of a save), newest first."""
+    return [p for _, p in list_checkpoints(out) if (p / MARKER).is_file()]
+
+
 def verify(path: Path) -> dict:
     """The checkpoint's marker, after checking that every file it lists is present with its size and sha256."""
     marker = path / MARKER
@@ -111,22 +120,54 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return flat
 
 
+# The global batch (micro-batch x accumulation x processes) is what a run trains on; how it is split may change
+# between a checkpoint and its resume (a job requeued onto fewer nodes), so these two keys are compared through it.
+SPLIT = ("train.micro_batch_size", "train.grad_accum_steps")
+
+
 def check_compatible(meta: dict, cfg: Config, world_size: int, where: Path) -> None:
     """Refuse a checkpoint of a different run: the first differing config key that matters is named."""
     old, new = _flatten(meta["config"]), _flatten(to_dict(cfg))
     for key in sorted(old.keys() | new.keys()):
-        if key.startswith(MAY_CHANGE) or old.get(key) == new.get(key):
+        if key.startswith(MAY_CHANGE) or key in SPLIT or old.get(key) == new.get(key):
             continue
         raise CheckpointError(
             f"checkpoint {where} was written with {key}={old.get(key)!r} but this run has {key}={new.get(key)!r}; "
             "only logging, evaluation, checkpointing and the step budget may change on resume "
             "(use another output_dir to start a different run)"
         )
-    if meta["world_size"] != world_size:
-        raise CheckpointError(
-            f"checkpoint {where} was written by {meta['world_size']} process(es) but this run has {world_size}; "
-            "each rank's data position belongs to its process count, resume with the same number of processes"
-        )
+    resume_config(cfg, meta, world_size, where)
+
+
+def global_batch(meta: dict) -> int:
+    """Sequences per optimizer step of the run that wrote the checkpoint."""
+    train = meta["config"]["train"]
+    return train["micro_batch_size"] * train["grad_accum_steps"] * meta["world_size"]
+
+
+def resume_config(cfg: Config, meta: dict, world_size: int, where: Path | str = "") -> Config:
+    """`cfg` with the accumulation that keeps the checkpoint's global batch on `world_size` processes.
+
+    A run resumed on a different number of processes (a job requeued onto fewer or more nodes) keeps its global
+    batch: with the micro-batch and accumulation it was started with, the accumulation adjusts (2 processes x 1
+    -> 1 process x 2); a micro-batch or accumulation set anew must give the same global batch. Anything else
+    would train a different run, and is refused naming the key.
+    """
+    old = meta["config"]["train"]
+    batch, micro, accum = global_batch(meta), cfg.train.micro_batch_size, cfg.train.grad_accum_steps
+    if micro * accum * world_size == batch:
+        return cfg
+    if (micro, accum) == (old["micro_batch_size"], old["grad_accum_steps"]) and batch % (micro * world_size) == 0:
+        accum = batch // (micro * world_size)
+        return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, grad_accum_steps=accum))
+    key = "train.micro_batch_size" if micro != old["micro_batch_size"] else "train.grad_accum_steps"
+    raise CheckpointError(
+        f"checkpoint {where} was trained with a global batch of {batch} sequences ({old['micro_batch_size']} x "
+        f"{old['grad_accum_steps']} x {meta['world_size']} process(es)), but {key}={getattr(cfg.train, key[6:])} "
+        f"on {world_size} process(es) gives {micro * accum * world_size}; the global batch cannot change on resume: "
+        "set train.micro_batch_size and train.grad_accum_steps so that micro x accum x processes = "
+        f"{batch}"
+    )
 
 
 def _choose(cfg: Config, world_size: int) -> tuple[Path | None, dict | None, list[str]]:
@@ -238,24 +279,50 @@ def prune(out: Path, keep_last: int) -> None:
     for leftover in out.glob(".tmp-step-*"):
         shutil.rmtree(leftover, ignore_errors=True)
     if keep_last:
-        complete = [p for _, p in list_checkpoints(out) if (p / MARKER).is_file()]
-        for old in complete[keep_last:]:
+        for old in complete_checkpoints(out)[keep_last:]:
             shutil.rmtree(old)
 
 
-def load(accelerator: Accelerator, path: Path) -> None:
-    """Restore the student, optimizer, gradient scaler and this rank's RNG states from `path`."""
-    if accelerator.state.deepspeed_plugin is not None:
+def load(accelerator: Accelerator, path: Path, meta: dict) -> None:
+    """Restore the student, optimizer, gradient scaler and this rank's RNG states from `path` (written by
+    `meta["world_size"]` processes: a DeepSpeed student's sharded optimizer state is re-partitioned for this run's)."""
+    deepspeed = accelerator.state.deepspeed_plugin is not None
+    if deepspeed:
         _use_safe_deepspeed_loader(accelerator)
-    rng = path / f"random_states_{accelerator.process_index}.pkl"
-    if not rng.is_file():  # Accelerate would skip a missing RNG file silently, and the run would not be exact
-        raise CheckpointError(f"checkpoint {path} has no RNG state for rank {accelerator.process_index}")
+    rank, written_by = accelerator.process_index, meta["world_size"]
+    # Accelerate skips a missing RNG file silently, and the run would not be exact. A rank the checkpoint had no
+    # process for (resumed on more processes) keeps the seeded state it started with.
+    if rank < written_by and not (path / f"random_states_{rank}.pkl").is_file():
+        raise CheckpointError(f"checkpoint {path} has no RNG state for rank {rank}")
+    source = path
+    if deepspeed and written_by != accelerator.num_processes:
+        source = _universal_checkpoint(accelerator, path)
+    elif accelerator.distributed_type == DistributedType.FSDP and written_by != accelerator.num_processes:
+        raise CheckpointError(
+            f"checkpoint {path} holds an FSDP student sharded over {written_by} process(es); resume it on "
+            f"{written_by} (re-sharding FSDP checkpoints is not supported yet)"
+        )
     try:
-        accelerator.load_state(str(path))
+        with _universal_load(accelerator, enabled=source != path):
+            accelerator.load_state(str(source))
     except (pickle.UnpicklingError, RuntimeError, OSError, ValueError, KeyError, SafetensorError) as e:
         # weights_only refuses anything but tensors and plain data: a tampered file fails here, it never runs.
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"checkpoint {path} cannot be loaded: {reason}") from None
+    finally:
+        if source != path:
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                shutil.rmtree(source, ignore_errors=True)
+
+
+def _deepspeed_safe_globals() -> list:
+    """The DeepSpeed/torch types its checkpoint files hold besides tensors, numbers and strings."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [ZeroStageEnum, LossScaler, fragment_address, torch.Size]
 
 
 def _use_safe_deepspeed_loader(accelerator: Accelerator) -> None:
@@ -266,11 +333,7 @@ def _use_safe_deepspeed_loader(accelerator: Accelerator) -> None:
         DeepSpeed/torch types that are allowed explicitly."""
 
         def load(self, path: str, map_location=None):
-            from deepspeed.runtime.fp16.loss_scaler import LossScaler
-            from deepspeed.runtime.zero.config import ZeroStageEnum
-            from deepspeed.utils.tensor_fragment import fragment_address
-
-            with torch.serialization.safe_globals([ZeroStageEnum, LossScaler, fragment_address, torch.Size]):
+            with torch.serialization.safe_globals(_deepspeed_safe_globals()):
                 return torch.load(path, map_location=map_location, weights_only=True)
 
     for model in accelerator._models:
@@ -279,6 +342,64 @@ def _use_safe_deepspeed_loader(accelerator: Accelerator) -> None:
             model.checkpoint_engine = engine
             if getattr(model, "optimizer", None) is not None and hasattr(model.optimizer, "checkpoint_engine"):
                 model.optimizer.checkpoint_engine = engine
+
+
+@contextlib.contextmanager
+def _weights_only_torch_load():
+    """DeepSpeed's universal-checkpoint code calls `torch.load(weights_only=False)` directly (no checkpoint
+    engine): for its duration every `torch.load` is made `weights_only=True`, with DeepSpeed's types allowed."""
+    original, allowed = torch.load, _deepspeed_safe_globals()
+
+    def load(*args, **kwargs):
+        with torch.serialization.safe_globals(allowed):  # per call: loaders in between reset the allowed list
+            return original(*args, **{**kwargs, "weights_only": True})
+
+    torch.load = load
+    try:
+        yield
+    finally:
+        torch.load = original
+
+
+def _universal_checkpoint(accelerator: Accelerator, path: Path) -> Path:
+    """A copy of checkpoint `path` whose DeepSpeed shards are converted to DeepSpeed's universal checkpoint (one
+    file per parameter and optimizer moment, loadable at any data-parallel degree); the main process writes it
+    next to `path` as `.universal-step-NNNNNNN/`, the caller removes it after loading."""
+    out = path.parent / f".universal-{path.name}"
+    if accelerator.is_main_process:
+        from deepspeed.checkpoint import ds_to_universal
+
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir()
+        for f in path.glob("random_states_*.pkl"):
+            (out / f.name).symlink_to(f.resolve())
+        args = argparse.Namespace(
+            input_folder=str(path / "pytorch_model"),
+            output_folder=str(out / "pytorch_model"),
+            num_extract_workers=1,  # in this process, under the weights-only loader (workers would not see it)
+            num_merge_workers=1,
+            keep_temp_folder=False,
+            strict=True,
+            inject_missing_state=True,  # the version marker that Megatron-DeepSpeed adds and accelerate does not
+        )
+        with _weights_only_torch_load(), contextlib.redirect_stdout(io.StringIO()):
+            ds_to_universal.main(args)
+    accelerator.wait_for_everyone()
+    return out
+
+
+@contextlib.contextmanager
+def _universal_load(accelerator: Accelerator, enabled: bool):
+    """DeepSpeed engines read the universal layout while this is active."""
+    engines = [m for m in accelerator._models if hasattr(m, "load_universal_checkpoint")] if enabled else []
+    for engine in engines:
+        engine._config.load_universal_checkpoint = True
+    try:
+        with _weights_only_torch_load() if engines else contextlib.nullcontext():
+            yield
+    finally:
+        for engine in engines:
+            engine._config.load_universal_checkpoint = False
 
 
 # ----------------------------------------------------------------------------------------------

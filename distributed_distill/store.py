@@ -36,7 +36,6 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 from accelerate import Accelerator
-from datasets.distributed import split_dataset_by_node
 
 from .config import Config
 from .errors import DistillError
@@ -220,16 +219,19 @@ def decode(table: pa.Table, k: int, check_hashes: bool = True) -> dict[str, torc
 class TrainStream:
     """The training split, streamed with `datasets` (row groups are read as needed, never the whole store).
 
-    Split across ranks once, here, by `split_dataset_by_node`; it is never given to `accelerator.prepare`,
-    whose data-loader wrapper would split it a second time. Each rank's stream repeats over epochs, so every
-    rank always has a full micro-batch and the ranks stay in step.
+    One global order, the same on every rank and for any number of ranks: global micro-batch q (rows
+    q*micro .. q*micro+micro-1 of the order) belongs to rank q % world, the same assignment as an online run's
+    batches (`data.train_indices`). The data position is therefore global: a run resumed on a different number
+    of processes continues at the same row of the same order, and no row is trained twice or skipped. The
+    price: every rank reads every row (as an Arrow slice, cheap) and decodes only its own. The stream is never
+    given to `accelerator.prepare`, whose data-loader wrapper would split it a second time. It repeats over
+    epochs, so every rank always has a full micro-batch and the ranks stay in step.
 
-    Shuffling: per epoch the shard order is permuted (the same seeded permutation on every rank, before the
-    split, as `split_dataset_by_node` requires), then rows pass through a seeded buffer of `shuffle_buffer`
-    rows: each incoming row replaces a random one of the buffer, which is emitted. The buffer holds Arrow row
-    slices: `IterableDataset.shuffle` turns every row into Python objects, about 3k tokens/s at k=64. With
-    `shuffle_buffer=0` rows come in store order, which precompute wrote in the order an online run with the
-    same seed trains on (the first epoch).
+    Shuffling: per epoch the shard order is permuted (seeded), then rows pass through a seeded buffer of
+    `shuffle_buffer` rows: each incoming row replaces a random one of the buffer, which is emitted. The buffer
+    holds Arrow row slices: `IterableDataset.shuffle` turns every row into Python objects, about 3k tokens/s at
+    k=64. With `shuffle_buffer=0` rows come in store order, which precompute wrote in the order an online run
+    with the same seed trains on (the first epoch), at any number of processes.
     """
 
     def __init__(self, root: Path, manifest: dict, seed: int, shuffle_buffer: int):
@@ -240,39 +242,40 @@ class TrainStream:
     def __len__(self) -> int:
         return self.rows
 
-    def _rows(self, world: int, rank: int) -> Iterator[pa.Table]:
+    def _rows(self) -> Iterator[pa.Table]:
+        """Every row of the global order (before the shuffle buffer), epoch after epoch."""
         for epoch in itertools.count():
             files = self.files
             if self.shuffle_buffer:
                 files = [files[i] for i in np.random.default_rng([self.seed, epoch]).permutation(len(files))]
             ds = datasets.load_dataset("parquet", data_files=files, split="train", streaming=True)
-            ds = split_dataset_by_node(ds, rank=rank, world_size=world).with_format("arrow")
-            for table in ds.iter(batch_size=256):
+            for table in ds.with_format("arrow").iter(batch_size=256):
                 for i in range(table.num_rows):
                     yield table.slice(i, 1)
 
     def micro_batches(
         self, micro_batch: int, world: int, rank: int, skip: int = 0
     ) -> Iterator[dict[str, torch.Tensor]]:
-        """This rank's micro-batches, from the `skip`-th on: a resumed run replays the stream up to its checkpoint
-        (rows are read and shuffled as before, but not decoded), so it continues with exactly the next batch."""
-        rng = np.random.default_rng([self.seed, rank, 1])
+        """This rank's micro-batches, from its `skip`-th on (global micro-batch `skip * world + rank`): a resumed
+        run replays the order up to its checkpoint (rows are read and shuffled as before, but not decoded), so it
+        continues with exactly the next batch."""
+        rng = np.random.default_rng([self.seed, 1])
         buffer: list[pa.Table] = []
         batch: list[pa.Table] = []
-        for row in self._rows(world, rank):
+        emitted = 0  # rows of the global order so far
+        for row in self._rows():
             if len(buffer) < self.shuffle_buffer:
                 buffer.append(row)
                 continue
             if self.shuffle_buffer:
                 j = int(rng.integers(self.shuffle_buffer))
                 row, buffer[j] = buffer[j], row
-            batch.append(row)
-            if len(batch) == micro_batch:
-                if skip:
-                    skip -= 1
-                else:
+            q, emitted = emitted // micro_batch, emitted + 1
+            if q % world == rank and q // world >= skip:
+                batch.append(row)
+                if len(batch) == micro_batch:
                     yield decode(pa.concat_tables(batch), self.k)
-                batch = []
+                    batch = []
 
 
 class ValidationSplit:

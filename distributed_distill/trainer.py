@@ -29,6 +29,7 @@ from . import data as data_lib
 from .config import Config, to_dict
 from .errors import DistillError, Preempted
 from .evaluate import evaluate
+from .heartbeat import Heartbeat
 from .objective import STATS, count_tokens, forward_losses
 from .setup import lr_lambda, prepare_output_dir, setup_accelerator, setup_run
 from .store import OfflineSource, offline_config, open_offline
@@ -49,6 +50,15 @@ def _train(cfg: Config, stop: checkpoint.StopRequest) -> dict:
     models.check_paths(cfg)  # a mistyped path is named as such, before a checkpoint is compared against it
     # Which checkpoint to continue from is settled (and a wrong one refused) before any data or model is loaded.
     resume_path, resume = checkpoint.choose_resume(cfg, accelerator)
+    if resume is not None:  # on a different number of processes the accumulation adjusts: same global batch
+        cfg = checkpoint.resume_config(cfg, resume, accelerator.num_processes)
+        if resume["world_size"] != accelerator.num_processes:
+            accelerator.gradient_accumulation_steps = cfg.train.grad_accum_steps
+            accelerator.print(
+                f"resume: written by {resume['world_size']} process(es), continuing on {accelerator.num_processes}: "
+                f"{cfg.train.micro_batch_size} x {cfg.train.grad_accum_steps} accumulation x "
+                f"{accelerator.num_processes} = {checkpoint.global_batch(resume)} sequences per step, as before"
+            )
     accelerator, tokenizer, student_config, teacher_config = setup_run(cfg, accelerator)
     offline: OfflineSource | None = None
     if cfg.distill.signal == "offline":
@@ -96,11 +106,29 @@ def _train(cfg: Config, stop: checkpoint.StopRequest) -> dict:
     # The config as given: what a resumed run is compared against.
     progress = Progress(store=offline.manifest["config_hash"] if offline else None, config=to_dict(cfg))
     if resume is not None:
-        checkpoint.load(accelerator, resume_path)
-        progress.restore(resume, scheduler, accelerator.process_index)
+        checkpoint.load(accelerator, resume_path, resume)
+        progress.restore(resume, scheduler, accelerator)
+        # Accelerate syncs gradients when its micro-step counter (restored from the checkpoint) divides by the
+        # accumulation: counted in this run's micro-batches, or a resume on other process counts syncs mid-step.
+        accelerator.step = progress.micro_batches
 
     loop = Loop(cfg, accelerator, student, head, teacher, optimizer, scheduler, progress, stop)
-    final = fit(loop, train_ds, val_ds)
+    heartbeat = Heartbeat.start(accelerator.process_index, accelerator.num_processes)
+    try:
+        final = fit(loop, train_ds, val_ds)
+    except (RuntimeError, DistillError) as e:  # a collective that failed (or timed out) because a rank died?
+        lost = heartbeat.lost() if heartbeat is not None else None
+        if lost is None:
+            raise
+        newest = next(iter(checkpoint.complete_checkpoints(Path(cfg.output_dir))), None)
+        raise DistillError(
+            f"lost {lost} during step {progress.step + 1}: that process stopped (its node or launcher died, or it "
+            f"failed: see its own error), so this job ends; newest complete checkpoint: {newest or 'none'}; submit "
+            "the job again to resume (on fewer nodes if one is down: docs/cluster.md)"
+        ) from e
+    finally:
+        if heartbeat is not None:
+            heartbeat.close()
     export(accelerator, student, tokenizer, out_dir / "final")
     return final
 
@@ -131,7 +159,7 @@ class Progress:
     """The recipe state a checkpoint carries besides weights, optimizer and RNG (checkpoint.json)."""
 
     step: int = 0
-    micro_batches: int = 0  # this rank's data position: micro-batches consumed (the stream skips them on resume)
+    micro_batches: int = 0  # micro-steps taken by every rank: x processes x micro = the global data position
     tokens_seen: int = 0
     bad_steps: int = 0  # consecutive steps skipped for a non-finite loss or gradient
     skipped_steps: int = 0
@@ -140,12 +168,18 @@ class Progress:
     first_sample_indices: list[int] = field(default_factory=list)  # this rank's first 256 samples (ranks/ record)
     config: dict | None = None  # the resolved config the run was started with
 
-    def restore(self, meta: dict, scheduler: torch.optim.lr_scheduler.LRScheduler, rank: int) -> None:
+    def restore(self, meta: dict, scheduler: torch.optim.lr_scheduler.LRScheduler, accelerator: Accelerator) -> None:
+        """The state of `meta` on this rank. The data position is global: the checkpoint's ranks consumed
+        micro_batches x world x micro sequences together (every rank the same count), which this run's ranks
+        continue from whatever their number, so no sample is trained twice or skipped."""
         self.step, self.tokens_seen = meta["step"], meta["tokens_seen"]
         self.bad_steps, self.skipped_steps = meta["bad_steps"], meta["skipped_steps"]
         self.wandb_run_id = meta["wandb_run_id"]
-        position = meta["data_position"][rank]
-        self.micro_batches, self.first_sample_indices = position["micro_batches"], position["first_sample_indices"]
+        positions, rank = meta["data_position"], accelerator.process_index
+        sequences = positions[0]["micro_batches"] * meta["world_size"] * meta["config"]["train"]["micro_batch_size"]
+        micro = self.config["train"]["micro_batch_size"]  # this run's (config as resumed)
+        self.micro_batches = sequences // (accelerator.num_processes * micro)  # a whole number of global batches
+        self.first_sample_indices = positions[rank]["first_sample_indices"] if rank < len(positions) else []
         scheduler.load_state_dict(meta["scheduler"])
 
 

@@ -8,8 +8,10 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import psutil
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -89,3 +91,30 @@ def accelerate_launch(config: str, port: int) -> list[str]:
         "--config_file", str(ROOT / "launch" / "accelerate" / config),
         "--num_processes", "2", "--main_process_port", str(port),
     ]  # fmt: skip
+
+
+def last_step(out: Path) -> int:
+    try:
+        return max((r["step"] for r in read_metrics(out)), default=0)
+    except (FileNotFoundError, ValueError):  # not created yet, or a line being written
+        return 0
+
+
+def interrupt(cmd: list[str], out: Path, at_step: int, sig: int, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Start `cmd`, wait until metrics.jsonl reaches `at_step`, send `sig` to it and all its descendants (as SLURM
+    signals every process of a job step; torchrun's workers run in sessions of their own, so a process group
+    would miss them), and wait for it to end."""
+    env = {k: v for k, v in os.environ.items()}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + timeout
+    while last_step(out) < at_step:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            stdout, stderr = proc.communicate()
+            raise AssertionError(f"run ended before step {at_step} ({proc.returncode}):\n{stdout}\n{stderr[-4000:]}")
+        time.sleep(0.01)
+    parent = psutil.Process(proc.pid)
+    for p in [parent, *parent.children(recursive=True)]:
+        p.send_signal(sig)
+    stdout, stderr = proc.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)

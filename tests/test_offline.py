@@ -61,15 +61,17 @@ def test_two_process_offline_run_splits_the_store_once(smoke_store, tmp_path):
     assert all(r["loss"] == r["loss"] for r in records) and "val_loss" in records[-1]
     seen = [json.loads((out / "ranks" / f"rank-{r}.json").read_text())["first_sample_indices"] for r in (0, 1)]
     assert len(seen[0]) == len(seen[1]) == 4 * 4  # 4 steps x micro-batch 4, on each rank
-    # Split once, by whole shards (26 shards, 2 ranks): without a buffer each rank reads the first rows of one
-    # shard, consecutively. No split would give both ranks the same rows; a second split (by Accelerate)
-    # would skip every other row.
+    # Split once, in the store's one global order: without a buffer, rank r takes the r-th micro-batch of 4 of
+    # every round of 2, exactly as online batches are dealt. No split would give both ranks the same rows; a second
+    # split (by Accelerate) would skip every other row.
     manifest = json.loads((smoke_store / "manifest.json").read_text())
-    starts = [
-        pq.read_table(smoke_store / sh["path"], columns=["index"])["index"].to_pylist()[:16]
+    store_order = [
+        i
         for sh in manifest["splits"]["train"]["shards"]
+        for i in pq.read_table(smoke_store / sh["path"], columns=["index"])["index"].to_pylist()
     ]
-    assert seen[0] in starts and seen[1] in starts and seen[0] != seen[1]
+    interleaved = [i for step in range(4) for r in (0, 1) for i in seen[r][4 * step : 4 * step + 4]]
+    assert interleaved == store_order[:32]
 
 
 def test_store_of_another_tokenizer_is_refused_before_training(smoke_store, tmp_path):
@@ -131,3 +133,22 @@ def test_shuffle_buffer_is_seeded(smoke_store):
     assert len(set(shuffled)) == len(shuffled)  # a permutation within the epoch: no row twice
     ranks = [order(0, 64, rank, 2) for rank in (0, 1)]
     assert not set(ranks[0]) & set(ranks[1])
+
+
+def test_stream_position_is_global(smoke_store):
+    """The store's order does not depend on the number of ranks: 2 ranks' micro-batches interleaved are the one
+    rank's stream, and a stream started at a position (a resume, on any number of ranks) continues that order."""
+    from distributed_distill import store as store_lib
+
+    manifest = store_lib.read_manifest(smoke_store)
+
+    def rows(world: int, rank: int, skip: int, n: int) -> list[list[int]]:
+        stream = store_lib.TrainStream(smoke_store, manifest, 0, 16).micro_batches(2, world, rank, skip=skip)
+        return [next(stream)["index"].tolist() for _ in range(n)]
+
+    one = rows(1, 0, 0, 24)
+    two = [rows(2, rank, 0, 12) for rank in (0, 1)]
+    assert [two[q % 2][q // 2] for q in range(24)] == one
+    # 2 ranks stopped after 4 micro-steps each (8 global micro-batches) -> 1 rank continues at its 8th, and back.
+    assert rows(1, 0, 8, 4) == one[8:12]
+    assert [rows(2, rank, 4, 2) for rank in (0, 1)] == [[one[8], one[10]], [one[9], one[11]]]

@@ -4,20 +4,26 @@ offline (the streamed store, shuffle buffer included), with 1 and with 2 process
 
 from __future__ import annotations
 
-import os
 import random
 import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from .helpers import ROOT, SMOKE, TOP_K, accelerate_launch, precomputed_store, read_metrics, run_cli, torchrun
+from .helpers import (
+    SMOKE,
+    TOP_K,
+    accelerate_launch,
+    interrupt,
+    last_step,
+    precomputed_store,
+    read_metrics,
+    run_cli,
+    torchrun,
+)
 
 STEPS = 40
 SAVE_EVERY = 4
@@ -40,33 +46,6 @@ def _args(out: Path, procs: int, signal_source: str) -> list[str]:
         store = precomputed_store(f"distill.store_top_k={TOP_K}")
         args += ["distill.signal=offline", f"distill.store={store}", "distill.shuffle_buffer=16"]
     return args
-
-
-def _last_step(out: Path) -> int:
-    try:
-        return max((r["step"] for r in read_metrics(out)), default=0)
-    except (FileNotFoundError, ValueError):  # not created yet, or a line being written
-        return 0
-
-
-def interrupt(cmd: list[str], out: Path, at_step: int, sig: int, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Start `cmd`, wait until metrics.jsonl reaches `at_step`, send `sig` to it and all its descendants (as SLURM
-    signals every process of a job step; torchrun's workers run in sessions of their own, so a process group
-    would miss them), and wait for it to end."""
-    env = {k: v for k, v in os.environ.items()}
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + timeout
-    while _last_step(out) < at_step:
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            stdout, stderr = proc.communicate()
-            raise AssertionError(f"run ended before step {at_step} ({proc.returncode}):\n{stdout}\n{stderr[-4000:]}")
-        time.sleep(0.01)
-    parent = psutil.Process(proc.pid)
-    for p in [parent, *parent.children(recursive=True)]:
-        p.send_signal(sig)
-    stdout, stderr = proc.communicate(timeout=timeout)
-    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
 def assert_same_student(a: Path, b: Path) -> None:
@@ -155,7 +134,7 @@ def test_preemption_signal_checkpoints_the_current_step_and_resume_is_exact(tmp_
     if procs == 1:
         assert stopped.returncode == 75, stopped.stderr[-3000:]
     assert "preempted at step" in stopped.stderr, stopped.stderr[-3000:]
-    step = _last_step(out)
+    step = last_step(out)
     assert step < STEPS
     marker = out / f"step-{step:07d}" / "checkpoint.json"
     assert marker.is_file(), f"no complete checkpoint for the step the run stopped at ({step})"

@@ -1,8 +1,9 @@
-"""launch/slurm/*.sbatch on a real one-node SLURM (`.ci/slurm.sh`: slurmctld, slurmd and munge on this machine).
+"""launch/slurm/*.sbatch on a real SLURM (`.ci/slurm.sh`: slurmctld, two slurmd and munge on this machine).
 
 The smoke config trains as a 2-process job; precompute runs as a 2-task job array into one store; a training job
 that is requeued (`scontrol requeue`: SIGTERM) or signalled as at its time limit (SIGUSR1 to the batch script)
-resumes from its checkpoint and ends with exactly the student of an uninterrupted run.
+resumes from its checkpoint and ends with exactly the student of an uninterrupted run; a two-node job
+(`--nodes=2`, a process per node) cancelled and submitted again with `--nodes=1` resumes on one process.
 
 Uses the cluster `.ci/slurm.sh` runs, or starts one (root, SLURM installed) and stops it afterwards; skips
 without SLURM. Run alone: `.venv/bin/python -m pytest -m slurm`.
@@ -178,3 +179,28 @@ def test_interrupted_train_job_resumes_to_the_same_student(slurm, uninterrupted,
     expected, got = _weights(uninterrupted), _weights(out)
     assert expected.keys() == got.keys()
     assert all(torch.equal(expected[k], got[k]) for k in expected), "the resumed student differs"
+
+
+def test_two_node_job_requeued_onto_one_node_resumes_to_the_same_student(slurm, uninterrupted, tmp_path):
+    """`sbatch --nodes=2` (two slurmd on this host, one process per node), cancelled mid-run (SIGTERM: the workers
+    checkpoint), then the same command submitted with `--nodes=1`: it resumes on 1 process, the accumulation
+    doubling so that the global batch stays, and ends with the student of an uninterrupted 2-process run."""
+    out, logs = tmp_path / "run", tmp_path / "logs"
+    env = {**slurm, "MASTER_PORT": "29817", "NPROC_PER_NODE": "1"}
+    args = ["--config", str(SMOKE), f"output_dir={out}", *LONG]
+    job = _sbatch(env, logs, TRAIN, *args, options=("--nodes=2",))
+    _wait(env, job, logs, until=lambda: any(out.glob("step-*/checkpoint.json")))
+    subprocess.run(["scancel", job], env=env, check=True, timeout=60)
+    [info] = _wait(env, job, logs)
+    log = _logs(logs)
+    assert info["JobState"] == "CANCELLED" and "2 node(s) x 1 process(es)" in log, log
+    assert "rendezvous 127.0.0.1:" in log  # the first node's NodeAddr (node names do not resolve here)
+    requeued = _sbatch(env, logs, TRAIN, *args, options=("--nodes=1",))
+    log = _completed(_wait(env, requeued, logs), logs)
+    assert "1 node(s) x 1 process(es)" in log
+    assert "written by 2 process(es), continuing on 1: 4 x 2 accumulation x 1 = 8 sequences per step" in log, log
+    assert [r["step"] for r in read_metrics(out)] == list(range(1, 201))
+    expected, got = _weights(uninterrupted), _weights(out)
+    worst = max((expected[k] - got[k]).abs().max().item() for k in expected)
+    print(f"max |w_requeued - w_uninterrupted| = {worst:.3g}")
+    assert worst <= 1e-6

@@ -15,7 +15,7 @@ PACKAGE = ROOT / "distributed_distill"
 # The trainer is the top of the stack: only the command line and the demo (which drives the command line) use it.
 MAY_IMPORT_TRAINER = {"cli", "demo"}
 # The loss module is pure torch: usable without the rest of the package (docs/losses.md).
-IMPORTS_NOTHING_FROM_PACKAGE = {"losses", "errors", "integrity"}
+IMPORTS_NOTHING_FROM_PACKAGE = {"losses", "errors", "integrity", "heartbeat"}
 
 
 def package_imports() -> dict[str, set[str]]:

@@ -117,6 +117,7 @@ def test_train_job(slurm, tmp_path):
     assert model(ids).logits.shape[-1] == model.config.vocab_size
 
 
+@pytest.mark.slow
 def test_train_job_with_an_accelerate_config(slurm, tmp_path):
     """ACCELERATE_CONFIG: `accelerate launch` per node instead of torchrun; here a DeepSpeed ZeRO-2 student on CPU."""
     out, logs = tmp_path / "run", tmp_path / "logs"
@@ -127,6 +128,7 @@ def test_train_job_with_an_accelerate_config(slurm, tmp_path):
     assert (out / "final" / "model.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_precompute_job_array_writes_one_store(slurm, tmp_path):
     store, logs = tmp_path / "store", tmp_path / "logs"
     env = {**slurm, "MASTER_PORT": "29811"}
@@ -153,6 +155,7 @@ def uninterrupted(tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("interrupt", ["requeue", "usr1"])
+@pytest.mark.slow
 def test_interrupted_train_job_resumes_to_the_same_student(slurm, uninterrupted, tmp_path, interrupt):
     """`requeue`: `scontrol requeue` kills the job (SIGTERM to every process) and SLURM starts it again.
     `usr1`: what --signal=B:USR1@300 does before the time limit: the script has the workers checkpoint and stop,

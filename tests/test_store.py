@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from distributed_distill import store as store_lib
+from distributed_distill.integrity import sha256_file
 
 from .helpers import TOP_K, precomputed_store, run_cli
 
@@ -46,7 +47,7 @@ def test_store_verifies_and_manifest_describes_it(smoke_store):
     shards = [s for split in ("train", "validation") for s in m["splits"][split]["shards"]]
     assert m["rows"] == sum(s["rows"] for s in shards) and m["tokens"] == m["rows"] * 64
     for s in shards:
-        assert store_lib.sha256_file(smoke_store / s["path"]) == s["sha256"]
+        assert sha256_file(smoke_store / s["path"]) == s["sha256"]
     # Narrow types on disk, compression on.
     schema = pq.read_schema(smoke_store / shards[0]["path"])
     assert str(schema.field("teacher_ids").type) == "list<element: uint16>"
@@ -115,7 +116,7 @@ def test_row_whose_ids_do_not_match_its_hash_is_named(store_copy):
     pq.write_table(table, path, **store_lib.PARQUET_OPTIONS)
     manifest = json.loads((store_copy / "manifest.json").read_text())
     entry = next(s for s in manifest["splits"]["train"]["shards"] if s["path"] == "train/shard-00003.parquet")
-    entry["bytes"], entry["sha256"] = path.stat().st_size, store_lib.sha256_file(path)
+    entry["bytes"], entry["sha256"] = path.stat().st_size, sha256_file(path)
     (store_copy / "manifest.json").write_text(json.dumps(manifest))
     proc = _verify(store_copy)
     assert proc.returncode == 2

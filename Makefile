@@ -20,11 +20,12 @@ venv: $(VENV)/.installed
 demo: venv
 	$(VENV)/bin/distill demo
 
+# Both tiers end with their 15 slowest tests, so a test that grows shows up in every run.
 test: venv
-	$(PY) -m pytest -m "not slow" -q
+	$(PY) -m pytest -m "not slow" -q --durations=15
 
 test-slow: venv
-	$(PY) -m pytest -m slow -q
+	$(PY) -m pytest -m slow -q --durations=15
 
 lint: venv
 	$(VENV)/bin/ruff check .

@@ -53,6 +53,8 @@ def write_config(path: Path, base: Path = SMOKE, **sections) -> Path:
 
 
 TOP_K = 16
+# The 2-process smoke run (conftest's `two_process_run`, run once per session): 4 steps, micro-batch 2 on each rank.
+TWO_PROCESS = ["train.max_steps=4", "train.eval_every=2", "train.micro_batch_size=2", "distill.alpha=0.5"]
 
 
 def precomputed_store(*overrides: str, name: str | None = None) -> Path:

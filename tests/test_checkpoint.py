@@ -74,6 +74,7 @@ def test_checkpoint_layout_and_marker(finished):
         assert load(ckpt / name, weights_only=True)
 
 
+@pytest.mark.slow
 def test_resume_after_finishing_extends_the_step_budget(run_copy):
     proc = _train(run_copy, "train.max_steps=8", "train.eval_every=4")  # step budget and eval may change
     assert f"continuing from {run_copy / 'step-0000006'} (step 6)" in proc.stdout
@@ -85,8 +86,10 @@ def test_resume_after_finishing_extends_the_step_budget(run_copy):
     "damage, message",
     [
         ("truncate", "step-0000006 is damaged: model.safetensors has"),
-        ("flip", "step-0000006 is damaged: optimizer.bin does not match its sha256"),
-        ("no_marker", "step-0000006 is incomplete (no checkpoint.json"),
+        pytest.param(
+            "flip", "step-0000006 is damaged: optimizer.bin does not match its sha256", marks=pytest.mark.slow
+        ),
+        pytest.param("no_marker", "step-0000006 is incomplete (no checkpoint.json", marks=pytest.mark.slow),
     ],
 )
 def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(run_copy, damage, message):
@@ -108,6 +111,7 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(run_copy, dama
     assert [r["step"] for r in read_metrics(run_copy)] == list(range(1, 9))
 
 
+@pytest.mark.slow
 def test_explicit_damaged_checkpoint_is_an_error_and_nothing_changes(run_copy):
     path = run_copy / "step-0000006" / "model.safetensors"
     path.write_bytes(path.read_bytes()[:1000])
@@ -121,10 +125,20 @@ def test_explicit_damaged_checkpoint_is_an_error_and_nothing_changes(run_copy):
     "override, message",
     [
         ("student.arch.hidden_size=48", "was written with student.arch.hidden_size=32 but this run has "),
-        ("distill.loss=reverse_kl", "was written with distill.loss='forward_kl' but this run has "),
-        ("data.max_documents=30", "was written with data.max_documents=40 but this run has "),
+        pytest.param(
+            "distill.loss=reverse_kl",
+            "was written with distill.loss='forward_kl' but this run has ",
+            marks=pytest.mark.slow,
+        ),
+        pytest.param(
+            "data.max_documents=30", "was written with data.max_documents=40 but this run has ", marks=pytest.mark.slow
+        ),
         # The split of the global batch may change (elastic resume), the global batch may not.
-        ("train.micro_batch_size=2", "train.micro_batch_size=2 on 1 process(es) gives 2; the global batch cannot"),
+        pytest.param(
+            "train.micro_batch_size=2",
+            "train.micro_batch_size=2 on 1 process(es) gives 2; the global batch cannot",
+            marks=pytest.mark.slow,
+        ),
     ],
 )
 def test_resume_refuses_a_different_run_naming_the_field(run_copy, override, message):
@@ -135,6 +149,7 @@ def test_resume_refuses_a_different_run_naming_the_field(run_copy, override, mes
 
 
 @pytest.mark.multiprocess
+@pytest.mark.slow
 def test_resume_on_a_process_count_that_cannot_keep_the_global_batch_is_refused(run_copy):
     """4 sequences per step on 1 process: 2 processes of micro-batch 4 cannot make 4 (tests/test_elastic.py: the
     process counts that can, resumed)."""
@@ -149,6 +164,7 @@ def test_resume_on_a_process_count_that_cannot_keep_the_global_batch_is_refused(
     assert snapshot(run_copy) == before
 
 
+@pytest.mark.slow
 def test_no_usable_checkpoint_is_an_error(run_copy):
     for name in ("step-0000004", "step-0000006"):
         (run_copy / name / "checkpoint.json").unlink()
@@ -158,6 +174,7 @@ def test_no_usable_checkpoint_is_an_error(run_copy):
     assert snapshot(run_copy) == before
 
 
+@pytest.mark.slow
 def test_starting_fresh_over_checkpoints_is_refused(run_copy):
     before = snapshot(run_copy)
     line = _error(_train(run_copy, "train.resume=false", check=False))
@@ -165,6 +182,7 @@ def test_starting_fresh_over_checkpoints_is_refused(run_copy):
     assert snapshot(run_copy) == before
 
 
+@pytest.mark.slow
 def test_offline_resume_refuses_another_store(tmp_path):
     a = precomputed_store(f"distill.store_top_k={TOP_K}")
     # The same teacher and data cut into other shards: another store (content hash), same training config.
@@ -266,6 +284,7 @@ def test_too_many_non_finite_steps_stop_the_run_keeping_the_last_good_checkpoint
 # wandb
 
 
+@pytest.mark.slow
 def test_resumed_run_continues_the_same_wandb_run(tmp_path):
     out = tmp_path / "run"
     env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true"}

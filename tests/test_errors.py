@@ -29,12 +29,10 @@ def pretrained(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def previous_run(tmp_path_factory):
-    """A finished run (config, metrics, teacher record, export): a failed start in its directory must leave it
-    exactly as it was."""
-    out = tmp_path_factory.mktemp("previous") / "run"
-    run_cli(["train", "--config", str(SMOKE), f"output_dir={out}", "train.max_steps=2"])
-    return out
+def previous_run(smoke_run):
+    """A finished run (config, metrics, teacher record, export): a failed start in a copy of its directory must leave
+    the copy exactly as it was. The session's smoke run (conftest.py), never written to here."""
+    return smoke_run
 
 
 def _fails(tmp_path, *overrides, config=SMOKE, env=None, previous=None):
@@ -66,21 +64,25 @@ def test_wrong_type(previous_run, tmp_path):
     assert "train.lr='fast' must be of type float" in _fails_over(previous_run, tmp_path, "train.lr=fast")
 
 
+@pytest.mark.slow
 def test_alpha_one_without_teacher(previous_run, tmp_path):
     assert "distill.alpha=1.0 needs a teacher" in _fails_over(
         previous_run, tmp_path, "distill.alpha=1.0", "teacher=null"
     )
 
 
+@pytest.mark.slow
 def test_missing_config_file(tmp_path):
     assert "does not exist" in _fails(tmp_path, config=tmp_path / "nope.yaml")
 
 
+@pytest.mark.slow
 def test_missing_model_path(previous_run, tmp_path):
     line = _fails_over(previous_run, tmp_path, "teacher.arch=null", f"teacher.path={tmp_path / 'no_such_model'}")
     assert f"teacher.path={tmp_path / 'no_such_model'}: no such model directory" in line
 
 
+@pytest.mark.slow
 def test_vocabulary_mismatch_names_both_sizes(previous_run, tmp_path, pretrained):
     line = _fails(
         tmp_path,
@@ -93,6 +95,7 @@ def test_vocabulary_mismatch_names_both_sizes(previous_run, tmp_path, pretrained
     assert "teacher has vocab_size=600, student has vocab_size=512" in line
 
 
+@pytest.mark.slow
 def test_seq_len_beyond_the_pretrained_maximum(previous_run, tmp_path, pretrained):
     line = _fails_over(
         previous_run, tmp_path, "teacher.arch=null", f"teacher.path={pretrained / 'v600'}", "data.seq_len=100"
@@ -100,22 +103,26 @@ def test_seq_len_beyond_the_pretrained_maximum(previous_run, tmp_path, pretraine
     assert "data.seq_len=100 exceeds the teacher's maximum positions (64)" in line
 
 
+@pytest.mark.slow
 def test_empty_data(previous_run, tmp_path):
     (tmp_path / "empty.jsonl").write_text("")
     assert "is empty" in _fails_over(previous_run, tmp_path, f"data.source={tmp_path / 'empty.jsonl'}")
 
 
+@pytest.mark.slow
 def test_unreadable_data(previous_run, tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{broken\n')
     assert "cannot read as json" in _fails_over(previous_run, tmp_path, f"data.source={tmp_path / 'bad.jsonl'}")
 
 
+@pytest.mark.slow
 def test_missing_data(previous_run, tmp_path):
     assert "no such file, directory or built-in corpus" in _fails_over(
         previous_run, tmp_path, f"data.source={tmp_path / 'nothing'}"
     )
 
 
+@pytest.mark.slow
 def test_good_prompt_completion_data_trains(tmp_path):
     """The counterpart of the data errors: a valid prompt/completion JSONL file trains."""
     path = tmp_path / "pc.jsonl"

@@ -5,21 +5,12 @@ import sys
 
 import pytest
 
-from .helpers import SMOKE, read_metrics, run_cli
+from .helpers import SMOKE, TWO_PROCESS, read_metrics, run_cli
 
 pytestmark = pytest.mark.multiprocess
 
-COMMON = ["train.max_steps=4", "distill.alpha=0.5", "train.eval_every=2"]
-TORCHRUN = [
-    sys.executable,
-    "-m",
-    "torch.distributed.run",
-    "--nproc_per_node",
-    "2",
-    "--master_port",
-    "29531",
-    "train.py",
-]
+# The session's 2-process smoke run (conftest's `two_process_run`) without its micro-batch size: 4 steps, eval every 2.
+COMMON = [o for o in TWO_PROCESS if not o.startswith("train.micro_batch_size=")]
 ACCELERATE = [
     sys.executable,
     "-m",
@@ -61,16 +52,23 @@ def _compare(one, two):
 CPU_YAML = [*ACCELERATE[:3], "--config_file", "launch/accelerate/cpu.yaml", "--main_process_port", "29533", "train.py"]
 
 
-@pytest.mark.parametrize("launcher", ["torchrun", "accelerate", "cpu.yaml"])
-def test_two_processes_match_one_process(one_process, tmp_path, launcher):
-    out = tmp_path / launcher
-    env = {"ACCELERATE_USE_CPU": "true"} if launcher == "accelerate" else {}
-    proc = run_cli(
-        ["--config", str(SMOKE), f"output_dir={out}", "train.micro_batch_size=2", *COMMON],
-        launcher={"torchrun": TORCHRUN, "accelerate": ACCELERATE, "cpu.yaml": CPU_YAML}[launcher],
-        env=env,
-        timeout=600,
-    )
-    assert "2 process(es)" in proc.stdout
+@pytest.mark.parametrize(
+    "launcher",
+    # torchrun in the default run; `make test-slow` (CI) the accelerate launchers.
+    ["torchrun", pytest.param("accelerate", marks=pytest.mark.slow), pytest.param("cpu.yaml", marks=pytest.mark.slow)],
+)
+def test_two_processes_match_one_process(request, one_process, tmp_path, launcher):
+    if launcher == "torchrun":  # the session's 2-process run (torchrun, micro-batch 2; conftest.py), made once
+        out, stdout = request.getfixturevalue("two_process_run")
+    else:
+        out = tmp_path / launcher
+        env = {"ACCELERATE_USE_CPU": "true"} if launcher == "accelerate" else {}
+        stdout = run_cli(
+            ["--config", str(SMOKE), f"output_dir={out}", "train.micro_batch_size=2", *COMMON],
+            launcher={"accelerate": ACCELERATE, "cpu.yaml": CPU_YAML}[launcher],
+            env=env,
+            timeout=600,
+        ).stdout
+    assert "2 process(es)" in stdout
     _compare(one_process, out)
     assert (out / "final" / "model.safetensors").is_file()

@@ -49,6 +49,7 @@ def test_offline_run_equals_online_topk_run(smoke_store, tmp_path):
 
 
 @pytest.mark.multiprocess
+@pytest.mark.slow
 def test_two_process_offline_run_splits_the_store_once(smoke_store, tmp_path):
     out = tmp_path / "two"
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29712"]
@@ -74,6 +75,7 @@ def test_two_process_offline_run_splits_the_store_once(smoke_store, tmp_path):
     assert interleaved == store_order[:32]
 
 
+@pytest.mark.slow
 def test_store_of_another_tokenizer_is_refused_before_training(smoke_store, tmp_path):
     out = tmp_path / "other_tok"
     proc = run_cli(
@@ -90,8 +92,10 @@ def test_store_of_another_tokenizer_is_refused_before_training(smoke_store, tmp_
     "override, message",
     [
         ("data.seq_len=32", "has seq_len 64 but data.seq_len is 32"),
-        ("distill.temperature=1.0", "has temperature 2.0 but distill.temperature is 1.0"),
-        ("distill.top_k=8", "has top_k 16 but distill.top_k is 8"),
+        pytest.param(
+            "distill.temperature=1.0", "has temperature 2.0 but distill.temperature is 1.0", marks=pytest.mark.slow
+        ),
+        pytest.param("distill.top_k=8", "has top_k 16 but distill.top_k is 8", marks=pytest.mark.slow),
     ],
 )
 def test_store_that_does_not_fit_the_run_is_refused(smoke_store, tmp_path, override, message):
@@ -102,6 +106,7 @@ def test_store_that_does_not_fit_the_run_is_refused(smoke_store, tmp_path, overr
     assert proc.returncode == 2 and message in proc.stderr
 
 
+@pytest.mark.slow
 def test_offline_startup_errors(smoke_store, tmp_path):
     proc = run_cli(["train", "--config", str(SMOKE), "distill.signal=offline"], check=False)
     assert proc.returncode == 2 and "distill.signal=offline needs distill.store" in proc.stderr

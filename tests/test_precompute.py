@@ -36,6 +36,7 @@ LAUNCHERS = {
 
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
+@pytest.mark.slow
 def test_two_processes_write_the_store_one_process_writes(reference, tmp_path, launcher):
     out = tmp_path / "two"
     proc = run_cli(
@@ -57,6 +58,7 @@ def test_two_processes_write_the_store_one_process_writes(reference, tmp_path, l
     assert store_files(out) == store_files(reference)
 
 
+@pytest.mark.slow
 def test_killed_precompute_resumes_to_the_identical_store(reference, tmp_path):
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "distributed_distill.cli", "precompute", "--config", str(SMOKE)]
@@ -82,6 +84,7 @@ def test_killed_precompute_resumes_to_the_identical_store(reference, tmp_path):
     assert again["shards_written"] == 0
 
 
+@pytest.mark.slow
 def test_store_of_another_config_is_not_overwritten(reference, tmp_path):
     before = store_files(reference)
     proc = run_cli(
@@ -99,6 +102,7 @@ def test_store_of_another_config_is_not_overwritten(reference, tmp_path):
     assert proc.returncode == 2 and "needs a teacher" in proc.stderr
 
 
+@pytest.mark.slow
 def test_max_rows_keeps_the_first_rows_of_the_training_order(reference, tmp_path):
     out = tmp_path / "prefix"
     run_cli(
@@ -128,6 +132,7 @@ def test_parts_cover_the_shard_list_in_contiguous_ranges():
             parse_part(bad)
 
 
+@pytest.mark.slow
 def test_parts_run_separately_write_the_store_one_run_writes(reference, tmp_path):
     """A job array's tasks (DISTILL_STORE_PART=I/N) fill one store; the last part to finish writes the manifest."""
     out = tmp_path / "parts"

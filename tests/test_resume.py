@@ -79,11 +79,11 @@ def reference(tmp_path_factory, procs: int, source: str) -> Path:
 @pytest.mark.parametrize(
     "procs, source",
     [
-        # The default run covers online and offline, 1 and 2 processes; `make test-slow` (CI) the rest.
+        # The default run kills and resumes one process, online; `make test-slow` (CI) the rest of the matrix.
         (1, "online"),
         pytest.param(1, "offline", marks=pytest.mark.slow),
         pytest.param(2, "online", marks=[pytest.mark.multiprocess, pytest.mark.slow]),
-        pytest.param(2, "offline", marks=pytest.mark.multiprocess),
+        pytest.param(2, "offline", marks=[pytest.mark.multiprocess, pytest.mark.slow]),
         pytest.param("zero2", "online", marks=[pytest.mark.multiprocess, pytest.mark.slow]),
         pytest.param("zero3", "online", marks=[pytest.mark.multiprocess, pytest.mark.slow]),
     ],
@@ -119,7 +119,10 @@ def test_sigkill_at_a_random_step_then_resume_is_bit_identical(request, tmp_path
 
 @pytest.mark.parametrize(
     "procs, sig",
-    [(1, signal.SIGTERM), pytest.param(2, signal.SIGUSR1, marks=pytest.mark.multiprocess)],
+    [
+        pytest.param(1, signal.SIGTERM, marks=pytest.mark.slow),
+        pytest.param(2, signal.SIGUSR1, marks=[pytest.mark.multiprocess, pytest.mark.slow]),
+    ],
     ids=["1proc-sigterm", "2proc-sigusr1"],
 )
 def test_preemption_signal_checkpoints_the_current_step_and_resume_is_exact(tmp_path_factory, tmp_path, procs, sig):

@@ -118,6 +118,7 @@ def test_train_job(slurm, tmp_path):
     assert model(ids).logits.shape[-1] == model.config.vocab_size
 
 
+@pytest.mark.slow
 def test_train_job_with_an_accelerate_config(slurm, tmp_path):
     """ACCELERATE_CONFIG: `accelerate launch` per node instead of torchrun; here a DeepSpeed ZeRO-2 student on CPU."""
     out, logs = tmp_path / "run", tmp_path / "logs"
@@ -128,6 +129,7 @@ def test_train_job_with_an_accelerate_config(slurm, tmp_path):
     assert (out / "final" / "model.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_precompute_job_array_writes_one_store(slurm, tmp_path):
     store, logs = tmp_path / "store", tmp_path / "logs"
     env = {**slurm, "MASTER_PORT": "29811"}
@@ -154,6 +156,7 @@ def uninterrupted(tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("interrupt", ["requeue", "usr1"])
+@pytest.mark.slow
 def test_interrupted_train_job_resumes_to_the_same_student(slurm, uninterrupted, tmp_path, interrupt):
     """`requeue`: `scontrol requeue` kills the job (SIGTERM to every process) and SLURM starts it again.
     `usr1`: what --signal=B:USR1@300 does before the time limit: the script has the workers checkpoint and stop,
@@ -181,6 +184,7 @@ def test_interrupted_train_job_resumes_to_the_same_student(slurm, uninterrupted,
     assert all(torch.equal(expected[k], got[k]) for k in expected), "the resumed student differs"
 
 
+@pytest.mark.slow
 def test_two_node_job_requeued_onto_one_node_resumes_to_the_same_student(slurm, uninterrupted, tmp_path):
     """`sbatch --nodes=2` (two slurmd on this host, one process per node), cancelled mid-run (SIGTERM: the workers
     checkpoint), then the same command submitted with `--nodes=1`: it resumes on 1 process, the accumulation

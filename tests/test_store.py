@@ -88,6 +88,7 @@ def test_corrupted_shard_is_named(store_copy):
     assert "train/shard-00003.parquet" in line and "checksum mismatch" in line
 
 
+@pytest.mark.slow
 def test_truncated_shard_is_named(store_copy):
     path = _shard(store_copy)
     path.write_bytes(path.read_bytes()[:-1000])
@@ -96,6 +97,7 @@ def test_truncated_shard_is_named(store_copy):
     assert "train/shard-00003.parquet" in proc.stderr and "truncated" in proc.stderr
 
 
+@pytest.mark.slow
 def test_missing_shard_is_named(store_copy):
     _shard(store_copy).unlink()
     proc = _verify(store_copy)
@@ -121,6 +123,7 @@ def test_row_whose_ids_do_not_match_its_hash_is_named(store_copy):
     assert "train/shard-00003.parquet row 7" in proc.stderr and "content hash" in proc.stderr
 
 
+@pytest.mark.slow
 def test_unfinished_store_is_not_verified(store_copy):
     (store_copy / "manifest.json").unlink()
     proc = _verify(store_copy)

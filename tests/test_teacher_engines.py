@@ -18,10 +18,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from .helpers import ROOT, SMOKE, accelerate_launch, read_metrics, torchrun
+from .helpers import ROOT, SMOKE, TWO_PROCESS, accelerate_launch, read_metrics, torchrun
 
 WORKER = str(ROOT / "tests" / "teacher_worker.py")
-STEPS = ["train.max_steps=4", "train.eval_every=2", "train.micro_batch_size=2", "distill.alpha=0.5"]
+STEPS = TWO_PROCESS  # every training run here is the 2-process smoke run with another engine or strategy
 
 
 def launch(cmd: list[str], timeout: int, env: dict | None = None) -> tuple[subprocess.CompletedProcess, float]:
@@ -50,23 +50,12 @@ def check(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     return result
 
 
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory) -> Path:
-    """The smoke config's teacher saved as a checkpoint: the zero3 engine loads it straight into partitions."""
-    from distributed_distill import models
-    from distributed_distill.config import load_config
-
-    cfg = load_config(SMOKE)
-    out = tmp_path_factory.mktemp("teacher") / "tiny-llama"
-    models.load_model(cfg.teacher, models.model_config(cfg.teacher, 512, "teacher"), seed=1).save_pretrained(out)
-    return out
-
-
 # ----------------------------------------------------------------------------------------------
 # The engine on its own
 
 
 @pytest.mark.multiprocess
+@pytest.mark.slow
 def test_zero3_teacher_equals_unsharded_and_holds_half(teacher_dir, tmp_path):
     check(launch(torchrun(29610, WORKER, "equivalence", str(tmp_path), str(teacher_dir)), timeout=300)[0])
     ranks = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in (0, 1)]
@@ -87,6 +76,7 @@ def test_zero3_teacher_equals_unsharded_and_holds_half(teacher_dir, tmp_path):
 
 
 @pytest.mark.multiprocess
+@pytest.mark.slow
 def test_rank_that_stops_calling_the_teacher_fails_the_job_at_the_timeout(teacher_dir, tmp_path):
     cmd = torchrun(29611, WORKER, "stall", str(tmp_path), str(teacher_dir), "teacher.collective_timeout=8")
     result, elapsed = launch(cmd, timeout=180)  # rank 1 sleeps 300 s: only the collective timeout ends this early
@@ -99,6 +89,7 @@ def test_rank_that_stops_calling_the_teacher_fails_the_job_at_the_timeout(teache
 
 
 @pytest.mark.multiprocess
+@pytest.mark.slow
 def test_failing_rank_brings_the_whole_job_down_with_its_error(teacher_dir, tmp_path):
     cmd = torchrun(29612, WORKER, "crash", str(tmp_path), str(teacher_dir), "teacher.collective_timeout=60")
     result, elapsed = launch(cmd, timeout=180)
@@ -117,10 +108,10 @@ def train_cmd(launcher: list[str], out: Path, *overrides: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def replicated_run(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("engines") / "replicated"
-    result = check(launch(train_cmd(torchrun(29613), out), timeout=400)[0])
-    assert "teacher engine replicated" in result.stdout
+def replicated_run(two_process_run) -> Path:
+    """The reference: the session's 2-process smoke run (torchrun, replicated teacher; conftest.py)."""
+    out, stdout = two_process_run
+    assert "teacher engine replicated" in stdout
     return out
 
 
@@ -156,6 +147,7 @@ def test_zero3_teacher_trains_the_same_student_as_replicated(replicated_run, tmp
 
 
 @pytest.mark.multiprocess
+@pytest.mark.slow
 def test_deepspeed_zero2_student_with_zero3_teacher(replicated_run, tmp_path):
     out = tmp_path / "zero2"
     result = check(
@@ -167,6 +159,7 @@ def test_deepspeed_zero2_student_with_zero3_teacher(replicated_run, tmp_path):
 
 
 @pytest.mark.multiprocess
+@pytest.mark.slow
 def test_deepspeed_zero3_student_with_zero3_teacher(student_dir, tmp_path):
     """launch/accelerate/zero3.yaml on 2 CPU processes: the student itself sharded (naive loss path, the chunked
     one needs the whole lm_head) trains the same student as plain multi-process data parallelism."""
@@ -180,6 +173,7 @@ def test_deepspeed_zero3_student_with_zero3_teacher(student_dir, tmp_path):
     assert_same_student(ref, out, tol=1e-4)
 
 
+@pytest.mark.slow
 def test_zero3_teacher_in_a_single_process(tmp_path):
     """One process, no launcher (a teacher offloaded to CPU next to one GPU): the engine makes its own group."""
     out = tmp_path / "single"
@@ -253,6 +247,7 @@ def test_teacher_deepspeed_config_must_be_zero_stage_3(tmp_path):
 
 
 @pytest.mark.multiprocess
+@pytest.mark.slow
 def test_zero3_student_with_the_chunked_loss_is_refused_at_startup(tmp_path):
     launcher = accelerate_launch("zero3.yaml", 29617)
     result, _ = launch(train_cmd(launcher, tmp_path / "z3", "teacher.engine=zero3"), timeout=300)

@@ -66,6 +66,7 @@ def test_wandb_offline_writes_the_logged_metrics(tmp_path):
 
 
 @pytest.mark.multiprocess
+@pytest.mark.slow
 def test_wandb_offline_with_two_processes(tmp_path):
     """The tracker ends without taking down the process group that the export after it still uses."""
     out = tmp_path / "run"
@@ -80,6 +81,7 @@ def test_wandb_offline_with_two_processes(tmp_path):
     assert (out / "final" / "model.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_wandb_disabled_writes_nothing(tmp_path):
     out = tmp_path / "run"
     run_cli(

@@ -1,9 +1,7 @@
 """The real entry points on tiny models: `python train.py` and `distill train`, the run directory, the export."""
 
 import json
-import shutil
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,14 +16,11 @@ REQUIRED = {"step", "loss", "kd_loss", "ce_loss", "tokens_per_second"}
 
 
 @pytest.fixture(scope="module")
-def smoke_runs(tmp_path_factory):
-    base = tmp_path_factory.mktemp("smoke")
-    a, b = base / "train_py", base / "distill_cli"
+def smoke_runs(tmp_path_factory, smoke_run):
+    """`python train.py` here; `distill train` is the session's smoke run (conftest.py), shared with test_errors."""
+    a = tmp_path_factory.mktemp("smoke") / "train_py"
     run_cli(["--config", str(SMOKE), f"output_dir={a}"], launcher=[sys.executable, "train.py"])
-    distill = shutil.which("distill", path=str(Path(sys.executable).parent))
-    assert distill, "the `distill` console script is not installed next to this interpreter"
-    run_cli(["train", "--config", str(SMOKE), f"output_dir={b}"], launcher=[distill])
-    return a, b
+    return a, smoke_run
 
 
 def test_run_directory_contract(smoke_runs):
@@ -93,6 +88,7 @@ def test_report_and_eval_commands(smoke_runs):
 
 
 @pytest.mark.parametrize("family", ["gpt2", "qwen2"])
+@pytest.mark.slow
 def test_other_families_train_and_export(tmp_path, family):
     out = tmp_path / family
     run_cli(
@@ -122,6 +118,7 @@ def test_root_train_py_documents_how_to_run():
     assert "accelerate launch" in text and "torchrun" in text
 
 
+@pytest.mark.slow
 def test_bf16_autocast_run(tmp_path):
     out = tmp_path / "bf16"
     run_cli(["train", "--config", str(SMOKE), f"output_dir={out}", "train.max_steps=3", "train.precision=bf16"])

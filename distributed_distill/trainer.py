@@ -50,15 +50,8 @@ def _train(cfg: Config, stop: checkpoint.StopRequest) -> dict:
     models.check_paths(cfg)  # a mistyped path is named as such, before a checkpoint is compared against it
     # Which checkpoint to continue from is settled (and a wrong one refused) before any data or model is loaded.
     resume_path, resume = checkpoint.choose_resume(cfg, accelerator)
-    if resume is not None:  # on a different number of processes the accumulation adjusts: same global batch
-        cfg = checkpoint.resume_config(cfg, resume, accelerator.num_processes)
-        if resume["world_size"] != accelerator.num_processes:
-            accelerator.gradient_accumulation_steps = cfg.train.grad_accum_steps
-            accelerator.print(
-                f"resume: written by {resume['world_size']} process(es), continuing on {accelerator.num_processes}: "
-                f"{cfg.train.micro_batch_size} x {cfg.train.grad_accum_steps} accumulation x "
-                f"{accelerator.num_processes} = {checkpoint.global_batch(resume)} sequences per step, as before"
-            )
+    if resume is not None:  # the one change a resume makes to the config: the accumulation on another world size
+        cfg = resumed_config(cfg, resume, accelerator)
     accelerator, tokenizer, student_config, teacher_config = setup_run(cfg, accelerator)
     offline: OfflineSource | None = None
     if cfg.distill.signal == "offline":
@@ -113,24 +106,45 @@ def _train(cfg: Config, stop: checkpoint.StopRequest) -> dict:
         accelerator.step = progress.micro_batches
 
     loop = Loop(cfg, accelerator, student, head, teacher, optimizer, scheduler, progress, stop)
+    final = fit_naming_lost_ranks(loop, train_ds, val_ds)
+    export(accelerator, student, tokenizer, out_dir / "final")
+    return final
+
+
+def resumed_config(cfg: Config, resume: dict, accelerator: Accelerator) -> Config:
+    """The config a resumed run trains with: the same, except that on a different number of processes the
+    accumulation adjusts so the global batch stays what the checkpoint was trained with (docs/cluster.md)."""
+    cfg = checkpoint.resume_config(cfg, resume, accelerator.num_processes)
+    if resume["world_size"] != accelerator.num_processes:
+        accelerator.gradient_accumulation_steps = cfg.train.grad_accum_steps
+        accelerator.print(
+            f"resume: written by {resume['world_size']} process(es), continuing on {accelerator.num_processes}: "
+            f"{cfg.train.micro_batch_size} x {cfg.train.grad_accum_steps} accumulation x "
+            f"{accelerator.num_processes} = {checkpoint.global_batch(resume)} sequences per step, as before"
+        )
+    return cfg
+
+
+def fit_naming_lost_ranks(loop: Loop, train_ds, val_ds) -> dict:
+    """`fit`, with a heartbeat per rank: a collective that fails because a rank died ends the job with one line
+    naming that rank (heartbeat.py) instead of a connection error."""
+    accelerator = loop.accelerator
     heartbeat = Heartbeat.start(accelerator.process_index, accelerator.num_processes)
     try:
-        final = fit(loop, train_ds, val_ds)
+        return fit(loop, train_ds, val_ds)
     except (RuntimeError, DistillError) as e:  # a collective that failed (or timed out) because a rank died?
         lost = heartbeat.lost() if heartbeat is not None else None
         if lost is None:
             raise
-        newest = next(iter(checkpoint.complete_checkpoints(Path(cfg.output_dir))), None)
+        newest = next(iter(checkpoint.complete_checkpoints(Path(loop.cfg.output_dir))), None)
         raise DistillError(
-            f"lost {lost} during step {progress.step + 1}: that process stopped (its node or launcher died, or it "
-            f"failed: see its own error), so this job ends; newest complete checkpoint: {newest or 'none'}; submit "
-            "the job again to resume (on fewer nodes if one is down: docs/cluster.md)"
+            f"lost {lost} during step {loop.progress.step + 1}: that process stopped (its node or launcher died, or "
+            f"it failed: see its own error), so this job ends; newest complete checkpoint: {newest or 'none'}; "
+            "submit the job again to resume (on fewer nodes if one is down: docs/cluster.md)"
         ) from e
     finally:
         if heartbeat is not None:
             heartbeat.close()
-    export(accelerator, student, tokenizer, out_dir / "final")
-    return final
 
 
 def memory_report(accelerator: Accelerator, student: torch.nn.Module, teacher: TeacherSource | None) -> None:

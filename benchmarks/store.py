@@ -41,6 +41,7 @@ import torch  # noqa: E402
 
 from distributed_distill import store as store_lib  # noqa: E402
 from distributed_distill.config import DistillConfig  # noqa: E402
+from distributed_distill.models import AlignedHead  # noqa: E402
 from distributed_distill.objective import forward_losses  # noqa: E402
 from distributed_distill.teacher import OnlineTeacher, topk_targets  # noqa: E402
 
@@ -191,7 +192,7 @@ def step_ratio(tmp: Path, args, device: str) -> tuple[float, float, float]:
     )
     torch.manual_seed(0)
     student = AutoModelForCausalLM.from_config(config).to(device)
-    head = student.get_output_embeddings()
+    head = AlignedHead(student.get_output_embeddings(), vocab)
     opt = torch.optim.AdamW(student.parameters(), lr=1e-4)
     kd_cfg = DistillConfig(alpha=0.5, chunk_size=1024)
     ce_cfg = DistillConfig(alpha=0.0, chunk_size=1024)

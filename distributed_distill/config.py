@@ -120,18 +120,49 @@ class TokenizerConfig:
     )
     revision: str | None = option(None, "hub revision (branch, tag or commit) when path is a hub id")
     vocab_size: int = option(4096, "vocabulary size of a tokenizer trained on the data (ignored when loading one)")
+    chat_template: str | None = option(
+        None,
+        "a Jinja chat template file for conversational data; null = the tokenizer's own (a tokenizer trained on "
+        "conversational data gets a ChatML template)",
+    )
 
     def __post_init__(self) -> None:
         if self.vocab_size < 260:
             raise ConfigError(f"tokenizer.vocab_size={self.vocab_size} must be >= 260 (256 bytes + special tokens)")
+        if self.chat_template is not None and not Path(self.chat_template).expanduser().is_file():
+            raise ConfigError(f"tokenizer.chat_template={self.chat_template}: no such file")
 
 
 @dataclass
 class DataConfig:
     source: str = option(
         "python-stdlib",
-        "'python-stdlib' (the built-in corpus: this interpreter's standard-library sources), or a file, directory "
-        "or glob of .txt / .jsonl / .json / .parquet files",
+        "'python-stdlib' (the built-in corpus: this interpreter's standard-library sources), 'python-stdlib-chat' "
+        "(the built-in conversations: write this function, given its signature and docstring), a file, directory or "
+        "glob of .txt / .jsonl / .json / .parquet files, a directory written by `datasets` save_to_disk, or a "
+        "dataset repository id on the Hugging Face hub (or a local clone of one)",
+    )
+    subset: str | None = option(None, "hub dataset: the configuration (subset) name")
+    split: str = option("train", "hub / save_to_disk dataset: the split read (train and validation are cut from it)")
+    revision: str | None = option(None, "hub dataset: branch, tag or commit")
+    streaming: bool = option(
+        False,
+        "read the training documents as a stream (corpora too big to download first): tokenized and packed on the "
+        "fly, shuffled in a seeded buffer, resumed by replaying the stream; validation = the held-out documents "
+        "among the first data.streaming_val_documents",
+    )
+    streaming_val_documents: int = option(2000, "streaming: documents read to pick the validation split from")
+    shuffle_buffer: int = option(1000, "streaming: documents in the seeded shuffle buffer; 0 = stream order")
+    messages_field: str = option(
+        "messages",
+        "column holding a conversation (a list of {role, content}); rendered with the chat template, only the "
+        "assistant turns are learned. prompt_field / completion_field may hold lists of messages too",
+    )
+    packing: bool = option(
+        True,
+        "true = documents concatenated into seq_len blocks, each restarting its position_ids (models whose "
+        "attention honours them, e.g. llama, qwen2, gpt2 in transformers, never attend across documents); "
+        "false = one document per row, padded",
     )
     format: Literal["auto", "text", "json", "parquet"] = option("auto", "file format; auto = from the file extension")
     text_field: str = option("text", "field holding the text in json/parquet rows")
@@ -153,6 +184,12 @@ class DataConfig:
             raise ConfigError("data.prompt_field and data.completion_field must be set together")
         if self.max_documents is not None and self.max_documents < 2:
             raise ConfigError(f"data.max_documents={self.max_documents} must be >= 2 (train and validation)")
+        if self.streaming_val_documents < 1 or self.shuffle_buffer < 0:
+            raise ConfigError("data.streaming_val_documents must be >= 1 and data.shuffle_buffer >= 0")
+        if self.streaming and self.source in ("python-stdlib", "python-stdlib-chat"):
+            raise ConfigError(f"data.streaming=true needs a file, directory or dataset source, not {self.source!r}")
+        if self.streaming and self.max_documents is not None:
+            raise ConfigError("data.max_documents is not supported with data.streaming=true (max_steps bounds it)")
 
 
 @dataclass
@@ -308,6 +345,8 @@ class Config:
     def __post_init__(self) -> None:
         if self.student is None:
             raise ConfigError("student is required (student.path or student.arch)")
+        if self.data.streaming and self.distill.signal == "offline":
+            raise ConfigError("data.streaming=true with distill.signal=offline: the store holds the data; unset one")
         if self.teacher is None and self.distill.alpha > 0 and self.distill.signal == "online":
             raise ConfigError(
                 f"distill.alpha={self.distill.alpha} needs a teacher; "

@@ -23,7 +23,7 @@ from .teacher import TeacherSource
 def evaluate(
     accelerator: Accelerator,
     model: torch.nn.Module,
-    head: torch.nn.Module,
+    head: models.AlignedHead,
     teacher: TeacherSource | None,
     val_ds,
     cfg: Config,
@@ -72,7 +72,8 @@ def evaluate_models(cfg: Config, named: dict[str, str]) -> list[dict]:
     rows = []
     for name, mcfg in mcfgs.items():
         model = models.load_model(mcfg, configs[name], seed=cfg.train.seed).to(accelerator.device)
-        result = evaluate(accelerator, model, model.get_output_embeddings(), None, val_ds, cfg)
+        head = models.AlignedHead(model.get_output_embeddings(), len(tokenizer))
+        result = evaluate(accelerator, model, head, None, val_ds, cfg)
         rows.append({"model": name, "path": mcfg.path, **result})
         del model
     return rows

@@ -22,6 +22,14 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 SPECIAL_TOKENS = {"bos_token": "<|bos|>", "eos_token": "<|eos|>", "pad_token": "<|pad|>", "unk_token": "<|unk|>"}
 
+# The chat template a tokenizer trained on conversational data gets (ChatML, as Qwen's): each turn is
+# <|im_start|>role\ncontent<|im_end|>\n, and the two markers are special tokens of their own.
+CHAT_TOKENS = ["<|im_start|>", "<|im_end|>"]
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + "
+    "'\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
 
 def _looks_local(path: str) -> bool:
     # A hub id is "name" or "org/name"; anything that starts like a filesystem path is local.
@@ -113,22 +121,45 @@ def max_positions(config: PretrainedConfig) -> int | None:
 
 
 def check_models(cfg: Config, student: PretrainedConfig, teacher: PretrainedConfig | None, tokenizer_len: int) -> None:
-    """Startup checks on configs only, before any weights load: shared vocabulary and sequence length."""
-    if teacher is not None and teacher.vocab_size != student.vocab_size:
-        raise DistillError(
-            f"vocabulary mismatch: teacher has vocab_size={teacher.vocab_size}, student has "
-            f"vocab_size={student.vocab_size}; distillation needs a shared vocabulary"
-        )
+    """Startup checks on configs only, before any weights load: vocabulary rows and sequence length.
+
+    Teacher and student may have different embedding row counts (one family, padded to different multiples, e.g.
+    Qwen2.5-7B 152,064 rows and Qwen2.5-0.5B 151,936 with one tokenizer): logits are compared over the first
+    `len(tokenizer)` rows (`aligned_vocab`), the padding rows of either model are ignored. A model with fewer
+    rows than the tokenizer has tokens it cannot predict and is refused.
+    """
     for role, mc in (("student", student), ("teacher", teacher)):
         if mc is None:
             continue
         if tokenizer_len > mc.vocab_size:
             raise DistillError(
-                f"the tokenizer has {tokenizer_len} tokens but the {role} has vocab_size={mc.vocab_size}"
+                f"the tokenizer has {tokenizer_len} tokens but the {role} has only vocab_size={mc.vocab_size} "
+                f"embedding rows; a {role} must have a row for every token (use the {role}'s own tokenizer)"
             )
         limit = max_positions(mc)
         if limit is not None and cfg.data.seq_len > limit:
             raise DistillError(f"data.seq_len={cfg.data.seq_len} exceeds the {role}'s maximum positions ({limit})")
+
+
+class AlignedHead:
+    """A model's output layer restricted to the first `vocab` rows (the tokenizer's tokens).
+
+    The slices are taken afresh on every access, so gradients flow into the real parameter (zero for the padding
+    rows) and the optimizer's in-place updates are always seen. Under ZeRO-3 / FSDP the weight is a shard and is
+    not used (the loss then slices the logits of the forward instead).
+    """
+
+    def __init__(self, module: torch.nn.Module, vocab: int):
+        self.module, self.vocab = module, vocab
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.module.weight[: self.vocab]
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        bias = getattr(self.module, "bias", None)
+        return None if bias is None else bias[: self.vocab]
 
 
 def load_model(mcfg: ModelConfig, config: PretrainedConfig, *, seed: int) -> torch.nn.Module:
@@ -183,8 +214,52 @@ def load_tokenizer(path: str, revision: str | None = None, trust_remote_code: bo
     return tok
 
 
-def train_bpe_tokenizer(texts, vocab_size: int, out_dir: Path) -> PreTrainedTokenizerBase:
-    """Train a byte-level BPE tokenizer on an iterator of texts and save it as a transformers tokenizer."""
+SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
+
+
+def tokenizer_difference(
+    a: PreTrainedTokenizerBase, b: PreTrainedTokenizerBase, names: tuple[str, str], *, specials: bool = True
+) -> str | None:
+    """None when both tokenize alike (same id for every token, same special tokens), else the first difference."""
+    ta = {i: t for t, i in a.get_vocab().items()}
+    tb = {i: t for t, i in b.get_vocab().items()}
+    for i in sorted(ta.keys() | tb.keys()):
+        if ta.get(i) != tb.get(i):
+            return f"token id {i} is {ta.get(i)!r} in the {names[0]}'s and {tb.get(i)!r} in the {names[1]}"
+    if specials:
+        for key in SPECIAL_KEYS:
+            if getattr(a, key) != getattr(b, key):
+                return f"{key} is {getattr(a, key)!r} in the {names[0]}'s and {getattr(b, key)!r} in the {names[1]}"
+    return None
+
+
+def check_tokenizers(cfg: Config, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Teacher and student each ship a tokenizer when loaded from a path: both must equal the run's one.
+
+    Distillation compares distributions token id by token id, so a different vocabulary is refused, naming the
+    first token that differs (cross-tokenizer distillation is not supported). Special tokens must agree too,
+    unless `tokenizer.path` names the tokenizer explicitly (its special tokens are then the run's).
+    """
+    source = tokenizer_source(cfg)
+    for role in ("teacher", "student"):
+        mcfg = getattr(cfg, role)
+        if mcfg is None or mcfg.path is None or (mcfg.path, mcfg.revision) == source:
+            continue
+        try:
+            own = load_tokenizer(mcfg.path, mcfg.revision, mcfg.trust_remote_code)
+        except DistillError:
+            continue  # a weights-only directory: nothing to compare
+        diff = tokenizer_difference(own, tokenizer, (role, f"run's ({source[0]})"), specials=cfg.tokenizer.path is None)
+        if diff is not None:
+            raise DistillError(
+                f"{role}.path={mcfg.path}: tokenizers differ: {diff}; teacher and "
+                "student must share one tokenizer (cross-tokenizer distillation is not supported)"
+            )
+
+
+def train_bpe_tokenizer(texts, vocab_size: int, out_dir: Path, chat: bool = False) -> PreTrainedTokenizerBase:
+    """Train a byte-level BPE tokenizer on an iterator of texts and save it as a transformers tokenizer; `chat`
+    adds the ChatML markers as special tokens and the ChatML chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -192,6 +267,7 @@ def train_bpe_tokenizer(texts, vocab_size: int, out_dir: Path) -> PreTrainedToke
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     specials = [SPECIAL_TOKENS[k] for k in ("pad_token", "bos_token", "eos_token", "unk_token")]
+    specials += CHAT_TOKENS if chat else []
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         special_tokens=specials,
@@ -200,6 +276,9 @@ def train_bpe_tokenizer(texts, vocab_size: int, out_dir: Path) -> PreTrainedToke
     )
     tok.train_from_iterator(texts, trainer=trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIAL_TOKENS)
+    if chat:
+        fast.add_special_tokens({"additional_special_tokens": CHAT_TOKENS})
+        fast.chat_template = CHATML_TEMPLATE
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     fast.save_pretrained(tmp)
     publish_dir(tmp, out_dir)  # a half-written tokenizer is never picked up from the cache

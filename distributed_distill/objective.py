@@ -13,16 +13,18 @@ import torch.nn.functional as F
 from . import data as data_lib
 from .config import DistillConfig
 from .losses import LossOutput, chunked_distill_loss, kd_loss, sparse_kd_loss
-from .teacher import TeacherSource, final_hidden
+from .models import AlignedHead
+from .teacher import TeacherSource, final_hidden, model_inputs
 
 
 def forward_losses(
-    student: torch.nn.Module, teacher: TeacherSource | None, batch: dict, dcfg: DistillConfig, head: torch.nn.Module
+    student: torch.nn.Module, teacher: TeacherSource | None, batch: dict, dcfg: DistillConfig, head: AlignedHead
 ) -> LossOutput:
     """Summed KD and CE losses of one micro-batch (next-token aligned), not yet normalised.
 
-    `student` is the (possibly wrapped) module to call, `head` its output layer (unwrapped), `teacher` a
-    teacher source (online or offline) or None.
+    `student` is the (possibly wrapped) module to call, `head` its output layer (unwrapped) restricted to the
+    tokenizer's rows (padding rows of the embedding matrix never enter a softmax), `teacher` a teacher source
+    (online or offline) or None. The student and the teacher get the same inputs (`teacher.model_inputs`).
     """
     labels = batch["labels"][:, 1:].reshape(-1)
     want_kd = teacher is not None and dcfg.alpha > 0
@@ -30,7 +32,7 @@ def forward_losses(
     kd_args = dict(kind=dcfg.loss, temperature=dcfg.temperature, beta=dcfg.beta, skew=dcfg.skew)
     sparse_args = dict(tail=dcfg.top_k_tail) if want_kd and targets.sparse else {}
     if dcfg.chunk_size > 0:
-        hidden = final_hidden(student, batch["input_ids"])[:, :-1]
+        hidden = final_hidden(student, batch)[:, :-1]
         # The weights tell the fused backward which combination will be differentiated, so the gradients it
         # computes during the forward pass are the ones needed (no recomputation).
         return chunked_distill_loss(
@@ -46,7 +48,7 @@ def forward_losses(
             **(targets.loss_kwargs() if want_kd else {}),
         )
     # Naive path: full [tokens, V] logits; for models or strategies where the head cannot be used directly.
-    logits = student(input_ids=batch["input_ids"], use_cache=False).logits[:, :-1]
+    logits = student(**model_inputs(student, batch)).logits[:, :-1, : head.vocab]
     logits = logits.reshape(-1, logits.shape[-1])  # not head.weight.shape: a ZeRO-3 student holds only a shard
     ce_sum = F.cross_entropy(logits.float(), labels, ignore_index=data_lib.IGNORE_INDEX, reduction="sum")
     kd_sum = logits.new_zeros((), dtype=torch.float32)

@@ -59,12 +59,15 @@ def store_plan(cfg: Config, tokenizer, teacher_config, n_train: int, n_val: int)
         "version": store_lib.VERSION,
         "teacher": identity,
         "tokenizer_sha256": models.tokenizer_hash(tokenizer),
-        "vocab_size": teacher_config.vocab_size,
-        "top_k": min(distill.top_k or distill.store_top_k, teacher_config.vocab_size),
+        # The aligned vocabulary: the tokenizer's tokens, the rows both models are compared over (the teacher's
+        # padding rows beyond them never enter the top-k).
+        "vocab_size": len(tokenizer),
+        "teacher_vocab_rows": teacher_config.vocab_size,
+        "top_k": min(distill.top_k or distill.store_top_k, len(tokenizer)),
         "temperature": distill.temperature,
         "seq_len": cfg.data.seq_len,
         "logprob_dtype": "float16",
-        "id_dtype": store_lib.id_dtype(teacher_config.vocab_size).name,
+        "id_dtype": store_lib.id_dtype(len(tokenizer)).name,
         "data": {k: v for k, v in dataclasses.asdict(cfg.data).items() if k != "cache_dir"},
         "order_seed": cfg.train.seed,
         "batch_size": cfg.train.micro_batch_size,
@@ -146,6 +149,8 @@ def precompute(cfg: Config, part: tuple[int, int] | None = None) -> dict:
         raise DistillError("distill precompute needs a teacher: set teacher.path or teacher.arch")
     if not distill.store:
         raise DistillError("distill precompute needs distill.store: the directory to write the store into")
+    if cfg.data.streaming:
+        raise DistillError("distill precompute reads the whole training split: set data.streaming=false")
     started = time.perf_counter()
     accelerator, tokenizer, _, teacher_config = setup_run(cfg)
     with accelerator.main_process_first():
@@ -182,6 +187,7 @@ def precompute(cfg: Config, part: tuple[int, int] | None = None) -> dict:
             dataclasses.replace(cfg, distill=dataclasses.replace(distill, top_k=plan["top_k"])),
             teacher_config,
             accelerator.device,
+            len(tokenizer),
         )
     splits = {"train": train_ds, "validation": val_ds}
     tokens = write_shards(
@@ -235,7 +241,11 @@ def write_shards(
             rows = idx[start : start + batch_size]
             batch = data_lib.collate(ds, rows)
             targets = teacher.targets({k: v.to(device) for k, v in batch.items()})
-            tables.append(store_lib.encode_rows(rows, batch["input_ids"], batch["labels"], targets, vocab))
+            tables.append(
+                store_lib.encode_rows(
+                    rows, batch["input_ids"], batch["labels"], targets, vocab, batch.get("position_ids")
+                )
+            )
             calls += 1
             tokens += batch["input_ids"].numel()
         if in_flight is not None:

@@ -88,6 +88,14 @@ def launcher_world_size() -> tuple[str, int]:
 
 
 def setup_tokenizer(cfg: Config, accelerator: Accelerator):
+    """The run's tokenizer, with `tokenizer.chat_template` applied when given."""
+    tokenizer = _tokenizer(cfg, accelerator)
+    if cfg.tokenizer.chat_template is not None:
+        tokenizer.chat_template = Path(cfg.tokenizer.chat_template).expanduser().read_text()
+    return tokenizer
+
+
+def _tokenizer(cfg: Config, accelerator: Accelerator):
     source = models.tokenizer_source(cfg)
     if source is not None:
         path, revision = source
@@ -104,6 +112,10 @@ def setup_tokenizer(cfg: Config, accelerator: Accelerator):
             cfg.data.prompt_field,
             cfg.data.completion_field,
             cfg.tokenizer.vocab_size,
+            cfg.data.messages_field,
+            cfg.data.subset,
+            cfg.data.split,
+            cfg.data.revision,
         ]
     )
     out = data_lib.cache_root(cfg.data) / "tokenizers" / f"bpe-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
@@ -111,7 +123,8 @@ def setup_tokenizer(cfg: Config, accelerator: Accelerator):
         if not out.is_dir():
             out.parent.mkdir(parents=True, exist_ok=True)
             accelerator.print(f"training a {cfg.tokenizer.vocab_size}-token BPE tokenizer on {cfg.data.source} ...")
-            models.train_bpe_tokenizer(data_lib.texts_for_tokenizer(cfg.data), cfg.tokenizer.vocab_size, out)
+            chat = data_lib.is_conversational(cfg.data)
+            models.train_bpe_tokenizer(data_lib.texts_for_tokenizer(cfg.data), cfg.tokenizer.vocab_size, out, chat)
     return models.load_tokenizer(str(out))
 
 
@@ -122,6 +135,7 @@ def setup_run(cfg: Config, accelerator: Accelerator | None = None):
     set_seed(cfg.train.seed)
     models.check_paths(cfg)  # a typo in a path fails now, not after a tokenizer has been trained
     tokenizer = setup_tokenizer(cfg, accelerator)
+    models.check_tokenizers(cfg, tokenizer)
     student_config, teacher_config = models.resolve_configs(cfg, len(tokenizer))
     return accelerator, tokenizer, student_config, teacher_config
 

@@ -15,8 +15,8 @@ Layout of a store directory (format in docs/store.md):
 A row holds `index` (position in the packed split), `row_hash` (blake2b-128 of the token ids as little-endian
 int32), `input_ids`, `labels`, and for the S - 1 next-token positions `teacher_ids` [(S-1)*k],
 `teacher_logprobs` [(S-1)*k] (float16, log-softmax at the store's temperature, in top-k order) and
-`teacher_tail` [S-1] (float16, log of the mass outside the top k). Ids are uint16 when the vocabulary fits,
-else uint32.
+`teacher_tail` [S-1] (float16, log of the mass outside the top k), and, for packed data, `position_ids` [S]
+(restarting at every document). Ids are uint16 when the vocabulary fits, else uint32.
 """
 
 from __future__ import annotations
@@ -95,9 +95,15 @@ def shard_name(split: str, number: int) -> str:
 
 
 def encode_rows(
-    index: list[int], input_ids: torch.Tensor, labels: torch.Tensor, targets: TeacherTargets, vocab_size: int
+    index: list[int],
+    input_ids: torch.Tensor,
+    labels: torch.Tensor,
+    targets: TeacherTargets,
+    vocab_size: int,
+    position_ids: torch.Tensor | None = None,
 ) -> pa.Table:
-    """One Arrow row per sequence from a micro-batch [B, S] and its N = B * (S - 1) sparse target rows."""
+    """One Arrow row per sequence from a micro-batch [B, S] and its N = B * (S - 1) sparse target rows; packed
+    rows keep their per-document `position_ids` (the student must see what the teacher saw)."""
     b, s = input_ids.shape
     k = targets.ids.shape[-1]
     ids_np = input_ids.cpu().numpy()
@@ -109,8 +115,12 @@ def encode_rows(
     def lists(values: np.ndarray, per_row: int) -> pa.Array:
         return pa.ListArray.from_arrays(pa.array(np.arange(0, b * per_row + 1, per_row, dtype=np.int32)), values)
 
+    columns = {}
+    if position_ids is not None:
+        columns["position_ids"] = lists(pa.array(position_ids.cpu().numpy().astype(id_dtype(s)).reshape(-1)), s)
     return pa.table(
         {
+            **columns,
             "index": pa.array(np.asarray(index, dtype=np.int64)),
             "row_hash": pa.array([row_hash(r) for r in ids_np], type=pa.string()),
             "input_ids": lists(pa.array(ids_np.astype(id_dtype(vocab_size)).reshape(-1)), s),
@@ -206,7 +216,11 @@ def decode(table: pa.Table, k: int, check_hashes: bool = True) -> dict[str, torc
     if bad is not None:
         raise DistillError(f"store row {table['index'][bad].as_py()}: token ids do not match their content hash")
     s = input_ids.shape[1]
+    extra = {}
+    if "position_ids" in table.column_names:
+        extra["position_ids"] = torch.from_numpy(_flat(table["position_ids"]).astype(np.int64).reshape(b, s))
     return {
+        **extra,
         "input_ids": torch.from_numpy(input_ids.astype(np.int64)),
         "labels": torch.from_numpy(_flat(table["labels"]).astype(np.int64).reshape(b, s)),
         "teacher_ids": torch.from_numpy(_flat(table["teacher_ids"]).astype(np.int64).reshape(b, s - 1, k)),
@@ -359,7 +373,7 @@ def open_offline(cfg: Config, tokenizer, student_config, accelerator: Accelerato
             f"{tok_hash[:12]}); precompute a store with this run's tokenizer"
         )
     checks = [
-        ("vocabulary size", manifest["vocab_size"], student_config.vocab_size, "the student's vocab_size"),
+        ("aligned vocabulary", manifest["vocab_size"], len(tokenizer), "the tokenizer's length"),
         ("seq_len", manifest["seq_len"], cfg.data.seq_len, "data.seq_len"),
         ("temperature", manifest["temperature"], cfg.distill.temperature, "distill.temperature"),
     ]

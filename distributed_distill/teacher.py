@@ -52,9 +52,55 @@ class TeacherSource(Protocol):
         ...
 
 
-def final_hidden(model, input_ids: torch.Tensor) -> torch.Tensor:
+# Attention implementations that separate packed documents from position_ids alone (varlen kernels).
+VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3")
+
+
+def attention_implementation(model) -> str | None:
+    inner = getattr(model, "module", model)  # DDP / DeepSpeed engines wrap the model
+    return getattr(getattr(inner, "config", None), "_attn_implementation", None)
+
+
+def document_mask(position_ids: torch.Tensor, additive_dtype: torch.dtype | None = None) -> torch.Tensor | None:
+    """[B, 1, S, S] block-diagonal causal mask of packed rows: a token attends to earlier tokens of its own document
+    (documents start where position_ids do not continue by one). None when no row holds more than one document.
+    Boolean (True = attend) for sdpa; additive (0 / dtype min) for eager attention, which adds the mask."""
+    starts = torch.diff(position_ids, prepend=position_ids[:, :1] - 1, dim=-1) != 1
+    segment = starts.cumsum(-1)
+    if bool((segment[:, -1] == 1).all()):
+        return None
+    s = position_ids.shape[-1]
+    causal = torch.ones(s, s, dtype=torch.bool, device=position_ids.device).tril()
+    mask = (segment[:, :, None] == segment[:, None, :]) & causal
+    if additive_dtype is None:
+        return mask[:, None]
+    zero = torch.zeros((), dtype=additive_dtype, device=mask.device)
+    return torch.where(mask, zero, torch.finfo(additive_dtype).min)[:, None]
+
+
+def model_inputs(model, batch: dict) -> dict:
+    """What a model's forward receives from a batch; the teacher and the student get exactly the same.
+
+    Packed rows carry per-document `position_ids` (each document starts at 0). transformers (5.x) reads them as a
+    packed format but its sdpa / eager masks then only remap the causal mask to positions, which lets a document
+    see the earlier one; so for those a 4D block-diagonal causal mask is passed as well (S x S per row). The varlen
+    flash-attention kernels separate documents from the positions alone."""
+    inputs = {"input_ids": batch["input_ids"], "use_cache": False}
+    positions = batch.get("position_ids")
+    if positions is not None:
+        inputs["position_ids"] = positions
+        impl = attention_implementation(model)
+        if impl not in VARLEN_ATTENTION:
+            dtype = None if impl == "sdpa" else next(getattr(model, "module", model).parameters()).dtype
+            mask = document_mask(positions, dtype)
+            if mask is not None:
+                inputs["attention_mask"] = mask
+    return inputs
+
+
+def final_hidden(model, batch: dict) -> torch.Tensor:
     """The last hidden states [B, S, H] (after the final norm), without computing [B, S, V] logits."""
-    out = model(input_ids=input_ids, output_hidden_states=True, logits_to_keep=1, use_cache=False)
+    out = model(**model_inputs(model, batch), output_hidden_states=True, logits_to_keep=1)
     return out.hidden_states[-1]
 
 
@@ -111,15 +157,18 @@ class OnlineTeacher:
         top_k: int | None = None,
         temperature: float = 1.0,
         chunk_size: int = 1024,
+        vocab: int | None = None,
     ):
         self.model = model.eval().requires_grad_(False)
+        # Only the tokenizer's rows of the output layer are compared (models.check_models); None = all rows.
+        self.vocab = vocab
         self.runner = self.model  # what the forward calls: the model itself, or an engine wrapping it
         self.identity = identity
         self.top_k, self.temperature, self.chunk_size = top_k, temperature, chunk_size
 
     @torch.no_grad()
     def targets(self, batch: dict) -> TeacherTargets:
-        hidden = final_hidden(self.runner, batch["input_ids"])[:, :-1]
+        hidden = final_hidden(self.runner, batch)[:, :-1]
         hidden = hidden.reshape(-1, hidden.shape[-1])
         with self._head() as (weight, bias):
             if self.top_k:
@@ -131,7 +180,7 @@ class OnlineTeacher:
     @contextlib.contextmanager
     def _head(self):
         """The output layer's full weight and bias, valid inside the context."""
-        head = self.model.get_output_embeddings()
+        head = models.AlignedHead(self.model.get_output_embeddings(), self.vocab)
         yield head.weight, head.bias
 
     def num_parameters(self) -> int:
@@ -183,9 +232,10 @@ class Zero3Teacher(OnlineTeacher):
     def _head(self):
         import deepspeed
 
-        head = self.model.get_output_embeddings()
-        params = [p for p in (head.weight, head.bias) if p is not None]
+        module = self.model.get_output_embeddings()
+        params = [p for p in (module.weight, getattr(module, "bias", None)) if p is not None]
         with deepspeed.zero.GatheredParameters(params):
+            head = models.AlignedHead(module, self.vocab)
             if self.top_k:
                 yield head.weight, head.bias
             else:
@@ -333,9 +383,11 @@ def load_zero3(cfg: Config, teacher_config, device: torch.device, **kwargs) -> Z
 ENGINES = {"replicated": load_replicated, "zero3": load_zero3}
 
 
-def setup_teacher(cfg: Config, teacher_config, device: torch.device) -> OnlineTeacher:
+def setup_teacher(cfg: Config, teacher_config, device: torch.device, vocab: int | None = None) -> OnlineTeacher:
     """The frozen teacher: eval mode, no gradients, no optimizer, kept out of `accelerator.prepare` (never in a
-    checkpoint; its identity goes to the run directory), and called by every rank once per micro-batch."""
+    checkpoint; its identity goes to the run directory), and called by every rank once per micro-batch.
+    `vocab` (the tokenizer's length) is how many rows of its output layer are compared with the student's; None =
+    all rows."""
     distill = cfg.distill
     return ENGINES[cfg.teacher.engine](
         cfg,
@@ -344,4 +396,5 @@ def setup_teacher(cfg: Config, teacher_config, device: torch.device) -> OnlineTe
         top_k=distill.top_k,
         temperature=distill.temperature,
         chunk_size=distill.chunk_size or 1024,
+        vocab=vocab,
     )

@@ -64,8 +64,14 @@ def _train(cfg: Config, stop: checkpoint.StopRequest) -> dict:
             )
         train_ds, val_ds = offline.train, offline.val
     else:
+        summary: dict = {}
         with accelerator.main_process_first():
-            train_ds, val_ds = data_lib.build_datasets(cfg.data, tokenizer)
+            if cfg.data.streaming:
+                train_ds = data_lib.DocumentStream(cfg.data, tokenizer, cfg.train.seed)
+                val_ds = data_lib.streaming_validation(cfg.data, tokenizer, summary)
+            else:
+                train_ds, val_ds = data_lib.build_datasets(cfg.data, tokenizer, summary)
+        accelerator.print(data_lib.describe_counts(summary) + ("; train: streamed" if cfg.data.streaming else ""))
     # An offline run records its config without the teacher (the store replaced it) and with the tokenizer it used.
     out_dir = prepare_output_dir(
         offline_config(cfg) if offline else cfg, accelerator, resume["step"] if resume else None
@@ -75,7 +81,7 @@ def _train(cfg: Config, stop: checkpoint.StopRequest) -> dict:
     if offline is not None:
         teacher = offline.teacher
     elif cfg.teacher is not None:
-        teacher = setup_teacher(cfg, teacher_config, accelerator.device)  # every rank: ZeRO-3 partitions over all
+        teacher = setup_teacher(cfg, teacher_config, accelerator.device, len(tokenizer))  # every rank (ZeRO-3)
     if teacher is not None and accelerator.is_main_process:
         (out_dir / "teacher.json").write_text(json.dumps(teacher.identity, indent=2))
     optimizer = torch.optim.AdamW(
@@ -88,9 +94,10 @@ def _train(cfg: Config, stop: checkpoint.StopRequest) -> dict:
     # step num_processes times per call and make the schedule depend on the world size.
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     student, optimizer = accelerator.prepare(student, optimizer)
-    head = accelerator.unwrap_model(student).get_output_embeddings()
+    head = models.AlignedHead(accelerator.unwrap_model(student).get_output_embeddings(), len(tokenizer))
     accelerator.print(
-        f"train {len(train_ds)} x {cfg.data.seq_len} tokens, validation {len(val_ds)}; "
+        f"train {'streamed' if cfg.data.streaming else len(train_ds)} x {cfg.data.seq_len} tokens, "
+        f"validation {len(val_ds)}; "
         f"{accelerator.num_processes} process(es) on {accelerator.device}; "
         f"student {parameter_bytes(student)[2]:,} params"
         + (f", teacher {teacher.num_parameters():,} params" if teacher is not None else "")
@@ -204,7 +211,7 @@ class Loop:
     cfg: Config
     accelerator: Accelerator
     student: torch.nn.Module  # as prepared by Accelerate: plain, DDP-wrapped, or a DeepSpeed engine
-    head: torch.nn.Module  # the student's output layer, unwrapped (the chunked loss multiplies by its weight)
+    head: models.AlignedHead  # the student's output layer, unwrapped, restricted to the tokenizer's rows
     teacher: TeacherSource | None  # online engine or offline store; None for CE-only training
     optimizer: torch.optim.Optimizer  # Accelerate's wrapper (steps only when gradients sync)
     scheduler: torch.optim.lr_scheduler.LambdaLR  # stepped once per optimizer step, by the loop
@@ -248,9 +255,10 @@ def fit(loop: Loop, train_ds, val_ds) -> dict:
 
 
 def offline_stream(loop: Loop, train_ds) -> Iterator[dict] | None:
-    """Offline: this rank's share of the store, streamed (split across ranks inside, never by Accelerate), from
-    where the checkpoint left it. Online: None (the batch order is a pure function of the micro-step)."""
-    if loop.cfg.distill.signal != "offline":
+    """Offline and data.streaming: this rank's share of the store / corpus, streamed (split across ranks inside,
+    never by Accelerate), from where the checkpoint left it. Otherwise None (the batch order is a pure function of
+    the micro-step)."""
+    if loop.cfg.distill.signal != "offline" and not loop.cfg.data.streaming:
         return None
     accelerator, train = loop.accelerator, loop.cfg.train
     return train_ds.micro_batches(

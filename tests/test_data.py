@@ -67,7 +67,7 @@ def test_prompt_tokens_never_count(tmp_path, tokenizer):
     path.write_text("\n".join(json.dumps(r) for r in rows))
     cfg = _cfg(tmp_path, path, seq_len=64, prompt_field="q", completion_field="a", val_fraction=0.3)
     docs = data.load_documents(cfg)
-    batch = data._tokenize_and_pack(docs[:1], tokenizer, cfg)
+    batch = data._tokenize(docs[:1], tokenizer, cfg, "prompt")
     n_prompt = len(tokenizer(rows[0]["q"], add_special_tokens=False)["input_ids"])
     n_body = len(tokenizer(rows[0]["a"], add_special_tokens=False)["input_ids"])
     labels = batch["labels"][0]

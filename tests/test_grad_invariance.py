@@ -46,7 +46,7 @@ def _step_delta(micro: int, accum: int, alpha: float, loss: str, chunk: int) -> 
     # Plain SGD with lr=1: the parameter change is exactly minus the gradient.
     optimizer = torch.optim.SGD(student.parameters(), lr=1.0)
     student, optimizer = accelerator.prepare(student, optimizer)
-    head = accelerator.unwrap_model(student).get_output_embeddings()
+    head = models.AlignedHead(accelerator.unwrap_model(student).get_output_embeddings(), VOCAB)
     batch = _global_batch()
     micro_batches = [{k: v[i : i + micro] for k, v in batch.items()} for i in range(0, 4, micro)]
     result = trainer.train_step(accelerator, student, head, teacher, optimizer, micro_batches, cfg)

@@ -57,6 +57,7 @@ def test_export_loads_with_plain_transformers_and_matches_training(smoke_runs):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from distributed_distill import data
+    from distributed_distill.teacher import model_inputs
 
     run, _ = smoke_runs
     cfg = load_config(run / "config.yaml")
@@ -67,7 +68,8 @@ def test_export_loads_with_plain_transformers_and_matches_training(smoke_runs):
     with torch.no_grad():
         for start in range(0, len(val), 16):
             rows = val[start : start + 16]
-            logits = model(input_ids=rows["input_ids"].long()).logits[:, :-1]
+            batch = {"input_ids": rows["input_ids"].long(), "position_ids": rows["position_ids"].long()}
+            logits = model(**model_inputs(model, batch)).logits[:, :-1]  # documents apart, as in training
             labels = rows["labels"].long()[:, 1:]
             total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="sum").item()
             count += int((labels != -100).sum())

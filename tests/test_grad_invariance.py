@@ -98,7 +98,7 @@ def test_bf16_training_and_validation_compute_the_same_loss(chunk):
     teacher = OnlineTeacher(models.load_model(cfg.teacher, models.arch_config(cfg.teacher.arch, VOCAB), seed=1), {})
     optimizer = torch.optim.SGD(student.parameters(), lr=0.0)
     student, optimizer = accelerator.prepare(student, optimizer)
-    head = accelerator.unwrap_model(student).get_output_embeddings()
+    head = models.AlignedHead(accelerator.unwrap_model(student).get_output_embeddings(), VOCAB)
     batch = _global_batch()
     val_ds = Dataset.from_dict({k: v.tolist() for k, v in batch.items()}).with_format("torch")
     student.train()

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from distributed_distill import data as data_lib
-from distributed_distill import models, objective, setup
+from distributed_distill import models, objective
 from distributed_distill.config import ArchConfig, DataConfig, DistillConfig
 from distributed_distill.teacher import OnlineTeacher, model_inputs
 

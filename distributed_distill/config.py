@@ -67,10 +67,15 @@ class ModelConfig:
     path: str | None = option(None, "hub id or local directory for from_pretrained; exclusive with arch")
     revision: str | None = option(None, "hub revision (branch, tag or commit) when path is a hub id")
     arch: ArchConfig | None = option(None, "build a fresh model of this architecture instead of loading one")
-    dtype: Literal["float32", "bfloat16", "float16"] = option(
-        "float32", "parameter dtype when loaded (the student trains in float32 with train.precision for autocast)"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = option(
+        "float32",
+        "parameter dtype when loaded (the student trains in float32 with train.precision for autocast); auto = "
+        "bfloat16 on CUDA, float32 on CPU (the teacher's default)",
     )
     trust_remote_code: bool = option(False, "allow code from the model repository to run; off unless you trust it")
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = option(
+        "sdpa", "attention kernel (transformers attn_implementation); flash_attention_2 needs the flash-attn package"
+    )
 
     def __post_init__(self) -> None:
         if (self.path is None) == (self.arch is None):
@@ -78,9 +83,46 @@ class ModelConfig:
 
 
 @dataclass
+class LoraConfig:
+    """LoRA adapters (through peft, `pip install 'distributed_distill[lora]'`): only the adapters train."""
+
+    r: int = option(16, "adapter rank")
+    alpha: int = option(32, "scaling numerator: the update is (alpha / r) * B A")
+    dropout: float = option(0.0, "dropout on the adapter input")
+    target_modules: list[str] | str = option(
+        "all-linear",
+        "module names that get adapters (e.g. [q_proj, v_proj]); all-linear = every linear layer but the head",
+    )
+
+    def __post_init__(self) -> None:
+        if self.r < 1 or self.alpha < 1:
+            raise ConfigError(f"student.lora: r={self.r} and alpha={self.alpha} must be >= 1")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"student.lora.dropout={self.dropout} must be in [0, 1)")
+        if isinstance(self.target_modules, list) and not all(isinstance(m, str) for m in self.target_modules):
+            raise ConfigError(f"student.lora.target_modules={self.target_modules!r} must be a list of module names")
+
+
+@dataclass
+class StudentConfig(ModelConfig):
+    """The student: a model, and how it trains when it is large."""
+
+    gradient_checkpointing: bool = option(
+        False, "recompute each layer's activations in the backward instead of keeping them (less memory, ~30% slower)"
+    )
+    lora: LoraConfig | None = option(
+        None, "train LoRA adapters instead of all weights; final/ holds the merged model and final/adapter the adapter"
+    )
+
+
+@dataclass
 class TeacherConfig(ModelConfig):
     """The frozen teacher: a model plus the engine that runs it (see docs/distributed.md)."""
 
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = option(
+        "auto",
+        "parameter dtype when loaded; auto = bfloat16 on CUDA (a frozen teacher needs no float32), float32 on CPU",
+    )
     engine: Literal["replicated", "zero3"] = option(
         "replicated",
         "replicated = every rank holds the whole teacher; zero3 = DeepSpeed ZeRO-3 inference, parameters "
@@ -334,7 +376,7 @@ class LoggingConfig:
 @dataclass
 class Config:
     output_dir: str = option("runs/default", "run directory: resolved config, metrics.jsonl, checkpoints, final/")
-    student: ModelConfig = option(None, "the model being trained")
+    student: StudentConfig = option(None, "the model being trained")
     teacher: TeacherConfig | None = option(None, "the frozen teacher; null for plain CE training (distill.alpha=0)")
     tokenizer: TokenizerConfig = option(TokenizerConfig, "tokenizer shared by teacher and student")
     data: DataConfig = option(DataConfig, "training and validation data")

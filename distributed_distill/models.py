@@ -139,6 +139,23 @@ def check_models(cfg: Config, student: PretrainedConfig, teacher: PretrainedConf
         limit = max_positions(mc)
         if limit is not None and cfg.data.seq_len > limit:
             raise DistillError(f"data.seq_len={cfg.data.seq_len} exceeds the {role}'s maximum positions ({limit})")
+    check_packages(cfg)
+
+
+def check_packages(cfg: Config) -> None:
+    """Optional packages a config needs, named before anything loads."""
+    import importlib.util
+
+    for role in ("student", "teacher"):
+        mcfg = getattr(cfg, role)
+        if mcfg is not None and mcfg.attn_implementation == "flash_attention_2":
+            if importlib.util.find_spec("flash_attn") is None:
+                raise DistillError(
+                    f"{role}.attn_implementation=flash_attention_2 needs the flash-attn package (CUDA only: "
+                    "pip install flash-attn); or use sdpa"
+                )
+    if getattr(cfg.student, "lora", None) is not None and importlib.util.find_spec("peft") is None:
+        raise DistillError("student.lora needs peft: pip install 'distributed_distill[lora]'")
 
 
 class AlignedHead:
@@ -162,15 +179,47 @@ class AlignedHead:
         return None if bias is None else bias[: self.vocab]
 
 
-def load_model(mcfg: ModelConfig, config: PretrainedConfig, *, seed: int) -> torch.nn.Module:
-    dtype = DTYPES[mcfg.dtype]
+def dtype_name(mcfg: ModelConfig, device: torch.device | None) -> str:
+    """The model's dtype: `auto` is bfloat16 on CUDA and float32 elsewhere (CPU bf16 matmuls are slow)."""
+    if mcfg.dtype != "auto":
+        return mcfg.dtype
+    return "bfloat16" if device is not None and device.type == "cuda" else "float32"
+
+
+def load_model(
+    mcfg: ModelConfig, config: PretrainedConfig, *, seed: int, device: torch.device | None = None
+) -> torch.nn.Module:
+    dtype = DTYPES[dtype_name(mcfg, device)]
+    attention = {"attn_implementation": getattr(mcfg, "attn_implementation", "sdpa")}
     if mcfg.path is not None:
         return AutoModelForCausalLM.from_pretrained(
-            mcfg.path, revision=mcfg.revision, dtype=dtype, trust_remote_code=mcfg.trust_remote_code
+            mcfg.path, revision=mcfg.revision, dtype=dtype, trust_remote_code=mcfg.trust_remote_code, **attention
         )
     # Seed right before init so the same arch + seed gives the same weights however many processes run.
     torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return AutoModelForCausalLM.from_config(config, dtype=dtype, **attention)
+
+
+def prepare_student(model: torch.nn.Module, scfg) -> torch.nn.Module:
+    """Gradient checkpointing and LoRA adapters, as `student` asks (before the optimizer and Accelerate see it)."""
+    if scfg.gradient_checkpointing:
+        # Non-reentrant: works with frozen inputs (LoRA) and gives gradients identical to a plain backward.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if scfg.lora is not None:
+        from peft import LoraConfig, get_peft_model
+
+        lora = scfg.lora
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=lora.r,
+                lora_alpha=lora.alpha,
+                lora_dropout=lora.dropout,
+                target_modules=lora.target_modules,
+                task_type="CAUSAL_LM",
+            ),
+        )
+    return model
 
 
 def model_identity(mcfg: ModelConfig, config: PretrainedConfig) -> dict:

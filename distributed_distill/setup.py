@@ -69,6 +69,13 @@ def setup_accelerator(cfg: Config) -> Accelerator:
             if plugin.is_auto(key):
                 plugin.deepspeed_config[key] = value
     sharded = accelerator.distributed_type == DistributedType.FSDP or (plugin is not None and plugin.zero_stage == 3)
+    if sharded and cfg.student.lora is not None:
+        # peft wraps the model after it is built; a ZeRO-3 / FSDP student is partitioned as it is built (and its
+        # frozen base weights would still be sharded and gathered like trained ones): not supported here.
+        raise DistillError(
+            f"student.lora with a {'FSDP' if plugin is None else 'ZeRO-3'} student is not supported; launch LoRA "
+            "with launch/accelerate/ddp.yaml or zero2.yaml (the frozen base fits each GPU), or unset student.lora"
+        )
     if sharded and cfg.distill.chunk_size > 0:
         # The chunked loss multiplies by the student's lm_head weight outside its forward, where ZeRO-3 and FSDP
         # hold only a shard of it.

@@ -277,7 +277,7 @@ def parameter_bytes(model: torch.nn.Module) -> tuple[int, int, int]:
 # Engines
 
 
-def zero3_inference_config(tcfg: TeacherConfig, hidden_size: int) -> dict:
+def zero3_inference_config(tcfg: TeacherConfig, hidden_size: int, dtype: str | None = None) -> dict:
     """The built-in DeepSpeed config of the `zero3` teacher (launch/deepspeed/teacher_zero3*.json hold it too).
 
     Inference only: no optimizer, so the batch size keys only satisfy DeepSpeed's config check (the teacher
@@ -303,8 +303,8 @@ def zero3_inference_config(tcfg: TeacherConfig, hidden_size: int) -> dict:
         "train_micro_batch_size_per_gpu": 1,
         "gradient_accumulation_steps": 1,
         "zero_optimization": zero,
-        "bf16": {"enabled": tcfg.dtype == "bfloat16"},
-        "fp16": {"enabled": tcfg.dtype == "float16"},
+        "bf16": {"enabled": (dtype or tcfg.dtype) == "bfloat16"},
+        "fp16": {"enabled": (dtype or tcfg.dtype) == "float16"},
         "wall_clock_breakdown": False,
     }
 
@@ -347,7 +347,7 @@ def _ensure_process_group(device: torch.device) -> None:
 
 def load_replicated(cfg: Config, teacher_config, device: torch.device, **kwargs) -> OnlineTeacher:
     with _transformers_zero3(None):  # never partitioned by a ZeRO-3 student's zero.Init
-        model = models.load_model(cfg.teacher, teacher_config, seed=cfg.train.seed + 1)
+        model = models.load_model(cfg.teacher, teacher_config, seed=cfg.train.seed + 1, device=device)
     return OnlineTeacher(model.to(device), models.model_identity(cfg.teacher, teacher_config), **kwargs)
 
 
@@ -366,13 +366,14 @@ def load_zero3(cfg: Config, teacher_config, device: torch.device, **kwargs) -> Z
     if tcfg.deepspeed_config is not None:
         ds_config = json.loads(open(tcfg.deepspeed_config).read())
     else:
-        ds_config = zero3_inference_config(tcfg, getattr(teacher_config, "hidden_size", 0) or 0)
+        hidden = getattr(teacher_config, "hidden_size", 0) or 0
+        ds_config = zero3_inference_config(tcfg, hidden, models.dtype_name(tcfg, device))
     stage = ds_config.get("zero_optimization", {}).get("stage")
     if stage != 3:
         raise DistillError(f"teacher.deepspeed_config={tcfg.deepspeed_config}: zero_optimization.stage={stage}, need 3")
     _ensure_process_group(device)
     with _transformers_zero3(ds_config if tcfg.path is not None else None):
-        model = models.load_model(tcfg, teacher_config, seed=cfg.train.seed + 1)
+        model = models.load_model(tcfg, teacher_config, seed=cfg.train.seed + 1, device=device)
     model.eval().requires_grad_(False)
     engine, *_ = deepspeed.initialize(model=model, config=copy.deepcopy(ds_config))
     engine.eval()

@@ -77,6 +77,7 @@ def _train(cfg: Config, stop: checkpoint.StopRequest) -> dict:
         offline_config(cfg) if offline else cfg, accelerator, resume["step"] if resume else None
     )
     student = models.load_model(cfg.student, student_config, seed=cfg.train.seed)
+    student = models.prepare_student(student, cfg.student)  # gradient checkpointing, LoRA adapters
     teacher: TeacherSource | None = None
     if offline is not None:
         teacher = offline.teacher
@@ -84,8 +85,9 @@ def _train(cfg: Config, stop: checkpoint.StopRequest) -> dict:
         teacher = setup_teacher(cfg, teacher_config, accelerator.device, len(tokenizer))  # every rank (ZeRO-3)
     if teacher is not None and accelerator.is_main_process:
         (out_dir / "teacher.json").write_text(json.dumps(teacher.identity, indent=2))
+    trainable = [p for p in student.parameters() if p.requires_grad]  # with LoRA: the adapters only
     optimizer = torch.optim.AdamW(
-        student.parameters(),
+        trainable,
         lr=cfg.train.lr,
         betas=(cfg.train.adam_beta1, cfg.train.adam_beta2),
         weight_decay=cfg.train.weight_decay,
@@ -100,6 +102,7 @@ def _train(cfg: Config, stop: checkpoint.StopRequest) -> dict:
         f"validation {len(val_ds)}; "
         f"{accelerator.num_processes} process(es) on {accelerator.device}; "
         f"student {parameter_bytes(student)[2]:,} params"
+        + (f" ({sum(p.numel() for p in trainable):,} trainable: LoRA)" if cfg.student.lora else "")
         + (f", teacher {teacher.num_parameters():,} params" if teacher is not None else "")
     )
     memory_report(accelerator, student, teacher)
@@ -470,10 +473,18 @@ def _write_rank_record(cfg: Config, accelerator: Accelerator, first_sample_indic
 
 
 def export(accelerator: Accelerator, model: torch.nn.Module, tokenizer, out: Path) -> None:
-    """Save the student with `save_pretrained` (safetensors) and its tokenizer: loadable without this package."""
+    """Save the student with `save_pretrained` (safetensors) and its tokenizer: loadable without this package.
+
+    A LoRA student is saved twice: its adapter alone in `final/adapter` (peft), then merged into the base weights
+    in `final/` itself, which plain transformers loads."""
     accelerator.wait_for_everyone()
-    state = accelerator.get_state_dict(model)  # gathers sharded (ZeRO-3 / FSDP) weights
     unwrapped = accelerator.unwrap_model(model)
+    if getattr(unwrapped, "peft_config", None) is not None:
+        if accelerator.is_main_process:
+            unwrapped.save_pretrained(out / "adapter", safe_serialization=True)
+        unwrapped = unwrapped.merge_and_unload()  # in place: the run is over
+        model = unwrapped
+    state = accelerator.get_state_dict(model)  # gathers sharded (ZeRO-3 / FSDP) weights
     unwrapped.save_pretrained(
         out,
         is_main_process=accelerator.is_main_process,

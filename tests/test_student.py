@@ -42,8 +42,8 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(chunk):
         (0.5 * out.kd_sum + 0.5 * out.ce_sum).backward()
         results.append((out, {n: p.grad.clone() for n, p in student.named_parameters()}))
     (plain, g_plain), (ckpt, g_ckpt) = results
-    assert float(ckpt.kd_sum) == pytest.approx(float(plain.kd_sum), rel=1e-5, abs=1e-5)
-    assert float(ckpt.ce_sum) == pytest.approx(float(plain.ce_sum), rel=1e-5, abs=1e-5)
+    assert ckpt.kd_sum.item() == pytest.approx(plain.kd_sum.item(), rel=1e-5, abs=1e-5)
+    assert ckpt.ce_sum.item() == pytest.approx(plain.ce_sum.item(), rel=1e-5, abs=1e-5)
     for name in g_plain:
         torch.testing.assert_close(g_ckpt[name], g_plain[name], rtol=1e-5, atol=1e-5, msg=name)
 

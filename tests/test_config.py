@@ -97,3 +97,17 @@ def test_a_pinned_model_pins_its_tokenizer(tmp_path):
     assert tokenizer_source(load_config(SMOKE)) is None  # both built from arch: a tokenizer is trained
     offline = offline_config(load_config(SMOKE, [*pinned, "distill.signal=offline", f"distill.store={tmp_path}"]))
     assert offline.teacher is None and (offline.tokenizer.path, offline.tokenizer.revision) == ("org/teacher", "abc123")
+
+
+def test_the_distill_your_own_models_config_is_what_the_readme_says():
+    """README "Distill your own models": hub teacher and student, a hub conversational dataset, bf16, ZeRO-3 teacher."""
+    cfg = load_config(ROOT / "configs" / "distill_qwen.yaml")
+    assert cfg.teacher.path == "Qwen/Qwen2.5-7B-Instruct" and cfg.teacher.engine == "zero3"
+    assert cfg.teacher.dtype == "bfloat16" and cfg.train.precision == "bf16"
+    assert cfg.student.path == "Qwen/Qwen2.5-0.5B-Instruct" and cfg.student.gradient_checkpointing
+    assert cfg.data.source == "HuggingFaceH4/ultrachat_200k" and cfg.data.streaming
+    from distributed_distill.data import source_kind
+
+    assert source_kind(cfg.data) == "repository"
+    readme = (ROOT / "README.md").read_text()
+    assert "configs/distill_qwen.yaml" in readme and "--num_processes 8" in readme

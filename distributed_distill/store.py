@@ -15,8 +15,8 @@ Layout of a store directory (format in docs/store.md):
 A row holds `index` (position in the packed split), `row_hash` (blake2b-128 of the token ids as little-endian
 int32), `input_ids`, `labels`, and for the S - 1 next-token positions `teacher_ids` [(S-1)*k],
 `teacher_logprobs` [(S-1)*k] (float16, log-softmax at the store's temperature, in top-k order) and
-`teacher_tail` [S-1] (float16, log of the mass outside the top k), and, for packed data, `position_ids` [S]
-(restarting at every document). Ids are uint16 when the vocabulary fits, else uint32.
+`teacher_tail` [S-1] (float16, log of the mass outside the top k), and `position_ids` [S]
+(restarting at every document and at the padding). Ids are uint16 when the vocabulary fits, else uint32.
 """
 
 from __future__ import annotations

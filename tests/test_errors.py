@@ -11,7 +11,8 @@ from .helpers import SMOKE, run_cli, snapshot
 
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
-    """Two tiny local 'pretrained' checkpoints with different vocabulary sizes, and a tokenizer."""
+    """Tiny local 'pretrained' checkpoints with different vocabulary sizes (two padded beyond the tokenizer, one
+    with fewer rows than it has tokens), and a tokenizer."""
     from transformers import AutoModelForCausalLM
 
     from distributed_distill import models
@@ -19,7 +20,8 @@ def pretrained(tmp_path_factory):
 
     base = tmp_path_factory.mktemp("pretrained")
     tok = models.train_bpe_tokenizer(iter(["def f(x): return x\n"] * 20), 300, base / "tok")
-    for name, vocab in (("v600", 600), ("v512", 512)):
+    assert len(tok) > 256
+    for name, vocab in (("v600", 600), ("v512", 512), ("v256", 256)):
         cfg = models.arch_config(
             ArchConfig(hidden_size=16, num_layers=1, num_heads=2, max_position_embeddings=64), vocab
         )
@@ -83,16 +85,17 @@ def test_missing_model_path(previous_run, tmp_path):
 
 
 @pytest.mark.slow
-def test_vocabulary_mismatch_names_both_sizes(previous_run, tmp_path, pretrained):
+def test_a_student_with_fewer_rows_than_the_tokenizer_is_refused(previous_run, tmp_path, pretrained):
+    """Different row counts are fine (compared over the tokenizer's rows, tests/test_vocab.py); too few are not."""
     line = _fails(
         tmp_path,
         "teacher.arch=null",
         f"teacher.path={pretrained / 'v600'}",
         "student.arch=null",
-        f"student.path={pretrained / 'v512'}",
+        f"student.path={pretrained / 'v256'}",
         previous=previous_run,
     )
-    assert "teacher has vocab_size=600, student has vocab_size=512" in line
+    assert "tokens but the student has only vocab_size=256 embedding rows" in line
 
 
 @pytest.mark.slow

@@ -13,7 +13,7 @@ from distributed_distill.config import load_config
 from distributed_distill.errors import DistillError
 from distributed_distill.teacher import OnlineTeacher
 
-from .helpers import SMOKE, accelerate_launch, read_metrics, run_cli
+from .helpers import SMOKE, accelerate_launch, read_metrics, run_cli, torchrun
 
 VOCAB = 512
 
@@ -117,3 +117,23 @@ def test_teacher_dtype_auto_is_bf16_on_cuda_only_and_attention_is_configurable()
         flash = load_config(SMOKE, ["teacher.attn_implementation=flash_attention_2"])
         with pytest.raises(DistillError, match=r"teacher.attn_implementation=flash_attention_2 needs the flash-attn"):
             models.check_packages(flash)
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("strategy", ["ddp", "zero2"])
+def test_lora_and_gradient_checkpointing_under_two_processes(student_dir, tmp_path, strategy):
+    """The launch files LoRA is meant for: 2 CPU processes, DDP (torchrun) and a DeepSpeed ZeRO-2 student."""
+    out = tmp_path / strategy
+    launcher = (
+        torchrun(29651, "train.py") if strategy == "ddp" else [*accelerate_launch("zero2.yaml", 29652), "train.py"]
+    )
+    args = ["--config", str(SMOKE), f"output_dir={out}", "train.max_steps=3", "train.micro_batch_size=2"]
+    args += ["student.arch=null", f"student.path={student_dir}", "student.lora={r: 4, alpha: 8}"]
+    args += ["student.gradient_checkpointing=true"]
+    run_cli(args, launcher=launcher, timeout=600)
+    assert read_metrics(out)[-1]["step"] == 3
+    assert (out / "final" / "adapter" / "adapter_model.safetensors").is_file()
+    base, merged = load_file(student_dir / "model.safetensors"), load_file(out / "final" / "model.safetensors")
+    assert all(torch.equal(base[k], merged[k]) for k in base if "proj" not in k)
+    assert any(not torch.equal(base[k], merged[k]) for k in base if "proj" in k)

@@ -1,9 +1,12 @@
 """Datasets: read documents, split train/validation, tokenize, pack into `seq_len` blocks, batch per rank.
 
-    documents (built-in corpus, or .txt/.jsonl/.json/.parquet through `datasets`)
+    documents (built-in corpora; files, a hub dataset or a save_to_disk directory through `datasets`)
       -> deterministic split by a hash of each document (stable when documents are added)
-      -> tokenize (cached by `datasets` fingerprints under data.cache_dir)
-      -> pack into blocks of seq_len: `input_ids`, and `labels` with prompt and padding tokens = -100
+      -> tokenize, one row per document (cached by `datasets` fingerprints under data.cache_dir); conversations
+         through the chat template, only assistant turns learned, long ones cut at a turn boundary or dropped
+      -> pack into blocks of seq_len (data.packing) or pad one document per row: `input_ids`, `position_ids`
+         restarting at every document, and `labels` with prompt, non-assistant and padding tokens = -100
+    data.streaming: the same steps on the fly over a stream (`DocumentStream`), resumed by replaying it.
 
 Labels are aligned with `input_ids` (Hugging Face convention); the loss shifts them by one.
 The batch order is a pure function of (seed, step, rank), so every rank sees a distinct slice of
@@ -363,12 +366,6 @@ def _tokenize(batch: dict, tokenizer, dcfg: DataConfig, kind: str) -> dict:
         out["labels"].append([IGNORE_INDEX] * len(head) + tail)
         out["status"].append(KEPT)
     return out
-
-
-def _blocks(ids: list[int], labels: list[int], seq: int):
-    """Cut a token run into seq_len pieces (text documents, which may be split anywhere)."""
-    for start in range(0, len(ids), seq):
-        yield ids[start : start + seq], labels[start : start + seq]
 
 
 def _pack(batch: dict, dcfg: DataConfig, pad: int, whole: bool) -> dict:

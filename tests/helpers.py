@@ -40,6 +40,15 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def training_records(run_dir: Path) -> list[dict]:
+    """metrics.jsonl without timings and evaluations: what a resumed run reproduces exactly (a shorter first run
+    also evaluates at its last step, where the uninterrupted run does not)."""
+    return [
+        {k: v for k, v in r.items() if k != "tokens_per_second" and not k.startswith("val_")}
+        for r in read_metrics(run_dir)
+    ]
+
+
 def write_config(path: Path, base: Path = SMOKE, **sections) -> Path:
     """A copy of `base` with some sections replaced or updated (one level deep)."""
     cfg = yaml.safe_load(base.read_text())

@@ -12,7 +12,7 @@ from distributed_distill import data as data_lib
 from distributed_distill.config import DataConfig
 from distributed_distill.errors import DistillError
 
-from .helpers import SMOKE, read_metrics, run_cli
+from .helpers import SMOKE, run_cli, training_records
 
 CARD = """---
 configs:
@@ -116,7 +116,6 @@ def test_streaming_trains_and_resumes_exactly(repository, saved, tmp_path, sourc
     run_cli(["train", *common, f"output_dir={split}", "train.max_steps=3"])
     proc = run_cli(["train", *common, f"output_dir={split}", "train.max_steps=6"])
     assert "resum" in (proc.stdout + proc.stderr).lower()
-    strip = lambda rs: [{k: v for k, v in r.items() if k != "tokens_per_second"} for r in rs]  # noqa: E731
-    assert strip(read_metrics(whole)) == strip(read_metrics(split))
+    assert training_records(whole) == training_records(split)
     a, b = load_file(whole / "final" / "model.safetensors"), load_file(split / "final" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

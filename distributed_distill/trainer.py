@@ -123,7 +123,14 @@ def _train(cfg: Config, stop: checkpoint.StopRequest) -> dict:
 
 def resumed_config(cfg: Config, resume: dict, accelerator: Accelerator) -> Config:
     """The config a resumed run trains with: the same, except that on a different number of processes the
-    accumulation adjusts so the global batch stays what the checkpoint was trained with (docs/cluster.md)."""
+    accumulation adjusts so the global batch stays what the checkpoint was trained with (docs/cluster.md). A
+    data.streaming run cannot move: each rank streams its own share of the documents (split_dataset_by_node, packed
+    per rank), so its position in the corpus exists only for the process count that wrote it."""
+    if cfg.data.streaming and resume["world_size"] != accelerator.num_processes:
+        raise checkpoint.CheckpointError(
+            f"checkpoint of step {resume['step']} was written by {resume['world_size']} process(es); a data.streaming "
+            f"run resumes on the same number only (this run has {accelerator.num_processes})"
+        )
     cfg = checkpoint.resume_config(cfg, resume, accelerator.num_processes)
     if resume["world_size"] != accelerator.num_processes:
         accelerator.gradient_accumulation_steps = cfg.train.grad_accum_steps

@@ -2,8 +2,11 @@
 
 Run (full size: ~18 GiB resident for the naive path, ~15 minutes on 2 cores for 2 repeats):
     .venv/bin/python benchmarks/loss_memory.py
+With the peers' chunked losses (Liger-Kernel, torchtune; installed by `pip install .[peers]`, docs/peers.md):
+    .venv-peers/bin/python benchmarks/loss_memory.py --paths naive,chunked,liger,torchtune
 Small smoke run:
     .venv/bin/python benchmarks/loss_memory.py --tokens 256 --hidden 128 --vocab 8000 --chunk-size 64
+The chunk size defaults to the project's `distill.chunk_size: auto` (losses.auto_chunk_size).
 
 Both paths compute the same objective from the same inputs: student hidden states [T, H] (requires
 grad) and lm_head weight [V, H] (a Parameter), an online teacher given as hidden states [T, H] and
@@ -37,7 +40,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing the package
-PATHS = ("naive", "chunked")
+PATHS = ("naive", "chunked", "liger", "torchtune")
+# The peers' losses (pip install .[peers]; docs/peers.md): what each path's returned value means, per token.
+PEER_CONVENTIONS = {
+    "liger": "LigerFusedLinearJSDLoss(beta=0, compiled=False): w_hard * CE + w_soft * KL, each / valid tokens",
+    "torchtune": "ForwardKLWithChunkedOutputLoss(8) + CEWithChunkedOutputLoss(8): -sum p_T log p_S (KL + H(p_T)) "
+    "and CE, each / valid tokens, from 8 logits chunks that all stay alive until backward",
+}
 
 
 def _status_bytes(field: str) -> int:
@@ -81,6 +90,39 @@ def _run_path(path, hidden, weight, teacher_hidden, teacher_weight, labels, args
         kd = kd_loss(logits, teacher_logits, labels, reduction="sum", **common)
         ce = F.cross_entropy(logits, labels, reduction="sum")
         del logits, teacher_logits  # the autograd graph keeps what backward needs, nothing more
+    elif path == "liger":
+        # Liger-Kernel's chunked distillation loss, its pure-PyTorch path (compiled=False: torch.compile of it is a
+        # GPU-oriented option), at its default chunk size. beta=0 is forward KL. It returns weighted means.
+        from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
+
+        n = (labels != -100).sum()
+        loss_fn = LigerFusedLinearJSDLoss(
+            weight_hard_loss=0.5,
+            weight_soft_loss=0.5,
+            beta=0.0,
+            temperature=args.temperature,
+            compiled=False,
+            return_soft_hard_loss=True,
+        )
+        loss, soft, hard = loss_fn(hidden, weight, teacher_hidden, teacher_weight, labels)
+        kd, ce = soft * n, hard * n
+        (loss * 2 * n).backward()  # the gradient of kd_sum + ce_sum, as for the other paths
+        return kd.detach(), ce.detach()
+    elif path == "torchtune":
+        # torchtune's KD recipe: the model's output layer emits the logits in 8 chunks (TransformerDecoder
+        # .chunked_output), all kept for backward, and the chunked-output losses upcast each chunk to float32.
+        from torchtune.modules.loss import CEWithChunkedOutputLoss, ForwardKLWithChunkedOutputLoss
+
+        chunks = 8
+        n = (labels != -100).sum()
+        student_chunks = [h @ weight.T for h in hidden[None].chunk(chunks, dim=1)]
+        with torch.no_grad():
+            teacher_chunks = [h @ teacher_weight.T for h in teacher_hidden[None].chunk(chunks, dim=1)]
+        kd = ForwardKLWithChunkedOutputLoss(chunks)(student_chunks, teacher_chunks, labels[None])
+        ce = CEWithChunkedOutputLoss(chunks)(student_chunks, labels[None])
+        del student_chunks, teacher_chunks
+        ((kd + ce) * n).backward()
+        return (kd * n).detach(), (ce * n).detach()
     else:
         out = chunked_distill_loss(
             hidden,
@@ -162,14 +204,21 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--hidden", type=int, default=2048)
     parser.add_argument("--vocab", type=int, default=128256)
-    parser.add_argument("--chunk-size", type=int, default=256)
+    parser.add_argument(
+        "--chunk-size", default="auto", help="rows per chunk, or auto: the project default (losses.auto_chunk_size)"
+    )
     parser.add_argument("--kind", default="forward_kl")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--repeats", type=int, default=2, help="fresh processes per path; min time is reported")
-    parser.add_argument("--paths", default="naive,chunked", help="comma-separated subset of naive,chunked")
+    parser.add_argument("--paths", default="naive,chunked", help=f"comma-separated subset of {','.join(PATHS)}")
     parser.add_argument("--worker", choices=PATHS, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
+    if args.chunk_size == "auto":
+        from distributed_distill.losses import auto_chunk_size
+
+        args.chunk_size = auto_chunk_size(args.vocab, args.hidden, "cpu")
+    args.chunk_size = int(args.chunk_size)
     if args.worker:
         args.path = args.worker
         print(json.dumps(worker(args)))
@@ -202,20 +251,42 @@ def main() -> None:
             "time": c["seconds"] / n["seconds"],
         }
         result["agreement"] = compare(runs["naive"][0], runs["chunked"][0])
+    reference = "naive" if "naive" in runs else "chunked"
+    for path in runs:
+        if path in PEER_CONVENTIONS:
+            result[path]["convention"] = PEER_CONVENTIONS[path]
+            result[path]["version"] = _version(path.replace("liger", "liger-kernel"))
+            if "chunked" in runs:
+                result[path]["vs_chunked"] = {
+                    "peak": result[path]["peak_bytes"] / result["chunked"]["peak_bytes"],
+                    "time": result[path]["seconds"] / result["chunked"]["seconds"],
+                }
+            if reference in runs:
+                result[path]["agreement_with_" + reference] = compare(runs[reference][0], runs[path][0])
 
     print(json.dumps(result, indent=2))
     print()
-    print("| path | peak above inputs (GiB) | of which grads (GiB) | fwd+bwd (s) |")
-    print("|---|---|---|---|")
+    print("| path | peak above inputs (GiB) | of which grads (GiB) | fwd+bwd (s) | vs chunked: peak, time |")
+    print("|---|---|---|---|---|")
     for path in runs:
         r = result[path]
-        print(f"| {path} | {r['peak_bytes'] / 2**30:.2f} | {grad_bytes / 2**30:.2f} | {r['seconds']:.2f} |")
+        vs = result["chunked"] if "chunked" in runs else r
+        print(
+            f"| {path} | {r['peak_bytes'] / 2**30:.2f} | {grad_bytes / 2**30:.2f} | {r['seconds']:.2f} | "
+            f"{r['peak_bytes'] / vs['peak_bytes']:.2f}x, {r['seconds'] / vs['seconds']:.2f}x |"
+        )
     if "ratio" in result:
         ratio = result["ratio"]
         print(
             f"| chunked / naive | {ratio['peak']:.1%} (without grads {ratio['peak_without_grads']:.1%}) | "
             f"| {ratio['time']:.2f}x |"
         )
+
+
+def _version(dist: str) -> str:
+    from importlib.metadata import version
+
+    return version(dist)
 
 
 def _torch_threads() -> int:

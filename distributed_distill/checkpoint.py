@@ -62,6 +62,7 @@ MAY_CHANGE = (
     "teacher.collective_timeout",
     "data.cache_dir",
     "distill.store",  # the store may move; its content hash is compared instead
+    "distill.chunk_size",  # how the loss is chunked changes its memory, not the objective (config.yaml holds rows)
 )
 
 

@@ -241,8 +241,11 @@ class DistillConfig:
     temperature: float = option(1.0, "softmax temperature T for both models; the KD term is scaled by T^2")
     beta: float = option(0.5, "jsd mixture weight, 0 < beta < 1")
     skew: float = option(0.1, "skew_forward_kl / skew_reverse_kl mixture weight, 0 <= skew < 1")
-    chunk_size: int = option(
-        1024, "tokens per chunk when computing the loss from hidden states (no [tokens, vocab] tensor); 0 = naive"
+    chunk_size: int | str = option(
+        "auto",
+        "tokens per chunk when computing the loss from hidden states (no [tokens, vocab] tensor); 0 = naive "
+        "(full logits); auto = from the vocabulary, hidden size and device (losses.auto_chunk_size; the naive path "
+        "for a ZeRO-3/FSDP student)",
     )
     top_k: int | None = option(
         None,
@@ -279,8 +282,8 @@ class DistillConfig:
             raise ConfigError(f"distill.beta={self.beta} must be strictly between 0 and 1")
         if not 0.0 <= self.skew < 1.0:
             raise ConfigError(f"distill.skew={self.skew} must be in [0, 1)")
-        if self.chunk_size < 0:
-            raise ConfigError(f"distill.chunk_size={self.chunk_size} must be >= 0")
+        if self.chunk_size != "auto" and (not isinstance(self.chunk_size, int) or self.chunk_size < 0):
+            raise ConfigError(f"distill.chunk_size={self.chunk_size!r} must be 'auto' or an int >= 0")
         if self.top_k is not None and self.top_k < 1:
             raise ConfigError(f"distill.top_k={self.top_k} must be >= 1 (or null for dense targets)")
         if self.top_k is not None and self.loss == "mse":

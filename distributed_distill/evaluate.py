@@ -15,7 +15,7 @@ from . import models
 from .config import Config, ModelConfig
 from .errors import DistillError
 from .objective import forward_losses
-from .setup import setup_accelerator, setup_tokenizer
+from .setup import resolve_loss_chunks, setup_accelerator, setup_tokenizer
 from .teacher import TeacherSource
 
 
@@ -73,7 +73,8 @@ def evaluate_models(cfg: Config, named: dict[str, str]) -> list[dict]:
     for name, mcfg in mcfgs.items():
         model = models.load_model(mcfg, configs[name], seed=cfg.train.seed).to(accelerator.device)
         head = models.AlignedHead(model.get_output_embeddings(), len(tokenizer))
-        result = evaluate(accelerator, model, head, None, val_ds, cfg)
+        run_cfg = resolve_loss_chunks(cfg, configs[name], accelerator)
+        result = evaluate(accelerator, model, head, None, val_ds, run_cfg)
         rows.append({"model": name, "path": mcfg.path, **result})
         del model
     return rows

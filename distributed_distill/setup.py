@@ -11,6 +11,7 @@ expensive work starts.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -27,6 +28,7 @@ from . import models
 from .config import Config, save_config
 from .errors import DistillError
 from .integrity import atomic_write_text
+from .losses import resolve_chunk_size
 from .tracking import wandb_kwargs
 
 
@@ -68,7 +70,7 @@ def setup_accelerator(cfg: Config) -> Accelerator:
         ):
             if plugin.is_auto(key):
                 plugin.deepspeed_config[key] = value
-    sharded = accelerator.distributed_type == DistributedType.FSDP or (plugin is not None and plugin.zero_stage == 3)
+    sharded = student_is_sharded(accelerator)
     if sharded and cfg.student.lora is not None:
         # peft wraps the model after it is built; a ZeRO-3 / FSDP student is partitioned as it is built (and its
         # frozen base weights would still be sharded and gathered like trained ones): not supported here.
@@ -76,7 +78,7 @@ def setup_accelerator(cfg: Config) -> Accelerator:
             f"student.lora with a {'FSDP' if plugin is None else 'ZeRO-3'} student is not supported; launch LoRA "
             "with launch/accelerate/ddp.yaml or zero2.yaml (the frozen base fits each GPU), or unset student.lora"
         )
-    if sharded and cfg.distill.chunk_size > 0:
+    if sharded and cfg.distill.chunk_size not in (0, "auto"):
         # The chunked loss multiplies by the student's lm_head weight outside its forward, where ZeRO-3 and FSDP
         # hold only a shard of it.
         raise DistillError(
@@ -84,6 +86,25 @@ def setup_accelerator(cfg: Config) -> Accelerator:
             f"{'FSDP' if plugin is None else 'ZeRO-3'} student shards; set distill.chunk_size=0 (logits from forward)"
         )
     return accelerator
+
+
+def student_is_sharded(accelerator: Accelerator) -> bool:
+    """ZeRO-3 and FSDP hold only a shard of the student's lm_head weight outside its forward."""
+    plugin = accelerator.state.deepspeed_plugin
+    return accelerator.distributed_type == DistributedType.FSDP or (plugin is not None and plugin.zero_stage == 3)
+
+
+def resolve_loss_chunks(cfg: Config, student_config, accelerator: Accelerator) -> Config:
+    """cfg with `distill.chunk_size: auto` turned into rows for this student and device (an int stays as it is);
+    a sharded student takes the naive path (0), the only one that does not need its whole output layer."""
+    if cfg.distill.chunk_size != "auto":
+        return cfg
+    rows = 0
+    if not student_is_sharded(accelerator):
+        text = student_config.get_text_config()
+        rows = resolve_chunk_size("auto", text.vocab_size, text.hidden_size, accelerator.device)
+    accelerator.print(f"distill.chunk_size=auto: {rows} tokens per loss chunk" + ("" if rows else " (naive path)"))
+    return dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, chunk_size=rows))
 
 
 def launcher_world_size() -> tuple[str, int]:

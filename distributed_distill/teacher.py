@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from . import models
 from .config import Config, TeacherConfig
 from .errors import DistillError
-from .losses import TeacherTargets
+from .losses import TeacherTargets, resolve_chunk_size
 
 
 class TeacherSource(Protocol):
@@ -390,12 +390,15 @@ def setup_teacher(cfg: Config, teacher_config, device: torch.device, vocab: int 
     `vocab` (the tokenizer's length) is how many rows of its output layer are compared with the student's; None =
     all rows."""
     distill = cfg.distill
+    # Rows per chunk of the teacher's own top-k projection; chunked even when the loss takes the naive path (0).
+    text = teacher_config.get_text_config()
+    chunk_size = resolve_chunk_size(distill.chunk_size or "auto", text.vocab_size, text.hidden_size, device)
     return ENGINES[cfg.teacher.engine](
         cfg,
         teacher_config,
         device,
         top_k=distill.top_k,
         temperature=distill.temperature,
-        chunk_size=distill.chunk_size or 1024,
+        chunk_size=chunk_size,
         vocab=vocab,
     )

@@ -31,7 +31,7 @@ from .errors import DistillError, Preempted
 from .evaluate import evaluate
 from .heartbeat import Heartbeat
 from .objective import STATS, count_tokens, forward_losses
-from .setup import lr_lambda, prepare_output_dir, setup_accelerator, setup_run
+from .setup import lr_lambda, prepare_output_dir, resolve_loss_chunks, setup_accelerator, setup_run
 from .store import OfflineSource, offline_config, open_offline
 from .teacher import TeacherSource, parameter_bytes, setup_teacher
 from .tracking import Tracker
@@ -72,6 +72,8 @@ def _train(cfg: Config, stop: checkpoint.StopRequest) -> dict:
             else:
                 train_ds, val_ds = data_lib.build_datasets(cfg.data, tokenizer, summary)
         accelerator.print(data_lib.describe_counts(summary) + ("; train: streamed" if cfg.data.streaming else ""))
+    given = cfg  # what a resumed run is compared against
+    cfg = resolve_loss_chunks(cfg, student_config, accelerator)  # chunk_size auto -> rows (config.yaml holds them)
     # An offline run records its config without the teacher (the store replaced it) and with the tokenizer it used.
     out_dir = prepare_output_dir(
         offline_config(cfg) if offline else cfg, accelerator, resume["step"] if resume else None
@@ -106,8 +108,7 @@ def _train(cfg: Config, stop: checkpoint.StopRequest) -> dict:
         + (f", teacher {teacher.num_parameters():,} params" if teacher is not None else "")
     )
     memory_report(accelerator, student, teacher)
-    # The config as given: what a resumed run is compared against.
-    progress = Progress(store=offline.manifest["config_hash"] if offline else None, config=to_dict(cfg))
+    progress = Progress(store=offline.manifest["config_hash"] if offline else None, config=to_dict(given))
     if resume is not None:
         checkpoint.load(accelerator, resume_path, resume)
         progress.restore(resume, scheduler, accelerator)

@@ -1,6 +1,6 @@
 import pytest
 
-from distributed_distill.config import Config, describe, load_config, save_config
+from distributed_distill.config import Config, DistillConfig, describe, load_config, save_config
 from distributed_distill.errors import ConfigError
 
 from .helpers import ROOT, SMOKE
@@ -14,6 +14,12 @@ def test_overrides_are_typed_and_nested():
     assert cfg.distill.temperature == 3.0 and isinstance(cfg.distill.temperature, float)
     assert cfg.data.max_documents is None
     assert cfg.student.arch.hidden_size == 48
+
+
+def test_chunk_size_is_auto_by_default_and_takes_rows():
+    assert DistillConfig().chunk_size == "auto"
+    assert load_config(SMOKE, ["distill.chunk_size=auto"]).distill.chunk_size == "auto"
+    assert load_config(SMOKE, ["distill.chunk_size=0"]).distill.chunk_size == 0
 
 
 def test_teacher_null_with_alpha_zero_is_plain_ce():
@@ -40,6 +46,8 @@ def test_teacher_null_with_alpha_zero_is_plain_ce():
         (["train.micro_batch_size=0"], "train.micro_batch_size=0 must be >= 1"),
         (["student=null"], "student is required"),
         (["novalue"], "override 'novalue' must look like section.key=value"),
+        (["distill.chunk_size=autom"], "distill.chunk_size='autom' must be 'auto' or an int >= 0"),
+        (["distill.chunk_size=-1"], "distill.chunk_size=-1 must be 'auto' or an int >= 0"),
     ],
 )
 def test_bad_config_names_the_key(overrides, message):

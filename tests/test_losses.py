@@ -13,7 +13,16 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from distributed_distill.losses import KINDS, LossOutput, chunked_distill_loss, kd_loss, sparse_kd_loss
+from distributed_distill.losses import (
+    CHUNK_BUFFER_BYTES,
+    KINDS,
+    LossOutput,
+    auto_chunk_size,
+    chunked_distill_loss,
+    kd_loss,
+    resolve_chunk_size,
+    sparse_kd_loss,
+)
 
 DIVERGENCES = tuple(k for k in KINDS if k != "mse")
 TEMPERATURES = (0.5, 1.0, 2.0, 4.0)
@@ -606,6 +615,24 @@ def test_chunked_rejects_bad_sources():
         chunked(p, {"teacher_hidden": p["teacher_hidden"]})
     with pytest.raises(ValueError):
         chunked(p, {}, chunk_size=0)
+
+
+def test_auto_chunk_size_follows_vocabulary_hidden_size_and_device():
+    # V=128k: a [c, V] float32 buffer of at most 128 MiB -> 256 rows (the 10 %-of-naive target, docs/losses.md)
+    assert auto_chunk_size(128256, 2048, "cpu") == 256
+    assert auto_chunk_size(32000, 2048, "cpu") == 1024
+    assert auto_chunk_size(4096, 128, "cpu") == 8192  # a small vocabulary: a whole micro-batch per chunk
+    assert auto_chunk_size(128256, 8192, "cpu") == 1024  # a wide model: H / 8 rows (its [V, H] grad is larger)
+    assert auto_chunk_size(2_000_000, 64, "cpu") == 32  # never fewer rows than the device's minimum
+    assert auto_chunk_size(2_000_000, 64, "cuda") == 128
+    for v, h in [(128256, 2048), (151936, 1536), (50257, 768), (260, 16)]:
+        rows = auto_chunk_size(v, h)
+        assert rows % 32 == 0 and (rows * v * 4 <= max(CHUNK_BUFFER_BYTES, v * h * 4 // 8) or rows == 32)
+    assert resolve_chunk_size("auto", 128256, 2048, torch.device("cpu")) == 256
+    assert resolve_chunk_size(0, 128256, 2048, "cpu") == 0 and resolve_chunk_size(7, 10, 10, "cpu") == 7
+    for bad in ("big", -1, 1.5, True):
+        with pytest.raises(ValueError):
+            resolve_chunk_size(bad, 128256, 2048, "cpu")
 
 
 class _AllocationRecorder(TorchDispatchMode):

@@ -1,0 +1,130 @@
+"""Cost of the distillation machinery itself: one online KD step against its parts, timed alone.
+
+Run (default size, ~3 minutes on 2 cores):
+    .venv/bin/python benchmarks/online_overhead.py
+Small smoke run:
+    .venv/bin/python benchmarks/online_overhead.py --vocab 2048 --seq-len 64 --repeats 2
+
+Three timings on the same batch, each through the project's own code (`trainer.train_step`, float32, CPU):
+  kd:       an online KD step: teacher forward (final hidden states), the chunked KD + CE loss from both
+            models' hidden states, student backward, optimizer step (distill.alpha=0.5, forward_kl, T=1)
+  ce:       a plain CE step of the same student (distill.alpha=0, no teacher): same chunked path, CE only
+  teacher:  the teacher's forward alone, logits included (`model(input_ids).logits`, no_grad)
+ratio = kd / (ce + teacher); target <= 1.10 (DESIGN.md). The three alternate, `--repeats` rounds after one
+warm-up round; medians are reported (the machine is shared; the spread is printed too).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing the package
+
+
+def build(args: argparse.Namespace):
+    import torch
+    from accelerate import Accelerator
+
+    from distributed_distill import models
+    from distributed_distill.config import load_config
+    from distributed_distill.teacher import OnlineTeacher
+    from distributed_distill.trainer import resolve_loss_chunks
+
+    arch = "{{family: llama, hidden_size: {h}, num_layers: {n}, num_heads: {a}, max_position_embeddings: {p}}}"
+    overrides = [
+        f"student.arch={arch.format(h=args.student_hidden, n=args.student_layers, a=4, p=args.seq_len)}",
+        f"teacher.arch={arch.format(h=args.teacher_hidden, n=args.teacher_layers, a=8, p=args.seq_len)}",
+        f"data.seq_len={args.seq_len}",
+        f"train.micro_batch_size={args.batch}",
+        f"distill.chunk_size={args.chunk_size}",
+        "train.max_steps=1000",
+        "train.warmup_steps=0",
+        "train.device=cpu",
+    ]
+    kd_cfg = load_config(None, overrides + ["distill.alpha=0.5"])
+    ce_cfg = load_config(None, overrides + ["distill.alpha=0", "teacher=null"])
+    accelerator = Accelerator(cpu=True)
+    student_config = models.arch_config(kd_cfg.student.arch, args.vocab)
+    teacher_config = models.arch_config(kd_cfg.teacher.arch, args.vocab)
+    kd_cfg = resolve_loss_chunks(kd_cfg, student_config, accelerator)
+    ce_cfg = resolve_loss_chunks(ce_cfg, student_config, accelerator)
+    teacher = OnlineTeacher(models.load_model(kd_cfg.teacher, teacher_config, seed=1), identity={})
+    students = {}
+    for name in ("kd", "ce"):  # one student and optimizer each, identical at the start
+        student = models.load_model(kd_cfg.student, student_config, seed=0)
+        optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4)
+        student, optimizer = accelerator.prepare(student, optimizer)
+        students[name] = (student, accelerator.unwrap_model(student).get_output_embeddings(), optimizer)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, args.vocab, (args.batch, args.seq_len), generator=g)
+    batch = {"input_ids": ids, "labels": ids.clone()}
+    return accelerator, kd_cfg, ce_cfg, teacher, students, batch
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--student-hidden", type=int, default=256)
+    parser.add_argument("--student-layers", type=int, default=4)
+    parser.add_argument("--teacher-hidden", type=int, default=512)
+    parser.add_argument("--teacher-layers", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--chunk-size", default="auto")
+    parser.add_argument("--repeats", type=int, default=7)
+    args = parser.parse_args()
+
+    import torch
+
+    from distributed_distill.trainer import train_step
+
+    accelerator, kd_cfg, ce_cfg, teacher, students, batch = build(args)
+
+    def kd() -> None:
+        student, head, opt = students["kd"]
+        train_step(accelerator, student, head, teacher, opt, [batch], kd_cfg)
+
+    def ce() -> None:
+        student, head, opt = students["ce"]
+        train_step(accelerator, student, head, None, opt, [batch], ce_cfg)
+
+    @torch.no_grad()
+    def teacher_forward() -> None:
+        teacher.model(input_ids=batch["input_ids"], use_cache=False).logits
+
+    parts = {"kd": kd, "ce": ce, "teacher": teacher_forward}
+    times: dict[str, list[float]] = {name: [] for name in parts}
+    for round_ in range(args.repeats + 1):  # round 0 warms up kernels and the allocator
+        for name, fn in parts.items():
+            start = time.perf_counter()
+            fn()
+            if round_:
+                times[name].append(time.perf_counter() - start)
+    med = {name: statistics.median(ts) for name, ts in times.items()}
+    ratios = [k / (c + t) for k, c, t in zip(times["kd"], times["ce"], times["teacher"])]
+    result = {
+        "config": {**vars(args), "chunk_size_rows": kd_cfg.distill.chunk_size, "torch_threads": torch.get_num_threads()},
+        "seconds_median": med,
+        "seconds_all": {name: [round(t, 4) for t in ts] for name, ts in times.items()},
+        "ratio": med["kd"] / (med["ce"] + med["teacher"]),
+        "ratio_per_round": [round(r, 3) for r in ratios],
+        "target": 1.10,
+    }
+    print(json.dumps(result, indent=2))
+    print()
+    print("| timing (median of %d) | seconds |" % args.repeats)
+    print("|---|---|")
+    print(f"| online KD step | {med['kd']:.3f} |")
+    print(f"| plain CE step of the same student | {med['ce']:.3f} |")
+    print(f"| teacher forward alone (with logits) | {med['teacher']:.3f} |")
+    print(f"| **KD / (CE + teacher)** | **{result['ratio']:.3f}** (per round {min(ratios):.3f}-{max(ratios):.3f}) |")
+
+
+if __name__ == "__main__":
+    main()

@@ -27,7 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing the package
 
 
-def build(args: argparse.Namespace):
+def build(args: argparse.Namespace, chunk_size: str | int):
+    """Teacher, a KD and a CE student (identical at the start, each with its optimizer) and one batch."""
     import torch
     from accelerate import Accelerator
 
@@ -42,7 +43,7 @@ def build(args: argparse.Namespace):
         f"teacher.arch={arch.format(h=args.teacher_hidden, n=args.teacher_layers, a=8, p=args.seq_len)}",
         f"data.seq_len={args.seq_len}",
         f"train.micro_batch_size={args.batch}",
-        f"distill.chunk_size={args.chunk_size}",
+        f"distill.chunk_size={chunk_size}",
         "train.max_steps=1000",
         "train.warmup_steps=0",
         "train.device=cpu",
@@ -84,7 +85,7 @@ def main() -> None:
 
     from distributed_distill.trainer import train_step
 
-    accelerator, kd_cfg, ce_cfg, teacher, students, batch = build(args)
+    accelerator, kd_cfg, ce_cfg, teacher, students, batch = build(args, args.chunk_size)
 
     def kd() -> None:
         student, head, opt = students["kd"]
@@ -96,7 +97,7 @@ def main() -> None:
 
     @torch.no_grad()
     def teacher_forward() -> None:
-        teacher.model(input_ids=batch["input_ids"], use_cache=False).logits
+        assert teacher.model(input_ids=batch["input_ids"], use_cache=False).logits.shape[-1] == args.vocab
 
     parts = {"kd": kd, "ce": ce, "teacher": teacher_forward}
     times: dict[str, list[float]] = {name: [] for name in parts}
@@ -109,7 +110,7 @@ def main() -> None:
     med = {name: statistics.median(ts) for name, ts in times.items()}
     ratios = [k / (c + t) for k, c, t in zip(times["kd"], times["ce"], times["teacher"])]
     result = {
-        "config": {**vars(args), "chunk_size_rows": kd_cfg.distill.chunk_size, "torch_threads": torch.get_num_threads()},
+        "config": {**vars(args), "chunk_rows": kd_cfg.distill.chunk_size, "torch_threads": torch.get_num_threads()},
         "seconds_median": med,
         "seconds_all": {name: [round(t, 4) for t in ts] for name, ts in times.items()},
         "ratio": med["kd"] / (med["ce"] + med["teacher"]),
@@ -118,7 +119,7 @@ def main() -> None:
     }
     print(json.dumps(result, indent=2))
     print()
-    print("| timing (median of %d) | seconds |" % args.repeats)
+    print(f"| timing (median of {args.repeats}) | seconds |")
     print("|---|---|")
     print(f"| online KD step | {med['kd']:.3f} |")
     print(f"| plain CE step of the same student | {med['ce']:.3f} |")

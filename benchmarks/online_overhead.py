@@ -34,8 +34,8 @@ def build(args: argparse.Namespace, chunk_size: str | int):
 
     from distributed_distill import models
     from distributed_distill.config import load_config
+    from distributed_distill.setup import resolve_loss_chunks
     from distributed_distill.teacher import OnlineTeacher
-    from distributed_distill.trainer import resolve_loss_chunks
 
     arch = "{{family: llama, hidden_size: {h}, num_layers: {n}, num_heads: {a}, max_position_embeddings: {p}}}"
     overrides = [

@@ -1,7 +1,11 @@
 import pytest
+from accelerate import Accelerator
 
+from distributed_distill import models
 from distributed_distill.config import Config, DistillConfig, describe, load_config, save_config
 from distributed_distill.errors import ConfigError
+from distributed_distill.losses import auto_chunk_size
+from distributed_distill.setup import resolve_loss_chunks
 
 from .helpers import ROOT, SMOKE
 
@@ -20,6 +24,17 @@ def test_chunk_size_is_auto_by_default_and_takes_rows():
     assert DistillConfig().chunk_size == "auto"
     assert load_config(SMOKE, ["distill.chunk_size=auto"]).distill.chunk_size == "auto"
     assert load_config(SMOKE, ["distill.chunk_size=0"]).distill.chunk_size == 0
+
+
+def test_chunk_size_auto_is_resolved_for_the_student_and_device():
+    cfg = load_config(SMOKE, ["distill.chunk_size=auto"])
+    student = models.arch_config(cfg.student.arch, 4096)
+    accelerator = Accelerator(cpu=True)
+    resolved = resolve_loss_chunks(cfg, student, accelerator)
+    assert resolved.distill.chunk_size == auto_chunk_size(4096, cfg.student.arch.hidden_size, "cpu") == 8192
+    assert cfg.distill.chunk_size == "auto"  # the config as given is left alone (resume compares against it)
+    explicit = load_config(SMOKE, ["distill.chunk_size=64"])
+    assert resolve_loss_chunks(explicit, student, accelerator) is explicit
 
 
 def test_teacher_null_with_alpha_zero_is_plain_ce():

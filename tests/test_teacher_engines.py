@@ -162,14 +162,17 @@ def test_deepspeed_zero2_student_with_zero3_teacher(replicated_run, tmp_path):
 @pytest.mark.slow
 def test_deepspeed_zero3_student_with_zero3_teacher(student_dir, tmp_path):
     """launch/accelerate/zero3.yaml on 2 CPU processes: the student itself sharded (naive loss path, the chunked
-    one needs the whole lm_head) trains the same student as plain multi-process data parallelism."""
-    common = ["distill.chunk_size=0", "student.arch=null", f"student.path={student_dir}"]
+    one needs the whole lm_head; `distill.chunk_size: auto` chooses it) trains the same student as plain
+    multi-process data parallelism."""
+    common = ["student.arch=null", f"student.path={student_dir}"]
     ref = tmp_path / "ddp"
-    check(launch(train_cmd(torchrun(29616), ref, *common), timeout=400)[0])
+    check(launch(train_cmd(torchrun(29616), ref, *common, "distill.chunk_size=0"), timeout=400)[0])
     out = tmp_path / "zero3"
     launcher = accelerate_launch("zero3.yaml", 29618)
-    result = check(launch(train_cmd(launcher, out, "teacher.engine=zero3", *common), timeout=400)[0])
+    cmd = train_cmd(launcher, out, "teacher.engine=zero3", *common, "distill.chunk_size=auto")
+    result = check(launch(cmd, timeout=400)[0])
     assert "student strategy deepspeed zero3, teacher engine zero3" in result.stdout
+    assert "distill.chunk_size=auto: 0 tokens per loss chunk (naive path)" in result.stdout
     assert_same_student(ref, out, tol=1e-4)
 
 

@@ -14,18 +14,16 @@ import json
 import statistics
 import time
 
-from online_overhead import build
+from online_overhead import add_size_args, build
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--vocab", type=int, default=4096)
-    parser.add_argument("--student-hidden", type=int, default=128)
-    parser.add_argument("--student-layers", type=int, default=2)
-    parser.add_argument("--teacher-hidden", type=int, default=256)
-    parser.add_argument("--teacher-layers", type=int, default=4)
-    parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--batch", type=int, default=16)
+    # the demo's sizes (configs/demo.yaml, configs/demo_teacher.yaml)
+    add_size_args(
+        parser, vocab=4096, student_hidden=128, student_layers=2, teacher_hidden=256, teacher_layers=4, seq_len=128,
+        batch=16,
+    )  # fmt: skip
     parser.add_argument("--settings", default="auto,1024", help="two distill.chunk_size values, the first compared")
     parser.add_argument("--repeats", type=int, default=9)
     args = parser.parse_args()

@@ -68,15 +68,20 @@ def build(args: argparse.Namespace, chunk_size: str | int):
     return accelerator, kd_cfg, ce_cfg, teacher, students, batch
 
 
+MODEL_SIZES = dict(
+    vocab=32000, student_hidden=256, student_layers=4, teacher_hidden=512, teacher_layers=8, seq_len=256, batch=4
+)
+
+
+def add_size_args(parser: argparse.ArgumentParser, **overrides: int) -> None:
+    """--vocab, --student-hidden, ... --batch: the models and the batch `build` makes."""
+    for key, default in {**MODEL_SIZES, **overrides}.items():
+        parser.add_argument(f"--{key.replace('_', '-')}", type=int, default=default)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--vocab", type=int, default=32000)
-    parser.add_argument("--student-hidden", type=int, default=256)
-    parser.add_argument("--student-layers", type=int, default=4)
-    parser.add_argument("--teacher-hidden", type=int, default=512)
-    parser.add_argument("--teacher-layers", type=int, default=8)
-    parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--batch", type=int, default=4)
+    add_size_args(parser)
     parser.add_argument("--chunk-size", default="auto")
     parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args()

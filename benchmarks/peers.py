@@ -43,9 +43,10 @@ PEER_PACKAGES = {"trl_gkd": ("trl",), "trl_distillation": ("trl",), "torchtune":
 # What the loss each system logs is, per counted token (p_T, p_S at T = 1).
 CONVENTIONS = {
     "distributed_distill": "KL(p_T||p_S) * T^2, mean over counted tokens of the global step",
-    "trl_gkd": "KL(p_T||p_S) (generalized JSD, beta=0; no T^2; its own temperature only samples), mean over "
-    "counted tokens; logged rounded to 4 decimals",
-    "trl_distillation": "KL(p_T||p_S) (chunked generalized JSD, beta=0), mean over completion tokens; logged rounded",
+    "trl_gkd": "KL(p_T||p_S) (generalized JSD, beta=0; no T^2; its `temperature` only samples), mean over "
+    "counted tokens",
+    "trl_distillation": "KL(p_T||p_S) (chunked generalized JSD, beta=0, logits / T, no T^2), mean over completion "
+    "tokens",
     "torchtune": "-sum p_T log p_S = KL + H(p_T) (cross-entropy to the teacher; no T), mean over counted tokens",
 }
 SIZES = {
@@ -553,10 +554,17 @@ def machine() -> str:
     return f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores ({cpu}), load {os.getloadavg()[0]:.1f}"
 
 
+def median_tps(r: dict, result: dict) -> float:
+    """tokens/s from the median step time (steps 2..N): on a shared machine steadier than the mean."""
+    import statistics
+
+    return result["data"]["tokens_per_step"] / statistics.median(r["step_seconds"])
+
+
 def table(result: dict) -> str:
     base = result["systems"].get("distributed_distill")
     lines = [
-        "| system | version | trainable params | tokens/s | vs this | peak RSS (GiB) | vs this "
+        "| system | version | trainable params | tokens/s (median step) | vs this | peak RSS (GiB) | vs this "
         "| loss step 1: reported / f64 KL / f64 convention | loss last step: reported / f64 KL / f64 convention |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
@@ -569,10 +577,10 @@ def table(result: dict) -> str:
             f"{r['reported_loss'][w]:.6g} / {r['float64'][w]['kl']:.6g} / {r['float64'][w][conv]:.6g}"
             for w in ("first", "last")
         ]
-        tps = r["tokens_per_second"] / base["tokens_per_second"] if base and "skipped" not in base else float("nan")
+        tps = median_tps(r, result) / median_tps(base, result) if base and "skipped" not in base else float("nan")
         rss = r["peak_rss_bytes"] / base["peak_rss_bytes"] if base and "skipped" not in base else float("nan")
         lines.append(
-            f"| {name} | {r['version']} | {r['trainable_parameters']:,} | {r['tokens_per_second']:.0f} | {tps:.2f}x "
+            f"| {name} | {r['version']} | {r['trainable_parameters']:,} | {median_tps(r, result):.0f} | {tps:.2f}x "
             f"| {r['peak_rss_bytes'] / 2**30:.2f} | {rss:.2f}x | {losses[0]} | {losses[1]} |"
         )
     return "\n".join(lines)
@@ -589,8 +597,12 @@ def main() -> None:
     parser.add_argument("--systems", default=",".join(SYSTEMS))
     parser.add_argument("--work", type=Path, default=None, help="where models, data and runs go; default a temp dir")
     parser.add_argument("--json", type=Path, default=None, help="also write the result here")
+    parser.add_argument("--table", type=Path, default=None, help="print the table of a result written by --json")
     parser.add_argument("--worker", choices=SYSTEMS, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.table:
+        print(table(json.loads(args.table.read_text())))
+        return
     for key, value in SIZES["tiny" if args.tiny else "full"].items():
         if getattr(args, key) is None:
             setattr(args, key, value)

@@ -46,9 +46,9 @@ def test_peers_benchmark_tiny(tmp_path):
         assert r["float64"]["first"]["kl"] == pytest.approx(first["kl"], rel=1e-9)
         convention = "cross_entropy_to_teacher" if name == "torchtune" else "kl"
         for when in ("first", "last"):
-            # TRL logs its loss rounded to 4 decimals; the others in full float32.
-            tolerance = 6e-5 if name.startswith("trl") else 1e-5 * r["float64"][when][convention]
-            assert r["reported_loss"][when] == pytest.approx(r["float64"][when][convention], abs=tolerance), name
+            # float32 against float64; log p_T - log p_S cancels, so an absolute term too
+            expected = pytest.approx(r["float64"][when][convention], rel=1e-5, abs=5e-6)
+            assert r["reported_loss"][when] == expected, (name, when)
     # Full fine-tuning everywhere but torchtune, whose KD recipe trains LoRA adapters only.
     assert systems["torchtune"]["trainable_parameters"] < systems["distributed_distill"]["trainable_parameters"]
     assert systems["trl_gkd"]["trainable_parameters"] == systems["distributed_distill"]["trainable_parameters"]

@@ -229,6 +229,8 @@ def main() -> None:
     for _ in range(args.repeats):
         for path in paths:  # alternate, so slow phases of the machine hit both paths
             runs[path].append(run_path(path, args))
+            done = {k: runs[path][-1][k] for k in ("path", "seconds", "peak_bytes", "kd_sum", "ce_sum")}
+            print(json.dumps(done), file=sys.stderr, flush=True)  # progress: a long run keeps what finished
 
     grad_bytes = (args.vocab * args.hidden + args.tokens * args.hidden) * 4
     result = {

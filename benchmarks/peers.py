@@ -640,6 +640,8 @@ def main() -> None:
             result["systems"][system] = {"skipped": f"failed (exit {done.returncode}): " + " | ".join(tail)}
             continue
         result["systems"][system] = json.loads(line.split(" ", 1)[1])
+        if args.json:  # what finished is kept if a later system is stopped
+            args.json.write_text(json.dumps(result, indent=2))
     result["load_after"] = os.getloadavg()[0]
     result["seconds"] = time.perf_counter() - started
     text = json.dumps(result, indent=2)

@@ -42,7 +42,7 @@ def test_peers_benchmark_tiny(tmp_path):
         assert "skipped" not in r, f"{name}: {r.get('skipped')}"
         assert r["tokens_per_second"] > 0 and r["peak_rss_bytes"] > 0
         # Same start, same batch: every system's first step is the same float64 objective (torchtune's own
-        # float64 model computes rotary embeddings its own way: 4e-9 apart at the benchmark's size).
+        # float64 forward is its own model code: 4e-9 apart at the benchmark's size).
         first = systems["distributed_distill"]["float64"]["first"]
         assert r["float64"]["first"]["kl"] == pytest.approx(first["kl"], rel=1e-7)
         convention = "cross_entropy_to_teacher" if name == "torchtune" else "kl"

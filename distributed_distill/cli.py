@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from .config import describe, load_config
-from .errors import DistillError, Preempted
+from .errors import DistillError, Preempted, ReportedElsewhere
 
 # Each command imports its module when it runs: the trainer, evaluation and precompute pull in transformers,
 # datasets, Accelerate and DeepSpeed (seconds), which a config mistake or `--help` never needs.
@@ -149,12 +149,17 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return args.func(args)
+    except ReportedElsewhere:
+        return 2  # the main process prints it
     except DistillError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except Preempted as e:
         print(e, file=sys.stderr)  # "preempted at step N: checkpoint ... written; ..."
         return e.exit_code
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop (which turns it into a checkpoint): no traceback
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 def train_main(argv: list[str] | None = None) -> int:

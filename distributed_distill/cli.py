@@ -18,6 +18,7 @@ import json
 import sys
 from pathlib import Path
 
+from . import lock
 from .config import describe, load_config
 from .errors import DistillError, Preempted, ReportedElsewhere
 
@@ -34,6 +35,9 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)  # config mistakes fail before the heavy imports
+    # A second job on the same output_dir stops here, in a fraction of a second (the lock is held for this
+    # process's life; the trainer shares it with the other ranks).
+    lock.acquire_early(cfg.output_dir, "output_dir")
     from .trainer import train
 
     result = train(cfg)

@@ -443,12 +443,24 @@ def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+def _not_an_override(item: str) -> str:
+    path = Path(item).expanduser()
+    if (path / "config.yaml").is_file():  # a run directory
+        return (
+            f"{item} is a run directory, not a section.key=value override; its config is "
+            f"--config {path / 'config.yaml'} and its student --model student={path / 'final'}"
+        )
+    if path.exists():
+        return f"{item} is a path, not a section.key=value override; give a config as --config FILE"
+    return f"override {item!r} must look like section.key=value"
+
+
 def parse_overrides(overrides: typing.Sequence[str]) -> list[tuple[str, Any]]:
     pairs = []
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key:
-            raise ConfigError(f"override {item!r} must look like section.key=value")
+            raise ConfigError(_not_an_override(item))
         try:
             value = load_yaml(text) if text else ""
         except yaml.YAMLError:
@@ -462,6 +474,10 @@ def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -
     raw: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            run = path / "config.yaml"
+            hint = f"this looks like a run directory: --config {run}" if run.is_file() else "e.g. configs/smoke.yaml"
+            raise ConfigError(f"--config {path} is a directory; give a YAML file ({hint})")
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         try:
@@ -474,6 +490,11 @@ def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -
             raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(raw).__name__}")
     for key, value in parse_overrides(overrides):
         _set_dotted(raw, key, value)
+    if path is None and raw.get("student") is None:
+        raise ConfigError(
+            "no --config given and no student set: give --config FILE (e.g. configs/smoke.yaml), or the whole run as "
+            "overrides (student.arch... or student.path=...)"
+        )
     return build(Config, raw)
 
 

@@ -38,7 +38,7 @@ import torch
 from accelerate import Accelerator
 
 from .config import Config
-from .errors import DistillError
+from .errors import DistillError, WriteError, write_failure
 from .integrity import file_problem, fsync_path, record, write_json_atomic
 from .losses import TeacherTargets
 from .models import tokenizer_hash, tokenizer_source
@@ -123,13 +123,21 @@ def encode_rows(
 
 
 def write_shard(root: Path, name: str, table: pa.Table, config_hash: str) -> dict:
-    """Write a shard atomically (temp file, fsync, rename), then its sidecar; returns the sidecar."""
+    """Write a shard atomically (temp file, fsync, rename), then its sidecar; returns the sidecar. A failed write
+    (a full disk) removes the temporary file and raises WriteError: the shards finished before stay valid."""
     path = root / name
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table, tmp, **PARQUET_OPTIONS)
-    fsync_path(tmp)
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(table, tmp, **PARQUET_OPTIONS)
+        fsync_path(tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise WriteError(
+            f"{write_failure(e, root)} while writing store shard {path}; the shards finished before it are complete "
+            "(make room and run the same command again: it continues from them)"
+        ) from None
     seq_len = len(table["input_ids"][0]) if table.num_rows else 0
     hashes = table["row_hash"].to_pylist()
     sidecar = {

@@ -22,7 +22,6 @@ from .errors import DistillError
 # A checkpoint of an AdamW-trained student holds fp32 weights (4 bytes/parameter) and the two fp32 moments (8):
 # Accelerate's save_state for one process or DDP writes exactly that; DeepSpeed and FSDP write at least as much.
 CHECKPOINT_BYTES_PER_PARAMETER = 12
-GIB = 2.0**30
 DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2}
 DTYPE_BYTES.update({"I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1})
 
@@ -157,13 +156,19 @@ def check_space(directory: Path, need: int, what: str, key: str, exact: bool, sa
     free = shutil.disk_usage(directory).free
     if free >= need:
         return
-    message = (
-        f"{key}={directory} has {free / GIB:.2f} GiB free but {what} needs about {need / GIB:.2f} GiB; "
-        f"free space or choose another {key}"
-    )
+    message = f"{key}={directory} has {_size(free)} free but {what} needs about {_size(need)}"
+    message += f"; make room or choose another {key}"
     if exact:
         raise DistillError(message)
     say(f"warning: {message} (an estimate)")
+
+
+def _size(n: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return ""
 
 
 def check_run(cfg: Config, say) -> None:

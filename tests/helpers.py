@@ -120,3 +120,32 @@ def interrupt(cmd: list[str], out: Path, at_step: int, sig: int, timeout: float 
         p.send_signal(sig)
     stdout, stderr = proc.communicate(timeout=timeout)
     return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
+def error_line(proc: subprocess.CompletedProcess, status: int = 2) -> str:
+    """The one `error: ...` line of a refused command (exit status `status`, no traceback)."""
+    assert proc.returncode == status, (proc.returncode, proc.stderr[-3000:])
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    return lines[0]
+
+
+def tmpfs(path: Path, size: str, *options: str):
+    """Mount a size-limited tmpfs at `path` (a context manager); skips the test where mounting is not allowed."""
+    import contextlib
+
+    import pytest
+
+    @contextlib.contextmanager
+    def mounted():
+        path.mkdir(parents=True, exist_ok=True)
+        opts = ",".join([f"size={size}", *options])
+        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs (needs root and mount rights): {proc.stderr.strip()[:200]}")
+        try:
+            yield path
+        finally:
+            subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+    return mounted()

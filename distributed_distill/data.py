@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import json
 import os
 import sysconfig
 from collections.abc import Iterator
@@ -111,7 +112,8 @@ def load_documents(dcfg: DataConfig) -> datasets.Dataset:
     try:
         ds = datasets.load_dataset(fmt, data_files=[str(f) for f in files], split="train", cache_dir=cache, **kwargs)
     except Exception as e:  # datasets raises many types with multi-line messages; keep one line
-        msg = " ".join(str(e).split())[:300]
+        where = locate_bad_input(files, fmt)  # datasets often says only "An error occurred while generating ..."
+        msg = where or " ".join(str(e).split())[:300]
         raise DistillError(f"data.source={dcfg.source}: cannot read as {fmt}: {msg}") from None
     needed = [dcfg.prompt_field, dcfg.completion_field] if dcfg.prompt_field else [dcfg.text_field]
     missing = [c for c in needed if c not in ds.column_names]
@@ -122,6 +124,28 @@ def load_documents(dcfg: DataConfig) -> datasets.Dataset:
     ds = ds.select_columns(needed)
     # Documents without a natural id are identified by their content: duplicates land on the same side.
     return ds.map(_content_id, fn_kwargs={"fields": needed}, desc="hashing documents")
+
+
+def locate_bad_input(files: list[Path], fmt: str) -> str | None:
+    """After `datasets` failed to read the files: the first place that is not UTF-8 text (text, json) or not a
+    JSON value per line (JSON Lines), as `file:line: what`; None if nothing is found this way."""
+    if fmt not in ("text", "json"):
+        return None
+    for f in files:
+        with open(f, "rb") as stream:
+            lines = stream.read().split(b"\n")
+        for number, raw in enumerate(lines, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                byte = f"byte {e.start + 1} of the line is {raw[e.start]:#04x}"
+                return f"{f}:{number}: not UTF-8 text ({byte}); re-encode the file as UTF-8"
+            if fmt == "json" and f.suffix == ".jsonl" and line.strip():
+                try:
+                    json.loads(line)
+                except ValueError as e:
+                    return f"{f}:{number}: not a JSON value ({e.msg} at column {e.colno}); one JSON object per line"
+    return None
 
 
 def _content_id(row: dict, fields: list[str]) -> dict:

@@ -102,12 +102,17 @@ def last_step(out: Path) -> int:
         return 0
 
 
-def interrupt(cmd: list[str], out: Path, at_step: int, sig: int, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Start `cmd`, wait until metrics.jsonl reaches `at_step`, send `sig` to it and all its descendants (as SLURM
-    signals every process of a job step; torchrun's workers run in sessions of their own, so a process group
-    would miss them), and wait for it to end."""
+def interrupt(
+    cmd: list[str], out: Path, at_step: int, sig: int, timeout: float = 300, to: str = "tree"
+) -> subprocess.CompletedProcess:
+    """Start `cmd`, wait until metrics.jsonl reaches `at_step`, send `sig` and wait for it to end. `to="tree"`: to
+    the process and all its descendants (as SLURM signals every process of a job step; torchrun's workers run in
+    sessions of their own, so a process group would miss them); `to="group"`: to its process group, as a
+    terminal's Ctrl-C does (torchrun's agent forwards it to its workers)."""
     env = {k: v for k, v in os.environ.items()}
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     deadline = time.monotonic() + timeout
     while last_step(out) < at_step:
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -115,9 +120,12 @@ def interrupt(cmd: list[str], out: Path, at_step: int, sig: int, timeout: float 
             stdout, stderr = proc.communicate()
             raise AssertionError(f"run ended before step {at_step} ({proc.returncode}):\n{stdout}\n{stderr[-4000:]}")
         time.sleep(0.01)
-    parent = psutil.Process(proc.pid)
-    for p in [parent, *parent.children(recursive=True)]:
-        p.send_signal(sig)
+    if to == "group":
+        os.killpg(proc.pid, sig)
+    else:
+        parent = psutil.Process(proc.pid)
+        for p in [parent, *parent.children(recursive=True)]:
+            p.send_signal(sig)
     stdout, stderr = proc.communicate(timeout=timeout)
     return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 

@@ -8,7 +8,8 @@
     distill demo                       # teacher, distilled student and CE-only student on the built-in corpus
 
 `python train.py ...` and `accelerate launch train.py ...` take the same arguments as `distill train`.
-Mistakes in config, data or launch print one line (`error: ...`) and exit with status 2.
+Mistakes in config, data or launch, and failed writes (a full disk), print one line (`error: ...`) and exit with
+status 2; a run stopped by SIGTERM/SIGUSR1 exits 75 and by Ctrl-C 130, after checkpointing (docs/robustness.md).
 """
 
 from __future__ import annotations

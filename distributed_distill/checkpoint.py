@@ -39,6 +39,7 @@ from safetensors import SafetensorError
 from .config import Config, to_dict
 from .errors import DistillError, WriteError, on_main, write_failure
 from .integrity import atomic_write_text, file_problem, publish_dir, record
+from .lock import launch_rank
 
 FORMAT = "distributed_distill-checkpoint"
 VERSION = 1
@@ -478,7 +479,7 @@ class StopRequest:
             signal.signal(sig, handler)
 
     def _handle(self, signum, frame) -> None:
-        talk = int(os.environ.get("RANK") or 0) == 0  # one line per job, not per rank
+        talk = launch_rank() == 0  # one line per job, not per rank
         if signum == signal.SIGINT and self.received == signal.SIGINT:
             if talk:
                 newest = newest_complete(self.out) if self.out is not None else None

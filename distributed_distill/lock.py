@@ -49,6 +49,8 @@ class DirLock:
     def acquire(self) -> None:
         """Take the lock or raise LockError naming the holder; creates the directory if needed (and removes it again
         on release if the job wrote nothing else)."""
+        if self.root.exists() and not self.root.is_dir():
+            raise LockError(f"{self.what}={self.root} is a file, not a directory; choose another {self.what}")
         try:
             if not self.root.is_dir():
                 self.created_root = not self.root.exists()
@@ -151,8 +153,8 @@ def release(root: str | Path, name: str = NAME) -> None:
 
 def launch_rank() -> int:
     """This process's global rank as the launcher set it (before any process group exists): torchrun and
-    `accelerate launch` set RANK; without a launcher this is the only process."""
-    return int(os.environ.get("RANK") or 0)
+    `accelerate launch` set RANK, srun SLURM_PROCID; without a launcher this is the only process."""
+    return int(os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or 0)
 
 
 def acquire_early(root: str | Path, what: str) -> None:

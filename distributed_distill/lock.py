@@ -44,7 +44,7 @@ class DirLock:
         self.root, self.what = root, what
         self.path = root / name
         self.fd: int | None = None
-        self.created_root = False
+        self.created: list[Path] = []  # directories this lock made (removed again if they stay empty)
 
     def acquire(self) -> None:
         """Take the lock or raise LockError naming the holder; creates the directory if needed (and removes it again
@@ -53,8 +53,9 @@ class DirLock:
             raise LockError(f"{self.what}={self.root} is a file, not a directory; choose another {self.what}")
         try:
             if not self.root.is_dir():
-                self.created_root = not self.root.exists()
+                missing = [self.root, *(p for p in self.root.parents if not p.exists())]
                 self.root.mkdir(parents=True, exist_ok=True)
+                self.created = missing  # deepest first
             while True:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
                 try:
@@ -127,12 +128,13 @@ class DirLock:
         self._undo_root()
 
     def _undo_root(self) -> None:
-        if self.created_root:
+        # Only empty ones: a job that failed before writing anything leaves no directory behind.
+        for path in self.created:
             try:
-                self.root.rmdir()  # only if empty: a job that failed before writing anything leaves no directory
+                path.rmdir()
             except OSError:
-                pass
-            self.created_root = False
+                break
+        self.created = []
 
 
 def acquire(root: str | Path, what: str, name: str = NAME) -> DirLock:

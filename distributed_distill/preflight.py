@@ -136,11 +136,15 @@ def _shapes(config) -> dict[str, tuple]:
 
 def student_parameters(cfg: Config, counted: int | None) -> tuple[int | None, bool]:
     """The student's parameter count and whether it is exact: from its weight headers, or from its `arch` with the
-    vocabulary it will get (a pretrained partner's, else the size of the tokenizer that will be trained)."""
+    vocabulary it will get (a pretrained partner's, else the size of the tokenizer that will be trained); for a
+    hub id (no local headers), from its config (an estimate: tied weights, buffers)."""
     from . import models
 
-    if counted is not None or cfg.student.arch is None:
-        return counted, counted is not None
+    if counted is not None:
+        return counted, True
+    if cfg.student.arch is None:
+        shapes = _shapes(models.model_config(cfg.student, 0, "student"))
+        return sum(_numel(s) for s in shapes.values()) or None, False
     partner = next((m for m in (cfg.teacher, cfg.student) if m is not None and m.path is not None), None)
     if partner is not None:
         role = "teacher" if partner is cfg.teacher else "student"

@@ -93,8 +93,9 @@ def test_a_second_run_on_the_same_output_dir_is_refused_at_once(tmp_path):
 @pytest.mark.multiprocess
 def test_a_second_torchrun_job_on_the_same_output_dir_is_refused(tmp_path):
     out = tmp_path / "run"
-    args = ["train.py", "--config", str(SMOKE), f"output_dir={out}", "train.max_steps=40", "train.micro_batch_size=2"]
-    line, seconds = _refused_while_running(torchrun(29651, *args), torchrun(29652, *args), out, 40)
+    # Enough steps that the first job is still running when the second (two workers importing torch) is refused.
+    args = ["train.py", "--config", str(SMOKE), f"output_dir={out}", "train.max_steps=150", "train.micro_batch_size=2"]
+    line, seconds = _refused_while_running(torchrun(29651, *args), torchrun(29652, *args), out, 150)
     print(f"second torchrun job refused in {seconds:.2f} s: {line}")
 
 

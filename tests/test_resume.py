@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import random
 import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from .helpers import (
+    ROOT,
     SMOKE,
     TOP_K,
     accelerate_launch,

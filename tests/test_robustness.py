@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from distributed_distill import checkpoint
@@ -66,11 +67,18 @@ def _refused_while_running(first: list[str], second: list[str], out: Path, steps
     try:
         _wait_for_step(proc, out, 1)
         holder = json.loads((out / ".lock").read_text())
+        # The first job is paused (SIGSTOP, every process of it) while the second tries: however slowly the second
+        # starts on a loaded machine, the first is still running, holding its lock, when the second gets there.
+        tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+        for p in tree:
+            p.suspend()
         started = time.monotonic()
-        refused = subprocess.run(second, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        try:
+            refused = subprocess.run(second, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        finally:
+            for p in tree:
+                p.resume()
         seconds = time.monotonic() - started
-        # (The refusal names the first job's pid: it came while the first job held the lock, which it releases
-        # only when it ends; a second job started after that would have trained and exited 0.)
         stdout, stderr = proc.communicate(timeout=600)
     finally:
         proc.kill()
@@ -85,8 +93,8 @@ def _refused_while_running(first: list[str], second: list[str], out: Path, steps
 
 def test_a_second_run_on_the_same_output_dir_is_refused_at_once(tmp_path):
     out = tmp_path / "run"
-    args = ["train", "--config", str(SMOKE), f"output_dir={out}", "train.max_steps=40"]
-    line, seconds = _refused_while_running(CLI + args, CLI + args, out, 40)
+    args = ["train", "--config", str(SMOKE), f"output_dir={out}", "train.max_steps=20"]
+    line, seconds = _refused_while_running(CLI + args, CLI + args, out, 20)
     print(f"second run refused in {seconds:.2f} s: {line}")
 
 
@@ -94,9 +102,8 @@ def test_a_second_run_on_the_same_output_dir_is_refused_at_once(tmp_path):
 @pytest.mark.multiprocess
 def test_a_second_torchrun_job_on_the_same_output_dir_is_refused(tmp_path):
     out = tmp_path / "run"
-    # Enough steps that the first job is still running when the second (two workers importing torch) is refused.
-    args = ["train.py", "--config", str(SMOKE), f"output_dir={out}", "train.max_steps=150", "train.micro_batch_size=2"]
-    line, seconds = _refused_while_running(torchrun(29651, *args), torchrun(29652, *args), out, 150)
+    args = ["train.py", "--config", str(SMOKE), f"output_dir={out}", "train.max_steps=20", "train.micro_batch_size=2"]
+    line, seconds = _refused_while_running(torchrun(29651, *args), torchrun(29652, *args), out, 20)
     print(f"second torchrun job refused in {seconds:.2f} s: {line}")
 
 

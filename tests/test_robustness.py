@@ -218,6 +218,7 @@ def test_a_full_disk_at_a_store_shard_is_one_line_and_the_rerun_finishes(tmp_pat
             assert (store / "train" / p.name).read_bytes() == p.read_bytes()
 
 
+@pytest.mark.slow
 def test_too_little_room_for_one_checkpoint_is_refused_before_any_work(tmp_path):
     mount = tmp_path / "small"
     with tmpfs(mount, "256k"):
@@ -265,14 +266,8 @@ def _damage(model: Path, how: str) -> str:
     return f"student.path={model}: the weights do not match config.json: lm_head.weight has shape [512, 32]"
 
 
-@pytest.mark.parametrize(
-    "how",
-    [
-        "truncated",
-        pytest.param("flipped-header-byte", marks=pytest.mark.slow),
-        pytest.param("vocab", marks=pytest.mark.slow),
-    ],
-)
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["truncated", "flipped-header-byte", "vocab"])
 def test_a_damaged_model_is_named_before_any_work(student_dir, tmp_path, how):
     model = tmp_path / "model"
     shutil.copytree(student_dir, model)
@@ -287,6 +282,7 @@ def test_a_damaged_model_is_named_before_any_work(student_dir, tmp_path, how):
 # Data
 
 
+@pytest.mark.slow
 def test_a_corpus_smaller_than_one_global_batch_is_refused_with_the_numbers(tmp_path):
     data = tmp_path / "tiny.jsonl"
     data.write_text("".join(json.dumps({"text": f"def f{i}(x): return x + {i}"}) + "\n" for i in range(8)))

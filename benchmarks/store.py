@@ -19,12 +19,16 @@ Prints one JSON object, then a table. What is measured:
   the background shard writer) against `model(input_ids).logits` alone, on the same batches, same teacher.
 - offline KD step vs CE step: `objective.forward_losses` + backward + AdamW step of the same student: the
   offline step includes reading its batch from the store; the CE step gets ready tensors.
+- shard check: the sha256 an offline run computes over every shard it reads (`store.read_shard`), per token
+  (best of repeats over one shard's bytes, in memory), times the tokens of that offline KD step, as a share of
+  the step's time (target < 2 %).
 Each timing is the minimum over repeats, alternating the two sides.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import shutil
 import sys
@@ -174,6 +178,9 @@ def precompute_ratio(tmp: Path, args, device: str) -> tuple[float, float, float]
     return tokens / t_pre, tokens / t_bare, t_bare / t_pre
 
 
+STEP_MICRO_BATCH = 2
+
+
 def step_ratio(tmp: Path, args, device: str) -> tuple[float, float, float]:
     """(offline KD step s, CE step s, ratio) for the same student and batches."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -196,7 +203,7 @@ def step_ratio(tmp: Path, args, device: str) -> tuple[float, float, float]:
     opt = torch.optim.AdamW(student.parameters(), lr=1e-4)
     kd_cfg = DistillConfig(alpha=0.5, chunk_size=1024)
     ce_cfg = DistillConfig(alpha=0.0, chunk_size=1024)
-    stream = store_lib.TrainStream(root, manifest, seed=0, shuffle_buffer=0).micro_batches(2, 1, 0)
+    stream = store_lib.TrainStream(root, manifest, seed=0, shuffle_buffer=0).micro_batches(STEP_MICRO_BATCH, 1, 0)
     ce_batch = {key: v.to(device) for key, v in next(stream).items() if key in ("input_ids", "labels")}
     offline = store_lib.OfflineTeacher.__new__(store_lib.OfflineTeacher)
     offline.k = k
@@ -231,6 +238,22 @@ def step_ratio(tmp: Path, args, device: str) -> tuple[float, float, float]:
     return t_kd, t_ce, t_kd / t_ce
 
 
+def shard_check_share(tmp: Path, vocab: int, k: int, seq_len: int, step_s: float, step_tokens: int, repeats: int):
+    """(seconds of sha256 per token, share of an offline step) for shards of this store format."""
+    root = tmp / "sha"
+    manifest = write_store(root, vocab, k, seq_len, 16, flat=False, shard_rows=16)
+    shard = manifest["splits"]["train"]["shards"][0]
+    data = (root / shard["path"]).read_bytes()
+    best = float("inf")
+    for _ in range(5 * repeats):
+        started = time.perf_counter()
+        hashlib.sha256(data).hexdigest()
+        best = min(best, time.perf_counter() - started)
+    shutil.rmtree(root)
+    per_token = best / shard["tokens"]
+    return per_token, per_token * step_tokens / step_s
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", type=int, default=8192, help="tokens per size / reader measurement")
@@ -263,6 +286,10 @@ def main() -> None:
         r.update(precompute_tokens_per_s=pre, teacher_forward_tokens_per_s=bare, precompute_vs_forward=ratio)
         t_kd, t_ce, ratio = step_ratio(tmp, args, args.device)
         r.update(offline_kd_step_s=t_kd, ce_step_s=t_ce, offline_kd_vs_ce_step=ratio)
+        per_token, share = shard_check_share(
+            tmp, args.vocab_small, 64, args.seq_len, t_kd, STEP_MICRO_BATCH * args.seq_len, args.repeats
+        )
+        r.update(shard_sha256_s_per_token=per_token, shard_sha256_share_of_step=share)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print(json.dumps(r, indent=2))
@@ -276,6 +303,8 @@ def main() -> None:
         ("resume fast-forward (rows read, not decoded), tokens/s", "", f"{r['resume_fast_forward_tokens_per_s']:,.0f}"),
         ("precompute vs bare teacher forward", ">= 0.85x", f"{r['precompute_vs_forward']:.2f}x"),
         ("offline KD step vs CE step", "<= 1.10x", f"{r['offline_kd_vs_ce_step']:.2f}x"),
+        ("shard sha256 check, ns per token", "", f"{1e9 * r['shard_sha256_s_per_token']:.0f}"),
+        ("shard sha256 check, share of an offline KD step", "< 2 %", f"{100 * r['shard_sha256_share_of_step']:.2g} %"),
     ]  # fmt: skip
     print("\n| figure | target | measured |\n|---|---|---:|")
     for name, target, value in rows:

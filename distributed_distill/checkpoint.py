@@ -23,20 +23,23 @@ import contextlib
 import dataclasses
 import io
 import json
+import os
 import pickle
 import re
 import shutil
 import signal
+import sys
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, broadcast_object_list
+from accelerate.utils import DistributedType, gather_object
 from safetensors import SafetensorError
 
 from .config import Config, to_dict
-from .errors import DistillError
+from .errors import DistillError, WriteError, on_main, write_failure
 from .integrity import atomic_write_text, file_problem, publish_dir, record
+from .lock import launch_rank
 
 FORMAT = "distributed_distill-checkpoint"
 VERSION = 1
@@ -212,25 +215,20 @@ def _choose(cfg: Config, world_size: int) -> tuple[Path | None, dict | None, lis
 def choose_resume(cfg: Config, accelerator: Accelerator) -> tuple[Path | None, dict | None]:
     """Decide on the main process which checkpoint to resume (or none), and tell every rank; before any data or
     model is loaded. Damaged newer checkpoints are renamed `step-NNNNNNN.damaged` (kept, never resumed)."""
-    choice: list = [None, None, None]
-    if accelerator.is_main_process:
-        try:
-            path, meta, notes = _choose(cfg, accelerator.num_processes)
-            for note in notes:
-                accelerator.print(f"resume: {note}")
-            if path is not None:
-                accelerator.print(f"resume: continuing from {path} (step {meta['step']})")
-                for step, other in list_checkpoints(Path(cfg.output_dir)):
-                    if step > meta["step"] and other.parent.resolve() == path.parent.resolve():
-                        other.rename(other.with_name(other.name + ".damaged"))
-            choice = [str(path) if path else None, meta, None]
-        except CheckpointError as e:
-            choice = [None, None, str(e)]
-    if accelerator.num_processes > 1:
-        broadcast_object_list(choice)
-    path, meta, error = choice
-    if error is not None:
-        raise CheckpointError(error)
+
+    def choose() -> tuple[str | None, dict | None]:
+        path, meta, notes = _choose(cfg, accelerator.num_processes)
+        for note in notes:
+            accelerator.print(f"resume: {note}")
+        if path is None:
+            return None, None
+        accelerator.print(f"resume: continuing from {path} (step {meta['step']})")
+        for step, other in list_checkpoints(Path(cfg.output_dir)):
+            if step > meta["step"] and other.parent.resolve() == path.parent.resolve():
+                other.rename(other.with_name(other.name + ".damaged"))
+        return str(path), meta
+
+    path, meta = on_main(accelerator, choose)
     return (Path(path) if path else None), meta
 
 
@@ -252,27 +250,78 @@ def save(accelerator: Accelerator, model, out: Path, step: int, state: dict, kee
     """Write `step-NNNNNNN/` atomically (all ranks call this); `state` is recorded in the marker."""
     if not _all_finite(accelerator, model):
         raise DistillError(f"the student's weights are not finite at step {step}; no checkpoint written")
-    final = out / step_name(step)
-    tmp = out / f".tmp-{step_name(step)}"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=True)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
+
+    def marker(tmp: Path) -> None:
         files = {str(f.relative_to(tmp)): record(f) for f in sorted(p for p in tmp.rglob("*") if p.is_file())}
         meta = {"format": FORMAT, "version": VERSION, "step": step, **state, "files": files}
         atomic_write_text(tmp / MARKER, json.dumps(meta, indent=1))
-        if final.exists():  # a damaged or abandoned checkpoint of the same step: replaced, never merged
-            trash = out / f".trash-{step_name(step)}"
+
+    final = out / step_name(step)
+    write_atomically(
+        accelerator, final, "checkpoint", lambda tmp: accelerator.save_state(str(tmp), safe_serialization=True), marker
+    )
+    if accelerator.is_main_process:
+        prune(out, keep_last)
+    return final
+
+
+def write_atomically(accelerator: Accelerator, final: Path, what: str, write, finish=None) -> None:
+    """Every rank: `write(tmp)` into `.tmp-<name>/` beside `final`; then the main process calls `finish(tmp)` (the
+    marker) and publishes the directory (fsync, rename), replacing an older `final`. A kill at any moment leaves
+    the old `final` or the new one. A write that fails on any rank (a full disk, a read-only file system) removes
+    the temporary directory and raises WriteError on every rank, naming what was being written and the newest
+    complete checkpoint; an existing `final` is untouched."""
+    tmp = final.with_name(f".tmp-{final.name}")
+    main = accelerator.is_main_process
+
+    def fresh() -> None:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+
+    def publish() -> None:
+        if finish is not None:
+            finish(tmp)
+        if final.exists():  # a damaged or abandoned directory of the same name: replaced, never merged
+            trash = final.with_name(f".trash-{final.name}")
             shutil.rmtree(trash, ignore_errors=True)
             final.rename(trash)
             shutil.rmtree(trash)
         publish_dir(tmp, final)
-        prune(out, keep_last)
-    accelerator.wait_for_everyone()
-    return final
+
+    error = _agree(accelerator, _attempt(fresh, final) if main else None)
+    if error is None:
+        error = _agree(accelerator, _attempt(lambda: write(tmp), final))
+    if error is None:
+        error = _agree(accelerator, _attempt(publish, final) if main else None)
+    if error is not None:
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        newest = newest_complete(final.parent)
+        raise WriteError(f"{error} while writing {what} {final}; the newest complete checkpoint is {newest or 'none'}")
+
+
+def _attempt(fn, final: Path) -> str | None:
+    """Run a write; None if it worked, else what went wrong in a few words (a bug is raised as it is)."""
+    try:
+        fn()
+    except Exception as e:
+        cause = write_failure(e, final.parent)
+        if cause is None:
+            raise
+        return cause
+    return None
+
+
+def _agree(accelerator: Accelerator, error: str | None) -> str | None:
+    """Every rank's verdict on one write step (a barrier too): the first error any rank had, or None."""
+    if accelerator.num_processes == 1:
+        return error
+    return next((e for e in gather_object([error]) if e is not None), None)
+
+
+def newest_complete(out: Path) -> Path | None:
+    """The newest step directory that has its marker (not verified: for messages)."""
+    return next(iter(complete_checkpoints(out)), None)
 
 
 def prune(out: Path, keep_last: int) -> None:
@@ -404,16 +453,20 @@ def _universal_load(accelerator: Accelerator, enabled: bool):
 
 
 # ----------------------------------------------------------------------------------------------
-# Preemption: SLURM sends SIGTERM (or the SIGUSR1 a job asks for with --signal) before it kills or requeues a job.
+# Preemption: SLURM sends SIGTERM (or the SIGUSR1 a job asks for with --signal) before it kills or requeues a job;
+# Ctrl-C (SIGINT) is handled the same way.
 
 
 class StopRequest:
-    """Records SIGTERM/SIGUSR1; the loop finishes its step, checkpoints and exits. Every rank checks the flag at the
-    same point of every step (one all-reduce), so ranks signalled at different moments stop at the same step."""
+    """Records SIGTERM/SIGUSR1/SIGINT; the loop finishes its step, checkpoints and exits. Every rank checks the flag
+    at the same point of every step (one all-reduce), so ranks signalled at different moments stop at the same
+    step. A second Ctrl-C stops the process at once (no checkpoint, no traceback): the newest complete checkpoint
+    is named and a rerun continues from it."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
-    def __init__(self) -> None:
+    def __init__(self, out: Path | None = None) -> None:
+        self.out = out
         self.received: int | None = None
         self._previous: dict = {}
 
@@ -427,6 +480,19 @@ class StopRequest:
             signal.signal(sig, handler)
 
     def _handle(self, signum, frame) -> None:
+        talk = launch_rank() == 0  # one line per job, not per rank
+        if signum == signal.SIGINT and self.received == signal.SIGINT:
+            if talk:
+                newest = newest_complete(self.out) if self.out is not None else None
+                sys.stderr.write(
+                    f"\ninterrupted again: stopped at once without a checkpoint; the newest complete checkpoint is "
+                    f"{newest or 'none'}\n"
+                )
+                sys.stderr.flush()
+            os._exit(130)  # at once: no cleanup that could block (a leftover .tmp-* directory is never read)
+        if signum == signal.SIGINT and talk:
+            sys.stderr.write("\ninterrupt: finishing this step and writing a checkpoint (Ctrl-C again to stop now)\n")
+            sys.stderr.flush()
         self.received = signum
 
     def agreed(self, accelerator: Accelerator) -> bool:

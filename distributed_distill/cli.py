@@ -8,7 +8,8 @@
     distill demo                       # teacher, distilled student and CE-only student on the built-in corpus
 
 `python train.py ...` and `accelerate launch train.py ...` take the same arguments as `distill train`.
-Mistakes in config, data or launch print one line (`error: ...`) and exit with status 2.
+Mistakes in config, data or launch, and failed writes (a full disk), print one line (`error: ...`) and exit with
+status 2; a run stopped by SIGTERM/SIGUSR1 exits 75 and by Ctrl-C 130, after checkpointing (docs/robustness.md).
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ import json
 import sys
 from pathlib import Path
 
+from . import lock
 from .config import describe, load_config
-from .errors import DistillError, Preempted
+from .errors import DistillError, Preempted, ReportedElsewhere
 
 # Each command imports its module when it runs: the trainer, evaluation and precompute pull in transformers,
 # datasets, Accelerate and DeepSpeed (seconds), which a config mistake or `--help` never needs.
@@ -34,6 +36,9 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)  # config mistakes fail before the heavy imports
+    # A second job on the same output_dir stops here, in a fraction of a second (the lock is held for this
+    # process's life; the trainer shares it with the other ranks).
+    lock.acquire_early(cfg.output_dir, "output_dir")
     from .trainer import train
 
     result = train(cfg)
@@ -149,12 +154,17 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return args.func(args)
+    except ReportedElsewhere:
+        return 2  # the main process prints it
     except DistillError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except Preempted as e:
         print(e, file=sys.stderr)  # "preempted at step N: checkpoint ... written; ..."
         return e.exit_code
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop (which turns it into a checkpoint): no traceback
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 def train_main(argv: list[str] | None = None) -> int:

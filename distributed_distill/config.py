@@ -6,14 +6,17 @@ A run is described by one YAML file plus dotted overrides on the command line:
 
 Each field's `help` is the documentation (`distill train --help-config` prints all of them).
 Unknown keys, wrong types and impossible combinations raise `ConfigError` naming the key (and the
-closest valid key for a typo) before any model or data is loaded. YAML is read with
-`yaml.safe_load`: a config is data and can never import or call code.
+closest valid key for a typo) before any model or data is loaded. YAML is read with a safe loader (never
+imports or calls code: a config is data) that reads numbers as YAML 1.2 does, so `lr: 1e-3`, `5E-4` and `.5`
+are floats (PyYAML follows YAML 1.1, where `1e-3` is a string).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -407,6 +410,32 @@ class Config:
 
 
 # ----------------------------------------------------------------------------------------------
+# Reading YAML: safe, with YAML 1.2 floats.
+
+
+class Loader(yaml.SafeLoader):
+    """`yaml.SafeLoader` with the YAML 1.2 core schema's floats: `1e-3`, `5E-4`, `.5`, `1.` (YAML 1.1, which
+    PyYAML implements, needs a dot and a signed exponent, so `1e-3` would be the string '1e-3')."""
+
+
+Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*\.[0-9_]*|\.[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)?
+        |[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=Loader)
+
+
+# ----------------------------------------------------------------------------------------------
 # Building dataclasses from plain data, with errors that name the key.
 
 
@@ -447,11 +476,25 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{key} must be a mapping of {tp.__name__} fields, got {value!r}")
         return build(tp, value, prefix=f"{key}.")
+    if tp is float and isinstance(value, str):
+        value = _number(value)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key}={value}: NaN and infinity are not allowed here; give a finite number (e.g. 1e-3)")
+    if tp is int and isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        return int(value)  # `max_steps: 1e4` (YAML 1.2 reads it as a float)
     if tp in (int, float, str, bool) and not (isinstance(value, tp) and not (tp is int and isinstance(value, bool))):
         raise ConfigError(f"{key}={value!r} must be of type {_type_name(tp)}")
     return value
+
+
+def _number(text: str) -> Any:
+    """A quoted number (`lr: "1e-3"`) is still meant as one; anything else stays text for the type error."""
+    try:
+        return float(text.strip())
+    except ValueError:
+        return text
 
 
 def build(cls: type, raw: dict[str, Any], prefix: str = "") -> Any:
@@ -484,14 +527,26 @@ def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+def _not_an_override(item: str) -> str:
+    path = Path(item).expanduser()
+    if (path / "config.yaml").is_file():  # a run directory
+        return (
+            f"{item} is a run directory, not a section.key=value override; its config is "
+            f"--config {path / 'config.yaml'} and its student --model student={path / 'final'}"
+        )
+    if path.exists():
+        return f"{item} is a path, not a section.key=value override; give a config as --config FILE"
+    return f"override {item!r} must look like section.key=value"
+
+
 def parse_overrides(overrides: typing.Sequence[str]) -> list[tuple[str, Any]]:
     pairs = []
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key:
-            raise ConfigError(f"override {item!r} must look like section.key=value")
+            raise ConfigError(_not_an_override(item))
         try:
-            value = yaml.safe_load(text) if text else ""
+            value = load_yaml(text) if text else ""
         except yaml.YAMLError:
             value = text
         pairs.append((key.strip(), value))
@@ -503,10 +558,14 @@ def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -
     raw: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            run = path / "config.yaml"
+            hint = f"this looks like a run directory: --config {run}" if run.is_file() else "e.g. configs/smoke.yaml"
+            raise ConfigError(f"--config {path} is a directory; give a YAML file ({hint})")
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            raw = load_yaml(path.read_text()) or {}
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f"{path}:{mark.line + 1}" if mark else str(path)
@@ -515,6 +574,11 @@ def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -
             raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(raw).__name__}")
     for key, value in parse_overrides(overrides):
         _set_dotted(raw, key, value)
+    if path is None and raw.get("student") is None:
+        raise ConfigError(
+            "no --config given and no student set: give --config FILE (e.g. configs/smoke.yaml), or the whole run as "
+            "overrides (student.arch... or student.path=...)"
+        )
     return build(Config, raw)
 
 

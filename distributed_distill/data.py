@@ -19,6 +19,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import itertools
+import json
 import os
 import re
 import sysconfig
@@ -219,8 +220,32 @@ def _read_source(dcfg: DataConfig, cache: str, streaming: bool):
     except DistillError:
         raise
     except Exception as e:  # datasets raises many types with multi-line messages; keep one line
-        msg = " ".join(str(e).split())[:300]
+        # datasets often says only "An error occurred while generating the dataset": name the file and line.
+        located = locate_bad_input(_source_files(dcfg), what) if kind == "files" else None
+        msg = located or " ".join(str(e).split())[:300]
         raise DistillError(f"{where}: cannot read as {what}: {msg}") from None
+
+
+def locate_bad_input(files: list[Path], fmt: str) -> str | None:
+    """After `datasets` failed to read the files: the first place that is not UTF-8 text (text, json) or not a
+    JSON value per line (JSON Lines), as `file:line: what`; None if nothing is found this way."""
+    if fmt not in ("text", "json"):
+        return None
+    for f in files:
+        with open(f, "rb") as stream:
+            lines = stream.read().split(b"\n")
+        for number, raw in enumerate(lines, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                byte = f"byte {e.start + 1} of the line is {raw[e.start]:#04x}"
+                return f"{f}:{number}: not UTF-8 text ({byte}); re-encode the file as UTF-8"
+            if fmt == "json" and f.suffix == ".jsonl" and line.strip():
+                try:
+                    json.loads(line)
+                except ValueError as e:
+                    return f"{f}:{number}: not a JSON value ({e.msg} at column {e.colno}); one JSON object per line"
+    return None
 
 
 def _content_id(row: dict, fields: list[str]) -> dict:

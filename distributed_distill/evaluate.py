@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from .errors import DistillError
 from .objective import forward_losses
 from .setup import resolve_loss_chunks, setup_accelerator, setup_tokenizer
 from .teacher import TeacherSource
+from .tracking import METRICS, read_records
 
 
 @torch.no_grad()
@@ -80,21 +80,23 @@ def evaluate_models(cfg: Config, named: dict[str, str]) -> list[dict]:
     return rows
 
 
-def read_metrics(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
+def read_metrics(run_dir: Path) -> tuple[list[dict], list[str]]:
+    """The run's metrics records, and a note for each line skipped (a torn last line)."""
+    path = run_dir / METRICS
     if not path.is_file():
-        raise DistillError(f"{run_dir} is not a run directory (no metrics.jsonl)")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        raise DistillError(f"{run_dir} is not a run directory (no {METRICS})")
+    return read_records(path)
 
 
 def report(run_dir: Path) -> str:
-    records = read_metrics(run_dir)
+    records, notes = read_metrics(run_dir)
     if not records:
-        raise DistillError(f"{run_dir}/metrics.jsonl is empty")
+        raise DistillError(f"{run_dir}/{METRICS} holds no complete record")
     first, last = records[0], records[-1]
     evals = [r for r in records if "val_loss" in r]
     tps = [r["tokens_per_second"] for r in records]
     lines = [
+        *(f"note: {note}" for note in notes),
         f"run: {run_dir}",
         f"steps: {last['step']}  loss: {first['loss']:.4f} -> {last['loss']:.4f}  "
         f"(kd {last['kd_loss']:.4f}, ce {last['ce_loss']:.4f})",

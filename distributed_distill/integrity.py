@@ -78,7 +78,25 @@ def file_problem(path: str | Path, recorded: dict, *, check_hash: bool = True) -
         return "is missing"
     size = path.stat().st_size
     if size != recorded["bytes"]:
-        return f"has {size} bytes, {recorded['bytes']} were written (truncated or replaced)"
+        return _size_problem(size, recorded)
     if check_hash and sha256_file(path) != recorded["sha256"]:
-        return "does not match its sha256 (checksum mismatch)"
+        return HASH_PROBLEM
     return None
+
+
+HASH_PROBLEM = "does not match its sha256 (checksum mismatch)"
+
+
+def _size_problem(size: int, recorded: dict) -> str:
+    return f"has {size} bytes, {recorded['bytes']} were written (truncated or replaced)"
+
+
+def read_checked(path: str | Path, recorded: dict) -> tuple[bytes, str | None]:
+    """A recorded file's bytes, read once, and `file_problem`'s verdict on them: the check costs no second read
+    (the offline trainer checks every shard as it streams it)."""
+    data = Path(path).read_bytes()
+    if len(data) != recorded["bytes"]:
+        return data, _size_problem(len(data), recorded)
+    if hashlib.sha256(data).hexdigest() != recorded["sha256"]:
+        return data, HASH_PROBLEM
+    return data, None

@@ -39,6 +39,14 @@ def _looks_local(path: str) -> bool:
 def _check_local(path: str, role: str) -> None:
     if _looks_local(path) and not Path(path).expanduser().is_dir():
         raise DistillError(f"{role}.path={path}: no such model directory")
+    root = Path(path).expanduser()
+    if role in ("student", "teacher") and _looks_local(path) and not (root / "config.json").is_file():
+        found = sorted(p.name for p in root.iterdir())[:5]
+        holds = f"it holds {', '.join(found)}" if found else "it is empty"
+        raise DistillError(
+            f"{role}.path={path}: no config.json in this directory ({holds}), so it is not a saved model; give the "
+            "directory save_pretrained wrote (config.json, model.safetensors)"
+        )
 
 
 def check_paths(cfg: Config) -> None:

@@ -37,12 +37,12 @@ import pyarrow as pa
 import torch
 
 from . import data as data_lib
-from . import models
+from . import lock, models
 from . import store as store_lib
 from .config import Config
 from .errors import DistillError
 from .integrity import write_json_atomic
-from .setup import setup_run
+from .setup import setup_accelerator, setup_run
 from .teacher import TeacherSource, setup_teacher
 
 PART_ENV = "DISTILL_STORE_PART"
@@ -95,8 +95,8 @@ def _check_store_dir(root: Path, config_hash: str) -> bool:
                 f"distill.store={root} holds an unfinished precompute of another config (hash {old!s:.12}, "
                 f"this one {config_hash:.12}); rerun that command to finish it, or choose another distill.store"
             )
-    elif root.is_dir() and any(not p.name.startswith(f"{store_lib.PLAN}.") for p in root.iterdir()):
-        # (a plan being published by a concurrent part, see _publish_json, is not foreign content)
+    elif root.is_dir() and any(not p.name.startswith((f"{store_lib.PLAN}.", lock.NAME)) for p in root.iterdir()):
+        # (a plan being published by a concurrent part, see _publish_json, and the locks are not foreign content)
         raise DistillError(f"distill.store={root} is a non-empty directory that is not a store; choose another")
     return False
 
@@ -151,8 +151,20 @@ def precompute(cfg: Config, part: tuple[int, int] | None = None) -> dict:
         raise DistillError("distill precompute needs distill.store: the directory to write the store into")
     if cfg.data.streaming:
         raise DistillError("distill precompute reads the whole training split: set data.streaming=false")
+    accelerator = setup_accelerator(cfg)
+    # One job per store (per part, with parts: the parts of one store run side by side), held until it ends.
+    name = lock.NAME if part is None else f"{lock.NAME}-part-{part[0]}-of-{part[1]}"
+    lock.hold(distill.store, "distill.store", accelerator, name)
+    try:
+        return _precompute(cfg, part, accelerator)
+    finally:
+        lock.release(distill.store, name)
+
+
+def _precompute(cfg: Config, part: tuple[int, int] | None, accelerator) -> dict:
+    distill = cfg.distill
     started = time.perf_counter()
-    accelerator, tokenizer, _, teacher_config = setup_run(cfg)
+    accelerator, tokenizer, _, teacher_config = setup_run(cfg, accelerator)
     with accelerator.main_process_first():
         train_ds, val_ds = data_lib.build_datasets(cfg.data, tokenizer)
     plan = store_plan(cfg, tokenizer, teacher_config, len(train_ds), len(val_ds))

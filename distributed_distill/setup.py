@@ -29,7 +29,7 @@ from .config import Config, save_config
 from .errors import DistillError
 from .integrity import atomic_write_text
 from .losses import resolve_chunk_size
-from .tracking import wandb_kwargs
+from .tracking import METRICS, read_records, wandb_kwargs
 
 
 def setup_accelerator(cfg: Config) -> Accelerator:
@@ -172,14 +172,18 @@ def prepare_output_dir(cfg: Config, accelerator: Accelerator, resume_step: int |
     out = Path(cfg.output_dir)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        metrics = out / "metrics.jsonl"
+        metrics = out / METRICS
         if resume_step is None:
             # Metrics restart with the run; earlier runs' records would make the curve ambiguous.
             metrics.unlink(missing_ok=True)
         elif metrics.is_file():
-            # Records written after the checkpoint (before a kill) are replaced by the resumed run's own.
-            kept = [line for line in metrics.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
-            atomic_write_text(metrics, "".join(line + "\n" for line in kept))
+            # Records written after the checkpoint (before a kill) are replaced by the resumed run's own; a torn
+            # line (a kill or a full disk in the middle of an append) is dropped, and said so.
+            records, notes = read_records(metrics)
+            for note in notes:
+                accelerator.print(f"resume: {note}")
+            kept = [r for r in records if r["step"] <= resume_step]
+            atomic_write_text(metrics, "".join(json.dumps(r) + "\n" for r in kept))
         save_config(cfg, out / "config.yaml")
     accelerator.wait_for_everyone()
     return out

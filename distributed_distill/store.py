@@ -38,8 +38,8 @@ import torch
 from accelerate import Accelerator
 
 from .config import Config
-from .errors import DistillError
-from .integrity import file_problem, fsync_path, record, write_json_atomic
+from .errors import DistillError, WriteError, write_failure
+from .integrity import file_problem, fsync_path, read_checked, record, write_json_atomic
 from .losses import TeacherTargets
 from .models import tokenizer_hash, tokenizer_source
 
@@ -133,13 +133,21 @@ def encode_rows(
 
 
 def write_shard(root: Path, name: str, table: pa.Table, config_hash: str) -> dict:
-    """Write a shard atomically (temp file, fsync, rename), then its sidecar; returns the sidecar."""
+    """Write a shard atomically (temp file, fsync, rename), then its sidecar; returns the sidecar. A failed write
+    (a full disk) removes the temporary file and raises WriteError: the shards finished before stay valid."""
     path = root / name
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table, tmp, **PARQUET_OPTIONS)
-    fsync_path(tmp)
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(table, tmp, **PARQUET_OPTIONS)
+        fsync_path(tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise WriteError(
+            f"{write_failure(e, root)} while writing store shard {path}; the shards finished before it are complete "
+            "(make room and run the same command again: it continues from them)"
+        ) from None
     seq_len = len(table["input_ids"][0]) if table.num_rows else 0
     hashes = table["row_hash"].to_pylist()
     sidecar = {
@@ -189,6 +197,14 @@ def read_manifest(root: str | Path) -> dict:
     return manifest
 
 
+def read_shard(root: Path, shard: dict) -> pa.Table:
+    """A shard listed in the manifest, read once and checked against its recorded size and sha256 on the way."""
+    data, problem = read_checked(root / shard["path"], shard)
+    if problem is not None:
+        raise DistillError(f"store {root}: shard {shard['path']} {problem}; run `distill verify-store {root}`")
+    return pq.read_table(pa.BufferReader(data))
+
+
 def shard_paths(root: Path, manifest: dict, split: str) -> list[str]:
     return [str(root / s["path"]) for s in manifest["splits"][split]["shards"]]
 
@@ -231,7 +247,7 @@ def decode(table: pa.Table, k: int, check_hashes: bool = True) -> dict[str, torc
 
 
 class TrainStream:
-    """The training split, streamed with `datasets` (row groups are read as needed, never the whole store).
+    """The training split, streamed shard by shard (one shard in memory at a time, never the whole store).
 
     One global order, the same on every rank and for any number of ranks: global micro-batch q (rows
     q*micro .. q*micro+micro-1 of the order) belongs to rank q % world, the same assignment as an online run's
@@ -246,10 +262,15 @@ class TrainStream:
     holds Arrow row slices: `IterableDataset.shuffle` turns every row into Python objects, about 3k tokens/s at
     k=64. With `shuffle_buffer=0` rows come in store order, which precompute wrote in the order an online run
     with the same seed trains on (the first epoch), at any number of processes.
+
+    Every shard is checked against the manifest's size and sha256 as it is read (`read_shard`: the bytes are
+    read once, hashed in memory and decoded from there, no second read): a damaged shard stops the run with one
+    line naming it.
     """
 
     def __init__(self, root: Path, manifest: dict, seed: int, shuffle_buffer: int):
-        self.files = shard_paths(root, manifest, "train")
+        self.root = root
+        self.shards = manifest["splits"]["train"]["shards"]
         self.rows = manifest["splits"]["train"]["rows"]
         self.k, self.seed, self.shuffle_buffer = manifest["top_k"], seed, shuffle_buffer
 
@@ -257,15 +278,14 @@ class TrainStream:
         return self.rows
 
     def _rows(self) -> Iterator[pa.Table]:
-        """Every row of the global order (before the shuffle buffer), epoch after epoch."""
+        """Every row of the global order (before the shuffle buffer), epoch after epoch; each shard checked."""
+        n = len(self.shards)
         for epoch in itertools.count():
-            files = self.files
-            if self.shuffle_buffer:
-                files = [files[i] for i in np.random.default_rng([self.seed, epoch]).permutation(len(files))]
-            ds = datasets.load_dataset("parquet", data_files=files, split="train", streaming=True)
-            for table in ds.with_format("arrow").iter(batch_size=256):
-                for i in range(table.num_rows):
-                    yield table.slice(i, 1)
+            order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle_buffer else range(n)
+            for i in order:
+                table = read_shard(self.root, self.shards[i])
+                for r in range(table.num_rows):
+                    yield table.slice(r, 1)
 
     def micro_batches(
         self, micro_batch: int, world: int, rank: int, skip: int = 0
@@ -298,6 +318,10 @@ class ValidationSplit:
 
     def __init__(self, root: Path, manifest: dict, cache_dir: str | None):
         self.k = manifest["top_k"]
+        for shard in manifest["splits"]["validation"]["shards"]:  # (small: checked before datasets maps it)
+            problem = file_problem(root / shard["path"], shard)
+            if problem is not None:
+                raise DistillError(f"store {root}: shard {shard['path']} {problem}; run `distill verify-store {root}`")
         files = shard_paths(root, manifest, "validation")
         self.ds = datasets.load_dataset("parquet", data_files=files, split="train", cache_dir=cache_dir)
         self.ds = self.ds.with_format("arrow")

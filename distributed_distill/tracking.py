@@ -16,6 +16,29 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from .config import Config, to_dict
+from .errors import WriteError, write_failure
+
+METRICS = "metrics.jsonl"
+
+
+def read_records(path: Path) -> tuple[list[dict], list[str]]:
+    """The records of an append-only JSONL file, and a note for each line that is not a complete record: a crash
+    or a full disk in the middle of an append leaves a torn last line, which is skipped (never a reason to stop)."""
+    records, notes = [], []
+    lines = path.read_bytes().split(b"\n")
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+            where = "its last line" if number >= len(lines) - 1 else f"line {number}"
+            notes.append(f"{path}: skipped {where} ({len(line)} bytes), not a complete record (a write cut short?)")
+            continue
+        records.append(record)
+    return records, notes
 
 
 def wandb_kwargs(cfg: Config) -> dict | None:
@@ -37,7 +60,7 @@ class Tracker:
         self.main = accelerator.is_main_process
         self.max_steps = cfg.train.max_steps
         self.wandb = wandb_kwargs(cfg) is not None
-        self.path = Path(cfg.output_dir) / "metrics.jsonl"
+        self.path = Path(cfg.output_dir) / METRICS
         self.bar = None
         self.run_id = run_id
         if self.wandb:
@@ -59,8 +82,16 @@ class Tracker:
             return
         # Non-finite values (a skipped step's loss) are written as null: metrics.jsonl stays strict JSON.
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
-        with self.path.open("a") as f:
-            f.write(json.dumps(clean) + "\n")
+        try:
+            with self.path.open("a") as f:
+                f.write(json.dumps(clean) + "\n")
+        except OSError as e:  # a full disk mid-append: the torn line is dropped on resume (read_records)
+            from .checkpoint import newest_complete
+
+            raise WriteError(
+                f"{write_failure(e, self.path.parent)} while writing {self.path}; the newest complete checkpoint is "
+                f"{newest_complete(self.path.parent) or 'none'}"
+            ) from None
         if self.wandb:
             self.accelerator.log({k: v for k, v in metrics.items() if k != "step"}, step=metrics["step"])
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -24,10 +25,10 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 
-from . import checkpoint, models
+from . import checkpoint, lock, models, preflight
 from . import data as data_lib
 from .config import Config, to_dict
-from .errors import DistillError, Preempted
+from .errors import DistillError, Interrupted, Preempted, WriteError, on_main
 from .evaluate import evaluate
 from .heartbeat import Heartbeat
 from .objective import STATS, count_tokens, forward_losses
@@ -41,13 +42,21 @@ from .tracking import Tracker
 
 
 def train(cfg: Config) -> dict:
-    with checkpoint.StopRequest() as stop:  # SIGTERM/SIGUSR1 from here on: finish the step, checkpoint, exit
-        return _train(cfg, stop)
+    # SIGTERM/SIGUSR1/SIGINT from here on: finish the step, checkpoint, exit.
+    with checkpoint.StopRequest(Path(cfg.output_dir)) as stop:
+        try:
+            return _train(cfg, stop)
+        finally:
+            lock.release(cfg.output_dir)
 
 
 def _train(cfg: Config, stop: checkpoint.StopRequest) -> dict:
     accelerator = setup_accelerator(cfg)
+    # One job per run directory, for the life of this one; taken before anything there is read or written (and
+    # the first write: a directory that cannot be written fails here).
+    lock.hold(cfg.output_dir, "output_dir", accelerator)
     models.check_paths(cfg)  # a mistyped path is named as such, before a checkpoint is compared against it
+    on_main(accelerator, lambda: preflight.check_run(cfg, accelerator.print))  # model files, room for a checkpoint
     # Which checkpoint to continue from is settled (and a wrong one refused) before any data or model is loaded.
     resume_path, resume = checkpoint.choose_resume(cfg, accelerator)
     if resume is not None:  # the one change a resume makes to the config: the accumulation on another world size
@@ -72,6 +81,8 @@ def _train(cfg: Config, stop: checkpoint.StopRequest) -> dict:
             else:
                 train_ds, val_ds = data_lib.build_datasets(cfg.data, tokenizer, summary)
         accelerator.print(data_lib.describe_counts(summary) + ("; train: streamed" if cfg.data.streaming else ""))
+    if not cfg.data.streaming:  # (a stream's length is unknown until it has been read)
+        check_enough_data(cfg, len(train_ds), accelerator.num_processes)
     given = cfg  # what a resumed run is compared against
     cfg = resolve_loss_chunks(cfg, student_config, accelerator)  # chunk_size auto -> rows (config.yaml holds them)
     # An offline run records its config without the teacher (the store replaced it) and with the tokenizer it used.
@@ -163,6 +174,20 @@ def fit_naming_lost_ranks(loop: Loop, train_ds, val_ds) -> dict:
     finally:
         if heartbeat is not None:
             heartbeat.close()
+
+
+def check_enough_data(cfg: Config, sequences: int, world: int) -> None:
+    """Refuse a training split smaller than one global batch: every step would repeat sequences within the batch."""
+    train = cfg.train
+    batch = train.micro_batch_size * train.grad_accum_steps * world
+    if sequences < batch:
+        offline = cfg.distill.signal == "offline"
+        source = f"distill.store={cfg.distill.store}" if offline else f"data.source={cfg.data.source}"
+        raise DistillError(
+            f"{source} gives {sequences} training sequence(s) of {cfg.data.seq_len} tokens, fewer than one global "
+            f"batch ({train.micro_batch_size} micro_batch_size x {train.grad_accum_steps} grad_accum_steps x {world} "
+            f"process(es) = {batch}); add data, or lower train.micro_batch_size or data.seq_len"
+        )
 
 
 def memory_report(accelerator: Accelerator, student: torch.nn.Module, teacher: TeacherSource | None) -> None:
@@ -334,23 +359,29 @@ def handle_bad_step(loop: Loop, tracker: Tracker, record: dict) -> None:
         return
     tracker.log(record)
     tracker.close()
-    good = checkpoint.list_checkpoints(Path(cfg.output_dir))
+    good = checkpoint.newest_complete(Path(cfg.output_dir))
     raise DistillError(
         f"{progress.bad_steps} consecutive steps (up to step {progress.step}) had a non-finite loss or "
         f"gradient (train.max_bad_steps={cfg.train.max_bad_steps}); stopped without applying them; "
-        f"last good checkpoint: {good[0][1] if good else 'none'}"
+        f"last good checkpoint: {good or 'none'}"
     )
 
 
 def stop_preempted(loop: Loop, tracker: Tracker, saved_at: int) -> NoReturn:
-    """Stopped by SIGTERM/SIGUSR1: checkpoint the last step (unless it just was), then exit with `Preempted`."""
+    """Stopped by SIGTERM/SIGUSR1 (`Preempted`, exit 75) or Ctrl-C (`Interrupted`, exit 130): checkpoint the last
+    step (unless it just was), then exit. A checkpoint that cannot be written still exits with that status."""
     cfg, progress = loop.cfg, loop.progress
-    path = save_checkpoint(loop) if saved_at != progress.step else checkpoint_path(cfg, progress.step)
-    tracker.close()
+    stopped = Interrupted if loop.stop.received == signal.SIGINT else Preempted
+    try:
+        path = save_checkpoint(loop) if saved_at != progress.step else checkpoint_path(cfg, progress.step)
+    except WriteError as e:
+        raise stopped(f"{stopped.verb} at step {progress.step}: {e}; run the same command again") from None
+    finally:
+        tracker.close()
     # Stopped before any step since the last checkpoint (or since the start): nothing new to save.
     saved = f"checkpoint {path} written" if path.is_dir() else "no step trained yet, nothing to save"
-    raise Preempted(
-        f"preempted at step {progress.step}: {saved}; run the same command again (train.resume=auto) to continue"
+    raise stopped(
+        f"{stopped.verb} at step {progress.step}: {saved}; run the same command again (train.resume=auto) to continue"
     )
 
 
@@ -484,22 +515,26 @@ def export(accelerator: Accelerator, model: torch.nn.Module, tokenizer, out: Pat
     """Save the student with `save_pretrained` (safetensors) and its tokenizer: loadable without this package.
 
     A LoRA student is saved twice: its adapter alone in `final/adapter` (peft), then merged into the base weights
-    in `final/` itself, which plain transformers loads."""
+    in `final/` itself, which plain transformers loads. Written like a checkpoint (a temporary directory renamed
+    into place): a failed export leaves the old `final/` or none."""
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(model)
-    if getattr(unwrapped, "peft_config", None) is not None:
+
+    def write(tmp: Path) -> None:
+        merged, merged_model = unwrapped, model
+        if getattr(unwrapped, "peft_config", None) is not None:
+            if accelerator.is_main_process:
+                unwrapped.save_pretrained(tmp / "adapter", safe_serialization=True)
+            merged = merged_model = unwrapped.merge_and_unload()  # in place: the run is over
+        state = accelerator.get_state_dict(merged_model)  # gathers sharded (ZeRO-3 / FSDP) weights
+        merged.save_pretrained(
+            tmp,
+            is_main_process=accelerator.is_main_process,
+            save_function=accelerator.save,
+            state_dict=state,
+            safe_serialization=True,
+        )
         if accelerator.is_main_process:
-            unwrapped.save_pretrained(out / "adapter", safe_serialization=True)
-        unwrapped = unwrapped.merge_and_unload()  # in place: the run is over
-        model = unwrapped
-    state = accelerator.get_state_dict(model)  # gathers sharded (ZeRO-3 / FSDP) weights
-    unwrapped.save_pretrained(
-        out,
-        is_main_process=accelerator.is_main_process,
-        save_function=accelerator.save,
-        state_dict=state,
-        safe_serialization=True,
-    )
-    if accelerator.is_main_process:
-        tokenizer.save_pretrained(out)
-    accelerator.wait_for_everyone()
+            tokenizer.save_pretrained(tmp)
+
+    checkpoint.write_atomically(accelerator, out, "the exported student", write)

@@ -111,12 +111,17 @@ def last_step(out: Path) -> int:
         return 0
 
 
-def interrupt(cmd: list[str], out: Path, at_step: int, sig: int, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Start `cmd`, wait until metrics.jsonl reaches `at_step`, send `sig` to it and all its descendants (as SLURM
-    signals every process of a job step; torchrun's workers run in sessions of their own, so a process group
-    would miss them), and wait for it to end."""
+def interrupt(
+    cmd: list[str], out: Path, at_step: int, sig: int, timeout: float = 300, to: str = "tree"
+) -> subprocess.CompletedProcess:
+    """Start `cmd`, wait until metrics.jsonl reaches `at_step`, send `sig` and wait for it to end. `to="tree"`: to
+    the process and all its descendants (as SLURM signals every process of a job step; torchrun's workers run in
+    sessions of their own, so a process group would miss them); `to="group"`: to its process group, as a
+    terminal's Ctrl-C does (torchrun's agent forwards it to its workers)."""
     env = {k: v for k, v in os.environ.items()}
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     deadline = time.monotonic() + timeout
     while last_step(out) < at_step:
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -124,8 +129,41 @@ def interrupt(cmd: list[str], out: Path, at_step: int, sig: int, timeout: float 
             stdout, stderr = proc.communicate()
             raise AssertionError(f"run ended before step {at_step} ({proc.returncode}):\n{stdout}\n{stderr[-4000:]}")
         time.sleep(0.01)
-    parent = psutil.Process(proc.pid)
-    for p in [parent, *parent.children(recursive=True)]:
-        p.send_signal(sig)
+    if to == "group":
+        os.killpg(proc.pid, sig)
+    else:
+        parent = psutil.Process(proc.pid)
+        for p in [parent, *parent.children(recursive=True)]:
+            p.send_signal(sig)
     stdout, stderr = proc.communicate(timeout=timeout)
     return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
+def error_line(proc: subprocess.CompletedProcess, status: int = 2) -> str:
+    """The one `error: ...` line of a refused command (exit status `status`, no traceback). Under torchrun (status
+    1) the launcher prints its own report of the failed worker, traceback included; the worker's line is one."""
+    assert proc.returncode == status, (proc.returncode, proc.stderr[-3000:])
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and (status != 2 or "Traceback" not in proc.stderr), proc.stderr[-3000:]
+    return lines[0]
+
+
+def tmpfs(path: Path, size: str, *options: str):
+    """Mount a size-limited tmpfs at `path` (a context manager); skips the test where mounting is not allowed."""
+    import contextlib
+
+    import pytest
+
+    @contextlib.contextmanager
+    def mounted():
+        path.mkdir(parents=True, exist_ok=True)
+        opts = ",".join([f"size={size}", *options])
+        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs (needs root and mount rights): {proc.stderr.strip()[:200]}")
+        try:
+            yield path
+        finally:
+            subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+    return mounted()

@@ -20,7 +20,7 @@ from distributed_distill import checkpoint, trainer
 from distributed_distill.config import load_config
 from distributed_distill.errors import DistillError
 
-from .helpers import SMOKE, TOP_K, precomputed_store, read_metrics, run_cli, snapshot
+from .helpers import SMOKE, TOP_K, error_line, precomputed_store, read_metrics, run_cli, snapshot
 
 RUN = ["train.max_steps=6", "train.save_every=2", "train.keep_last=2"]
 
@@ -44,11 +44,7 @@ def _train(out: Path, *overrides: str, check: bool = True):
     return run_cli(["train", "--config", str(SMOKE), f"output_dir={out}", *RUN, *overrides], check=check)
 
 
-def _error(proc) -> str:
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    lines = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
-    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    return lines[0]
+_error = error_line
 
 
 def test_checkpoint_layout_and_marker(finished):

@@ -1,3 +1,6 @@
+import dataclasses
+import typing
+
 import pytest
 from accelerate import Accelerator
 
@@ -134,3 +137,48 @@ def test_the_distill_your_own_models_config_is_what_the_readme_says():
     assert source_kind(cfg.data) == "repository"
     readme = (ROOT / "README.md").read_text()
     assert "configs/distill_qwen.yaml" in readme and "--num_processes 8" in readme
+
+
+def test_numbers_are_read_as_yaml_1_2_in_files_and_overrides(tmp_path):
+    """`1e-3` is a float in YAML 1.2 (PyYAML's YAML 1.1 reads it as a string): every float field, both ways."""
+    path = tmp_path / "run.yaml"
+    path.write_text(SMOKE.read_text() + "\n")
+    text = path.read_text().replace("lr: 1.0e-3", "lr: 1e-3\n  weight_decay: 5E-4\n  max_grad_norm: .5")
+    path.write_text(text)
+    cfg = load_config(path, ["distill.temperature=2e0", "train.min_lr_ratio=+1E-1", "train.max_steps=1e1"])
+    assert (cfg.train.lr, cfg.train.weight_decay, cfg.train.max_grad_norm) == (1e-3, 5e-4, 0.5)
+    assert (cfg.distill.temperature, cfg.train.min_lr_ratio, cfg.train.max_steps) == (2.0, 0.1, 10)
+    # Every float field takes the exponent form from an override.
+    for section in ("distill", "train", "data"):
+        hints = typing.get_type_hints(type(getattr(cfg, section)))
+        for name in (f.name for f in dataclasses.fields(getattr(cfg, section)) if hints[f.name] is float):
+            text = f"{getattr(cfg, section).__dict__[name]:e}"  # e.g. 1.000000e-03
+            loaded = load_config(SMOKE, [f"{section}.{name}={text}"])
+            assert getattr(getattr(loaded, section), name) == float(text), f"{section}.{name}"
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.lr=nan", "train.lr=nan: NaN and infinity are not allowed here; give a finite number"),
+        ("train.lr=.inf", "train.lr=inf: NaN and infinity are not allowed here"),
+        ("distill.temperature=-inf", "distill.temperature=-inf: NaN and infinity are not allowed here"),
+        ("train.max_steps=1.5", "train.max_steps=1.5 must be of type int"),
+    ],
+)
+def test_non_finite_and_fractional_numbers_are_refused_with_the_reason(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(SMOKE, [override])
+    assert message in str(e.value)
+
+
+def test_messages_that_point_the_right_way(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(SMOKE.read_text())
+    with pytest.raises(ConfigError, match=f"--config {run} is a directory; give a YAML file"):
+        load_config(run)
+    with pytest.raises(ConfigError, match="no --config given and no student set: give --config FILE"):
+        load_config(None, ["train.max_steps=3"])
+    with pytest.raises(ConfigError, match=f"{run} is a run directory, not a section.key=value override"):
+        load_config(SMOKE, [str(run)])

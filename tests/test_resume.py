@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import random
 import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from .helpers import (
+    ROOT,
     SMOKE,
     TOP_K,
     accelerate_launch,
@@ -118,25 +121,32 @@ def test_sigkill_at_a_random_step_then_resume_is_bit_identical(request, tmp_path
 
 
 @pytest.mark.parametrize(
-    "procs, sig",
+    "procs, sig, to",
     [
-        pytest.param(1, signal.SIGTERM, marks=pytest.mark.slow),
-        pytest.param(2, signal.SIGUSR1, marks=[pytest.mark.multiprocess, pytest.mark.slow]),
+        pytest.param(1, signal.SIGTERM, "tree", marks=pytest.mark.slow),
+        pytest.param(2, signal.SIGUSR1, "tree", marks=[pytest.mark.multiprocess, pytest.mark.slow]),
+        # Ctrl-C: handled like SIGTERM (status 130); to the process, and to the whole process group as a terminal
+        # sends it (with torchrun: to the agent, which forwards it to the workers).
+        (1, signal.SIGINT, "tree"),
+        pytest.param(1, signal.SIGINT, "group", marks=pytest.mark.slow),
+        pytest.param(2, signal.SIGINT, "group", marks=[pytest.mark.multiprocess, pytest.mark.slow]),
     ],
-    ids=["1proc-sigterm", "2proc-sigusr1"],
+    ids=["1proc-sigterm", "2proc-sigusr1", "1proc-sigint", "1proc-sigint-group", "2proc-sigint-group"],
 )
-def test_preemption_signal_checkpoints_the_current_step_and_resume_is_exact(tmp_path_factory, tmp_path, procs, sig):
+def test_preemption_signal_checkpoints_the_current_step_and_resume_is_exact(tmp_path_factory, tmp_path, procs, sig, to):
     ref = reference(tmp_path_factory, procs, "online")
     out = tmp_path / "run"
     cmd = _launcher(procs, 29544) + _args(out, procs, "online")
-    if procs == 2:
+    if procs == 2 and sig == signal.SIGUSR1:
         # torchrun's agent would die of SIGUSR1; the SLURM scripts start it with the signal ignored, so only the
         # workers (which install their own handler) act on it.
         cmd = ["bash", "-c", 'trap "" USR1; exec "$@"', "launcher", *cmd]
-    stopped = interrupt(cmd, out, 6, sig)
+    stopped = interrupt(cmd, out, 6, sig, to=to)
+    verb = "interrupted" if sig == signal.SIGINT else "preempted"
     if procs == 1:
-        assert stopped.returncode == 75, stopped.stderr[-3000:]
-    assert "preempted at step" in stopped.stderr, stopped.stderr[-3000:]
+        assert stopped.returncode == (130 if sig == signal.SIGINT else 75), stopped.stderr[-3000:]
+        assert "Traceback" not in stopped.stderr, stopped.stderr[-3000:]
+    assert f"{verb} at step" in stopped.stderr, stopped.stderr[-3000:]
     step = last_step(out)
     assert step < STEPS
     marker = out / f"step-{step:07d}" / "checkpoint.json"
@@ -146,3 +156,20 @@ def test_preemption_signal_checkpoints_the_current_step_and_resume_is_exact(tmp_
     assert f"continuing from {out / f'step-{step:07d}'}" in proc.stdout
     assert_same_student(ref, out)
     assert_same_curve(ref, out)
+
+
+@pytest.mark.slow
+def test_a_second_ctrl_c_stops_at_once_without_a_traceback(tmp_path):
+    out = tmp_path / "run"
+    cmd = _launcher(1, 0) + _args(out, 1, "online")
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while last_step(out) < 6 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.5)  # two signals at once could reach Python's handler as one
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in stderr, stderr[-3000:]
+    assert "interrupted again: stopped at once without a checkpoint; the newest complete checkpoint is " in stderr
+    assert f"step-{STEPS:07d}" not in stderr and not (out / "final").exists()

@@ -1,0 +1,196 @@
+"""Checks that run before anything expensive (tokenizer training, tokenization, model loading): the model files open
+and agree with their configs, and the run directory has room for a checkpoint.
+
+Whether a directory can be written at all is settled by taking its lock (`lock.py`), which creates a file there.
+
+Model directories: every safetensors file's header is read (8 bytes of length, then JSON: each tensor's dtype,
+shape and byte range) and checked against the file's size (a truncated or overwritten file is named), and the
+shapes are compared with those the model's `config.json` implies (the model is built on the `meta` device: no
+memory, no weights read). A sharded checkpoint's `model.safetensors.index.json` must name files that exist.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+from pathlib import Path
+
+from .config import Config, ModelConfig
+from .errors import DistillError
+
+# A checkpoint of an AdamW-trained student holds fp32 weights (4 bytes/parameter) and the two fp32 moments (8):
+# Accelerate's save_state for one process or DDP writes exactly that; DeepSpeed and FSDP write at least as much.
+CHECKPOINT_BYTES_PER_PARAMETER = 12
+DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2}
+DTYPE_BYTES.update({"I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1})
+
+
+def safetensors_header(path: Path, where: str) -> dict[str, dict]:
+    """The tensors a safetensors file describes, after checking the header against the file's size."""
+    fix = "re-download or re-export the model"
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise DistillError(f"{where}: {path.name} is truncated ({size} bytes, not even a header); {fix}")
+        (n,) = struct.unpack("<Q", head)
+        if 8 + n > size:
+            raise DistillError(
+                f"{where}: {path.name} is damaged: its header claims {n:,} bytes but the file has {size:,}; {fix}"
+            )
+        try:
+            header = json.loads(f.read(n))
+        except ValueError as e:
+            raise DistillError(f"{where}: {path.name} is damaged: its header is not valid JSON ({e}); {fix}") from None
+    if not isinstance(header, dict):
+        raise DistillError(f"{where}: {path.name} is damaged: its header is not a mapping of tensors; {fix}")
+    header.pop("__metadata__", None)
+    end = 0
+    for name, info in header.items():
+        try:
+            begin, stop = info["data_offsets"]
+            numel = 1
+            for d in info["shape"]:
+                numel *= d
+            expected = numel * DTYPE_BYTES[info["dtype"]]
+        except (KeyError, TypeError, ValueError):
+            raise DistillError(f"{where}: {path.name} is damaged: tensor {name!r} is unreadable; {fix}") from None
+        if stop - begin != expected:
+            raise DistillError(f"{where}: {path.name} is damaged: tensor {name!r} has an inconsistent size; {fix}")
+        end = max(end, stop)
+    if 8 + n + end != size:
+        what = "truncated" if 8 + n + end > size else "longer than its header says"
+        described = 8 + n + end
+        raise DistillError(f"{where}: {path.name} is {what} ({size:,} bytes, its header says {described:,}); {fix}")
+    return header
+
+
+def weight_files(root: Path, where: str) -> list[Path]:
+    index = root / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise DistillError(f"{where}: {index.name} is damaged (no weight_map); re-download the model") from None
+        missing = [n for n in names if not (root / n).is_file()]
+        if missing:
+            raise DistillError(f"{where}: weight file {missing[0]} (listed in {index.name}) is missing")
+        return [root / n for n in names]
+    single = root / "model.safetensors"
+    if single.is_file():
+        return [single]
+    if any(root.glob("pytorch_model*.bin")):
+        return []  # pickled weights: transformers reads them with weights_only; there is no header to check here
+    raise DistillError(
+        f"{where}: no weights in this directory (expected model.safetensors, as save_pretrained writes it)"
+    )
+
+
+def check_model_dir(mcfg: ModelConfig, role: str) -> int | None:
+    """Check a local model directory (a hub id is left to the loader); returns the number of parameters its
+    weights hold, or None when there are no headers to count."""
+    from . import models
+
+    root = Path(mcfg.path).expanduser()
+    if not root.is_dir():
+        return None
+    where = f"{role}.path={mcfg.path}"
+    config = models.model_config(mcfg, 0, role)  # names config.json problems (missing, invalid, remote code)
+    tensors: dict[str, dict] = {}
+    for path in weight_files(root, where):
+        tensors.update(safetensors_header(path, where))
+    if not tensors:
+        return None
+    expected = _shapes(config)
+    for name, info in tensors.items():
+        shape = expected.get(name)
+        if shape is not None and list(shape) != list(info["shape"]):
+            raise DistillError(
+                f"{where}: the weights do not match config.json: {name} has shape {list(info['shape'])} but the "
+                f"config (vocab_size={getattr(config, 'vocab_size', '?')}, hidden_size="
+                f"{getattr(config, 'hidden_size', '?')}) gives {list(shape)}; fix config.json or use matching weights"
+            )
+    return sum(_numel(info["shape"]) for info in tensors.values())
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _shapes(config) -> dict[str, tuple]:
+    """The parameter shapes `config` implies, from a model built on the meta device (no memory, no init)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except Exception:  # an architecture that cannot be built from its config alone: nothing to compare
+        return {}
+    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+
+
+def student_parameters(cfg: Config, counted: int | None) -> tuple[int | None, bool]:
+    """The student's parameter count and whether it is exact: from its weight headers, or from its `arch` with the
+    vocabulary it will get (a pretrained partner's, else the size of the tokenizer that will be trained); for a
+    hub id (no local headers), from its config (an estimate: tied weights, buffers)."""
+    from . import models
+
+    if counted is not None:
+        return counted, True
+    if cfg.student.arch is None:
+        shapes = _shapes(models.model_config(cfg.student, 0, "student"))
+        return sum(_numel(s) for s in shapes.values()) or None, False
+    partner = next((m for m in (cfg.teacher, cfg.student) if m is not None and m.path is not None), None)
+    if partner is not None:
+        role = "teacher" if partner is cfg.teacher else "student"
+        vocab, exact = models.model_config(partner, 0, role).vocab_size, True
+    else:
+        vocab, exact = cfg.tokenizer.vocab_size, cfg.tokenizer.path is None
+    shapes = _shapes(models.arch_config(cfg.student.arch, vocab))
+    return sum(_numel(s) for s in shapes.values()) or None, exact
+
+
+def check_space(directory: Path, need: int, what: str, key: str, exact: bool, say) -> None:
+    """Refuse when `directory`'s file system has less room than `need` bytes (warn if the estimate is unsure)."""
+    free = shutil.disk_usage(directory).free
+    if free >= need:
+        return
+    message = f"{key}={directory} has {_size(free)} free but {what} needs about {_size(need)}"
+    message += f"; make room or choose another {key}"
+    if exact:
+        raise DistillError(message)
+    say(f"warning: {message} (an estimate)")
+
+
+def _size(n: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return ""
+
+
+def check_run(cfg: Config, say) -> None:
+    """`distill train`, on the main process, with the run directory locked: model files, then room for one
+    checkpoint."""
+    counted = {}
+    for role in ("student", "teacher"):
+        mcfg = getattr(cfg, role)
+        if mcfg is not None and mcfg.path is not None:
+            counted[role] = check_model_dir(mcfg, role)
+    params, exact = student_parameters(cfg, counted.get("student"))
+    if params:
+        check_space(
+            Path(cfg.output_dir),
+            params * CHECKPOINT_BYTES_PER_PARAMETER,
+            f"one checkpoint of the student ({params:,} parameters x {CHECKPOINT_BYTES_PER_PARAMETER} bytes: fp32 "
+            "weights and AdamW's two moments)",
+            "output_dir",
+            exact,
+            say,
+        )

@@ -27,6 +27,11 @@ pytestmark = pytest.mark.slow
 DOC = ROOT / "docs" / "robustness.md"
 
 
+FEWER_ROWS = (
+    "a model with fewer embedding rows than the tokenizer (different row counts above it are fine: [data.md](data.md))"
+)
+
+
 def table_rows() -> dict[str, str]:
     """case -> message column of the bad-input table."""
     text = DOC.read_text().split("## Bad input", 1)[1]
@@ -44,7 +49,7 @@ class Row:
     run: object  # (tmp_path, fixtures) -> CompletedProcess
     ok: bool = False  # "not an error": the command succeeds
     status: int = 2  # a launcher (torchrun) reports a worker's error as its own status 1
-    covered_by: str | None = None  # "file::test": a row that needs another test's harness (two node launchers)
+    covered_by: str | None = None  # "file::test": a row whose harness another test owns (two node launchers, ...)
 
 
 def _train(out: Path, *overrides: str, config=SMOKE, env=None, launcher=None) -> subprocess.CompletedProcess:
@@ -221,16 +226,36 @@ ROWS: dict[str, Row] = {
         ["cannot load its config: it needs the repository's own code, which runs only with student.trust_remote_code"],
         lambda fx, tmp: _train(tmp / "run", *_as_student(_custom_code(fx, tmp))),
     ),
-    "vocabulary mismatch": Row(
-        ["teacher has vocab_size=600, student has vocab_size=512"],
-        lambda fx, tmp: _train(
-            tmp / "run",
-            "teacher.arch=null",
-            f"teacher.path={_v600_teacher(fx, tmp)}",
-            "student.arch=null",
-            f"student.path={fx['student_dir']}",
-            "data.seq_len=64",
-        ),  # fmt: skip
+    # Rows of the real-workloads features, each refused by the unit or CLI test that owns its harness.
+    "LoRA with a sharded student": Row(
+        ["student.lora with a ZeRO-3 student is not supported"],
+        None,
+        covered_by="tests/test_student.py::test_lora_under_zero3_is_refused_at_startup",
+    ),
+    FEWER_ROWS: Row(
+        ["tokens but the student has only vocab_size="],
+        None,
+        covered_by="tests/test_vocab.py::test_a_model_with_fewer_rows_than_the_tokenizer_is_refused",
+    ),
+    "a package the config needs": Row(
+        ["teacher.attn_implementation=flash_attention_2 needs the flash-attn"],
+        None,
+        covered_by="tests/test_student.py::test_teacher_dtype_auto_is_bf16_on_cuda_only_and_attention_is_configurable",
+    ),
+    "conversations without a chat template": Row(
+        ["has no chat template; set tokenizer.chat_template: PATH"],
+        None,
+        covered_by="tests/test_chat.py::test_conversational_data_without_a_chat_template_names_the_key",
+    ),
+    "missing split": Row(
+        ["no split 'nope'"],
+        None,
+        covered_by="tests/test_sources.py::test_repository_and_save_to_disk_directories",
+    ),
+    "teacher and student tokenizers differ": Row(
+        ["tokenizers differ: token id 300"],
+        None,
+        covered_by="tests/test_vocab.py::test_different_tokenizers_are_refused_naming_the_token",
     ),
     "seq_len beyond the model": Row(
         ["data.seq_len=100 exceeds the teacher's maximum positions (64)"],

@@ -19,23 +19,25 @@ IMPORTS_NOTHING_FROM_PACKAGE = {"losses", "errors", "integrity", "heartbeat"}
 
 
 def package_imports() -> dict[str, set[str]]:
-    """module name -> the package modules it imports (anywhere in the file)."""
-    graph = {}
-    for path in sorted(PACKAGE.glob("*.py")):
-        name = path.stem
+    """module name -> the package modules it imports (anywhere in the file). A subpackage (`losses/`) counts as one
+    module: the imports of all its files together, its imports among its own files left out."""
+    graph: dict[str, set[str]] = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = path.relative_to(PACKAGE).with_suffix("").parts
+        name, depth = parts[0], len(parts) - 1  # depth: how many subpackage levels down the file is
         deps = set()
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.level == 1:
+            if isinstance(node, ast.ImportFrom) and node.level == depth + 1:  # relative to distributed_distill
                 if node.module:
                     deps.add(node.module.split(".")[0])
                 else:
                     deps.update(alias.name for alias in node.names)
             elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("distributed_distill"):
-                parts = node.module.split(".")
-                deps.update([parts[1]] if len(parts) > 1 else [a.name for a in node.names])
+                modules = node.module.split(".")
+                deps.update([modules[1]] if len(modules) > 1 else [a.name for a in node.names])
             elif isinstance(node, ast.Import):
                 deps.update(a.name.split(".")[1] for a in node.names if a.name.startswith("distributed_distill."))
-        graph[name] = deps - {name, "__init__"}
+        graph[name] = graph.get(name, set()) | (deps - {name, "__init__"})
     return graph
 
 

@@ -19,15 +19,13 @@ float64) and in log space, which keeps logits of magnitude 1e4 finite.
 from __future__ import annotations
 
 import math
-import typing
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-# The objectives (`distill.loss` takes its choices from here).
-LossKind = typing.Literal["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd", "mse"]
-KINDS: tuple[str, ...] = typing.get_args(LossKind)
+from . import KINDS
+
 TAILS = ("bucket", "renormalize")
 REDUCTIONS = ("mean", "sum")
 

@@ -126,8 +126,12 @@ def _shapes(config) -> dict[str, tuple]:
     import torch
     from transformers import AutoModelForCausalLM
 
+    from .teacher import transformers_zero3
+
     try:
-        with torch.device("meta"):
+        # Never under a ZeRO-3 student's `zero.Init`: preflight runs on the main process only, and a partitioned
+        # build would start collectives that the other ranks never join.
+        with transformers_zero3(None), torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
     except Exception:  # an architecture that cannot be built from its config alone: nothing to compare
         return {}

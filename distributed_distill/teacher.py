@@ -310,7 +310,7 @@ def zero3_inference_config(tcfg: TeacherConfig, hidden_size: int, dtype: str | N
 
 
 @contextlib.contextmanager
-def _transformers_zero3(ds_config: dict | None):
+def transformers_zero3(ds_config: dict | None):
     """Make transformers build/load the next model under `deepspeed.zero.Init(ds_config)`, or (None) not at all.
 
     transformers decides from one process-wide weak reference; an Accelerate DeepSpeed ZeRO-3 student sets
@@ -346,7 +346,7 @@ def _ensure_process_group(device: torch.device) -> None:
 
 
 def load_replicated(cfg: Config, teacher_config, device: torch.device, **kwargs) -> OnlineTeacher:
-    with _transformers_zero3(None):  # never partitioned by a ZeRO-3 student's zero.Init
+    with transformers_zero3(None):  # never partitioned by a ZeRO-3 student's zero.Init
         model = models.load_model(cfg.teacher, teacher_config, seed=cfg.train.seed + 1, device=device)
     return OnlineTeacher(model.to(device), models.model_identity(cfg.teacher, teacher_config), **kwargs)
 
@@ -372,7 +372,7 @@ def load_zero3(cfg: Config, teacher_config, device: torch.device, **kwargs) -> Z
     if stage != 3:
         raise DistillError(f"teacher.deepspeed_config={tcfg.deepspeed_config}: zero_optimization.stage={stage}, need 3")
     _ensure_process_group(device)
-    with _transformers_zero3(ds_config if tcfg.path is not None else None):
+    with transformers_zero3(ds_config if tcfg.path is not None else None):
         model = models.load_model(tcfg, teacher_config, seed=cfg.train.seed + 1, device=device)
     model.eval().requires_grad_(False)
     engine, *_ = deepspeed.initialize(model=model, config=copy.deepcopy(ds_config))

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
+import socket
 from pathlib import Path
 
 import torch
@@ -336,9 +339,16 @@ def train_bpe_tokenizer(texts, vocab_size: int, out_dir: Path, chat: bool = Fals
     if chat:
         fast.add_special_tokens({"additional_special_tokens": CHAT_TOKENS})
         fast.chat_template = CHATML_TEMPLATE
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    # A temporary name of this process's own: jobs that share the cache (an array's tasks) may train the same
+    # tokenizer at the same moment; the first to publish wins and the others drop their identical copy.
+    tmp = out_dir.with_name(f"{out_dir.name}.tmp-{socket.gethostname()}-{os.getpid()}")
     fast.save_pretrained(tmp)
-    publish_dir(tmp, out_dir)  # a half-written tokenizer is never picked up from the cache
+    try:
+        publish_dir(tmp, out_dir)  # a half-written tokenizer is never picked up from the cache
+    except OSError:
+        if not out_dir.is_dir():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
     return fast
 
 

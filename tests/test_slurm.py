@@ -132,7 +132,9 @@ def test_train_job_with_an_accelerate_config(slurm, tmp_path):
 @pytest.mark.slow
 def test_precompute_job_array_writes_one_store(slurm, tmp_path):
     store, logs = tmp_path / "store", tmp_path / "logs"
-    env = {**slurm, "MASTER_PORT": "29811"}
+    # No fixed MASTER_PORT: the two array tasks may run at once on the two nodes of this one host, so each takes the
+    # script's own default (20000 + its job id), as on a cluster.
+    env = {**slurm}
     args = ["--config", str(SMOKE), f"distill.store={store}", *STORE_OVERRIDES]
     job = _sbatch(env, logs, PRECOMPUTE, *args, options=("--array=0-1",))
     jobs = _wait(env, job, logs)

@@ -477,7 +477,10 @@ class StopRequest:
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+            # After a Ctrl-C the second-Ctrl-C handler stays for the rest of the process: the previous handler would
+            # turn a second Ctrl-C during the exit path into a KeyboardInterrupt traceback; cli.main then ignores it.
+            if not (sig == signal.SIGINT and self.received == signal.SIGINT):
+                signal.signal(sig, handler)
 
     def _handle(self, signum, frame) -> None:
         talk = launch_rank() == 0  # one line per job, not per rank

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -161,6 +162,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except Preempted as e:
         print(e, file=sys.stderr)  # "preempted at step N: checkpoint ... written; ..."
+        if e.exit_code == 130:
+            # Interpreter shutdown resets Python signal handlers to the default, under which a second Ctrl-C during
+            # shutdown (torch's takes a moment) killed the process by SIGINT (-2, not 130); an ignored one stays so.
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
         return e.exit_code
     except KeyboardInterrupt:  # Ctrl-C outside the training loop (which turns it into a checkpoint): no traceback
         print("interrupted", file=sys.stderr)

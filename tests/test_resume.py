@@ -127,7 +127,7 @@ def test_sigkill_at_a_random_step_then_resume_is_bit_identical(request, tmp_path
         pytest.param(2, signal.SIGUSR1, "tree", marks=[pytest.mark.multiprocess, pytest.mark.slow]),
         # Ctrl-C: handled like SIGTERM (status 130); to the process, and to the whole process group as a terminal
         # sends it (with torchrun: to the agent, which forwards it to the workers).
-        (1, signal.SIGINT, "tree"),
+        pytest.param(1, signal.SIGINT, "tree", marks=pytest.mark.slow),
         pytest.param(1, signal.SIGINT, "group", marks=pytest.mark.slow),
         pytest.param(2, signal.SIGINT, "group", marks=[pytest.mark.multiprocess, pytest.mark.slow]),
     ],

@@ -141,6 +141,7 @@ def test_a_store_being_written_is_locked(tmp_path):
 # A torn last line in metrics.jsonl
 
 
+@pytest.mark.slow
 def test_a_torn_metrics_line_is_dropped_on_resume_and_skipped_by_report(tmp_path):
     out = tmp_path / "run"
     _train(out, "train.max_steps=4", "train.save_every=2")
@@ -178,6 +179,7 @@ def _full_disk_run(tmp_path: Path, size: str, *overrides: str) -> tuple[Path, st
     return out, line
 
 
+@pytest.mark.slow
 def test_a_full_disk_at_a_checkpoint_is_one_line_and_the_rerun_resumes(tmp_path):
     # A smoke checkpoint is ~616 KiB: step-0000002 fits, step-0000004 (written before step 2's is pruned) does not.
     out, line = _full_disk_run(tmp_path, "1000k", "train.max_steps=4", "train.save_every=2", "train.keep_last=1")

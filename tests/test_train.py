@@ -149,6 +149,7 @@ def test_every_loss_kind_trains_from_the_config(tmp_path, kind):
     assert result["val_kd_loss"] > 0 and (tmp_path / "final" / "model.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_online_top_k_trains_with_both_tail_choices(tmp_path):
     from distributed_distill.trainer import train
 

@@ -34,7 +34,7 @@ def test_chunk_size_auto_is_resolved_for_the_student_and_device():
     student = models.arch_config(cfg.student.arch, 4096)
     accelerator = Accelerator(cpu=True)
     resolved = resolve_loss_chunks(cfg, student, accelerator)
-    assert resolved.distill.chunk_size == auto_chunk_size(4096, cfg.student.arch.hidden_size, "cpu") == 8192
+    assert resolved.distill.chunk_size == auto_chunk_size(4096, cfg.student.arch.hidden_size, "cpu") == 1024
     assert cfg.distill.chunk_size == "auto"  # the config as given is left alone (resume compares against it)
     explicit = load_config(SMOKE, ["distill.chunk_size=64"])
     assert resolve_loss_chunks(explicit, student, accelerator) is explicit

@@ -621,7 +621,8 @@ def test_auto_chunk_size_follows_vocabulary_hidden_size_and_device():
     # V=128k: a [c, V] float32 buffer of at most 128 MiB -> 256 rows (the 10 %-of-naive target, docs/losses.md)
     assert auto_chunk_size(128256, 2048, "cpu") == 256
     assert auto_chunk_size(32000, 2048, "cpu") == 1024
-    assert auto_chunk_size(4096, 128, "cpu") == 8192  # a small vocabulary: a whole micro-batch per chunk
+    assert auto_chunk_size(4096, 128, "cpu") == 1024  # a small vocabulary: the device's most rows
+    assert auto_chunk_size(4096, 128, "cuda") == 8192
     assert auto_chunk_size(128256, 8192, "cpu") == 1024  # a wide model: H / 8 rows (its [V, H] grad is larger)
     assert auto_chunk_size(2_000_000, 64, "cpu") == 32  # never fewer rows than the device's minimum
     assert auto_chunk_size(2_000_000, 64, "cuda") == 128

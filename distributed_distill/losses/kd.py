@@ -358,22 +358,26 @@ def sparse_kd_loss(
 # with H. The rule: each [c, V] buffer may take CHUNK_BUFFER_BYTES, or an eighth of the [V, H] float32 weight
 # gradient when that is larger (then the working set is at most ~3/8 of memory the step already spends). At
 # T=4096, H=2048, V=128256 this gives 256 rows, 8.9 % of the naive peak (benchmarks/loss_memory.py, docs/
-# losses.md); at V=32k 1024 rows; a small vocabulary (the demo's 4096) takes a whole micro-batch in one chunk.
+# losses.md); at V=32k 1024 rows; a small vocabulary (the demo's 4096) takes the device's most rows.
 CHUNK_BUFFER_BYTES = 128 * 2**20
 # Rows below which the matmuls lose efficiency: a GPU wants whole tensor-core tiles per launch, a CPU core less.
 MIN_CHUNK_ROWS = {"cpu": 32, "cuda": 128}
-MAX_CHUNK_ROWS = 8192
+# And above which they gain nothing: on CPU one 8192-row chunk made the demo's whole KD step cost 1.13x the CPU
+# time of 1024-row chunks (benchmarks/chunk_speed.py --settings 8192,1024; docs/losses.md), so a small vocabulary
+# keeps the 1024 rows it always had there; a GPU takes up to 8192.
+MAX_CHUNK_ROWS = {"cpu": 1024, "cuda": 8192}
 
 
 def auto_chunk_size(vocab_size: int, hidden_size: int, device: str | torch.device = "cpu") -> int:
     """Rows per chunk for `distill.chunk_size: auto`, from the vocabulary, the hidden size and the device
-    (see CHUNK_BUFFER_BYTES above): a multiple of 32 between the device's minimum and MAX_CHUNK_ROWS."""
+    (see CHUNK_BUFFER_BYTES above): a multiple of 32 between the device's MIN_CHUNK_ROWS and MAX_CHUNK_ROWS."""
     if vocab_size < 1 or hidden_size < 1:
         raise ValueError(f"vocab_size={vocab_size} and hidden_size={hidden_size} must be >= 1")
     kind = torch.device(device).type
     lo = MIN_CHUNK_ROWS.get(kind, MIN_CHUNK_ROWS["cuda"])
+    hi = MAX_CHUNK_ROWS.get(kind, MAX_CHUNK_ROWS["cuda"])
     rows = max(CHUNK_BUFFER_BYTES // (4 * vocab_size), hidden_size // 8)
-    return max(lo, min(MAX_CHUNK_ROWS, rows // 32 * 32))
+    return max(lo, min(hi, rows // 32 * 32))
 
 
 def resolve_chunk_size(setting: int | str, vocab_size: int, hidden_size: int, device: str | torch.device) -> int:

@@ -13,9 +13,8 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 
-from online_overhead import add_size_args, build
+from online_overhead import add_size_args, alternate, build
 
 
 def loss_step(args: argparse.Namespace, rows: int):
@@ -64,17 +63,7 @@ def main() -> None:
         runs[setting] = (accelerator, student, head, teacher, optimizer, [batch], kd_cfg)
         step = loss_step(args, kd_cfg.distill.chunk_size) if args.loss_only else lambda r=runs[setting]: train_step(*r)
         runs[setting] = (*runs[setting], step)
-    # Wall time, and this process's CPU time (every torch thread's, user + system): on a shared machine other jobs
-    # stretch the wall time of whichever round they overlap, while the CPU time a step needs moves much less.
-    times: dict[str, list[float]] = {s: [] for s in settings}
-    cpu: dict[str, list[float]] = {s: [] for s in settings}
-    for round_ in range(args.repeats + 1):
-        for setting in settings:
-            start, start_cpu = time.perf_counter(), time.process_time()
-            runs[setting][-1]()
-            if round_:
-                times[setting].append(time.perf_counter() - start)
-                cpu[setting].append(time.process_time() - start_cpu)
+    times, cpu = alternate({setting: runs[setting][-1] for setting in settings}, args.repeats)
     med = {s: statistics.median(ts) for s, ts in times.items()}
     med_cpu = {s: statistics.median(ts) for s, ts in cpu.items()}
     first, second = settings

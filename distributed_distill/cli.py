@@ -5,6 +5,7 @@
     distill report runs/smoke
     distill precompute --config configs/smoke.yaml distill.store=stores/smoke   # offline teacher targets
     distill verify-store stores/smoke
+    distill generate --config configs/generate.yaml generate.store=stores/samples   # the teacher's own samples
     distill demo                       # teacher, distilled student and CE-only student on the built-in corpus
 
 `python train.py ...` and `accelerate launch train.py ...` take the same arguments as `distill train`.
@@ -89,10 +90,21 @@ def cmd_precompute(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .generate import generate_store
+
+    cfg = load_config(args.config, args.overrides)
+    result = generate_store(cfg)
+    if _main_process():
+        print(json.dumps(result))
+    return 0
+
+
 def cmd_verify_store(args: argparse.Namespace) -> int:
+    from .samples import is_sample_store, verify_samples
     from .store import verify_store
 
-    print(verify_store(args.store_dir))
+    print(verify_samples(args.store_dir) if is_sample_store(args.store_dir) else verify_store(args.store_dir))
     return 0
 
 
@@ -133,7 +145,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(func=cmd_precompute)
 
-    p = sub.add_parser("verify-store", help="check a logit store: manifest, checksums, rows, hashes")
+    p = sub.add_parser(
+        "generate",
+        help="sample the teacher's completions of the data's prompts into generate.store",
+        description="Write a sample store (see docs/generate.md); rerun the same command to resume.",
+    )
+    _add_config_args(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("verify-store", help="check a logit or sample store: manifest, checksums, rows, hashes")
     p.add_argument("store_dir", metavar="DIR")
     p.set_defaults(func=cmd_verify_store)
 

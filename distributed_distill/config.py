@@ -305,6 +305,60 @@ class DistillConfig:
 
 
 @dataclass
+class GenerateConfig:
+    """`distill generate`: the teacher samples completions of the data's prompts into a sample store
+    (docs/generate.md)."""
+
+    store: str | None = option(None, "the sample store directory `distill generate` writes (and resumes)")
+    temperature: float = option(1.0, "sampling temperature; 0 = greedy")
+    top_p: float = option(1.0, "nucleus sampling: keep the most likely tokens until their mass reaches top_p")
+    sample_top_k: int = option(0, "sample only among the k most likely tokens; 0 = all")
+    max_new_tokens: int = option(128, "longest completion, in tokens (finish reason `length`)")
+    samples_per_prompt: int = option(1, "completions sampled for each prompt")
+    seed: int | None = option(
+        None,
+        "sampling seed: a sample is a pure function of (seed, split, prompt index, sample index); null = train.seed",
+    )
+    stop_strings: list[str] | None = option(
+        None, "end a completion once its text contains one of these (finish reason `stop`, the text kept); null = none"
+    )
+    eos_tokens: list[str] | None = option(
+        None,
+        "tokens that end a completion (finish reason `eos`, the token kept); null = the tokenizer's eos token and, for "
+        "chat prompts, the token that ends an assistant turn in the chat template (e.g. <|im_end|>)",
+    )
+    top_k: int | None = option(
+        None,
+        "also keep the teacher's top-k log-probs and tail mass at every completion token, at distill.temperature "
+        "(from the logits the sampler used); null = none",
+    )
+    batch_size: int = option(16, "sequences sampled together per process (one KV-cached batch)")
+    shard_prompts: int = option(64, "prompts per Parquet shard (all their samples): the unit of resume")
+    max_prompts: int | None = option(None, "use at most the first N prompts of each split; null = all")
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ConfigError(f"generate.temperature={self.temperature} must be >= 0 (0 = greedy)")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"generate.top_p={self.top_p} must be in (0, 1]")
+        for name in ("max_new_tokens", "samples_per_prompt", "batch_size", "shard_prompts"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"generate.{name}={getattr(self, name)} must be >= 1")
+        if self.sample_top_k < 0:
+            raise ConfigError(f"generate.sample_top_k={self.sample_top_k} must be >= 0 (0 = no filter)")
+        for name in ("top_k", "max_prompts"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(f"generate.{name}={getattr(self, name)} must be >= 1 (or null)")
+        for name in ("stop_strings", "eos_tokens"):
+            value = getattr(self, name)
+            bad = value is not None and (
+                not isinstance(value, list) or not all(isinstance(s, str) and s for s in value)
+            )
+            if bad:
+                raise ConfigError(f"generate.{name}={value!r} must be a list of non-empty strings (or null)")
+
+
+@dataclass
 class TrainConfig:
     max_steps: int = option(100, "optimizer steps")
     micro_batch_size: int = option(8, "sequences per process per forward pass")
@@ -387,6 +441,7 @@ class Config:
     tokenizer: TokenizerConfig = option(TokenizerConfig, "tokenizer shared by teacher and student")
     data: DataConfig = option(DataConfig, "training and validation data")
     distill: DistillConfig = option(DistillConfig, "the distillation objective")
+    generate: GenerateConfig = option(GenerateConfig, "distill generate: sampling the teacher into a sample store")
     train: TrainConfig = option(TrainConfig, "optimisation")
     logging: LoggingConfig = option(LoggingConfig, "progress, metrics.jsonl and wandb")
 

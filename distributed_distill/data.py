@@ -393,38 +393,45 @@ def _tokenize(batch: dict, tokenizer, dcfg: DataConfig, kind: str) -> dict:
     return out
 
 
-def _pack(batch: dict, dcfg: DataConfig, pad: int, whole: bool) -> dict:
+def pack_documents(batch: dict, dcfg: DataConfig, pad: int, whole: bool) -> dict:
     """Rows of seq_len tokens with `position_ids` that restart at every document.
 
     packing: documents are concatenated; text is cut at block boundaries (each piece restarts its positions), a
     conversation (`whole`) is never split: it starts a new block when it does not fit in the current one.
     No packing: one document per row (text longer than seq_len continues in further rows), padded at the end.
-    Padding and rows with nothing to learn are labelled -100 / skipped."""
+    Padding and rows with nothing to learn are labelled -100 / skipped. A per-token `target` column (the sample
+    store's: which stored top-k row predicts each token, -1 for none) travels with the tokens, -1 on padding."""
     seq = dcfg.seq_len
-    out = {"input_ids": [], "labels": [], "position_ids": []}
-    block: tuple[list[int], list[int], list[int]] = ([], [], [])
+    carried = [key for key in ("target",) if key in batch]
+    out = {"input_ids": [], "labels": [], "position_ids": [], **{key: [] for key in carried}}
+    block: dict[str, list[int]] = {key: [] for key in out}
+    fill = {"input_ids": pad, "labels": IGNORE_INDEX, "target": -1}
 
     def flush() -> None:
-        ids, labels, positions = block
+        ids, labels = block["input_ids"], block["labels"]
         if ids and any(label != IGNORE_INDEX for label in labels[1:]):  # else nothing to learn from
             short = seq - len(ids)
-            out["input_ids"].append(ids + [pad] * short)
-            out["labels"].append(labels + [IGNORE_INDEX] * short)
-            out["position_ids"].append(positions + list(range(short)))
-        block[0].clear(), block[1].clear(), block[2].clear()
+            for key, values in block.items():
+                tail = list(range(short)) if key == "position_ids" else [fill[key]] * short
+                out[key].append(values + tail)
+        for values in block.values():
+            values.clear()
 
-    for ids, labels, status in zip(batch["input_ids"], batch["labels"], batch["status"]):
+    columns = zip(batch["input_ids"], batch["labels"], batch["status"], *(batch[key] for key in carried))
+    for ids, labels, status, *extra in columns:
         if status == DROPPED:
             continue
-        if not dcfg.packing or (whole and len(block[0]) + len(ids) > seq):
+        if not dcfg.packing or (whole and len(block["input_ids"]) + len(ids) > seq):
             flush()
         # A document's first token is never a target: the token before it belongs to another document.
-        labels = [IGNORE_INDEX] + labels[1:]
-        while ids:
-            room = seq - len(block[0])
-            piece, ids, piece_labels, labels = ids[:room], ids[room:], labels[:room], labels[room:]
-            block[0].extend(piece), block[1].extend(piece_labels), block[2].extend(range(len(piece)))
-            if len(block[0]) == seq:
+        doc = {"input_ids": ids, "labels": [IGNORE_INDEX] + labels[1:], **dict(zip(carried, extra))}
+        while doc["input_ids"]:
+            room = seq - len(block["input_ids"])
+            block["position_ids"].extend(range(len(doc["input_ids"][:room])))
+            for key in doc:
+                block[key].extend(doc[key][:room])
+                doc[key] = doc[key][room:]
+            if len(block["input_ids"]) == seq:
                 flush()
         if not dcfg.packing:
             flush()
@@ -465,7 +472,7 @@ def tokenize(ds: datasets.Dataset, tokenizer, dcfg: DataConfig, desc: str) -> tu
 
 def pack_rows(rows: datasets.Dataset, tokenizer, dcfg: DataConfig, desc: str, whole: bool) -> datasets.Dataset:
     packed = rows.map(
-        _pack,
+        pack_documents,
         batched=True,
         batch_size=1000,
         remove_columns=rows.column_names,
@@ -580,7 +587,7 @@ class DocumentStream:
             empty = True
             for docs in ds.iter(batch_size=self.CHUNK):
                 rows = _tokenize(docs, self.tokenizer, d, self.kind)
-                packed = _pack(rows, d, self.tokenizer.pad_token_id, whole=self.kind.startswith("chat"))
+                packed = pack_documents(rows, d, self.tokenizer.pad_token_id, whole=self.kind.startswith("chat"))
                 for row in zip(packed["input_ids"], packed["labels"], packed["position_ids"]):
                     empty = False
                     yield row

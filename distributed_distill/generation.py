@@ -156,6 +156,7 @@ def generate(
     synced: bool = False,
     on_step: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
     decode: Callable[[list[int]], str] | None = None,
+    vocab: int | None = None,
 ) -> Samples:
     """Sample one completion per prompt (token ids, no padding), KV-cached, all rows of the batch at once.
 
@@ -164,6 +165,7 @@ def generate(
     temperature / top-k / top-p) and the tokens chosen [B]; row i's entry at step t belongs to its sample only while
     t < len(completions[i]) (finished rows feed pad tokens). With `synced`, every rank calls the model the same
     number of times (see the module docstring). decode(ids) -> text is needed for `sampling.stop_strings`.
+    vocab: only the first `vocab` logits are used (the tokenizer's ids; a model's padding rows are never sampled).
     """
     if len(generators) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts but {len(generators)} generators: give one generator per prompt")
@@ -191,7 +193,7 @@ def generate(
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=True, logits_to_keep=1)
     last_pos = positions(mask)[:, -1]
     for step in range(sampling.max_new_tokens):
-        logits = out.logits[:, -1]
+        logits = out.logits[:, -1, :vocab]
         scores = logits.float()
         tokens = sample_tokens(scores, generators, sampling)
         tokens = torch.where(active, tokens, torch.full_like(tokens, pad_id))

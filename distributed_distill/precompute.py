@@ -51,13 +51,10 @@ PART_ENV = "DISTILL_STORE_PART"
 def store_plan(cfg: Config, tokenizer, teacher_config, n_train: int, n_val: int) -> dict:
     """Everything that determines the store's content; its hash names the store and guards resumes."""
     distill = cfg.distill
-    identity = models.model_identity(cfg.teacher, teacher_config)
-    if cfg.teacher.arch is not None:
-        identity["init_seed"] = cfg.train.seed + 1  # a teacher built from arch is only defined with its seed
     return {
         "format": store_lib.FORMAT,
         "version": store_lib.VERSION,
-        "teacher": identity,
+        "teacher": teacher_identity(cfg, teacher_config),
         "tokenizer_sha256": models.tokenizer_hash(tokenizer),
         # The aligned vocabulary: the tokenizer's tokens, the rows both models are compared over (the teacher's
         # padding rows beyond them never enter the top-k).
@@ -76,28 +73,40 @@ def store_plan(cfg: Config, tokenizer, teacher_config, n_train: int, n_val: int)
     }
 
 
-def _check_store_dir(root: Path, config_hash: str) -> bool:
-    """True if `root` already holds this finished store; raises if it holds anything else (never overwritten)."""
+def teacher_identity(cfg: Config, teacher_config) -> dict:
+    """The teacher a store was made with, as its plan records it."""
+    identity = models.model_identity(cfg.teacher, teacher_config)
+    if cfg.teacher.arch is not None:
+        identity["init_seed"] = cfg.train.seed + 1  # a teacher built from arch is only defined with its seed
+    return identity
+
+
+def check_store_dir(root: Path, config_hash: str, key: str = "distill.store", fmt: str = store_lib.FORMAT) -> bool:
+    """True if `root` already holds this finished store; raises if it holds anything else (never overwritten).
+    `key` names the setting that chose the directory, `fmt` the store format (the logit store, or generate's)."""
     if root.exists() and not root.is_dir():
-        raise DistillError(f"distill.store={root} is a file, not a directory")
+        raise DistillError(f"{key}={root} is a file, not a directory")
     if (root / store_lib.MANIFEST).is_file():
-        manifest = store_lib.read_manifest(root)
+        found = store_lib.store_format(root)
+        if found != fmt:
+            raise DistillError(f"{key}={root} holds a store of another kind ({found!r}); choose another {key}")
+        manifest = json.loads((root / store_lib.MANIFEST).read_text())
         if manifest.get("config_hash") == config_hash:
             return True
         raise DistillError(
-            f"distill.store={root} holds a finished store of another config (hash {manifest.get('config_hash')!s:.12}, "
-            f"this one {config_hash:.12}); choose another distill.store"
+            f"{key}={root} holds a finished store of another config (hash {manifest.get('config_hash')!s:.12}, "
+            f"this one {config_hash:.12}); choose another {key}"
         )
     if (root / store_lib.PLAN).is_file():
         old = json.loads((root / store_lib.PLAN).read_text()).get("config_hash")
         if old != config_hash:
             raise DistillError(
-                f"distill.store={root} holds an unfinished precompute of another config (hash {old!s:.12}, "
-                f"this one {config_hash:.12}); rerun that command to finish it, or choose another distill.store"
+                f"{key}={root} holds an unfinished store of another config (hash {old!s:.12}, "
+                f"this one {config_hash:.12}); rerun that command to finish it, or choose another {key}"
             )
     elif root.is_dir() and any(not p.name.startswith((f"{store_lib.PLAN}.", lock.NAME)) for p in root.iterdir()):
-        # (a plan being published by a concurrent part, see _publish_json, and the locks are not foreign content)
-        raise DistillError(f"distill.store={root} is a non-empty directory that is not a store; choose another")
+        # (a plan being published by a concurrent part, see publish_json, and the locks are not foreign content)
+        raise DistillError(f"{key}={root} is a non-empty directory that is not a store; choose another")
     return False
 
 
@@ -135,7 +144,7 @@ def part_of(layout: list, part: tuple[int, int] | None) -> list:
     return layout[index * len(layout) // count : (index + 1) * len(layout) // count]
 
 
-def _publish_json(path: Path, obj: dict) -> None:
+def publish_json(path: Path, obj: dict) -> None:
     """`write_json_atomic` through a temporary name of this process's own: the parts of one store may publish the
     same file (plan, manifest, with the same content) at the same moment from different nodes."""
     write_json_atomic(path, obj, tmp_suffix=f".{socket.gethostname()}.{os.getpid()}")
@@ -170,14 +179,14 @@ def _precompute(cfg: Config, part: tuple[int, int] | None, accelerator) -> dict:
     plan = store_plan(cfg, tokenizer, teacher_config, len(train_ds), len(val_ds))
     config_hash = hashlib.sha256(json.dumps(plan, sort_keys=True, default=str).encode()).hexdigest()
     root = Path(distill.store)
-    complete = _check_store_dir(root, config_hash)
+    complete = check_store_dir(root, config_hash)
     accelerator.wait_for_everyone()  # every rank has looked before anything is written
     if complete:
         accelerator.print(f"store {root} is already complete (config hash {config_hash[:12]})")
         return {"store": str(root), "complete": True, "shards_written": 0}
     if accelerator.is_main_process:
         root.mkdir(parents=True, exist_ok=True)
-        _publish_json(root / store_lib.PLAN, {"config_hash": config_hash, **plan})
+        publish_json(root / store_lib.PLAN, {"config_hash": config_hash, **plan})
     accelerator.wait_for_everyone()
 
     layout = shard_layout(len(train_ds), len(val_ds), cfg.train.seed, distill.store_shard_rows, distill.store_max_rows)
@@ -205,17 +214,27 @@ def _precompute(cfg: Config, part: tuple[int, int] | None, accelerator) -> dict:
     tokens = write_shards(
         teacher, todo, splits, bs, all_calls, root, config_hash, plan["vocab_size"], accelerator.device
     )
+    return finish_store(accelerator, root, plan, config_hash, layout, part, mine, tokens, len(todo), started)
+
+
+def finish_store(
+    accelerator, root: Path, plan: dict, config_hash: str, layout: list, part, mine: list, tokens: int, written: int,
+    started: float,
+) -> dict:  # fmt: skip
+    """After every rank wrote its shards (a logit store, or generate's sample store): the manifest, once every
+    shard of the plan is there, and the summary line and result of the run (`tokens` and `written` shards of this
+    rank, summed over the ranks)."""
     seconds = time.perf_counter() - started
     accelerator.wait_for_everyone()
     # Without parts every shard is this run's and done now. With parts, the other parts' shards count once their
     # sidecars are there (each was checksummed when written; verify-store checks them all again).
     left = 0
     if part is not None:
-        left = sum(not _sidecar_done(root, name, config_hash, len(idx)) for name, idx in layout)
+        left = sum(not sidecar_done(root, name, config_hash, len(idx)) for name, idx in layout)
     if accelerator.is_main_process and not left:
         write_manifest(root, plan, config_hash, layout)
     accelerator.wait_for_everyone()
-    local = torch.tensor([tokens, len(todo)], device=accelerator.device)
+    local = torch.tensor([tokens, written], device=accelerator.device)
     tokens_all, written = (int(x) for x in accelerator.reduce(local, reduction="sum").tolist())
     where = "" if part is None else f" (part {part[0]}/{part[1]}: {len(mine)} shards)"
     done = "store complete" if not left else f"{left} shard(s) of other parts still to do, manifest not written"
@@ -272,7 +291,7 @@ def write_shards(
     return tokens
 
 
-def _sidecar_done(root: Path, name: str, config_hash: str, rows: int) -> bool:
+def sidecar_done(root: Path, name: str, config_hash: str, rows: int) -> bool:
     try:
         sidecar = json.loads((root / name).with_suffix(".json").read_text())
     except (OSError, ValueError):
@@ -309,5 +328,5 @@ def write_manifest(root: Path, plan: dict, config_hash: str, layout: list[tuple[
         "bytes": sum(e["bytes"] for s in splits.values() for e in s["shards"]),
         "splits": splits,
     }
-    _publish_json(root / store_lib.MANIFEST, manifest)
+    publish_json(root / store_lib.MANIFEST, manifest)
     return manifest

@@ -24,7 +24,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, InitProcessGroupKwargs, set_seed
 
 from . import data as data_lib
-from . import models
+from . import models, samples
 from .config import Config, save_config
 from .errors import DistillError
 from .integrity import atomic_write_text
@@ -129,6 +129,9 @@ def _tokenizer(cfg: Config, accelerator: Accelerator):
         path, revision = source
         trust = any(m is not None and m.trust_remote_code for m in (cfg.teacher, cfg.student))
         return models.load_tokenizer(path, revision=revision, trust_remote_code=trust)
+    store = samples.training_store(cfg)
+    if store is not None:  # training on a sample store: the tokenizer its ids belong to, kept in it
+        return models.load_tokenizer(str(store / samples.TOKENIZER))
     # Both models are built from arch: train a BPE tokenizer on the training split, once, cached by the
     # data and vocabulary it was trained on.
     key = json.dumps(

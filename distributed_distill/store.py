@@ -132,14 +132,18 @@ def encode_rows(
     )
 
 
-def write_shard(root: Path, name: str, table: pa.Table, config_hash: str) -> dict:
+def write_shard(
+    root: Path, name: str, table: pa.Table, config_hash: str, counts: dict | None = None, options: dict | None = None
+) -> dict:
     """Write a shard atomically (temp file, fsync, rename), then its sidecar; returns the sidecar. A failed write
-    (a full disk) removes the temporary file and raises WriteError: the shards finished before stay valid."""
+    (a full disk) removes the temporary file and raises WriteError: the shards finished before stay valid.
+    `counts` ({"tokens", "target_tokens"}) is for tables of other layouts (the sample store); by default they are
+    counted from this store's fixed-length `input_ids` and `labels`; `options` are its Parquet writer options."""
     path = root / name
     tmp = path.with_name(path.name + ".tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        pq.write_table(table, tmp, **PARQUET_OPTIONS)
+        pq.write_table(table, tmp, **(options or PARQUET_OPTIONS))
         fsync_path(tmp)
         os.replace(tmp, path)
     except OSError as e:
@@ -148,15 +152,17 @@ def write_shard(root: Path, name: str, table: pa.Table, config_hash: str) -> dic
             f"{write_failure(e, root)} while writing store shard {path}; the shards finished before it are complete "
             "(make room and run the same command again: it continues from them)"
         ) from None
-    seq_len = len(table["input_ids"][0]) if table.num_rows else 0
+    if counts is None:
+        seq_len = len(table["input_ids"][0]) if table.num_rows else 0
+        labels = flat(table["labels"]).reshape(table.num_rows, -1)
+        counts = {"tokens": table.num_rows * seq_len, "target_tokens": int((labels[:, 1:] != -100).sum())}
     hashes = table["row_hash"].to_pylist()
     sidecar = {
         "path": name,
         "rows": table.num_rows,
-        "tokens": table.num_rows * seq_len,
+        **counts,
         **record(path),
         "rows_sha256": hashlib.sha256("".join(hashes).encode()).hexdigest(),
-        "target_tokens": int((_flat(table["labels"]).reshape(table.num_rows, -1)[:, 1:] != -100).sum()),
         "config_hash": config_hash,
     }
     write_json_atomic(path.with_suffix(".json"), sidecar)
@@ -179,22 +185,35 @@ def finished_shard(root: Path, name: str, config_hash: str, rows: int) -> dict |
 # Reading
 
 
-def read_manifest(root: str | Path) -> dict:
+def read_manifest(root: str | Path, fmt: str = FORMAT, version: int = VERSION, command: str = "precompute") -> dict:
+    """The manifest of a finished store of format `fmt` (the logit store's, or the sample store's: samples.py),
+    written by `distill {command}`."""
     root = Path(root)
     path = root / MANIFEST
     if not path.is_file():
-        hint = "precompute is unfinished: rerun it to resume" if (root / PLAN).is_file() else "run `distill precompute`"
+        unfinished = f"{command} is unfinished: rerun it to resume"
+        hint = unfinished if (root / PLAN).is_file() else f"run `distill {command}`"
         raise DistillError(f"store {root}: no {MANIFEST} ({hint})")
     try:
         manifest = json.loads(path.read_text())
     except ValueError as e:
         raise DistillError(f"store {root}: {MANIFEST} is not valid JSON: {e}") from None
-    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+    if manifest.get("format") != fmt or manifest.get("version") != version:
         raise DistillError(
             f"store {root}: {MANIFEST} is format {manifest.get('format')!r} version {manifest.get('version')!r}; "
-            f"this code reads {FORMAT!r} version {VERSION}"
+            f"this code reads {fmt!r} version {version}"
         )
     return manifest
+
+
+def store_format(root: str | Path) -> str | None:
+    """The `format` a directory's manifest (or, unfinished, its plan) names; None when it has neither."""
+    for name in (MANIFEST, PLAN):
+        try:
+            return json.loads((Path(root) / name).read_text()).get("format")
+        except (OSError, ValueError, AttributeError):
+            continue
+    return None
 
 
 def read_shard(root: Path, shard: dict) -> pa.Table:
@@ -218,7 +237,7 @@ def check_shard_files(root: Path, manifest: dict) -> None:
                 raise DistillError(f"store {root}: shard {s['path']} {problem}; run `distill verify-store`")
 
 
-def _flat(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+def flat(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
     arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
     return arr.flatten().to_numpy(zero_copy_only=False)
 
@@ -227,21 +246,21 @@ def decode(table: pa.Table, k: int, check_hashes: bool = True) -> dict[str, torc
     """A batch of store rows as tensors: input_ids / labels [B, S] int64, teacher_ids [B, S-1, k] int64,
     teacher_logprobs [B, S-1, k] and teacher_tail [B, S-1] float32, index [B]."""
     b = table.num_rows
-    input_ids = _flat(table["input_ids"]).reshape(b, -1)
+    input_ids = flat(table["input_ids"]).reshape(b, -1)
     bad = first_bad_row(input_ids, table["row_hash"].to_pylist()) if check_hashes else None
     if bad is not None:
         raise DistillError(f"store row {table['index'][bad].as_py()}: token ids do not match their content hash")
     s = input_ids.shape[1]
     extra = {}
     if "position_ids" in table.column_names:
-        extra["position_ids"] = torch.from_numpy(_flat(table["position_ids"]).astype(np.int64).reshape(b, s))
+        extra["position_ids"] = torch.from_numpy(flat(table["position_ids"]).astype(np.int64).reshape(b, s))
     return {
         **extra,
         "input_ids": torch.from_numpy(input_ids.astype(np.int64)),
-        "labels": torch.from_numpy(_flat(table["labels"]).astype(np.int64).reshape(b, s)),
-        "teacher_ids": torch.from_numpy(_flat(table["teacher_ids"]).astype(np.int64).reshape(b, s - 1, k)),
-        "teacher_logprobs": torch.from_numpy(_flat(table["teacher_logprobs"]).astype(np.float32).reshape(b, s - 1, k)),
-        "teacher_tail": torch.from_numpy(_flat(table["teacher_tail"]).astype(np.float32).reshape(b, s - 1)),
+        "labels": torch.from_numpy(flat(table["labels"]).astype(np.int64).reshape(b, s)),
+        "teacher_ids": torch.from_numpy(flat(table["teacher_ids"]).astype(np.int64).reshape(b, s - 1, k)),
+        "teacher_logprobs": torch.from_numpy(flat(table["teacher_logprobs"]).astype(np.float32).reshape(b, s - 1, k)),
+        "teacher_tail": torch.from_numpy(flat(table["teacher_tail"]).astype(np.float32).reshape(b, s - 1)),
         "index": torch.from_numpy(table["index"].to_numpy().astype(np.int64)),
     }
 
@@ -429,9 +448,29 @@ def verify_store(root: str | Path) -> str:
         raise DistillError(f"store {root}: no such directory")
     manifest = read_manifest(root)
     k, vocab, seq_len = manifest["top_k"], manifest["vocab_size"], manifest["seq_len"]
+    shards, total_rows = verify_shards(
+        root,
+        manifest,
+        lambda path, where, shard: _check_rows(path, where, shard, k, vocab, seq_len),
+        lambda path: _locate_damage(path, seq_len),
+    )
+    total_tokens = total_rows * seq_len
+    if total_tokens != manifest["tokens"]:
+        raise DistillError(f"store {root}: {total_rows} rows / {total_tokens} tokens, the manifest says otherwise")
+    return (
+        f"ok: store {root} verified: {shards} shards, {total_rows} rows, {total_tokens} tokens, "
+        f"k={k}, vocab {vocab}, seq_len {seq_len}, T={manifest['temperature']}"
+    )
+
+
+def verify_shards(root: Path, manifest: dict, check_rows, locate_damage) -> tuple[int, int]:
+    """What every store format shares: each shard the manifest lists is present with its size and sha256 (after a
+    mismatch `locate_damage(path)` names the row where it can), `check_rows(path, where, shard)` accepts its rows,
+    the splits' row counts and the dataset fingerprint match, and no unlisted shard lies about. Returns (shards,
+    rows)."""
     listed = set()
     fingerprint = hashlib.sha256()
-    total_rows = total_tokens = shards = 0
+    total_rows = shards = 0
     for split in SPLITS:
         info = manifest["splits"][split]
         rows = 0
@@ -441,9 +480,9 @@ def verify_store(root: str | Path) -> str:
             where = f"store {root}: shard {name}"
             problem = file_problem(path, s)
             if problem is not None:
-                located = _locate_damage(path, seq_len) if problem.endswith("(checksum mismatch)") else ""
+                located = locate_damage(path) if problem.endswith("(checksum mismatch)") else ""
                 raise DistillError(f"{where} {problem}{located}")
-            _check_rows(path, where, s, k, vocab, seq_len)
+            check_rows(path, where, s)
             fingerprint.update(s["rows_sha256"].encode())
             rows += s["rows"]
             shards += 1
@@ -452,7 +491,6 @@ def verify_store(root: str | Path) -> str:
                 f"store {root}: split {split} has {rows} rows in its shards, the manifest says {info['rows']}"
             )
         total_rows += rows
-        total_tokens += rows * seq_len
     extra = sorted(
         str(p.relative_to(root)) for split in SPLITS for p in (root / split).glob("*.parquet") if p.is_file()
     )
@@ -461,24 +499,27 @@ def verify_store(root: str | Path) -> str:
         raise DistillError(f"store {root}: shard {extra[0]} is not in the manifest (left from another run?)")
     if fingerprint.hexdigest() != manifest["dataset_fingerprint"]:
         raise DistillError(f"store {root}: the shards' row hashes do not give the manifest's dataset fingerprint")
-    if total_rows != manifest["rows"] or total_tokens != manifest["tokens"]:
-        raise DistillError(f"store {root}: {total_rows} rows / {total_tokens} tokens, the manifest says otherwise")
-    return (
-        f"ok: store {root} verified: {shards} shards, {total_rows} rows, {total_tokens} tokens, "
-        f"k={k}, vocab {vocab}, seq_len {seq_len}, T={manifest['temperature']}"
-    )
+    if total_rows != manifest["rows"]:
+        raise DistillError(f"store {root}: {total_rows} rows in its shards, the manifest says {manifest['rows']}")
+    return shards, total_rows
 
 
-def _check_rows(path: Path, where: str, shard: dict, k: int, vocab: int, seq_len: int) -> None:
+def read_verified_table(path: Path, where: str, shard: dict, columns: tuple[str, ...]) -> pa.Table:
+    """A shard read for verification: readable as Parquet, the manifest's row count, every column present."""
     try:
         table = pq.read_table(path)
     except Exception as e:  # pyarrow raises several types; one line for the user
         raise DistillError(f"{where} cannot be read as Parquet: {' '.join(str(e).split())[:200]}") from None
     if table.num_rows != shard["rows"]:
         raise DistillError(f"{where} has {table.num_rows} rows, the manifest says {shard['rows']}")
-    missing = [c for c in COLUMNS if c not in table.column_names]
+    missing = [c for c in columns if c not in table.column_names]
     if missing:
         raise DistillError(f"{where} lacks column {missing[0]!r}")
+    return table
+
+
+def _check_rows(path: Path, where: str, shard: dict, k: int, vocab: int, seq_len: int) -> None:
+    table = read_verified_table(path, where, shard, COLUMNS)
     lengths = {
         "input_ids": seq_len,
         "labels": seq_len,
@@ -490,15 +531,15 @@ def _check_rows(path: Path, where: str, shard: dict, k: int, vocab: int, seq_len
         bad = np.flatnonzero(pc.list_value_length(table[column]).to_numpy(zero_copy_only=False) != n)
         if bad.size:
             raise DistillError(f"{where} row {int(bad[0])}: {column} has the wrong length (expected {n})")
-    input_ids = _flat(table["input_ids"]).reshape(-1, seq_len)
+    input_ids = flat(table["input_ids"]).reshape(-1, seq_len)
     bad_row = first_bad_row(input_ids, table["row_hash"].to_pylist())
     if bad_row is not None:
         raise DistillError(f"{where} row {bad_row}: token ids do not match their content hash")
-    ids = _flat(table["teacher_ids"]).reshape(len(input_ids), -1)
+    ids = flat(table["teacher_ids"]).reshape(len(input_ids), -1)
     bad = np.flatnonzero((ids >= vocab).any(-1))
     if bad.size:
         raise DistillError(f"{where} row {int(bad[0])}: a teacher id is outside the vocabulary ({vocab})")
-    logprobs = _flat(table["teacher_logprobs"]).reshape(len(input_ids), -1)
+    logprobs = flat(table["teacher_logprobs"]).reshape(len(input_ids), -1)
     bad = np.flatnonzero((np.isnan(logprobs) | (logprobs > 0)).any(-1))
     if bad.size:
         raise DistillError(f"{where} row {int(bad[0])}: teacher log-probs are not valid (NaN or > 0)")
@@ -510,7 +551,7 @@ def _locate_damage(path: Path, seq_len: int) -> str:
     """After a checksum mismatch, try to name the damaged row (best effort: damage may make the file unreadable)."""
     try:
         table = pq.read_table(path)
-        bad = first_bad_row(_flat(table["input_ids"]).reshape(-1, seq_len), table["row_hash"].to_pylist())
+        bad = first_bad_row(flat(table["input_ids"]).reshape(-1, seq_len), table["row_hash"].to_pylist())
         if bad is not None:
             return f" (row {bad}: token ids do not match their content hash)"
         return " (the file still decodes; the damage is in targets or metadata)"

@@ -123,21 +123,28 @@ def topk_targets(
     ids, logprobs, tails = [], [], []
     w, b = weight.float(), None if bias is None else bias.float()  # once, not per chunk (a bf16 head is V x H)
     for start in range(0, hidden.shape[0], max(1, chunk_size)):
-        logits = F.linear(hidden[start : start + chunk_size].float(), w, b)
-        if temperature != 1.0:
-            logits.div_(temperature)
-        # Two passes over the [chunk, V] buffer and no second buffer: log p = logit - logsumexp for the top k,
-        # and the tail's log-mass from the complement directly (exact even when the top k hold almost all mass).
-        lse = logits.logsumexp(-1)
-        top, idx = logits.topk(min(k, logits.shape[-1]), dim=-1)
-        tail = logits.scatter_(-1, idx, float("-inf")).logsumexp(-1) - lse
-        ids.append(idx)
-        logprobs.append(top - lse[:, None])
-        tails.append(tail)
+        chunk = topk_of_logits(F.linear(hidden[start : start + chunk_size].float(), w, b), k, temperature)
+        ids.append(chunk.ids)
+        logprobs.append(chunk.logprobs)
+        tails.append(chunk.tail_logmass)
     logprobs_t, tail_t = torch.cat(logprobs), torch.cat(tails)
     if store_dtype is not None:
         logprobs_t, tail_t = logprobs_t.to(store_dtype).float(), tail_t.to(store_dtype).float()
     return TeacherTargets(ids=torch.cat(ids), logprobs=logprobs_t, tail_logmass=tail_t)
+
+
+@torch.no_grad()
+def topk_of_logits(logits: torch.Tensor, k: int, temperature: float) -> TeacherTargets:
+    """Sparse targets from logits [N, V] (float32; overwritten: pass a buffer of your own): the k most likely ids,
+    their log-probs under softmax(logits / T), and the log of the mass outside them."""
+    if temperature != 1.0:
+        logits.div_(temperature)
+    # Two passes over the [N, V] buffer and no second buffer: log p = logit - logsumexp for the top k, and the
+    # tail's log-mass from the complement directly (exact even when the top k hold almost all mass).
+    lse = logits.logsumexp(-1)
+    top, idx = logits.topk(min(k, logits.shape[-1]), dim=-1)
+    tail = logits.scatter_(-1, idx, float("-inf")).logsumexp(-1) - lse
+    return TeacherTargets(ids=idx, logprobs=top - lse[:, None], tail_logmass=tail)
 
 
 class OnlineTeacher:

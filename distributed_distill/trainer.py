@@ -25,7 +25,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 
-from . import checkpoint, lock, models, preflight
+from . import checkpoint, lock, models, preflight, samples
 from . import data as data_lib
 from .config import Config, to_dict
 from .errors import DistillError, Interrupted, Preempted, WriteError, on_main
@@ -63,9 +63,14 @@ def _train(cfg: Config, stop: checkpoint.StopRequest) -> dict:
         cfg = resumed_config(cfg, resume, accelerator)
     accelerator, tokenizer, student_config, teacher_config = setup_run(cfg, accelerator)
     offline: OfflineSource | None = None
-    if cfg.distill.signal == "offline":
+    sample_store = samples.training_store(cfg)  # the teacher's own samples (distill generate), as data or targets
+    if cfg.distill.signal == "offline" and sample_store is not None:  # the top-k kept at every sampled token
+        offline, line = samples.open_offline(cfg, tokenizer, sample_store)
+        accelerator.print(line)
+    elif cfg.distill.signal == "offline":
         # The logit store stands in for the data pipeline and the teacher: checked against this run, then streamed.
         offline = open_offline(cfg, tokenizer, student_config, accelerator)
+    if offline is not None:
         if resume is not None and resume["store"] != offline.manifest["config_hash"]:
             raise checkpoint.CheckpointError(
                 f"checkpoint {resume_path} was trained from store {resume['store'][:12]} but distill.store="
@@ -75,12 +80,16 @@ def _train(cfg: Config, stop: checkpoint.StopRequest) -> dict:
     else:
         summary: dict = {}
         with accelerator.main_process_first():
-            if cfg.data.streaming:
+            if sample_store is not None:  # prompt/completion documents, only the completions learned
+                train_ds, val_ds, line = samples.build_datasets(cfg, tokenizer, sample_store)
+                summary["line"] = line
+            elif cfg.data.streaming:
                 train_ds = data_lib.DocumentStream(cfg.data, tokenizer, cfg.train.seed)
                 val_ds = data_lib.streaming_validation(cfg.data, tokenizer, summary)
             else:
                 train_ds, val_ds = data_lib.build_datasets(cfg.data, tokenizer, summary)
-        accelerator.print(data_lib.describe_counts(summary) + ("; train: streamed" if cfg.data.streaming else ""))
+        line = summary.pop("line", None) or data_lib.describe_counts(summary)
+        accelerator.print(line + ("; train: streamed" if cfg.data.streaming else ""))
     if not cfg.data.streaming:  # (a stream's length is unknown until it has been read)
         check_enough_data(cfg, len(train_ds), accelerator.num_processes)
     given = cfg  # what a resumed run is compared against

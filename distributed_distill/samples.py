@@ -1,0 +1,299 @@
+"""The sample store: the teacher's own completions of a prompt set, verifiable, and read by `distill train`.
+
+    distill generate --config configs/generate.yaml generate.store=stores/samples      # write (generate.py)
+    distill verify-store stores/samples                                                 # check everything
+    distill train --config configs/generate.yaml data.source=stores/samples teacher=null distill.alpha=0  # seq-KD
+    distill train --config ... distill.signal=offline distill.store=stores/samples      # + the stored top-k
+
+Same layout and guarantees as the logit store (store.py, docs/store.md): manifest.json written last (teacher
+identity, sampling settings, prompt-set fingerprint, per-shard sha256 and row hashes), plan.json, train/ and
+validation/ Parquet shards with sidecars, plus `tokenizer/` (the tokenizer the ids belong to). One row per sample:
+
+    index, sample          prompt index in its split, sample index (the sample's generator is a function of both)
+    row_hash               blake2b-128 of prompt_ids, -1, completion_ids (int32, little-endian)
+    prompt_ids, prompt     the prompt's token ids and their text
+    completion_ids, completion   the sampled ids (EOS / stop token included) and their text (special tokens skipped)
+    finish_reason          eos | stop | length
+    logprob, token_logprobs  the sample's log-probability under the teacher (temperature 1) and per token (float32)
+    teacher_ids, teacher_logprobs, teacher_tail   (generate.top_k) per completion token: the teacher's top-k ids,
+                           their log-probs at distill.temperature (float16) and the log-mass outside them (float16)
+
+Plain `datasets.load_dataset("parquet", data_files="stores/samples/train/*.parquet")` reads it.
+
+Training (`build_datasets`, `open_offline`): each sample becomes one document, prompt_ids + completion_ids, with
+only the completion learned; documents are packed into data.seq_len blocks (never split; a longer one is cut at
+seq_len) exactly as prompt/completion data is, and a per-token `target` column says which stored top-k row
+predicts each token, so offline KD reads the targets of exactly the tokens it learns.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+
+from . import data as data_lib
+from . import store as store_lib
+from .config import Config
+from .errors import DistillError
+from .integrity import read_checked
+from .models import tokenizer_hash
+
+FORMAT = "distributed_distill.sample_store"
+VERSION = 1
+TOKENIZER = "tokenizer"
+COLUMNS = (
+    "index", "sample", "row_hash", "prompt_ids", "prompt", "completion_ids", "completion", "finish_reason",
+    "logprob", "token_logprobs",
+)  # fmt: skip
+TARGET_COLUMNS = ("teacher_ids", "teacher_logprobs", "teacher_tail")
+PARQUET_OPTIONS = dict(
+    store_lib.PARQUET_OPTIONS,
+    column_encoding={f"{c}.list.element": "BYTE_STREAM_SPLIT" for c in ("teacher_logprobs", "teacher_tail")},
+)
+
+
+def sample_hash(prompt_ids, completion_ids) -> str:
+    return store_lib.row_hash(np.concatenate([np.asarray(prompt_ids), [-1], np.asarray(completion_ids)]))
+
+
+def is_sample_store(path: str | Path | None) -> bool:
+    return path is not None and store_lib.store_format(Path(path).expanduser()) == FORMAT
+
+
+def read_manifest(root: str | Path) -> dict:
+    return store_lib.read_manifest(root, FORMAT, VERSION, command="generate")
+
+
+def training_store(cfg: Config) -> Path | None:
+    """The sample store a training run reads: distill.store when offline, else data.source; None when that is not
+    a sample store."""
+    path = cfg.distill.store if cfg.distill.signal == "offline" else cfg.data.source
+    return Path(path).expanduser() if is_sample_store(path) else None
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing (generate.py produces the rows)
+
+
+def encode_rows(rows: list[dict], vocab_size: int, k: int | None) -> pa.Table:
+    """One Arrow row per sample: dicts with index, sample, prompt_ids, prompt, completion_ids, completion,
+    finish_reason, token_logprobs and, with k, teacher_ids [n, k], teacher_logprobs [n, k], teacher_tail [n]."""
+    ids_type = pa.from_numpy_dtype(store_lib.id_dtype(vocab_size))
+    columns = {
+        "index": pa.array([r["index"] for r in rows], pa.int64()),
+        "sample": pa.array([r["sample"] for r in rows], pa.int32()),
+        "row_hash": pa.array([sample_hash(r["prompt_ids"], r["completion_ids"]) for r in rows], pa.string()),
+        "prompt_ids": pa.array([r["prompt_ids"] for r in rows], pa.list_(ids_type)),
+        "prompt": pa.array([r["prompt"] for r in rows], pa.string()),
+        "completion_ids": pa.array([r["completion_ids"] for r in rows], pa.list_(ids_type)),
+        "completion": pa.array([r["completion"] for r in rows], pa.string()),
+        "finish_reason": pa.array([r["finish_reason"] for r in rows], pa.string()),
+        "logprob": pa.array([float(np.sum(r["token_logprobs"], dtype=np.float64)) for r in rows], pa.float64()),
+        "token_logprobs": pa.array([np.asarray(r["token_logprobs"], np.float32) for r in rows], pa.list_(pa.float32())),
+    }
+    if k:
+        for name, dtype in (("teacher_ids", ids_type), ("teacher_logprobs", pa.float16()), ("teacher_tail", None)):
+            values = [np.asarray(r[name]).reshape(-1) for r in rows]
+            if name == "teacher_ids":
+                values = [v.astype(store_lib.id_dtype(vocab_size)) for v in values]
+            else:
+                values = [v.astype(np.float16) for v in values]
+            columns[name] = pa.array(values, pa.list_(dtype or pa.float16()))
+    return pa.table(columns)
+
+
+def shard_counts(table: pa.Table) -> dict:
+    """The sidecar's token counts: every token of the shard, and the completion tokens (those a student learns)."""
+    completion = int(pc.sum(pc.list_value_length(table["completion_ids"])).as_py() or 0)
+    prompt = int(pc.sum(pc.list_value_length(table["prompt_ids"])).as_py() or 0)
+    return {"tokens": prompt + completion, "target_tokens": completion}
+
+
+# ----------------------------------------------------------------------------------------------
+# Verification
+
+
+def verify_samples(root: str | Path) -> str:
+    """`distill verify-store` on a sample store: manifest, every shard's size and sha256, rows, row hashes, list
+    lengths, ids inside the vocabulary, valid log-probs, the tokenizer the ids belong to."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DistillError(f"store {root}: no such directory")
+    manifest = read_manifest(root)
+    k, vocab = manifest["top_k"], manifest["vocab_size"]
+    from .models import load_tokenizer
+
+    if tokenizer_hash(load_tokenizer(str(root / TOKENIZER))) != manifest["tokenizer_sha256"]:
+        raise DistillError(f"store {root}: {TOKENIZER}/ is not the tokenizer the samples were made with")
+    shards, rows = store_lib.verify_shards(
+        root, manifest, lambda path, where, shard: _check_rows(path, where, shard, k, vocab), lambda path: ""
+    )
+    tokens = sum(s["tokens"] for split in store_lib.SPLITS for s in manifest["splits"][split]["shards"])
+    if tokens != manifest["tokens"]:
+        raise DistillError(f"store {root}: its shards hold {tokens} tokens, the manifest says {manifest['tokens']}")
+    return (
+        f"ok: sample store {root} verified: {shards} shards, {rows} samples, {tokens} tokens, "
+        f"top_k={k}, vocab {vocab}, sampling T={manifest['sampling']['temperature']}"
+    )
+
+
+def _check_rows(path: Path, where: str, shard: dict, k: int | None, vocab: int) -> None:
+    table = store_lib.read_verified_table(path, where, shard, COLUMNS + (TARGET_COLUMNS if k else ()))
+    lengths = pc.list_value_length(table["completion_ids"]).to_numpy(zero_copy_only=False)
+    expected = {"token_logprobs": lengths}
+    if k:
+        expected.update(teacher_ids=lengths * k, teacher_logprobs=lengths * k, teacher_tail=lengths)
+    for column, n in expected.items():
+        bad = np.flatnonzero(pc.list_value_length(table[column]).to_numpy(zero_copy_only=False) != n)
+        if bad.size:
+            raise DistillError(f"{where} row {int(bad[0])}: {column} has the wrong length for its completion")
+    prompts, completions = table["prompt_ids"].to_pylist(), table["completion_ids"].to_pylist()
+    for i, (p, c, h) in enumerate(zip(prompts, completions, table["row_hash"].to_pylist())):
+        if sample_hash(p, c) != h:
+            raise DistillError(f"{where} row {i}: token ids do not match their content hash")
+    reasons = set(table["finish_reason"].to_pylist()) - {"eos", "stop", "length"}
+    if reasons:
+        raise DistillError(f"{where}: unknown finish_reason {sorted(reasons)[0]!r}")
+    checks = [("completion_ids", "an id is outside the vocabulary", lambda v: v >= vocab)]
+    checks.append(("token_logprobs", "log-probs are not valid (NaN or > 0)", lambda v: np.isnan(v) | (v > 0)))
+    if k:
+        checks.append(("teacher_ids", "a teacher id is outside the vocabulary", lambda v: v >= vocab))
+        checks.append(("teacher_logprobs", "teacher log-probs are not valid", lambda v: np.isnan(v) | (v > 0)))
+    for column, what, bad_values in checks:
+        bad = np.flatnonzero(bad_values(store_lib.flat(table[column])))
+        if bad.size:
+            owner = np.searchsorted(table[column].combine_chunks().offsets.to_numpy()[1:], bad[0], side="right")
+            raise DistillError(f"{where} row {int(owner)}: {what}")
+    if hashlib.sha256("".join(table["row_hash"].to_pylist()).encode()).hexdigest() != shard["rows_sha256"]:
+        raise DistillError(f"{where}: its rows are not the ones the manifest lists (row hashes differ)")
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading for training
+
+
+def read_split(root: Path, manifest: dict, split: str) -> pa.Table:
+    """A whole split, each shard checked against its recorded size and sha256 as it is read."""
+    tables = []
+    for shard in manifest["splits"][split]["shards"]:
+        data, problem = read_checked(root / shard["path"], shard)
+        if problem is not None:
+            raise DistillError(f"store {root}: shard {shard['path']} {problem}; run `distill verify-store {root}`")
+        tables.append(pq.read_table(pa.BufferReader(data)))
+    return pa.concat_tables(tables)
+
+
+class SampleSplit:
+    """One split of a sample store as packed training rows (input_ids, labels, position_ids, target [S]) and, with
+    the stored top-k, the targets' flat arrays and a row-hash index (what `store.OfflineTeacher` looks validation
+    rows up in). Indexable like the packed dataset `data.collate` and `data.eval_batches` expect; `micro_batches`
+    serves an offline run (the batch order is `data.train_indices`'s, a pure function of (seed, micro-step, rank),
+    as for an online run on the same store)."""
+
+    def __init__(self, table: pa.Table, dcfg, pad_id: int, k: int | None, seed: int):
+        self.k, self.seed = k, seed
+        prompts, completions = table["prompt_ids"].to_pylist(), table["completion_ids"].to_pylist()
+        docs = {"input_ids": [], "labels": [], "status": [], "target": []}
+        offset, self.counts = 0, {"samples": len(prompts), "truncated": 0, "dropped": 0}
+        for prompt, completion in zip(prompts, completions):
+            ids = (prompt + completion)[: dcfg.seq_len]
+            kept = len(ids) - len(prompt)
+            status = data_lib.KEPT if kept == len(completion) else data_lib.TRUNCATED if kept > 0 else data_lib.DROPPED
+            self.counts["truncated" if status == data_lib.TRUNCATED else "dropped"] += status != data_lib.KEPT
+            docs["input_ids"].append(ids)
+            docs["labels"].append([data_lib.IGNORE_INDEX] * len(prompt) + completion[: max(kept, 0)])
+            docs["status"].append(status)
+            docs["target"].append([-1] * len(prompt) + list(range(offset, offset + max(kept, 0))))
+            offset += len(completion)  # the flat top-k rows hold every completion token, kept or not
+        packed = data_lib.pack_documents(docs, dcfg, pad_id, whole=True)
+        self.ds = datasets.Dataset.from_dict(packed).with_format("torch")
+        self.targets = None
+        if k:
+            column = {name: store_lib.flat(table[name]) for name in TARGET_COLUMNS}
+            self.targets = {
+                "teacher_ids": torch.from_numpy(column["teacher_ids"].astype(np.int64)).view(-1, k),
+                "teacher_logprobs": torch.from_numpy(column["teacher_logprobs"].astype(np.float32)).view(-1, k),
+                "teacher_tail": torch.from_numpy(column["teacher_tail"].astype(np.float32)),
+            }
+            self.by_hash = {store_lib.row_hash(r.numpy()): i for i, r in enumerate(self.ds["input_ids"])}
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        rows = self.ds[list(indices)]
+        out = {key: rows[key].long() for key in ("input_ids", "labels", "position_ids")}
+        if self.targets is not None:
+            # Row t of [S-1] predicts token t+1: its stored row is that token's `target` (-1: not learned, any
+            # valid row stands in, the loss never counts it).
+            rows_t = rows["target"][:, 1:].long().clamp(min=0)
+            out.update({name: values[rows_t] for name, values in self.targets.items()})
+        return out
+
+    def micro_batches(self, micro_batch: int, world: int, rank: int, skip: int = 0):
+        for step in range(skip, 1 << 62):
+            idx = data_lib.train_indices(len(self), micro_batch, world, rank, self.seed, step)
+            yield {**self[idx], "index": torch.tensor(idx)}
+
+
+def open_splits(cfg: Config, tokenizer, root: Path, with_targets: bool) -> tuple[dict, SampleSplit, SampleSplit]:
+    """(manifest, train, validation) of a sample store, after checking it was made with this run's tokenizer."""
+    manifest = read_manifest(root)
+    if manifest["tokenizer_sha256"] != tokenizer_hash(tokenizer):
+        raise DistillError(
+            f"sample store {root} was made with another tokenizer (sha256 {manifest['tokenizer_sha256'][:12]}, this "
+            f"run's is {tokenizer_hash(tokenizer)[:12]}); train with the store's tokenizer ({root / TOKENIZER})"
+        )
+    k = manifest["top_k"] if with_targets else None
+    splits = [
+        SampleSplit(read_split(root, manifest, split), cfg.data, tokenizer.pad_token_id, k, cfg.train.seed)
+        for split in store_lib.SPLITS
+    ]
+    for split, name in zip(splits, store_lib.SPLITS):
+        if len(split) == 0:
+            raise DistillError(f"sample store {root}: the {name} split has no completion tokens to learn from")
+    return manifest, splits[0], splits[1]
+
+
+def describe(train: SampleSplit, val: SampleSplit, root: Path) -> str:
+    parts = [
+        f"{name}: {s.counts['samples']} samples ({s.counts['truncated']} cut at data.seq_len, {s.counts['dropped']} "
+        f"dropped: prompt >= seq_len) -> {len(s)} rows"
+        for name, s in (("train", train), ("validation", val))
+    ]
+    return f"data from sample store {root}: " + "; ".join(parts)
+
+
+def build_datasets(cfg: Config, tokenizer, root: Path) -> tuple[SampleSplit, SampleSplit, str]:
+    """Training on the samples as prompt/completion data (seq-KD CE, or KD from an online teacher)."""
+    _, train, val = open_splits(cfg, tokenizer, root, with_targets=False)
+    return train, val, describe(train, val, root)
+
+
+def open_offline(cfg: Config, tokenizer, root: Path) -> tuple[store_lib.OfflineSource, str]:
+    """An offline run on a sample store's stored top-k, checked against this run before any model loads (the
+    teacher source is the logit store's `OfflineTeacher`: training batches carry their targets, validation batches
+    are found by the content hash of their token ids); and the data line of the startup summary."""
+    manifest = read_manifest(root)
+    where = f"distill.store={root}"
+    if not manifest["top_k"]:
+        raise DistillError(
+            f"{where} holds no teacher top-k (made without generate.top_k): train on it with data.source={root} "
+            "(sequence-level KD), or generate again with generate.top_k"
+        )
+    checks = [("top-k temperature", manifest["temperature"], cfg.distill.temperature, "distill.temperature")]
+    if cfg.distill.top_k is not None:
+        checks.append(("top_k", manifest["top_k"], cfg.distill.top_k, "distill.top_k"))
+    for what, stored, ours, key in checks:
+        if stored != ours:
+            raise DistillError(f"{where} has {what} {stored} but {key} is {ours}")
+    manifest, train, val = open_splits(cfg, tokenizer, root, with_targets=True)
+    source = store_lib.OfflineSource(train, val, store_lib.OfflineTeacher(manifest, val), manifest)
+    return source, describe(train, val, root)

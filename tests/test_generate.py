@@ -1,0 +1,206 @@
+"""`distill generate` and training on its sample store (configs/generate.yaml: a tiny chat teacher completing the
+built-in conversations' prompts, top-8 kept): the store verifies, reads with plain `datasets`, and its top-k equals a
+fresh teacher forward; 1 and 2 processes (torchrun, accelerate launch), a killed-and-rerun run and a ZeRO-3 teacher
+write the same samples; seq-KD and stored-top-k training run on 1 and 2 processes and resume exactly."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import datasets
+import pytest
+import torch
+
+from distributed_distill import models
+from distributed_distill.config import load_config
+from distributed_distill.errors import DistillError
+
+from .helpers import ROOT, accelerate_launch, read_metrics, run_cli, store_files, torchrun, training_records
+
+CONFIG = ROOT / "configs" / "generate.yaml"
+# float16 keeps 11 significant bits: a stored log-prob is within 2^-11 of its magnitude of the float32 value.
+FP16 = 2.0**-11
+
+
+def _store(name: str) -> Path:
+    return Path(os.environ["DISTILL_CACHE"]) / "sample_stores" / name
+
+
+@pytest.fixture(scope="module")
+def reference() -> Path:
+    """configs/generate.yaml's store, written once by one process."""
+    root = _store("reference")
+    if not (root / "manifest.json").is_file():
+        run_cli(["generate", "--config", str(CONFIG), f"generate.store={root}"], timeout=300)
+    return root
+
+
+def test_generate_writes_a_verified_store_whose_topk_is_a_fresh_teacher_forward(tmp_path):
+    """Default tier, in-process: a small store; verify-store's checks pass; plain `datasets` reads it; every stored
+    top-k log-prob and tail mass equals a float32 forward of the teacher over prompt + completion at
+    distill.temperature, within float16 rounding (and the ids are that forward's top-k); the log-prob of each
+    sampled token is the forward's at temperature 1."""
+    from distributed_distill.generate import generate_store
+    from distributed_distill.samples import verify_samples
+
+    root = tmp_path / "samples"
+    cfg = load_config(CONFIG, [f"generate.store={root}", "generate.max_prompts=6", "generate.max_new_tokens=12"])
+    result = generate_store(cfg)
+    assert result["complete"] and result["shards_written"] == result["shards"]
+    assert verify_samples(root).startswith("ok: ")
+    manifest = json.loads((root / "manifest.json").read_text())
+    assert manifest["sampling"]["temperature"] == 1.0 and manifest["temperature"] == 2.0 and manifest["top_k"] == 8
+    rows = datasets.load_dataset("parquet", data_files=str(root / "train" / "*.parquet"), split="train")
+    assert len(rows) == 6 * 2 and set(rows["finish_reason"]) <= {"eos", "stop", "length"}
+
+    tokenizer = models.load_tokenizer(str(root / "tokenizer"))
+    teacher = models.load_model(cfg.teacher, models.model_config(cfg.teacher, len(tokenizer), "teacher"), seed=1)
+    worst = 0.0
+    for row in rows:
+        prompt, completion = row["prompt_ids"], row["completion_ids"]
+        with torch.no_grad():
+            logits = teacher(torch.tensor([prompt + completion])).logits[0, len(prompt) - 1 : -1, : len(tokenizer)]
+        at_t = (logits.float() / 2.0).log_softmax(-1)
+        top, ids = at_t.topk(8, dim=-1)
+        stored_ids = torch.tensor(row["teacher_ids"]).view(-1, 8)
+        stored = torch.tensor(row["teacher_logprobs"], dtype=torch.float32).view(-1, 8)
+        tail = torch.tensor(row["teacher_tail"], dtype=torch.float32)
+        fresh_tail = torch.log1p(-top.exp().sum(-1).clamp(max=1 - 1e-7))
+        assert torch.equal(stored_ids, ids)
+        assert ((stored - top).abs() <= top.abs() * FP16 + 1e-5).all()
+        assert ((tail - fresh_tail).abs() <= fresh_tail.abs() * FP16 + 1e-4).all()
+        sampled = logits.float().log_softmax(-1).gather(-1, torch.tensor(completion)[:, None]).squeeze(-1)
+        worst = max(worst, float((torch.tensor(row["token_logprobs"]) - sampled).abs().max()))
+        assert row["logprob"] == pytest.approx(float(sampled.sum()), abs=1e-4)
+        assert row["completion"] == tokenizer.decode(completion, skip_special_tokens=True)
+    assert worst < 1e-5
+
+
+@pytest.mark.slow
+def test_prompt_and_store_mistakes_are_one_line_before_the_teacher_loads(tmp_path):
+    from distributed_distill.generate import generate_store
+
+    with pytest.raises(DistillError, match="plain text, not prompts"):
+        generate_store(load_config(CONFIG, [f"generate.store={tmp_path / 'a'}", "data.source=python-stdlib"]))
+    with pytest.raises(DistillError, match="needs generate.store"):
+        generate_store(load_config(CONFIG, ["generate.store=null"]))
+    with pytest.raises(DistillError, match="no room for a prompt"):
+        generate_store(load_config(CONFIG, [f"generate.store={tmp_path / 'b'}", "generate.max_new_tokens=256"]))
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "notes.txt").write_text("mine")
+    with pytest.raises(DistillError, match="not a store"):
+        generate_store(load_config(CONFIG, [f"generate.store={tmp_path / 'c'}"]))
+    assert (tmp_path / "c" / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
+def test_two_processes_write_the_store_one_process_writes(reference, tmp_path, launcher):
+    out = tmp_path / "two"
+    args = ["-m", "distributed_distill.cli", "generate", "--config", str(CONFIG), f"generate.store={out}"]
+    if launcher == "torchrun":
+        run_cli(args, launcher=torchrun(29900), timeout=600)
+    else:
+        run_cli(args, launcher=accelerate_launch("cpu.yaml", 29901), env={"ACCELERATE_USE_CPU": "true"}, timeout=600)
+    assert run_cli(["verify-store", str(out)]).stdout.startswith("ok: ")
+    assert store_files(out) == store_files(reference)
+
+
+@pytest.mark.slow
+def test_killed_generate_resumes_to_the_identical_store(reference, tmp_path):
+    out = tmp_path / "killed"
+    args = ["generate", "--config", str(CONFIG), f"generate.store={out}"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "distributed_distill.cli", *args],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while len(list((out / "train").glob("*.json"))) < 2:
+            assert proc.poll() is None, "generate finished before it could be killed"
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert not (out / "manifest.json").exists()
+    done_before = len(list((out / "train").glob("*.json")))
+    result = json.loads(run_cli(args, timeout=300).stdout.strip().splitlines()[-1])
+    assert result["shards_written"] == result["shards"] - done_before  # only the remaining shards
+    assert store_files(out) == store_files(reference)  # same rows and bytes: no duplicate, no missing sample
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_zero3_teacher_samples_in_lockstep_and_matches_the_replicated_teacher(reference, tmp_path):
+    """Completions end at very different lengths (many tokens end a sample, and validation prompts are few, so the
+    ranks also have different numbers of batches): the ZeRO-3 ranks keep stepping together until all are done."""
+    vocab = json.loads((reference / "tokenizer" / "tokenizer.json").read_text())["model"]["vocab"]
+    enders = json.dumps(sorted(vocab, key=vocab.get)[300:340])  # 40 ordinary tokens: a sample ends early, or not
+    common = ["--config", str(CONFIG), f"generate.eos_tokens={enders}", "generate.max_new_tokens=40"]
+    common += ["generate.max_prompts=6", "generate.batch_size=4"]  # ranks: 4 and 2 batches (2 filler)
+    replicated, zero3 = tmp_path / "replicated", tmp_path / "zero3"
+    run_cli(["generate", *common, f"generate.store={replicated}"], timeout=300)
+    args = ["-m", "distributed_distill.cli", "generate", *common, f"generate.store={zero3}", "teacher.engine=zero3"]
+    run_cli(args, launcher=torchrun(29902), timeout=600)
+    a, b = (
+        datasets.load_dataset("parquet", data_files=str(root / "*" / "*.parquet"), split="train")
+        for root in (replicated, zero3)
+    )
+    lengths = [len(c) for c in a["completion_ids"]]
+    assert min(lengths) <= 5 and max(lengths) >= 30 and "eos" in a["finish_reason"]
+    assert a["completion_ids"] == b["completion_ids"] and a["finish_reason"] == b["finish_reason"]
+    assert b["logprob"] == pytest.approx(a["logprob"], abs=1e-4)
+    assert run_cli(["verify-store", str(zero3)]).stdout.startswith("ok: ")
+
+
+def _train(out: Path, *extra: str, launcher=None) -> None:
+    args = ["--config", str(CONFIG), f"output_dir={out}", *extra]
+    if launcher is None:
+        run_cli(["train", *args], timeout=300)
+    else:
+        run_cli(["train.py", *args], launcher=launcher, timeout=600)
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("mode", ["seq_kd", "stored_topk"])
+def test_training_on_samples_one_and_two_processes_and_resume(reference, tmp_path, mode):
+    """Sequence-level KD (CE on the samples, no teacher) and KD from the stored top-k (offline, no teacher in
+    memory): 2 processes train what 1 process trains (the same global batch), and the 2-process run's step-2
+    checkpoint resumed (on 1 process) gives the uninterrupted run's records. The stored-top-k run also equals an
+    online teacher emitting its top-8 over the same batches."""
+    if mode == "seq_kd":
+        signal_args = [f"data.source={reference}", "teacher=null", "distill.alpha=0"]
+    else:
+        signal_args = ["distill.signal=offline", f"distill.store={reference}"]
+    one, two, resumed = tmp_path / "one", tmp_path / "two", tmp_path / "resumed"
+    _train(one, *signal_args)
+    _train(two, *signal_args, "train.micro_batch_size=2", launcher=torchrun(29903))
+    assert [r["step"] for r in read_metrics(one)] == [1, 2, 3, 4]
+    for a, b in zip(read_metrics(one), read_metrics(two), strict=True):
+        for key in ("loss", "kd_loss", "ce_loss", "num_tokens"):
+            assert b[key] == pytest.approx(a[key], abs=1e-4), (key, a["step"])
+    resumed.mkdir()
+    shutil.copytree(two / "step-0000002", resumed / "step-0000002")
+    shutil.copy(two / "metrics.jsonl", resumed / "metrics.jsonl")
+    _train(resumed, *signal_args)
+    assert [r["step"] for r in read_metrics(resumed)] == [1, 2, 3, 4]
+    for a, b in zip(training_records(one), training_records(resumed), strict=True):
+        assert b == pytest.approx(a, abs=1e-4)
+    assert (resumed / "final" / "config.json").is_file()
+    if mode == "stored_topk":
+        online = tmp_path / "online"
+        _train(online, f"data.source={reference}", "distill.top_k=8")
+        for a, b in zip(read_metrics(one), read_metrics(online), strict=True):
+            assert b["kd_loss"] == pytest.approx(a["kd_loss"], rel=1e-3), a["step"]

@@ -335,6 +335,11 @@ class GenerateConfig:
     batch_size: int = option(16, "sequences sampled together per process (one KV-cached batch)")
     shard_prompts: int = option(64, "prompts per Parquet shard (all their samples): the unit of resume")
     max_prompts: int | None = option(None, "use at most the first N prompts of each split; null = all")
+    prefix_tokens: int | None = option(
+        None,
+        "plain-text data (no prompt field, no conversations): prompts are the first N tokens of every window of "
+        "N + max_new_tokens tokens of each document, as a text LM continues text; null = text data is refused",
+    )
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
@@ -346,7 +351,7 @@ class GenerateConfig:
                 raise ConfigError(f"generate.{name}={getattr(self, name)} must be >= 1")
         if self.sample_top_k < 0:
             raise ConfigError(f"generate.sample_top_k={self.sample_top_k} must be >= 0 (0 = no filter)")
-        for name in ("top_k", "max_prompts"):
+        for name in ("top_k", "max_prompts", "prefix_tokens"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"generate.{name}={getattr(self, name)} must be >= 1 (or null)")
         for name in ("stop_strings", "eos_tokens"):

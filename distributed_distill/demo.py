@@ -1,11 +1,13 @@
-"""The built-in demo: train a teacher, distill a student from it (online, and offline from a precomputed top-64
-logit store), train the same student without it.
+"""The built-in demo: train a teacher, distill a student from it (online, offline from a precomputed top-64
+logit store, and from the teacher's own samples with their top-64), train the same student without it.
 
     make demo        # or: distill demo [--output-dir runs/demo] [section.key=value ...]
 
-Four runs of `distill train` and one of `distill precompute` on the built-in `python-stdlib` corpus, each a
-real subprocess as a user would launch it, then `distill eval` of all four models on the same validation
-tokens. The student runs share seed, data order and step count; only the teacher signal differs.
+Five runs of `distill train`, one of `distill precompute` and one of `distill generate` on the built-in
+`python-stdlib` corpus, each a real subprocess as a user would launch it, then `distill eval` of all five models
+on the same validation tokens. The student runs share seed and step count; the first three students also share
+the data order and differ only in the teacher signal, the fourth learns the teacher's continuations of 16-token
+windows of the same training files (configs/demo.yaml, section `generate`) instead of the files themselves.
 """
 
 from __future__ import annotations
@@ -44,6 +46,13 @@ def run_demo(out: Path, overrides: list[str]) -> list[dict]:
     _run(["precompute", "--config", student_cfg, teacher, f"distill.store={store_dir}", rows, *overrides])
     _run(["verify-store", str(store_dir)])
     _run(["train", "--config", student_cfg, f"output_dir={offline_dir}", teacher, *offline, *overrides])
+    # Teacher samples: continuations of the corpus, with the teacher's top-64 at every sampled token (sequence-level
+    # KD on the sampled tokens plus word-level KD from the stored top-64, without the teacher in memory).
+    samples_dir, sampled_dir = out / "samples", out / "student_samples"
+    _run(["generate", "--config", student_cfg, teacher, f"generate.store={samples_dir}", *overrides])
+    _run(["verify-store", str(samples_dir)])
+    sampled = ["distill.signal=offline", f"distill.store={samples_dir}"]
+    _run(["train", "--config", student_cfg, f"output_dir={sampled_dir}", teacher, *sampled, *overrides])
     _run(
         [
             "train",
@@ -72,6 +81,8 @@ def run_demo(out: Path, overrides: list[str]) -> list[dict]:
             f"student (distilled online)={kd_dir / 'final'}",
             "--model",
             f"student (distilled offline, top-64)={offline_dir / 'final'}",
+            "--model",
+            f"student (teacher samples, top-64)={sampled_dir / 'final'}",
             "--model",
             f"student (CE only)={ce_dir / 'final'}",
         ]

@@ -8,7 +8,8 @@
 
 Prompts come from the data section: a prompt field (data.prompt_field, rendered as prompt/completion training
 renders it: bos + prompt), a conversation (data.messages_field: the turns up to its last user turn, through the
-chat template with the generation prompt), or the built-in `python-stdlib-chat` conversations.
+chat template with the generation prompt), the built-in `python-stdlib-chat` conversations, or windows of plain
+text (generate.prefix_tokens: a text LM continues them).
 
 The work is a fixed list of shards (generate.shard_prompts prompts each, with all their samples; train prompts,
 then validation prompts) dealt round-robin to the ranks, exactly as `distill precompute` deals its shards: every
@@ -54,12 +55,13 @@ def read_prompts(cfg: Config, tokenizer, teacher_config) -> tuple[dict[str, list
     dcfg, gen = cfg.data, cfg.generate
     docs = data_lib.load_documents(dcfg)
     kind = data_lib.document_kind(docs.column_names, dcfg, docs.features)
-    if kind == "text":
+    if kind == "text" and gen.prefix_tokens is None:
         raise DistillError(
-            f"data.source={dcfg.source} holds plain text, not prompts: set data.prompt_field (and completion_field), "
-            f"use conversational data (data.messages_field), or data.source={data_lib.BUILTIN_CHAT}"
+            f"data.source={dcfg.source} holds plain text, not prompts: set generate.prefix_tokens (continue windows "
+            "of the text), data.prompt_field (and completion_field), use conversational data (data.messages_field), "
+            f"or data.source={data_lib.BUILTIN_CHAT}"
         )
-    if kind != "prompt":
+    if kind not in ("prompt", "text"):
         data_lib.check_chat_template(tokenizer, dcfg)
     limit = models.max_positions(teacher_config)
     room = None if limit is None else limit - gen.max_new_tokens
@@ -70,7 +72,10 @@ def read_prompts(cfg: Config, tokenizer, teacher_config) -> tuple[dict[str, list
         )
     out, dropped = {}, {}
     for split, ds in zip(store_lib.SPLITS, data_lib.split_documents(docs, dcfg)):
-        ids = [prompt_ids(row, kind, dcfg, tokenizer) for row in ds]
+        if kind == "text":
+            ids = [w for row in ds for w in text_windows(row[dcfg.text_field], tokenizer, gen)]
+        else:
+            ids = [prompt_ids(row, kind, dcfg, tokenizer) for row in ds]
         kept = [p for p in ids if p and (room is None or len(p) <= room)]
         dropped[split] = len(ids) - len(kept)
         out[split] = kept[: gen.max_prompts]
@@ -93,6 +98,15 @@ def prompt_ids(row: dict, kind: str, dcfg, tokenizer) -> list[int] | None:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def text_windows(text: str, tokenizer, gen) -> list[list[int]]:
+    """Prompts of a plain-text document: the first generate.prefix_tokens tokens of each consecutive window of
+    prefix_tokens + max_new_tokens tokens (the first starts with bos, as the document does in training)."""
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    ids = bos + tokenizer(text, add_special_tokens=False)["input_ids"]
+    width = gen.prefix_tokens + gen.max_new_tokens
+    return [ids[start : start + gen.prefix_tokens] for start in range(0, len(ids) - gen.prefix_tokens, width)]
+
+
 def end_ids(cfg: Config, tokenizer, kind: str) -> list[int]:
     """The token ids that end a completion (finish reason `eos`): generate.eos_tokens, or the tokenizer's eos
     token and, for chat prompts, the special token that ends an assistant turn in the chat template."""
@@ -106,7 +120,7 @@ def end_ids(cfg: Config, tokenizer, kind: str) -> list[int]:
             ids.append(token)
         return sorted(set(ids))
     ids = {tokenizer.eos_token_id} - {None}
-    if kind != "prompt":
+    if kind.startswith("chat"):
         marker = "\x00ANSWER\x00"
         turn = [{"role": "user", "content": "q"}, {"role": "assistant", "content": marker}]
         after = tokenizer.apply_chat_template(turn, tokenize=False).split(marker, 1)[-1]
@@ -156,6 +170,7 @@ def sample_plan(cfg: Config, tokenizer, teacher_config, prompts: dict, kind: str
             "kind": kind,
             "data": {k: v for k, v in dataclasses.asdict(cfg.data).items() if k != "cache_dir"},
             "max_prompts": gen.max_prompts,
+            "prefix_tokens": gen.prefix_tokens if kind == "text" else None,
             "fingerprint": fingerprint,
             "counts": {split: len(p) for split, p in prompts.items()},
         },

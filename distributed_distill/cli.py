@@ -83,8 +83,12 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_precompute(args: argparse.Namespace) -> int:
     from .precompute import precompute
 
-    cfg = load_config(args.config, args.overrides)
-    result = precompute(cfg)
+    return _write_store(precompute, args)
+
+
+def _write_store(write, args: argparse.Namespace) -> int:
+    """`distill precompute` and `distill generate`: write the store, print the result line once."""
+    result = write(load_config(args.config, args.overrides))
     if _main_process():
         print(json.dumps(result))
     return 0
@@ -93,11 +97,7 @@ def cmd_precompute(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     from .generate import generate_store
 
-    cfg = load_config(args.config, args.overrides)
-    result = generate_store(cfg)
-    if _main_process():
-        print(json.dumps(result))
-    return 0
+    return _write_store(generate_store, args)
 
 
 def cmd_verify_store(args: argparse.Namespace) -> int:

@@ -36,13 +36,13 @@ from pathlib import Path
 import torch
 
 from . import data as data_lib
-from . import lock, models, precompute, samples
+from . import models, precompute, samples
 from . import store as store_lib
 from .config import Config
 from .errors import DistillError
 from .generation import Sampling, generate
 from .integrity import publish_dir
-from .setup import setup_accelerator, setup_run
+from .setup import setup_run
 from .teacher import setup_teacher, topk_of_logits
 
 # ----------------------------------------------------------------------------------------------
@@ -211,21 +211,7 @@ def shard_batches(pairs: list, prompts: list[list[int]], batch_size: int) -> lis
 
 def generate_store(cfg: Config, part: tuple[int, int] | None = None) -> dict:
     """Write (or finish) the sample store; `part` (default: DISTILL_STORE_PART) restricts this run to part I of N."""
-    gen = cfg.generate
-    part = part or precompute.parse_part(os.environ.get(precompute.PART_ENV))
-    if cfg.teacher is None:
-        raise DistillError("distill generate needs a teacher: set teacher.path or teacher.arch")
-    if not gen.store:
-        raise DistillError("distill generate needs generate.store: the directory to write the samples into")
-    if cfg.data.streaming:
-        raise DistillError("distill generate reads the whole prompt set: set data.streaming=false")
-    accelerator = setup_accelerator(cfg)
-    name = lock.NAME if part is None else f"{lock.NAME}-part-{part[0]}-of-{part[1]}"
-    lock.hold(gen.store, "generate.store", accelerator, name)
-    try:
-        return _generate_store(cfg, part, accelerator)
-    finally:
-        lock.release(gen.store, name)
+    return precompute.write_locked(cfg, part, cfg.generate.store, "generate.store", "generate", _generate_store)
 
 
 def _generate_store(cfg: Config, part: tuple[int, int] | None, accelerator) -> dict:

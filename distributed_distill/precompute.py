@@ -152,22 +152,27 @@ def publish_json(path: Path, obj: dict) -> None:
 
 def precompute(cfg: Config, part: tuple[int, int] | None = None) -> dict:
     """Write (or finish) the store; `part` (default: DISTILL_STORE_PART) restricts this run to part I of N."""
-    distill = cfg.distill
+    return write_locked(cfg, part, cfg.distill.store, "distill.store", "precompute", _precompute)
+
+
+def write_locked(cfg: Config, part: tuple[int, int] | None, store: str | None, key: str, command: str, write) -> dict:
+    """What every store writer (`distill precompute`, `distill generate`) starts with: the checks that need no
+    work, the accelerator, and the store's lock, held while `write(cfg, part, accelerator)` runs."""
     part = part or parse_part(os.environ.get(PART_ENV))
     if cfg.teacher is None:
-        raise DistillError("distill precompute needs a teacher: set teacher.path or teacher.arch")
-    if not distill.store:
-        raise DistillError("distill precompute needs distill.store: the directory to write the store into")
+        raise DistillError(f"distill {command} needs a teacher: set teacher.path or teacher.arch")
+    if not store:
+        raise DistillError(f"distill {command} needs {key}: the directory to write the store into")
     if cfg.data.streaming:
-        raise DistillError("distill precompute reads the whole training split: set data.streaming=false")
+        raise DistillError(f"distill {command} reads the whole data set: set data.streaming=false")
     accelerator = setup_accelerator(cfg)
     # One job per store (per part, with parts: the parts of one store run side by side), held until it ends.
     name = lock.NAME if part is None else f"{lock.NAME}-part-{part[0]}-of-{part[1]}"
-    lock.hold(distill.store, "distill.store", accelerator, name)
+    lock.hold(store, key, accelerator, name)
     try:
-        return _precompute(cfg, part, accelerator)
+        return write(cfg, part, accelerator)
     finally:
-        lock.release(distill.store, name)
+        lock.release(store, name)
 
 
 def _precompute(cfg: Config, part: tuple[int, int] | None, accelerator) -> dict:

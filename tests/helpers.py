@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -137,6 +138,22 @@ def interrupt(
             p.send_signal(sig)
     stdout, stderr = proc.communicate(timeout=timeout)
     return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
+def kill_after_shards(cmd: list[str], store: Path, shards: int, timeout: float = 240) -> int:
+    """Start a store writer (precompute, generate), SIGKILL it once `shards` train shards have their sidecars, and
+    return its exit status (a writer that finishes first fails the test: it needs more shards)."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + timeout
+        while len(list((store / "train").glob("*.json"))) < shards:
+            assert proc.poll() is None, "the writer finished before it could be killed"
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    return proc.returncode
 
 
 def error_line(proc: subprocess.CompletedProcess, status: int = 2) -> str:

@@ -9,9 +9,7 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import datasets
@@ -22,7 +20,16 @@ from distributed_distill import models
 from distributed_distill.config import load_config
 from distributed_distill.errors import DistillError
 
-from .helpers import ROOT, accelerate_launch, read_metrics, run_cli, store_files, torchrun, training_records
+from .helpers import (
+    ROOT,
+    accelerate_launch,
+    kill_after_shards,
+    read_metrics,
+    run_cli,
+    store_files,
+    torchrun,
+    training_records,
+)
 
 CONFIG = ROOT / "configs" / "generate.yaml"
 # float16 keeps 11 significant bits: a stored log-prob is within 2^-11 of its magnitude of the float32 value.
@@ -118,21 +125,7 @@ def test_two_processes_write_the_store_one_process_writes(reference, tmp_path, l
 def test_killed_generate_resumes_to_the_identical_store(reference, tmp_path):
     out = tmp_path / "killed"
     args = ["generate", "--config", str(CONFIG), f"generate.store={out}"]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "distributed_distill.cli", *args],
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 240
-        while len(list((out / "train").glob("*.json"))) < 2:
-            assert proc.poll() is None, "generate finished before it could be killed"
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait()
+    assert kill_after_shards([sys.executable, "-m", "distributed_distill.cli", *args], out, 2) == -signal.SIGKILL
     assert not (out / "manifest.json").exists()
     done_before = len(list((out / "train").glob("*.json")))
     result = json.loads(run_cli(args, timeout=300).stdout.strip().splitlines()[-1])

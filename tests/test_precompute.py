@@ -5,12 +5,9 @@ store directory of another config is never overwritten."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -19,7 +16,7 @@ import pytest
 from distributed_distill.errors import DistillError
 from distributed_distill.precompute import PART_ENV, parse_part, part_of
 
-from .helpers import ROOT, SMOKE, STORE_OVERRIDES, precomputed_store, run_cli, store_files
+from .helpers import SMOKE, STORE_OVERRIDES, kill_after_shards, precomputed_store, run_cli, store_files
 
 
 @pytest.fixture(scope="module")
@@ -63,17 +60,7 @@ def test_killed_precompute_resumes_to_the_identical_store(reference, tmp_path):
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "distributed_distill.cli", "precompute", "--config", str(SMOKE)]
     cmd += [f"distill.store={out}", *STORE_OVERRIDES]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 240
-        while len(list((out / "train").glob("*.json"))) < 3:
-            assert proc.poll() is None, "precompute finished before it could be killed"
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+    assert kill_after_shards(cmd, out, 3) == -signal.SIGKILL
     assert not (out / "manifest.json").exists()
     assert run_cli(["verify-store", str(out)], check=False).returncode == 2  # unfinished is not a store
     done_before = len(list((out / "train").glob("*.json")))

@@ -184,7 +184,8 @@ def generate(
     b = len(prompts)
     eos = torch.tensor(sorted(set(eos_ids)), dtype=torch.long, device=device)
     stops = torch.tensor(sorted(set(sampling.stop_token_ids)), dtype=torch.long, device=device)
-    active = torch.ones(b, dtype=torch.bool, device=device)
+    # (A dummy row is finished from the start: it only keeps this rank in the collectives while others work.)
+    active = torch.full((b,), not dummy, dtype=torch.bool, device=device)
     tokens_per_step, logprobs_per_step = [], []
     reasons = ["length"] * b
     lengths = [0] * b

@@ -233,8 +233,9 @@ def _generate_store(cfg: Config, part: tuple[int, int] | None, accelerator) -> d
         accelerator.print(f"prompts dropped (no user turn, or longer than the teacher allows): {dropped}")
     if accelerator.is_main_process:
         root.mkdir(parents=True, exist_ok=True)
-        save_tokenizer(tokenizer, root / samples.TOKENIZER)
+        # The plan first: a run killed before the tokenizer is saved then finds a store to resume, not foreign files.
         precompute.publish_json(root / store_lib.PLAN, {"config_hash": config_hash, **plan})
+        save_tokenizer(tokenizer, root / samples.TOKENIZER)
     accelerator.wait_for_everyone()
 
     layout = sample_layout(plan["prompts"]["counts"], gen.samples_per_prompt, gen.shard_prompts)
@@ -274,6 +275,12 @@ def save_tokenizer(tokenizer, out: Path) -> None:
         return
     tmp = out.with_name(f"{out.name}.tmp.{socket.gethostname()}.{os.getpid()}")
     tokenizer.save_pretrained(tmp)
+    # transformers records how this process reached the hub (HF_HUB_OFFLINE); the store's bytes must not.
+    config = tmp / "tokenizer_config.json"
+    if config.is_file():
+        settings = json.loads(config.read_text())
+        settings.pop("local_files_only", None)
+        config.write_text(json.dumps(settings, indent=2, ensure_ascii=False) + "\n")
     try:
         publish_dir(tmp, out)
     except OSError:  # another part published it first (the same tokenizer: the plan's hash covers it)

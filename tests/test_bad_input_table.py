@@ -267,6 +267,14 @@ ROWS: dict[str, Row] = {
         ["no such file, directory or built-in corpus (try 'python-stdlib')"],
         lambda fx, tmp: _train(tmp / "run", f"data.source={tmp / 'nothing'}"),
     ),
+    "text data for distill generate": Row(
+        ["holds plain text, not prompts: set generate.prefix_tokens"],
+        lambda fx, tmp: run_cli(
+            ["generate", "--config", str(ROOT / "configs" / "generate.yaml"), f"generate.store={tmp / 's'}"]
+            + ["data.source=python-stdlib"],
+            check=False,
+        ),
+    ),
     "empty data": Row(["is empty"], lambda fx, tmp: _train(tmp / "run", f"data.source={_write(tmp, 'e.jsonl', b'')}")),
     "unreadable data": Row(
         ["cannot read as parquet: "],

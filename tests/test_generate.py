@@ -134,6 +134,19 @@ def test_killed_generate_resumes_to_the_identical_store(reference, tmp_path):
 
 
 @pytest.mark.slow
+def test_parts_of_a_job_array_write_the_store_one_run_writes(reference, tmp_path):
+    """DISTILL_STORE_PART=I/N (launch/slurm's job arrays): two parts run one after the other fill one store; the
+    first leaves it without a manifest, the second writes it; the same bytes as one run."""
+    out = tmp_path / "parts"
+    args = ["generate", "--config", str(CONFIG), f"generate.store={out}"]
+    first = json.loads(run_cli(args, env={"DISTILL_STORE_PART": "0/2"}).stdout.strip().splitlines()[-1])
+    assert not first["complete"] and not (out / "manifest.json").exists()
+    second = json.loads(run_cli(args, env={"DISTILL_STORE_PART": "1/2"}).stdout.strip().splitlines()[-1])
+    assert second["complete"] and first["shards_written"] + second["shards_written"] == second["shards"]
+    assert store_files(out) == store_files(reference)
+
+
+@pytest.mark.slow
 @pytest.mark.multiprocess
 def test_zero3_teacher_samples_in_lockstep_and_matches_the_replicated_teacher(reference, tmp_path):
     """Completions end at very different lengths (many tokens end a sample, and validation prompts are few, so the

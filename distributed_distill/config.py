@@ -238,6 +238,26 @@ class DataConfig:
 
 
 @dataclass
+class SamplingConfig:
+    """How the student samples its completions on on-policy steps (distill.on_policy; docs/on_policy.md)."""
+
+    temperature: float = option(1.0, "sampling temperature; 0 = greedy (argmax)")
+    top_p: float = option(1.0, "nucleus sampling: keep the smallest set of tokens holding this probability; 1 = off")
+    top_k: int = option(0, "keep only the k most likely tokens before sampling; 0 = off")
+    max_new_tokens: int = option(64, "longest completion sampled; a row is its prompt plus at most this many tokens")
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ConfigError(f"distill.sampling.temperature={self.temperature} must be >= 0 (0 = greedy)")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"distill.sampling.top_p={self.top_p} must be in (0, 1]")
+        if self.top_k < 0:
+            raise ConfigError(f"distill.sampling.top_k={self.top_k} must be >= 0 (0 = off)")
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"distill.sampling.max_new_tokens={self.max_new_tokens} must be >= 1")
+
+
+@dataclass
 class DistillConfig:
     alpha: float = option(0.5, "loss = alpha * KD + (1 - alpha) * CE; 0 = plain CE training (no teacher needed)")
     loss: LossKind = option("forward_kl", "KD objective (docs/losses.md)")
@@ -275,10 +295,30 @@ class DistillConfig:
         "offline: rows in the seeded streaming shuffle buffer; 0 = store order (the seeded permutation the store "
         "was written in: exactly the batches of an online run with the same seed)",
     )
+    on_policy: float = option(
+        0.0,
+        "share of optimizer steps whose completions the current student samples itself (GKD's lambda), the teacher "
+        "scoring every sampled token; the others train on the data's completions. Which steps is a pure function of "
+        "(train.seed, step). Needs prompts (prompt/completion or conversational data, data.packing=false) and an "
+        "online teacher (docs/on_policy.md)",
+    )
+    sampling: SamplingConfig = option(SamplingConfig, "on-policy steps: how the student samples (distill.on_policy)")
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.alpha <= 1.0:
             raise ConfigError(f"distill.alpha={self.alpha} must be in [0, 1]")
+        if not 0.0 <= self.on_policy <= 1.0:
+            raise ConfigError(f"distill.on_policy={self.on_policy} must be in [0, 1]")
+        if self.on_policy > 0 and self.signal == "offline":
+            raise ConfigError(
+                f"distill.on_policy={self.on_policy} needs distill.signal=online: a store cannot score the student's "
+                "own samples"
+            )
+        if self.on_policy > 0 and self.alpha == 0:
+            raise ConfigError(
+                f"distill.on_policy={self.on_policy} with distill.alpha=0: on-policy steps train on KD only (CE on "
+                "the student's own samples is off), so they would learn nothing; set distill.alpha > 0"
+            )
         if self.temperature <= 0:
             raise ConfigError(f"distill.temperature={self.temperature} must be > 0")
         if not 0.0 < self.beta < 1.0:
@@ -393,6 +433,11 @@ class Config:
     def __post_init__(self) -> None:
         if self.student is None:
             raise ConfigError("student is required (student.path or student.arch)")
+        if self.distill.on_policy > 0 and self.data.packing:
+            raise ConfigError(
+                f"distill.on_policy={self.distill.on_policy} needs data.packing=false: one prompt per row, which the "
+                "student continues"
+            )
         if self.data.streaming and self.distill.signal == "offline":
             raise ConfigError("data.streaming=true with distill.signal=offline: the store holds the data; unset one")
         if self.teacher is None and self.distill.alpha > 0 and self.distill.signal == "online":

@@ -35,6 +35,8 @@ def option(default: Any, help: str, **kwargs: Any) -> Any:
     fresh for every instance)."""
     if isinstance(default, type) and dataclasses.is_dataclass(default):
         return field(default_factory=default, metadata={"help": help}, **kwargs)
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help}, **kwargs)
     return field(default=default, metadata={"help": help}, **kwargs)
 
 
@@ -245,6 +247,11 @@ class SamplingConfig:
     top_p: float = option(1.0, "nucleus sampling: keep the smallest set of tokens holding this probability; 1 = off")
     top_k: int = option(0, "keep only the k most likely tokens before sampling; 0 = off")
     max_new_tokens: int = option(64, "longest completion sampled; a row is its prompt plus at most this many tokens")
+    stop_strings: list[str] = option(
+        [],
+        "a sample also ends once its text contains one of these (kept in the completion); eos and the chat "
+        "template's end-of-turn token always end it",
+    )
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
@@ -255,6 +262,8 @@ class SamplingConfig:
             raise ConfigError(f"distill.sampling.top_k={self.top_k} must be >= 0 (0 = off)")
         if self.max_new_tokens < 1:
             raise ConfigError(f"distill.sampling.max_new_tokens={self.max_new_tokens} must be >= 1")
+        if not isinstance(self.stop_strings, list) or not all(isinstance(t, str) and t for t in self.stop_strings):
+            raise ConfigError(f"distill.sampling.stop_strings={self.stop_strings!r} must be non-empty strings")
 
 
 @dataclass

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -133,21 +134,26 @@ class Sampler:
     pad_id: int
     eos_ids: tuple[int, ...]
     synced: bool  # a sharded student (ZeRO-3, FSDP): every rank steps until all are done
+    decode: Callable[[list[int]], str]  # the tokenizer's, for sampling.stop_strings
 
     @classmethod
     def build(cls, cfg: Config, tokenizer, synced: bool) -> Sampler | None:
         if cfg.distill.on_policy <= 0:
             return None
-        return cls(cfg.distill.sampling, cfg.train.seed, tokenizer.pad_token_id, stop_token_ids(tokenizer), synced)
+        pad, stops = tokenizer.pad_token_id, stop_token_ids(tokenizer)
+        return cls(cfg.distill.sampling, cfg.train.seed, pad, stops, synced, tokenizer.decode)
 
     def settings(self):
         from .generation import Sampling
 
         s = self.sampling
         return Sampling(
-            temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, max_new_tokens=s.max_new_tokens,
-            stop_ids=self.eos_ids,
-        )  # fmt: skip
+            temperature=s.temperature,
+            top_p=s.top_p,
+            top_k=s.top_k,
+            max_new_tokens=s.max_new_tokens,
+            stop_strings=tuple(s.stop_strings),
+        )
 
     @torch.no_grad()
     def sample(self, model: torch.nn.Module, micro_batches: list[dict], rows: list[list[int]]) -> tuple[list, Sampled]:
@@ -156,7 +162,6 @@ class Sampler:
         from .generation import generate
 
         started = time.perf_counter()
-        device = next(model.parameters()).device
         was_training = model.training
         model.eval()  # no dropout: the samples depend on the weights and the row seeds only
         out, samples, tokens = [], 0, 0
@@ -164,10 +169,11 @@ class Sampler:
             for mb, where in zip(micro_batches, rows):
                 lengths = prompt_lengths(mb["labels"])
                 prompts = [mb["input_ids"][i, :n].tolist() for i, n in enumerate(lengths)]
-                generators = [torch.Generator(device=device).manual_seed(row_seed(self.seed, p)) for p in where]
+                # CPU generators: the draws are the same on any device (generation.sample_tokens)
+                generators = [torch.Generator().manual_seed(row_seed(self.seed, p)) for p in where]
                 result = generate(
                     model, prompts, generators, self.settings(), pad_id=self.pad_id, eos_ids=self.eos_ids,
-                    synced=self.synced,
+                    synced=self.synced, decode=self.decode,
                 )  # fmt: skip
                 completions = [list(map(int, c)) for c in result.completions]
                 out.append(sampled_batch(mb["input_ids"], lengths, completions, self.pad_id))

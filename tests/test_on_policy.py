@@ -7,7 +7,11 @@ bit-identical; distill.on_policy=0 trains exactly as before."""
 from __future__ import annotations
 
 import copy
+import json
+import random
 import signal
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,7 +24,7 @@ from distributed_distill.errors import ConfigError
 from distributed_distill.teacher import OnlineTeacher
 from distributed_distill.trainer import train_step
 
-from .helpers import ROOT, accelerate_launch, interrupt, read_metrics, run_cli, torchrun
+from .helpers import ROOT, SMOKE, accelerate_launch, interrupt, read_metrics, run_cli, torchrun, training_records
 from .test_resume import assert_same_student
 
 VOCAB, BOS, EOS, PAD = 128, 1, 2, 0
@@ -85,7 +89,7 @@ def test_greedy_on_policy_step_samples_generate_output_and_optimises_the_float64
     # float64 reference: alpha * T^2 * mean over sampled tokens of KL(p_S || p_T) at T; CE and logprobs at T = 1.
     s64, t64 = copy.deepcopy(student).double(), copy.deepcopy(teacher_model).double()
     kd = ce = t_lp = 0.0
-    for i, (prompt, completion) in enumerate(zip(PROMPTS, completions)):
+    for prompt, completion in zip(PROMPTS, completions):
         seq = torch.tensor([[BOS, *prompt, *completion]])
         n, y = 1 + len(prompt), torch.tensor(completion)
         zs, zt = s64(seq).logits[0, n - 1 : -1], t64(seq).logits[0, n - 1 : -1].detach()
@@ -141,3 +145,91 @@ def test_step_decision_and_row_seeds_are_pure_functions():
 def test_on_policy_config_errors_name_the_key(overrides, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")):
         load_config(ROOT / "configs" / "smoke.yaml", overrides)
+
+
+# ----------------------------------------------------------------------------------------------
+# Real runs (slow): prompt/completion data made from stdlib code lines, the smoke models and tokenizer
+
+STEPS, SAVE_EVERY = 12, 4
+# Random sampling; "e" as a stop string ends samples after very different numbers of tokens (random students).
+ON_POLICY = ["data.packing=false", "distill.sampling.max_new_tokens=32", 'distill.sampling.stop_strings=["e"]']
+
+
+@pytest.fixture(scope="module")
+def prompt_data(tmp_path_factory) -> Path:
+    """Prompt/completion rows: a line of stdlib code as the prompt, the next line as the completion."""
+    from distributed_distill.data import stdlib_files
+
+    rows = []
+    for path in stdlib_files()[::40]:
+        lines = [line.strip() for line in path.read_text(errors="replace").splitlines() if 8 < len(line.strip()) < 60]
+        rows += [{"prompt": a, "completion": " " + b} for a, b in zip(lines[:12:2], lines[1:12:2])]
+    out = tmp_path_factory.mktemp("prompts") / "pairs.jsonl"
+    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return out
+
+
+def args(out: Path, data: Path, tokenizer: Path, *overrides: str) -> list[str]:
+    return [
+        "--config", str(SMOKE), f"output_dir={out}", f"data.source={data}", "data.prompt_field=prompt",
+        "data.completion_field=completion", "data.max_documents=null", f"tokenizer.path={tokenizer}",
+        f"train.max_steps={STEPS}", f"train.save_every={SAVE_EVERY}", "train.eval_every=0", *ON_POLICY, *overrides,
+    ]  # fmt: skip
+
+
+def records(out: Path) -> list[dict]:
+    """What a resumed run reproduces exactly: the training records without timings."""
+    return [{k: v for k, v in r.items() if k != "generation_time_share"} for r in training_records(out)]
+
+
+def on_policy_lengths(out: Path) -> list[float]:
+    return [r["mean_sample_length"] for r in read_metrics(out) if r.get("on_policy")]
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_two_processes_with_zero3_teacher_and_deepspeed_zero3_student_complete(
+    prompt_data, smoke_tokenizer, student_dir, tmp_path
+):
+    """Every step on-policy, samples stopped by "e" after very different lengths on the two ranks: a zero3 teacher
+    (its forward a collective per micro-batch) with a DDP student, and a DeepSpeed ZeRO-3 student (its generation
+    a collective per token: lockstep) with the zero3 teacher, both finish within the timeout."""
+    common = ["distill.on_policy=1", "train.max_steps=3", "train.micro_batch_size=2", "teacher.engine=zero3"]
+    ddp = tmp_path / "ddp"
+    proc = run_cli(args(ddp, prompt_data, smoke_tokenizer, *common), launcher=torchrun(29920, "train.py"))
+    assert "student strategy multi_cpu, teacher engine zero3" in proc.stdout
+    zero3 = tmp_path / "zero3"
+    student = ["student.arch=null", f"student.path={student_dir}", "distill.chunk_size=auto"]
+    launcher = [*accelerate_launch("zero3.yaml", 29921), "train.py"]
+    proc = run_cli(args(zero3, prompt_data, student_dir, *common, *student), launcher=launcher, timeout=400)
+    assert "student strategy deepspeed zero3, teacher engine zero3" in proc.stdout
+    for out in (ddp, zero3):
+        lengths = on_policy_lengths(out)
+        assert len(lengths) == 3 and all(1 <= n < 32 for n in lengths), lengths
+        assert (out / "final" / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_kill_at_an_on_policy_step_then_resume_is_bit_identical(prompt_data, smoke_tokenizer, tmp_path):
+    """distill.on_policy=0.5 with random sampling: SIGKILL at an on-policy step after a checkpoint, resume, and the
+    final weights and every step's record equal the uninterrupted run's. Its off-policy steps before the first
+    on-policy one equal a distill.on_policy=0 run's: those are today's prompt/completion training."""
+    launcher = [sys.executable, "train.py"]
+    ref, out, plain = tmp_path / "reference", tmp_path / "run", tmp_path / "plain"
+    run_cli(args(ref, prompt_data, smoke_tokenizer, "distill.on_policy=0.5"), launcher=launcher)
+    kinds = [r["on_policy"] for r in read_metrics(ref)]
+    assert kinds == [on_policy.is_on_policy(0, s, 0.5) for s in range(1, STEPS + 1)]
+    at_step = random.choice([s for s in range(SAVE_EVERY + 1, STEPS) if s % SAVE_EVERY and kinds[s - 1]])
+    print(f"killing at on-policy step {at_step}")
+    cmd = launcher + args(out, prompt_data, smoke_tokenizer, "distill.on_policy=0.5")
+    killed = interrupt(cmd, out, at_step, signal.SIGKILL)
+    assert killed.returncode != 0 and not (out / "final").exists()
+    run_cli(args(out, prompt_data, smoke_tokenizer, "distill.on_policy=0.5"), launcher=launcher)
+    assert_same_student(ref, out)
+    assert records(out) == records(ref)
+
+    run_cli(args(plain, prompt_data, smoke_tokenizer, "distill.on_policy=0"), launcher=launcher)
+    first = kinds.index(True)
+    assert first >= 1, "step 1 is on-policy under this seed: nothing to compare"
+    strip = [{k: v for k, v in r.items() if k != "on_policy"} for r in records(ref)[:first]]
+    assert strip == records(plain)[:first]

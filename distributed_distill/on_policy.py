@@ -182,3 +182,35 @@ class Sampler:
         finally:
             model.train(was_training)
         return out, Sampled(samples, tokens, time.perf_counter() - started)
+
+
+@torch.no_grad()
+def teacher_nll_of_samples(
+    model: torch.nn.Module, teacher: torch.nn.Module, prompts: list[list[int]], sampler: Sampler, batch_size: int = 16
+) -> dict:
+    """Sample one completion per prompt from `model` (as an on-policy step does: `sampler`'s settings, row seeds by
+    prompt index) and score it with `teacher`: the teacher's per-token negative log-likelihood of the model's own
+    samples (lower: the model writes what the teacher would), and the mean sample length."""
+    from .generation import generate
+    from .objective import label_logprob_sum
+
+    was_training = model.training
+    model.eval()
+    nll, tokens = 0.0, 0
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
+        generators = [torch.Generator().manual_seed(row_seed(sampler.seed, start + i)) for i in range(len(chunk))]
+        samples = generate(
+            model, chunk, generators, sampler.settings(), pad_id=sampler.pad_id, eos_ids=sampler.eos_ids,
+            decode=sampler.decode,
+        )  # fmt: skip
+        width = max(map(len, chunk))
+        ids = torch.tensor([p + [sampler.pad_id] * (width - len(p)) for p in chunk])
+        batch = sampled_batch(ids, [len(p) for p in chunk], samples.completions, sampler.pad_id)
+        device = next(teacher.parameters()).device
+        logits = teacher(input_ids=batch["input_ids"].to(device)).logits[:, :-1]
+        labels = batch["labels"][:, 1:].reshape(-1).to(device)
+        nll -= float(label_logprob_sum(logits.reshape(-1, logits.shape[-1]), labels))
+        tokens += sum(map(len, samples.completions))
+    model.train(was_training)
+    return {"teacher_nll": nll / max(tokens, 1), "mean_sample_length": tokens / max(len(prompts), 1)}

@@ -447,6 +447,8 @@ class Config:
                 f"distill.on_policy={self.distill.on_policy} needs data.packing=false: one prompt per row, which the "
                 "student continues"
             )
+        if self.distill.on_policy > 0 and self.data.prompt_field is None and self.data.source == "python-stdlib":
+            raise no_prompts(self)
         if self.data.streaming and self.distill.signal == "offline":
             raise ConfigError("data.streaming=true with distill.signal=offline: the store holds the data; unset one")
         if self.teacher is None and self.distill.alpha > 0 and self.distill.signal == "online":
@@ -461,6 +463,15 @@ class Config:
                     f"data.seq_len={self.data.seq_len} exceeds {role}.arch.max_position_embeddings="
                     f"{model.arch.max_position_embeddings}"
                 )
+
+
+def no_prompts(cfg: Config) -> ConfigError:
+    """On-policy steps continue prompts, which plain text has none of: at config load for the built-in corpus, when
+    the data is read for files (on_policy.check_prompts)."""
+    return ConfigError(
+        f"distill.on_policy={cfg.distill.on_policy} needs prompts, but data.source={cfg.data.source} is plain text; "
+        "give data.prompt_field / data.completion_field, or conversational data (e.g. python-stdlib-chat)"
+    )
 
 
 # ----------------------------------------------------------------------------------------------

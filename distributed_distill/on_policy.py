@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import Config, SamplingConfig
+from .config import Config, SamplingConfig, no_prompts
 from .errors import DistillError
 
 IGNORE_INDEX = -100  # data.IGNORE_INDEX (not imported: this module needs none of data's dependencies)
@@ -96,10 +96,7 @@ def stop_token_ids(tokenizer) -> tuple[int, ...]:
 def check_prompts(cfg: Config, kind: str) -> None:
     """On-policy steps continue prompts: refuse plain text data (it has none), before any model loads."""
     if cfg.distill.on_policy > 0 and kind == "text":
-        raise DistillError(
-            f"distill.on_policy={cfg.distill.on_policy} needs prompts, but data.source={cfg.data.source} is plain "
-            "text; give data.prompt_field / data.completion_field, or conversational data (e.g. python-stdlib-chat)"
-        )
+        raise no_prompts(cfg)
 
 
 @dataclass

@@ -254,16 +254,19 @@ class SamplingConfig:
     )
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise ConfigError(f"distill.sampling.temperature={self.temperature} must be >= 0 (0 = greedy)")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ConfigError(f"distill.sampling.top_p={self.top_p} must be in (0, 1]")
-        if self.top_k < 0:
-            raise ConfigError(f"distill.sampling.top_k={self.top_k} must be >= 0 (0 = off)")
-        if self.max_new_tokens < 1:
-            raise ConfigError(f"distill.sampling.max_new_tokens={self.max_new_tokens} must be >= 1")
-        if not isinstance(self.stop_strings, list) or not all(isinstance(t, str) and t for t in self.stop_strings):
-            raise ConfigError(f"distill.sampling.stop_strings={self.stop_strings!r} must be non-empty strings")
+        rules = {
+            "temperature": (self.temperature >= 0, ">= 0 (0 = greedy)"),
+            "top_p": (0 < self.top_p <= 1, "in (0, 1]"),
+            "top_k": (self.top_k >= 0, ">= 0 (0 = off)"),
+            "max_new_tokens": (self.max_new_tokens >= 1, ">= 1"),
+            "stop_strings": (
+                isinstance(self.stop_strings, list) and all(isinstance(t, str) and t for t in self.stop_strings),
+                "non-empty strings",
+            ),
+        }
+        for name, (ok, rule) in rules.items():
+            if not ok:
+                raise ConfigError(f"distill.sampling.{name}={getattr(self, name)!r} must be {rule}")
 
 
 @dataclass

@@ -54,8 +54,9 @@ def test_greedy_on_policy_step_samples_generate_output_and_optimises_the_float64
     T, alpha = 2.0, 0.5
     cfg = load_config(
         ROOT / "configs" / "smoke.yaml",
-        ["distill.on_policy=1", "data.packing=false", "distill.loss=reverse_kl", f"distill.temperature={T}",
-         f"distill.alpha={alpha}", f"distill.chunk_size={chunk_size}", "train.max_grad_norm=0"],
+        ["distill.on_policy=1", "data.packing=false", "data.source=python-stdlib-chat", "distill.loss=reverse_kl",
+         f"distill.temperature={T}", f"distill.alpha={alpha}", f"distill.chunk_size={chunk_size}",
+         "train.max_grad_norm=0"],
     )  # fmt: skip
     student = models.load_model(cfg.student, models.model_config(cfg.student, VOCAB, "student"), seed=0)
     teacher_model = models.load_model(cfg.teacher, models.model_config(cfg.teacher, VOCAB, "teacher"), seed=1)

@@ -35,6 +35,8 @@ def option(default: Any, help: str, **kwargs: Any) -> Any:
     fresh for every instance)."""
     if isinstance(default, type) and dataclasses.is_dataclass(default):
         return field(default_factory=default, metadata={"help": help}, **kwargs)
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help}, **kwargs)
     return field(default=default, metadata={"help": help}, **kwargs)
 
 
@@ -238,6 +240,36 @@ class DataConfig:
 
 
 @dataclass
+class SamplingConfig:
+    """How the student samples its completions on on-policy steps (distill.on_policy; docs/on_policy.md)."""
+
+    temperature: float = option(1.0, "sampling temperature; 0 = greedy (argmax)")
+    top_p: float = option(1.0, "nucleus sampling: keep the smallest set of tokens holding this probability; 1 = off")
+    top_k: int = option(0, "keep only the k most likely tokens before sampling; 0 = off")
+    max_new_tokens: int = option(64, "longest completion sampled; a row is its prompt plus at most this many tokens")
+    stop_strings: list[str] = option(
+        [],
+        "a sample also ends once its text contains one of these (kept in the completion); eos and the chat "
+        "template's end-of-turn token always end it",
+    )
+
+    def __post_init__(self) -> None:
+        rules = {
+            "temperature": (self.temperature >= 0, ">= 0 (0 = greedy)"),
+            "top_p": (0 < self.top_p <= 1, "in (0, 1]"),
+            "top_k": (self.top_k >= 0, ">= 0 (0 = off)"),
+            "max_new_tokens": (self.max_new_tokens >= 1, ">= 1"),
+            "stop_strings": (
+                isinstance(self.stop_strings, list) and all(isinstance(t, str) and t for t in self.stop_strings),
+                "non-empty strings",
+            ),
+        }
+        for name, (ok, rule) in rules.items():
+            if not ok:
+                raise ConfigError(f"distill.sampling.{name}={getattr(self, name)!r} must be {rule}")
+
+
+@dataclass
 class DistillConfig:
     alpha: float = option(0.5, "loss = alpha * KD + (1 - alpha) * CE; 0 = plain CE training (no teacher needed)")
     loss: LossKind = option("forward_kl", "KD objective (docs/losses.md)")
@@ -275,10 +307,30 @@ class DistillConfig:
         "offline: rows in the seeded streaming shuffle buffer; 0 = store order (the seeded permutation the store "
         "was written in: exactly the batches of an online run with the same seed)",
     )
+    on_policy: float = option(
+        0.0,
+        "share of optimizer steps whose completions the current student samples itself (GKD's lambda), the teacher "
+        "scoring every sampled token; the others train on the data's completions. Which steps is a pure function of "
+        "(train.seed, step). Needs prompts (prompt/completion or conversational data, data.packing=false) and an "
+        "online teacher (docs/on_policy.md)",
+    )
+    sampling: SamplingConfig = option(SamplingConfig, "on-policy steps: how the student samples (distill.on_policy)")
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.alpha <= 1.0:
             raise ConfigError(f"distill.alpha={self.alpha} must be in [0, 1]")
+        if not 0.0 <= self.on_policy <= 1.0:
+            raise ConfigError(f"distill.on_policy={self.on_policy} must be in [0, 1]")
+        if self.on_policy > 0 and self.signal == "offline":
+            raise ConfigError(
+                f"distill.on_policy={self.on_policy} needs distill.signal=online: a store cannot score the student's "
+                "own samples"
+            )
+        if self.on_policy > 0 and self.alpha == 0:
+            raise ConfigError(
+                f"distill.on_policy={self.on_policy} with distill.alpha=0: on-policy steps train on KD only (CE on "
+                "the student's own samples is off), so they would learn nothing; set distill.alpha > 0"
+            )
         if self.temperature <= 0:
             raise ConfigError(f"distill.temperature={self.temperature} must be > 0")
         if not 0.0 < self.beta < 1.0:
@@ -453,6 +505,13 @@ class Config:
     def __post_init__(self) -> None:
         if self.student is None:
             raise ConfigError("student is required (student.path or student.arch)")
+        if self.distill.on_policy > 0 and self.data.packing:
+            raise ConfigError(
+                f"distill.on_policy={self.distill.on_policy} needs data.packing=false: one prompt per row, which the "
+                "student continues"
+            )
+        if self.distill.on_policy > 0 and self.data.prompt_field is None and self.data.source == "python-stdlib":
+            raise no_prompts(self)
         if self.data.streaming and self.distill.signal == "offline":
             raise ConfigError("data.streaming=true with distill.signal=offline: the store holds the data; unset one")
         if self.teacher is None and self.distill.alpha > 0 and self.distill.signal == "online":
@@ -467,6 +526,15 @@ class Config:
                     f"data.seq_len={self.data.seq_len} exceeds {role}.arch.max_position_embeddings="
                     f"{model.arch.max_position_embeddings}"
                 )
+
+
+def no_prompts(cfg: Config) -> ConfigError:
+    """On-policy steps continue prompts, which plain text has none of: at config load for the built-in corpus, when
+    the data is read for files (on_policy.check_prompts)."""
+    return ConfigError(
+        f"distill.on_policy={cfg.distill.on_policy} needs prompts, but data.source={cfg.data.source} is plain text; "
+        "give data.prompt_field / data.completion_field, or conversational data (e.g. python-stdlib-chat)"
+    )
 
 
 # ----------------------------------------------------------------------------------------------

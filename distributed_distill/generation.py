@@ -133,6 +133,8 @@ def _cache_name(model) -> str:
     """The forward's KV-cache argument: `cache` in transformers >= 5.2x, `past_key_values` before it (and in
     remote-code models), where the new name is not accepted."""
     inner = getattr(model, "module", model)
+    if hasattr(inner, "get_base_model"):  # a peft (LoRA) model takes **kwargs and hands them to its base model
+        inner = inner.get_base_model()
     return "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
 
 

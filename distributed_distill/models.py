@@ -150,6 +150,12 @@ def check_models(cfg: Config, student: PretrainedConfig, teacher: PretrainedConf
         limit = max_positions(mc)
         if limit is not None and cfg.data.seq_len > limit:
             raise DistillError(f"data.seq_len={cfg.data.seq_len} exceeds the {role}'s maximum positions ({limit})")
+        new = cfg.distill.sampling.max_new_tokens if cfg.distill.on_policy > 0 else 0
+        if limit is not None and cfg.data.seq_len + new > limit:
+            raise DistillError(
+                f"data.seq_len={cfg.data.seq_len} + distill.sampling.max_new_tokens={new} (an on-policy row: its "
+                f"prompt and the sampled completion) exceeds the {role}'s maximum positions ({limit})"
+            )
     check_packages(cfg)
 
 

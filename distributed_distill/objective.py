@@ -18,13 +18,20 @@ from .teacher import TeacherSource, final_hidden, model_inputs
 
 
 def forward_losses(
-    student: torch.nn.Module, teacher: TeacherSource | None, batch: dict, dcfg: DistillConfig, head: AlignedHead
+    student: torch.nn.Module,
+    teacher: TeacherSource | None,
+    batch: dict,
+    dcfg: DistillConfig,
+    head: AlignedHead,
+    ce_weight: float | None = None,
 ) -> LossOutput:
     """Summed KD and CE losses of one micro-batch (next-token aligned), not yet normalised.
 
     `student` is the (possibly wrapped) module to call, `head` its output layer (unwrapped) restricted to the
     tokenizer's rows (padding rows of the embedding matrix never enter a softmax), `teacher` a teacher source
     (online or offline) or None. The student and the teacher get the same inputs (`teacher.model_inputs`).
+    `ce_weight` is the weight the caller gives ce_sum (default 1 - alpha; 0 on an on-policy step): the chunked
+    loss computes the gradient of that combination during the forward.
     """
     labels = batch["labels"][:, 1:].reshape(-1)
     want_kd = teacher is not None and dcfg.alpha > 0
@@ -42,7 +49,7 @@ def forward_losses(
             student_bias=head.bias,
             chunk_size=dcfg.chunk_size,
             kd_weight=dcfg.alpha if want_kd else 0.0,
-            ce_weight=1 - dcfg.alpha,
+            ce_weight=1 - dcfg.alpha if ce_weight is None else ce_weight,
             **kd_args,
             **sparse_args,
             **(targets.loss_kwargs() if want_kd else {}),
@@ -52,6 +59,7 @@ def forward_losses(
     logits = logits.reshape(-1, logits.shape[-1])  # not head.weight.shape: a ZeRO-3 student holds only a shard
     ce_sum = F.cross_entropy(logits.float(), labels, ignore_index=data_lib.IGNORE_INDEX, reduction="sum")
     kd_sum = logits.new_zeros((), dtype=torch.float32)
+    stats = {}
     if want_kd and targets.sparse:
         kd_sum = sparse_kd_loss(
             logits,
@@ -64,10 +72,21 @@ def forward_losses(
             **kd_args,
         )
     elif want_kd:
-        kd_sum = kd_loss(logits, targets.dense_logits(), labels, reduction="sum", **kd_args)
+        dense = targets.dense_logits()
+        kd_sum = kd_loss(logits, dense, labels, reduction="sum", **kd_args)
+        stats["teacher_logprob"] = label_logprob_sum(dense, labels)  # as the chunked loss reports it
+        del dense
     del targets
     n = (labels != data_lib.IGNORE_INDEX).sum()
-    return LossOutput(kd_sum=kd_sum, ce_sum=ce_sum, num_tokens=n, stats={})
+    return LossOutput(kd_sum=kd_sum, ce_sum=ce_sum, num_tokens=n, stats=stats)
+
+
+@torch.no_grad()
+def label_logprob_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum over counted positions of log softmax(logits)[label], at temperature 1: [N, V], [N] -> scalar float32."""
+    counted = labels != data_lib.IGNORE_INDEX
+    logits = logits[counted].float()
+    return (logits.gather(1, labels[counted][:, None]).squeeze(1) - logits.logsumexp(-1)).sum()
 
 
 def count_tokens(micro_batches: list[dict]) -> torch.Tensor:
@@ -75,4 +94,4 @@ def count_tokens(micro_batches: list[dict]) -> torch.Tensor:
 
 
 # Diagnostics the chunked loss returns as sums over counted tokens; logged as per-token means.
-STATS = ("teacher_entropy", "top1_agreement", "topk_mass")
+STATS = ("teacher_entropy", "top1_agreement", "topk_mass", "teacher_logprob")

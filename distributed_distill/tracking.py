@@ -95,11 +95,13 @@ class Tracker:
         if self.wandb:
             self.accelerator.log({k: v for k, v in metrics.items() if k != "step"}, step=metrics["step"])
 
-    def progress(self, step: int, loss: float, tokens_per_second: float) -> None:
+    def progress(self, step: int, loss: float, tokens_per_second: float, on_policy: bool | None = None) -> None:
+        """Advance the bar to `step`; `on_policy` (runs with distill.on_policy): whose completions it trained on."""
         if self.bar is None:
             return
         self.bar.update(step - self.bar.n)
-        self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_second:,.0f}", refresh=False)
+        mark = {} if on_policy is None else {"policy": "student" if on_policy else "data"}
+        self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_second:,.0f}", **mark, refresh=False)
 
     def close(self) -> None:
         if self.bar is not None:

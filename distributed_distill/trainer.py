@@ -25,14 +25,21 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 
-from . import checkpoint, lock, models, preflight, samples
+from . import checkpoint, lock, models, on_policy, preflight, samples
 from . import data as data_lib
 from .config import Config, to_dict
 from .errors import DistillError, Interrupted, Preempted, WriteError, on_main
 from .evaluate import evaluate
 from .heartbeat import Heartbeat
 from .objective import STATS, count_tokens, forward_losses
-from .setup import lr_lambda, prepare_output_dir, resolve_loss_chunks, setup_accelerator, setup_run
+from .setup import (
+    lr_lambda,
+    prepare_output_dir,
+    resolve_loss_chunks,
+    setup_accelerator,
+    setup_run,
+    student_is_sharded,
+)
 from .store import OfflineSource, offline_config, open_offline
 from .teacher import TeacherSource, parameter_bytes, setup_teacher
 from .tracking import Tracker
@@ -90,6 +97,9 @@ def _train(cfg: Config, stop: checkpoint.StopRequest) -> dict:
                 train_ds, val_ds = data_lib.build_datasets(cfg.data, tokenizer, summary)
         line = summary.pop("line", None) or data_lib.describe_counts(summary)
         accelerator.print(line + ("; train: streamed" if cfg.data.streaming else ""))
+        # (a sample store is prompt/completion data)
+        kind = train_ds.kind if cfg.data.streaming else summary.get("train", {}).get("kind", "prompt")
+        on_policy.check_prompts(cfg, kind)
     if not cfg.data.streaming:  # (a stream's length is unknown until it has been read)
         check_enough_data(cfg, len(train_ds), accelerator.num_processes)
     given = cfg  # what a resumed run is compared against
@@ -136,7 +146,8 @@ def _train(cfg: Config, stop: checkpoint.StopRequest) -> dict:
         # accumulation: counted in this run's micro-batches, or a resume on other process counts syncs mid-step.
         accelerator.step = progress.micro_batches
 
-    loop = Loop(cfg, accelerator, student, head, teacher, optimizer, scheduler, progress, stop)
+    sampler = on_policy.Sampler.build(cfg, tokenizer, synced=student_is_sharded(accelerator))
+    loop = Loop(cfg, accelerator, student, head, teacher, optimizer, scheduler, progress, stop, sampler)
     final = fit_naming_lost_ranks(loop, train_ds, val_ds)
     export(accelerator, student, tokenizer, out_dir / "final")
     return final
@@ -262,6 +273,7 @@ class Loop:
     scheduler: torch.optim.lr_scheduler.LambdaLR  # stepped once per optimizer step, by the loop
     progress: Progress
     stop: checkpoint.StopRequest
+    sampler: on_policy.Sampler | None = None  # distill.on_policy > 0: the student's sampling on on-policy steps
 
 
 def fit(loop: Loop, train_ds, val_ds) -> dict:
@@ -275,11 +287,17 @@ def fit(loop: Loop, train_ds, val_ds) -> dict:
     # Every rank asks (one all-reduce) whether any rank was signalled, so all stop after the same step.
     while progress.step < cfg.train.max_steps and not loop.stop.agreed(accelerator):
         started = time.perf_counter()
-        micro_batches = next_batches(loop, train_ds, stream)
+        micro_batches, sampled = sample_completions(loop, next_batches(loop, train_ds, stream))
         lr = loop.scheduler.get_last_lr()[0]
-        res = train_step(accelerator, loop.student, loop.head, loop.teacher, loop.optimizer, micro_batches, cfg)
+        res = train_step(
+            accelerator, loop.student, loop.head, loop.teacher, loop.optimizer, micro_batches, cfg, sampled is None
+        )
         loop.scheduler.step()
         record = advance(loop, res, lr, time.perf_counter() - started)
+        if loop.sampler is not None:
+            record["on_policy"] = sampled is not None
+        if sampled is not None:
+            record.update(sampled.record(accelerator, time.perf_counter() - started, res.stats, res.ce_loss))
         if res.skipped:
             handle_bad_step(loop, tracker, record)
         last = progress.step == cfg.train.max_steps
@@ -288,7 +306,7 @@ def fit(loop: Loop, train_ds, val_ds) -> dict:
             record.update(result)
         if progress.step % cfg.train.log_every == 0 or last or "val_loss" in record or res.skipped:
             tracker.log(record)
-        tracker.progress(progress.step, res.loss, record["tokens_per_second"])
+        tracker.progress(progress.step, res.loss, record["tokens_per_second"], record.get("on_policy"))
         if cfg.train.save_every and progress.step % cfg.train.save_every == 0 and not res.skipped:
             save_checkpoint(loop)  # checkpoints hold good steps only
             saved_at = progress.step
@@ -312,6 +330,19 @@ def offline_stream(loop: Loop, train_ds) -> Iterator[dict] | None:
         accelerator.process_index,
         skip=loop.progress.micro_batches,
     )
+
+
+def sample_completions(loop: Loop, micro_batches: list[dict]) -> tuple[list[dict], on_policy.Sampled | None]:
+    """On an on-policy step (`on_policy.is_on_policy`), the student (unwrapped from DDP / DeepSpeed) continues the
+    prompts of this rank's micro-batches, each row from its own generator (the data positions `next_batches` read);
+    on any other step the micro-batches stay as they are (None)."""
+    cfg, progress = loop.cfg, loop.progress
+    if loop.sampler is None or not on_policy.is_on_policy(cfg.train.seed, progress.step + 1, cfg.distill.on_policy):
+        return micro_batches, None
+    accelerator, train, first = loop.accelerator, cfg.train, progress.micro_batches
+    world, rank = accelerator.num_processes, accelerator.process_index
+    rows = [on_policy.positions(first + j, world, rank, train.micro_batch_size) for j in range(len(micro_batches))]
+    return loop.sampler.sample(accelerator.unwrap_model(loop.student), micro_batches, rows)
 
 
 def next_batches(loop: Loop, train_ds, stream: Iterator[dict] | None) -> list[dict]:
@@ -417,14 +448,17 @@ def train_step(
     optimizer: torch.optim.Optimizer,
     micro_batches: list[dict],
     cfg: Config,
+    ce: bool = True,
 ) -> StepResult:
-    """One optimizer step over this rank's micro-batches; shared by 1- and N-process runs alike.
+    """One optimizer step over this rank's micro-batches; shared by 1- and N-process runs alike. `ce=False` (an
+    on-policy step, whose completions the student sampled) trains on alpha * KD alone; ce_sum is still reported.
 
     A non-finite loss or gradient norm (the same verdict on every rank: both are global) skips the step: the
     gradients are dropped and the weights and optimizer state stay as they were. A DeepSpeed student steps
     inside `backward`; DeepSpeed skips such a step itself (an invalid gradient norm counts as an overflow).
     """
     alpha = cfg.distill.alpha
+    ce_weight = 1 - alpha if ce else 0.0
     local_tokens = count_tokens(micro_batches).to(accelerator.device)
     global_tokens = accelerator.reduce(local_tokens.clone(), reduction="sum").clamp(min=1).float()
     # accelerator.backward divides by the accumulation steps and DDP averages over processes; undo both so
@@ -440,8 +474,8 @@ def train_step(
             # The loss runs under the same autocast as validation: the chunked loss picks its matmul dtype from
             # the active autocast, so train and eval compute the same loss for the same batch (bf16 too).
             with accelerator.autocast():
-                out = forward_losses(student, teacher, mb, cfg.distill, head=head)
-            loss = alpha * out.kd_sum + (1 - alpha) * out.ce_sum
+                out = forward_losses(student, teacher, mb, cfg.distill, head=head, ce_weight=ce_weight)
+            loss = alpha * out.kd_sum + ce_weight * out.ce_sum
             accelerator.backward(loss * scale)
             stats = [out.stats.get(name, torch.zeros((), device=sums.device)).float() for name in STATS]
             sums += torch.stack([out.kd_sum.detach().float(), out.ce_sum.detach().float(), *stats])
@@ -461,7 +495,7 @@ def train_step(
             optimizer.zero_grad(set_to_none=True)
     kd, ce, *stats = (sums / global_tokens).tolist()
     return StepResult(
-        loss=alpha * kd + (1 - alpha) * ce,
+        loss=alpha * kd + ce_weight * ce,
         kd_loss=kd,
         ce_loss=ce,
         num_tokens=int(global_tokens.item()),

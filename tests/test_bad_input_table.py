@@ -162,6 +162,7 @@ def _write(tmp: Path, name: str, data: bytes) -> Path:
     return tmp / name
 
 
+TEXT_ROWS = b"".join(b'{"text": "document number %d"}\n' % i for i in range(40))
 BAD_JSONL = b'{"text": "a"}\n{"text": "b"}\n{broken\n'
 LATIN1 = b"hello\nd\xe9j\xe0 vu\n" * 3
 TINY = "".join(json.dumps({"text": f"def f{i}(x): return x + {i}"}) + "\n" for i in range(8)).encode()
@@ -262,6 +263,26 @@ ROWS: dict[str, Row] = {
         lambda fx, tmp: _train(
             tmp / "run", "teacher.arch=null", f"teacher.path={_v600_teacher(fx, tmp)}", "data.seq_len=100"
         ),
+    ),
+    "on-policy steps without prompts": Row(
+        ["distill.on_policy=0.5 needs prompts, but data.source=", "is plain text"],
+        lambda fx, tmp: _train(
+            tmp / "run",
+            "distill.on_policy=0.5",
+            "data.packing=false",
+            f"data.source={_write(tmp, 't.jsonl', TEXT_ROWS)}",
+        ),
+    ),
+    "on-policy rows beyond the model": Row(
+        ["data.seq_len=64 + distill.sampling.max_new_tokens=100", "exceeds the student's maximum positions (128)"],
+        lambda fx, tmp: _train(
+            tmp / "run",
+            "distill.on_policy=0.5",
+            "data.packing=false",
+            "distill.sampling.max_new_tokens=100",
+            "data.source=python-stdlib-chat",
+            f"tokenizer.path={fx['student_dir']}",
+        ),  # fmt: skip
     ),
     "missing data": Row(
         ["no such file, directory or built-in corpus (try 'python-stdlib')"],

@@ -470,7 +470,9 @@ def test_chunked_equals_naive(kind, source):
     if source == "none":
         assert out.kd_sum.item() == 0.0 and out.stats == {}
     else:
-        expected = {"teacher_entropy", "top1_agreement"} | ({"topk_mass"} if source.startswith("sparse") else set())
+        expected = {"teacher_entropy", "top1_agreement"} | (
+            {"topk_mass"} if source.startswith("sparse") else {"teacher_logprob"}
+        )
         assert set(out.stats) == expected
         assert all(not v.requires_grad for v in out.stats.values())
 
@@ -561,6 +563,10 @@ def test_chunked_stats_are_sums():
     lp = torch.log_softmax(t, -1)
     assert_close(out.stats["teacher_entropy"], -(lp.exp() * lp).sum(), rtol=1e-5, atol=1e-4)
     assert out.stats["top1_agreement"].item() == (s.argmax(-1) == t.argmax(-1)).sum().item()
+    # The teacher's log-probability of the labels, at temperature 1 whatever the distillation temperature.
+    want = lp.gather(1, p["labels"][keep][:, None]).sum()
+    assert_close(out.stats["teacher_logprob"], want, rtol=1e-5, atol=1e-4)
+    assert_close(chunked(p, kw, chunk_size=5, temperature=2.0).stats["teacher_logprob"], want, rtol=1e-5, atol=1e-4)
 
     ids, logprobs = topk_targets(kw["teacher_logits"], 8, 1.0)
     sparse = chunked(p, {"teacher_ids": ids, "teacher_logprobs": logprobs}, chunk_size=5)

@@ -545,11 +545,15 @@ def _chunk_objective(
         else:
             t = _teacher_logits_chunk(teacher, rows, spec.teacher_mm_dtype)
             teacher_top1 = t.argmax(-1)
+            if T != 1.0:  # the teacher's own log-probability of the labels (at T = 1), before t is rescaled
+                stats["teacher_logprob"] = (t.gather(1, y[:, None]).squeeze(1) - t.logsumexp(-1)).sum()
             if spec.kind == "mse":
                 grad_kd = torch.sub(z, t).div_(T)  # s - t / T
                 value = torch.linalg.vector_norm(grad_kd, dim=-1).square_() / vocab
                 grad_kd.mul_(2.0 / vocab)
             lt = _log_softmax_(t, T)
+            if T == 1.0:
+                stats["teacher_logprob"] = lt.gather(1, y[:, None]).sum()
             pt = lt.exp()
             stats["teacher_entropy"] = -pt.mul_(lt).sum()  # the product in pt's buffer, then pt again
             torch.exp(lt, out=pt)
@@ -716,7 +720,7 @@ class _ChunkedDistill(torch.autograd.Function):
 def _stat_names(teacher: TeacherTargets) -> tuple[str, ...]:
     if not teacher.present:
         return ()
-    return ("teacher_entropy", "top1_agreement") + (("topk_mass",) if teacher.sparse else ())
+    return ("teacher_entropy", "top1_agreement") + (("topk_mass",) if teacher.sparse else ("teacher_logprob",))
 
 
 def _teacher_rows(n: int, t: TeacherTargets) -> TeacherTargets:
@@ -780,7 +784,8 @@ def chunked_distill_loss(
     ce_sum == F.cross_entropy(logits, labels, reduction="sum"), where logits = hidden @ weight.T +
     bias, and stats: detached sums over counted positions of "teacher_entropy" (of the compared
     teacher distribution), "top1_agreement" (student argmax == teacher argmax) and, for sparse
-    targets, "topk_mass" (teacher probability inside the top-k); empty without a teacher.
+    targets, "topk_mass" (teacher probability inside the top-k), for dense ones "teacher_logprob" (the
+    teacher's log-probability of the label at temperature 1); empty without a teacher.
 
     (a * kd_sum + b * ce_sum).backward() is exact for any a, b; it is cheapest (no recomputation)
     when (a, b) is proportional to (kd_weight, ce_weight), so pass the weights you will use.

@@ -40,6 +40,7 @@ def build(args: argparse.Namespace):
     from distributed_distill import data, models
     from distributed_distill.config import load_config
     from distributed_distill.generate import Sampler
+    from distributed_distill.generation import sampling_setup
     from distributed_distill.teacher import OnlineTeacher
 
     files = data.stdlib_files()[:: max(1, len(data.stdlib_files()) // 200)]
@@ -52,7 +53,7 @@ def build(args: argparse.Namespace):
             f"teacher.arch={arch.format(h=args.teacher_hidden, n=args.teacher_layers, a=8, p=512)}",
             "student.arch={family: llama, hidden_size: 32, num_layers: 1, num_heads: 2}",
             f"teacher.dtype={args.dtype}",
-            f"generate.max_new_tokens={args.max_new_tokens}",
+            f"generate.sampling.max_new_tokens={args.max_new_tokens}",
             "distill.temperature=2.0",
         ],
     )
@@ -63,10 +64,12 @@ def build(args: argparse.Namespace):
     for text in texts[: args.prompts]:
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         prompts.append([tokenizer.bos_token_id] + ids[: int(torch.randint(8, 65, (), generator=gen))])
+    # No end token (eos=[]): every sample runs to max_new_tokens, as model.generate(min_new_tokens=...) below does.
+    sampling, _ = sampling_setup(cfg.generate.sampling, tokenizer, "text", "generate.sampling")
     samplers = {}
     for name, k in (("ours", None), ("topk", args.top_k)):
         plan = {"top_k": k, "temperature": 2.0, "vocab_size": len(tokenizer)}
-        samplers[name] = Sampler(cfg, tokenizer, plan, eos=[])
+        samplers[name] = Sampler(cfg, tokenizer, plan, sampling, eos=[])
         samplers[name].teacher = OnlineTeacher(model, identity={})
     return model, tokenizer, prompts, samplers
 

@@ -38,13 +38,13 @@ def main() -> None:
     import torch
 
     from distributed_distill import on_policy
-    from distributed_distill.config import SamplingConfig
+    from distributed_distill.generation import Sampling
     from distributed_distill.trainer import train_step
 
     accelerator, cfg, _, teacher, students, batch = build(args, "auto")
     student, head, optimizer = students["kd"]
     batch["labels"][:, : args.prompt_len] = -100  # the prompt is never a target
-    sampler = on_policy.Sampler(SamplingConfig(max_new_tokens=args.new_tokens), 0, 0, (), False, None)
+    sampler = on_policy.Sampler(Sampling(max_new_tokens=args.new_tokens), 0, 0, [], False, None)
     rows = [on_policy.positions(0, 1, 0, args.batch)]
 
     def timed(fn, *fn_args, **kwargs):

@@ -63,11 +63,12 @@ def score(out: Path, runs: dict[str, Path], teacher_dir: Path, prompts_n: int, o
 
     cfg = load_config(CONFIG, [f"teacher.path={teacher_dir}", *overrides])
     tokenizer = models.load_tokenizer(str(teacher_dir))
-    _, val = data_lib.build_datasets(cfg.data, tokenizer)
+    summary: dict = {}
+    _, val = data_lib.build_datasets(cfg.data, tokenizer, summary)
     rows = val[: min(prompts_n, len(val))]
     lengths = on_policy.prompt_lengths(rows["labels"].long())
     prompts = [rows["input_ids"][i, :n].tolist() for i, n in enumerate(lengths)]
-    sampler = on_policy.Sampler.build(cfg, tokenizer, synced=False)
+    sampler = on_policy.Sampler.build(cfg, tokenizer, summary["train"]["kind"], synced=False)
     teacher = AutoModelForCausalLM.from_pretrained(teacher_dir).eval()
     table = []
     for name, run in runs.items():

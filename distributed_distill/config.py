@@ -13,6 +13,7 @@ are floats (PyYAML follows YAML 1.1, where `1e-3` is a string).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import math
@@ -31,10 +32,13 @@ from .losses import LossKind
 
 
 def option(default: Any, help: str, **kwargs: Any) -> Any:
-    """A config field: its default, and the help text that `--help-config` prints (a dataclass default is built
-    fresh for every instance)."""
+    """A config field: its default, and the help text that `--help-config` prints (a dataclass default, a class or
+    an instance, is built fresh for every instance; an instance also fills the keys a config leaves out)."""
     if isinstance(default, type) and dataclasses.is_dataclass(default):
         return field(default_factory=default, metadata={"help": help}, **kwargs)
+    if dataclasses.is_dataclass(default):
+        made = {"help": help, "defaults": default}
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=made, **kwargs)
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata={"help": help}, **kwargs)
     return field(default=default, metadata={"help": help}, **kwargs)
@@ -241,32 +245,41 @@ class DataConfig:
 
 @dataclass
 class SamplingConfig:
-    """How the student samples its completions on on-policy steps (distill.on_policy; docs/on_policy.md)."""
+    """How a model samples completions: the student on on-policy steps (`distill.sampling`, docs/on_policy.md) and
+    the teacher in `distill generate` (`generate.sampling`, docs/generate.md); `generation.sampling_setup` turns it
+    into the sampler's settings."""
 
     temperature: float = option(1.0, "sampling temperature; 0 = greedy (argmax)")
     top_p: float = option(1.0, "nucleus sampling: keep the smallest set of tokens holding this probability; 1 = off")
     top_k: int = option(0, "keep only the k most likely tokens before sampling; 0 = off")
-    max_new_tokens: int = option(64, "longest completion sampled; a row is its prompt plus at most this many tokens")
+    max_new_tokens: int = option(64, "longest completion sampled, in tokens (finish reason `length`)")
     stop_strings: list[str] = option(
-        [],
-        "a sample also ends once its text contains one of these (kept in the completion); eos and the chat "
-        "template's end-of-turn token always end it",
+        [], "a completion also ends once its decoded text contains one of these (finish reason `stop`, the text kept)"
+    )
+    eos_tokens: list[str] | None = option(
+        None,
+        "tokens that end a completion (finish reason `eos`, the token kept); null = the tokenizer's eos token and, for "
+        "chat prompts, the token that ends an assistant turn in the chat template (e.g. <|im_end|>)",
     )
 
     def __post_init__(self) -> None:
+        def strings(value: Any) -> bool:
+            return isinstance(value, list) and all(isinstance(t, str) and t for t in value)
+
         rules = {
             "temperature": (self.temperature >= 0, ">= 0 (0 = greedy)"),
             "top_p": (0 < self.top_p <= 1, "in (0, 1]"),
             "top_k": (self.top_k >= 0, ">= 0 (0 = off)"),
             "max_new_tokens": (self.max_new_tokens >= 1, ">= 1"),
-            "stop_strings": (
-                isinstance(self.stop_strings, list) and all(isinstance(t, str) and t for t in self.stop_strings),
-                "non-empty strings",
+            "stop_strings": (strings(self.stop_strings), "a list of non-empty strings"),
+            "eos_tokens": (
+                self.eos_tokens is None or strings(self.eos_tokens),
+                "a list of non-empty strings (or null)",
             ),
         }
         for name, (ok, rule) in rules.items():
-            if not ok:
-                raise ConfigError(f"distill.sampling.{name}={getattr(self, name)!r} must be {rule}")
+            if not ok:  # (`build` puts the section in front: distill.sampling.top_p=...)
+                raise ConfigError(f"{name}={getattr(self, name)!r} must be {rule}")
 
 
 @dataclass
@@ -314,7 +327,9 @@ class DistillConfig:
         "(train.seed, step). Needs prompts (prompt/completion or conversational data, data.packing=false) and an "
         "online teacher (docs/on_policy.md)",
     )
-    sampling: SamplingConfig = option(SamplingConfig, "on-policy steps: how the student samples (distill.on_policy)")
+    sampling: SamplingConfig = option(
+        SamplingConfig, "on-policy steps: how the student samples (distill.on_policy; max_new_tokens defaults to 64)"
+    )
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.alpha <= 1.0:
@@ -362,22 +377,13 @@ class GenerateConfig:
     (docs/generate.md)."""
 
     store: str | None = option(None, "the sample store directory `distill generate` writes (and resumes)")
-    temperature: float = option(1.0, "sampling temperature; 0 = greedy")
-    top_p: float = option(1.0, "nucleus sampling: keep the most likely tokens until their mass reaches top_p")
-    sample_top_k: int = option(0, "sample only among the k most likely tokens; 0 = all")
-    max_new_tokens: int = option(128, "longest completion, in tokens (finish reason `length`)")
+    sampling: SamplingConfig = option(
+        SamplingConfig(max_new_tokens=128), "how the teacher samples (here max_new_tokens defaults to 128)"
+    )
     samples_per_prompt: int = option(1, "completions sampled for each prompt")
     seed: int | None = option(
         None,
         "sampling seed: a sample is a pure function of (seed, split, prompt index, sample index); null = train.seed",
-    )
-    stop_strings: list[str] | None = option(
-        None, "end a completion once its text contains one of these (finish reason `stop`, the text kept); null = none"
-    )
-    eos_tokens: list[str] | None = option(
-        None,
-        "tokens that end a completion (finish reason `eos`, the token kept); null = the tokenizer's eos token and, for "
-        "chat prompts, the token that ends an assistant turn in the chat template (e.g. <|im_end|>)",
     )
     top_k: int | None = option(
         None,
@@ -394,25 +400,12 @@ class GenerateConfig:
     )
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise ConfigError(f"generate.temperature={self.temperature} must be >= 0 (0 = greedy)")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ConfigError(f"generate.top_p={self.top_p} must be in (0, 1]")
-        for name in ("max_new_tokens", "samples_per_prompt", "batch_size", "shard_prompts"):
+        for name in ("samples_per_prompt", "batch_size", "shard_prompts"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"generate.{name}={getattr(self, name)} must be >= 1")
-        if self.sample_top_k < 0:
-            raise ConfigError(f"generate.sample_top_k={self.sample_top_k} must be >= 0 (0 = no filter)")
         for name in ("top_k", "max_prompts", "prefix_tokens"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"generate.{name}={getattr(self, name)} must be >= 1 (or null)")
-        for name in ("stop_strings", "eos_tokens"):
-            value = getattr(self, name)
-            bad = value is not None and (
-                not isinstance(value, list) or not all(isinstance(s, str) and s for s in value)
-            )
-            if bad:
-                raise ConfigError(f"generate.{name}={value!r} must be a list of non-empty strings (or null)")
 
 
 @dataclass
@@ -567,6 +560,13 @@ def load_yaml(text: str) -> Any:
 # Building dataclasses from plain data, with errors that name the key.
 
 
+# Keys that moved: the old key gets a one-line error naming the new one.
+SAMPLING_KEYS = ("temperature", "top_p", "max_new_tokens", "stop_strings", "eos_tokens")
+MOVED = {f"generate.{key}": f"generate.sampling.{key}" for key in SAMPLING_KEYS} | {
+    "generate.sample_top_k": "generate.sampling.top_k"
+}
+
+
 def _hint(name: str, valid: typing.Iterable[str]) -> str:
     close = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
@@ -628,18 +628,26 @@ def _number(text: str) -> Any:
 def build(cls: type, raw: dict[str, Any], prefix: str = "") -> Any:
     """Build dataclass `cls` from a dict, checking every key and type; errors name the dotted key."""
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    names = list(fields)
     kwargs = {}
     for key, value in raw.items():
+        if prefix + key in MOVED:
+            raise ConfigError(f"config key {prefix + key} moved to {MOVED[prefix + key]}")
         if key not in names:
             raise ConfigError(f"unknown config key {prefix + key!r}{_hint(key, names)}")
+        defaults = fields[key].metadata.get("defaults")
+        if defaults is not None and isinstance(value, dict):  # generate.sampling: its own defaults for unset keys
+            value = {f.name: copy.deepcopy(getattr(defaults, f.name)) for f in dataclasses.fields(defaults)} | value
         kwargs[key] = _coerce(value, hints[key], f"{prefix}{key}")
     try:
         return cls(**kwargs)
     except ConfigError as e:
-        # Section checks name their own keys ("data.seq_len=..."); nested ones get their location prepended.
+        # Section checks name their own keys ("data.seq_len=..."); nested ones get their location prepended, as
+        # part of the key when the message starts with one of their fields ("distill.sampling.top_p=...").
         if prefix and not str(e).startswith(prefix):
-            raise ConfigError(f"{prefix[:-1]}: {e}") from None
+            own = any(str(e).startswith(f"{name}=") for name in names)
+            raise ConfigError(f"{prefix}{e}" if own else f"{prefix[:-1]}: {e}") from None
         raise
 
 
@@ -718,8 +726,9 @@ def save_config(cfg: Config, path: str | Path) -> None:
     atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
-def describe(cls: type = Config, prefix: str = "") -> list[str]:
-    """One line per config key: dotted name, default and help; for `--help-config`."""
+def describe(cls: type = Config, prefix: str = "", defaults: Any = None) -> list[str]:
+    """One line per config key: dotted name, default and help; for `--help-config`. `defaults`: the section's
+    default instance, where its field defaults differ from the class's (generate.sampling)."""
     lines = []
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
@@ -727,8 +736,10 @@ def describe(cls: type = Config, prefix: str = "") -> list[str]:
         sub = next((a for a in (tp, *typing.get_args(tp)) if dataclasses.is_dataclass(a)), None)
         if sub is not None:
             lines.append(f"{prefix}{f.name}: {f.metadata.get('help', '')}")
-            lines.extend(describe(sub, f"{prefix}{f.name}."))
+            lines.extend(describe(sub, f"{prefix}{f.name}.", f.metadata.get("defaults")))
             continue
         default = f.default if f.default is not dataclasses.MISSING else None
+        if defaults is not None:
+            default = getattr(defaults, f.name)
         lines.append(f"  {prefix}{f.name} = {default!r}  # {f.metadata.get('help', '')}")
     return lines

@@ -40,7 +40,7 @@ from . import models, precompute, samples
 from . import store as store_lib
 from .config import Config
 from .errors import DistillError
-from .generation import Sampling, generate
+from .generation import Sampling, generate, sampling_setup
 from .integrity import publish_dir
 from .setup import setup_run
 from .teacher import setup_teacher, topk_of_logits
@@ -64,11 +64,11 @@ def read_prompts(cfg: Config, tokenizer, teacher_config) -> tuple[dict[str, list
     if kind not in ("prompt", "text"):
         data_lib.check_chat_template(tokenizer, dcfg)
     limit = models.max_positions(teacher_config)
-    room = None if limit is None else limit - gen.max_new_tokens
+    new = gen.sampling.max_new_tokens
+    room = None if limit is None else limit - new
     if room is not None and room < 1:
         raise DistillError(
-            f"generate.max_new_tokens={gen.max_new_tokens} leaves no room for a prompt in the teacher's "
-            f"{limit} positions"
+            f"generate.sampling.max_new_tokens={new} leaves no room for a prompt in the teacher's {limit} positions"
         )
     out, dropped = {}, {}
     for split, ds in zip(store_lib.SPLITS, data_lib.split_documents(docs, dcfg)):
@@ -100,51 +100,20 @@ def prompt_ids(row: dict, kind: str, dcfg, tokenizer) -> list[int] | None:
 
 def text_windows(text: str, tokenizer, gen) -> list[list[int]]:
     """Prompts of a plain-text document: the first generate.prefix_tokens tokens of each consecutive window of
-    prefix_tokens + max_new_tokens tokens (the first starts with bos, as the document does in training)."""
+    prefix_tokens + sampling.max_new_tokens tokens (the first starts with bos, as the document does in training)."""
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     ids = bos + tokenizer(text, add_special_tokens=False)["input_ids"]
-    width = gen.prefix_tokens + gen.max_new_tokens
+    width = gen.prefix_tokens + gen.sampling.max_new_tokens
     return [ids[start : start + gen.prefix_tokens] for start in range(0, len(ids) - gen.prefix_tokens, width)]
-
-
-def end_ids(cfg: Config, tokenizer, kind: str) -> list[int]:
-    """The token ids that end a completion (finish reason `eos`): generate.eos_tokens, or the tokenizer's eos
-    token and, for chat prompts, the special token that ends an assistant turn in the chat template."""
-    names = cfg.generate.eos_tokens
-    if names is not None:
-        ids = []
-        for name in names:
-            token = tokenizer.convert_tokens_to_ids(name)
-            if token is None or (token == tokenizer.unk_token_id and name != tokenizer.unk_token):
-                raise DistillError(f"generate.eos_tokens: {name!r} is not a token of the tokenizer")
-            ids.append(token)
-        return sorted(set(ids))
-    ids = {tokenizer.eos_token_id} - {None}
-    if kind.startswith("chat"):
-        marker = "\x00ANSWER\x00"
-        turn = [{"role": "user", "content": "q"}, {"role": "assistant", "content": marker}]
-        after = tokenizer.apply_chat_template(turn, tokenize=False).split(marker, 1)[-1]
-        first = tokenizer(after, add_special_tokens=False)["input_ids"][:1]
-        ids.update(t for t in first if t in set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder))
-    return sorted(ids)
 
 
 # ----------------------------------------------------------------------------------------------
 # The plan: what determines the store's content
 
 
-def sampling_of(cfg: Config) -> Sampling:
-    gen = cfg.generate
-    return Sampling(
-        temperature=gen.temperature,
-        top_p=gen.top_p,
-        top_k=gen.sample_top_k,
-        max_new_tokens=gen.max_new_tokens,
-        stop_strings=tuple(gen.stop_strings or ()),
-    )
-
-
-def sample_plan(cfg: Config, tokenizer, teacher_config, prompts: dict, kind: str, eos: list[int]) -> dict:
+def sample_plan(
+    cfg: Config, tokenizer, teacher_config, prompts: dict, kind: str, sampling: Sampling, eos: list[int]
+) -> dict:
     gen = cfg.generate
     fingerprint = hashlib.sha256(json.dumps(prompts).encode()).hexdigest()
     top_k = None if gen.top_k is None else min(gen.top_k, len(tokenizer))
@@ -156,7 +125,7 @@ def sample_plan(cfg: Config, tokenizer, teacher_config, prompts: dict, kind: str
         "vocab_size": len(tokenizer),
         "teacher_vocab_rows": teacher_config.vocab_size,
         "sampling": {
-            **dataclasses.asdict(sampling_of(cfg)),
+            **dataclasses.asdict(sampling),
             "samples_per_prompt": gen.samples_per_prompt,
             "seed": seed_of(cfg),
             "eos_ids": eos,
@@ -220,8 +189,8 @@ def _generate_store(cfg: Config, part: tuple[int, int] | None, accelerator) -> d
     accelerator, tokenizer, _, teacher_config = setup_run(cfg, accelerator)
     with accelerator.main_process_first():
         prompts, kind, dropped = read_prompts(cfg, tokenizer, teacher_config)
-    eos = end_ids(cfg, tokenizer, kind)
-    plan = sample_plan(cfg, tokenizer, teacher_config, prompts, kind, eos)
+    sampling, eos = sampling_setup(cfg.generate.sampling, tokenizer, kind, "generate.sampling")
+    plan = sample_plan(cfg, tokenizer, teacher_config, prompts, kind, sampling, eos)
     config_hash = hashlib.sha256(json.dumps(plan, sort_keys=True, default=str).encode()).hexdigest()
     root = Path(gen.store)
     complete = precompute.check_store_dir(root, config_hash, "generate.store", samples.FORMAT)
@@ -246,7 +215,7 @@ def _generate_store(cfg: Config, part: tuple[int, int] | None, accelerator) -> d
         for name, pairs in mine[rank::world]
         if store_lib.finished_shard(root, name, config_hash, len(pairs)) is None
     ]
-    sampler = Sampler(cfg, tokenizer, plan, eos)
+    sampler = Sampler(cfg, tokenizer, plan, sampling, eos)
     my_calls = sum(len(shard_batches(pairs, prompts[name.split("/")[0]], gen.batch_size)) for name, pairs in todo)
     # A sharded (ZeRO-3) teacher needs every rank in every forward: ranks with fewer batches run filler ones.
     all_calls = int(accelerator.gather(torch.tensor([my_calls], device=accelerator.device)).max())
@@ -292,9 +261,9 @@ class Sampler:
     """The teacher sampling batches of (prompt index, sample index): each sample with its own generator, the
     top-k of every completion position kept when the plan asks for it."""
 
-    def __init__(self, cfg: Config, tokenizer, plan: dict, eos: list[int]):
-        self.tokenizer, self.plan, self.eos = tokenizer, plan, eos
-        self.sampling, self.seed = sampling_of(cfg), seed_of(cfg)
+    def __init__(self, cfg: Config, tokenizer, plan: dict, sampling: Sampling, eos: list[int]):
+        self.tokenizer, self.plan, self.sampling, self.eos = tokenizer, plan, sampling, eos
+        self.seed = seed_of(cfg)
         self.synced = cfg.teacher.engine == "zero3"
         self.teacher = None
 

@@ -24,8 +24,14 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
+
+from .errors import DistillError
+
+if TYPE_CHECKING:
+    from .config import SamplingConfig
 
 FINISH_REASONS = ("eos", "stop", "length")
 
@@ -56,6 +62,36 @@ class Sampling:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+def sampling_setup(settings: SamplingConfig, tokenizer, kind: str, key: str) -> tuple[Sampling, list[int]]:
+    """A config's sampling section (`distill.sampling` or `generate.sampling`, named `key` in errors) as the
+    sampler's `Sampling`, and the token ids that end a sample (`generate`'s eos_ids): settings.eos_tokens, or the
+    tokenizer's eos token and, for chat prompts (`kind` chat or chat_prompt: data.document_kind), the special token
+    that ends an assistant turn in the tokenizer's chat template (<|im_end|> for ChatML, <|eot_id|> for Llama 3)."""
+    sampling = Sampling(
+        temperature=settings.temperature,
+        top_p=settings.top_p,
+        top_k=settings.top_k,
+        max_new_tokens=settings.max_new_tokens,
+        stop_strings=tuple(settings.stop_strings),
+    )
+    if settings.eos_tokens is not None:
+        ids = []
+        for name in settings.eos_tokens:
+            token = tokenizer.convert_tokens_to_ids(name)
+            if token is None or (token == tokenizer.unk_token_id and name != tokenizer.unk_token):
+                raise DistillError(f"{key}.eos_tokens: {name!r} is not a token of the tokenizer")
+            ids.append(token)
+        return sampling, sorted(set(ids))
+    ids = {tokenizer.eos_token_id} - {None}
+    if kind.startswith("chat") and getattr(tokenizer, "chat_template", None):
+        marker = "\x00ANSWER\x00"
+        turn = [{"role": "user", "content": "q"}, {"role": "assistant", "content": marker}]
+        after = tokenizer.apply_chat_template(turn, tokenize=False).split(marker, 1)[-1]
+        first = tokenizer(after, add_special_tokens=False)["input_ids"][:1]
+        ids.update(t for t in first if t in set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder))
+    return sampling, sorted(ids)
 
 
 @dataclass

@@ -26,12 +26,11 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import Config, SamplingConfig, no_prompts
+from .config import Config, no_prompts
 from .errors import DistillError
+from .generation import Sampling, generate, sampling_setup
 
 IGNORE_INDEX = -100  # data.IGNORE_INDEX (not imported: this module needs none of data's dependencies)
-# End-of-turn tokens of common chat templates: a sample stops at them as at eos (ChatML, Llama 3, Phi-3, Gemma).
-END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>")
 
 
 def _hash63(*parts: object) -> int:
@@ -85,14 +84,6 @@ def sampled_batch(input_ids: torch.Tensor, prompt_lens: list[int], completions: 
     return {"input_ids": ids, "labels": labels}
 
 
-def stop_token_ids(tokenizer) -> tuple[int, ...]:
-    """eos and the end-of-turn token of the chat template, where the tokenizer has one."""
-    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    vocab = tokenizer.get_vocab()
-    ids += [vocab[t] for t in END_OF_TURN if t in vocab]
-    return tuple(dict.fromkeys(ids))
-
-
 def check_prompts(cfg: Config, kind: str) -> None:
     """On-policy steps continue prompts: refuse plain text data (it has none), before any model loads."""
     if cfg.distill.on_policy > 0 and kind == "text":
@@ -126,38 +117,26 @@ class Sampled:
 class Sampler:
     """The student's sampling on on-policy steps, built once by the trainer."""
 
-    sampling: SamplingConfig
+    sampling: Sampling  # distill.sampling, through generation.sampling_setup
     seed: int
     pad_id: int
-    eos_ids: tuple[int, ...]
+    eos_ids: list[int]  # eos (and a conversation's end-of-turn token, or distill.sampling.eos_tokens)
     synced: bool  # a sharded student (ZeRO-3, FSDP): every rank steps until all are done
     decode: Callable[[list[int]], str]  # the tokenizer's, for sampling.stop_strings
 
     @classmethod
-    def build(cls, cfg: Config, tokenizer, synced: bool) -> Sampler | None:
+    def build(cls, cfg: Config, tokenizer, kind: str, synced: bool) -> Sampler | None:
+        """The sampler of a run whose training documents are of `kind` (data.document_kind); None when no step is
+        on-policy."""
         if cfg.distill.on_policy <= 0:
             return None
-        pad, stops = tokenizer.pad_token_id, stop_token_ids(tokenizer)
-        return cls(cfg.distill.sampling, cfg.train.seed, pad, stops, synced, tokenizer.decode)
-
-    def settings(self):
-        from .generation import Sampling
-
-        s = self.sampling
-        return Sampling(
-            temperature=s.temperature,
-            top_p=s.top_p,
-            top_k=s.top_k,
-            max_new_tokens=s.max_new_tokens,
-            stop_strings=tuple(s.stop_strings),
-        )
+        sampling, eos = sampling_setup(cfg.distill.sampling, tokenizer, kind, "distill.sampling")
+        return cls(sampling, cfg.train.seed, tokenizer.pad_token_id, eos, synced, tokenizer.decode)
 
     @torch.no_grad()
     def sample(self, model: torch.nn.Module, micro_batches: list[dict], rows: list[list[int]]) -> tuple[list, Sampled]:
         """This rank's micro-batches with their completions sampled by `model` (unwrapped: no DDP hooks); `rows`
         holds each micro-batch's global data positions (`positions`)."""
-        from .generation import generate
-
         started = time.perf_counter()
         was_training = model.training
         model.eval()  # no dropout: the samples depend on the weights and the row seeds only
@@ -169,7 +148,7 @@ class Sampler:
                 # CPU generators: the draws are the same on any device (generation.sample_tokens)
                 generators = [torch.Generator().manual_seed(row_seed(self.seed, p)) for p in where]
                 result = generate(
-                    model, prompts, generators, self.settings(), pad_id=self.pad_id, eos_ids=self.eos_ids,
+                    model, prompts, generators, self.sampling, pad_id=self.pad_id, eos_ids=self.eos_ids,
                     synced=self.synced, decode=self.decode,
                 )  # fmt: skip
                 completions = [list(map(int, c)) for c in result.completions]
@@ -188,7 +167,6 @@ def teacher_nll_of_samples(
     """Sample one completion per prompt from `model` (as an on-policy step does: `sampler`'s settings, row seeds by
     prompt index) and score it with `teacher`: the teacher's per-token negative log-likelihood of the model's own
     samples (lower: the model writes what the teacher would), and the mean sample length."""
-    from .generation import generate
     from .objective import label_logprob_sum
 
     was_training = model.training
@@ -198,7 +176,7 @@ def teacher_nll_of_samples(
         chunk = prompts[start : start + batch_size]
         generators = [torch.Generator().manual_seed(row_seed(sampler.seed, start + i)) for i in range(len(chunk))]
         samples = generate(
-            model, chunk, generators, sampler.settings(), pad_id=sampler.pad_id, eos_ids=sampler.eos_ids,
+            model, chunk, generators, sampler.sampling, pad_id=sampler.pad_id, eos_ids=sampler.eos_ids,
             decode=sampler.decode,
         )  # fmt: skip
         width = max(map(len, chunk))

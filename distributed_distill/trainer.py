@@ -70,6 +70,7 @@ def _train(cfg: Config, stop: checkpoint.StopRequest) -> dict:
         cfg = resumed_config(cfg, resume, accelerator)
     accelerator, tokenizer, student_config, teacher_config = setup_run(cfg, accelerator)
     offline: OfflineSource | None = None
+    sampler: on_policy.Sampler | None = None  # distill.on_policy > 0 (online only): the student's sampling
     sample_store = samples.training_store(cfg)  # the teacher's own samples (distill generate), as data or targets
     if cfg.distill.signal == "offline" and sample_store is not None:  # the top-k kept at every sampled token
         offline, line = samples.open_offline(cfg, tokenizer, sample_store)
@@ -90,6 +91,10 @@ def _train(cfg: Config, stop: checkpoint.StopRequest) -> dict:
             if sample_store is not None:  # prompt/completion documents, only the completions learned
                 train_ds, val_ds, line = samples.build_datasets(cfg, tokenizer, sample_store)
                 summary["line"] = line
+                # prompt/completion data, its prompts rendered conversations when the store's were (on-policy
+                # samples then also end at the chat template's end of turn: generation.sampling_setup)
+                chat = samples.read_manifest(sample_store)["prompts"]["kind"].startswith("chat")
+                summary["train"] = {"kind": "chat_prompt" if chat else "prompt"}
             elif cfg.data.streaming:
                 train_ds = data_lib.DocumentStream(cfg.data, tokenizer, cfg.train.seed)
                 val_ds = data_lib.streaming_validation(cfg.data, tokenizer, summary)
@@ -97,9 +102,9 @@ def _train(cfg: Config, stop: checkpoint.StopRequest) -> dict:
                 train_ds, val_ds = data_lib.build_datasets(cfg.data, tokenizer, summary)
         line = summary.pop("line", None) or data_lib.describe_counts(summary)
         accelerator.print(line + ("; train: streamed" if cfg.data.streaming else ""))
-        # (a sample store is prompt/completion data)
         kind = train_ds.kind if cfg.data.streaming else summary.get("train", {}).get("kind", "prompt")
         on_policy.check_prompts(cfg, kind)
+        sampler = on_policy.Sampler.build(cfg, tokenizer, kind, synced=student_is_sharded(accelerator))
     if not cfg.data.streaming:  # (a stream's length is unknown until it has been read)
         check_enough_data(cfg, len(train_ds), accelerator.num_processes)
     given = cfg  # what a resumed run is compared against
@@ -146,7 +151,6 @@ def _train(cfg: Config, stop: checkpoint.StopRequest) -> dict:
         # accumulation: counted in this run's micro-batches, or a resume on other process counts syncs mid-step.
         accelerator.step = progress.micro_batches
 
-    sampler = on_policy.Sampler.build(cfg, tokenizer, synced=student_is_sharded(accelerator))
     loop = Loop(cfg, accelerator, student, head, teacher, optimizer, scheduler, progress, stop, sampler)
     final = fit_naming_lost_ranks(loop, train_ds, val_ds)
     export(accelerator, student, tokenizer, out_dir / "final")

@@ -40,6 +40,16 @@ def test_chunk_size_auto_is_resolved_for_the_student_and_device():
     assert resolve_loss_chunks(explicit, student, accelerator) is explicit
 
 
+def test_one_sampling_section_with_its_own_defaults_for_on_policy_and_generate():
+    """distill.sampling and generate.sampling are one dataclass; max_new_tokens defaults to 64 and 128, and setting
+    one key of generate.sampling keeps the others at generate's defaults."""
+    cfg = load_config(SMOKE, ["generate.sampling.temperature=0.5", "generate.top_k=8"])
+    assert type(cfg.generate.sampling) is type(cfg.distill.sampling)
+    assert (cfg.generate.sampling.max_new_tokens, cfg.distill.sampling.max_new_tokens) == (128, 64)
+    assert cfg.generate.sampling.temperature == 0.5 and cfg.generate.top_k == 8
+    assert "  generate.sampling.max_new_tokens = 128" in "\n".join(describe())
+
+
 def test_teacher_null_with_alpha_zero_is_plain_ce():
     cfg = load_config(SMOKE, ["teacher=null", "distill.alpha=0"])
     assert cfg.teacher is None and cfg.distill.alpha == 0
@@ -56,7 +66,7 @@ def test_teacher_null_with_alpha_zero_is_plain_ce():
         (["distill.alpha=1.5"], "distill.alpha=1.5 must be in [0, 1]"),
         (["distill.loss=forward_kll"], "(did you mean 'forward_kl'?)"),
         (["distill.beta=1.0"], "distill.beta=1.0 must be strictly between 0 and 1"),
-        (["student.arch.num_heads=3"], "student.arch: hidden_size=32 is not divisible by num_heads=3"),
+        (["student.arch.num_heads=3"], "student.arch.hidden_size=32 is not divisible by num_heads=3"),
         (["teacher.path=/some/dir"], "teacher: a model needs exactly one of `path`"),
         (["data.seq_len=1000"], "data.seq_len=1000 exceeds student.arch.max_position_embeddings=128"),
         (["train.warmup_steps=10"], "train.warmup_steps=10 exceeds train.max_steps=5"),
@@ -66,6 +76,10 @@ def test_teacher_null_with_alpha_zero_is_plain_ce():
         (["novalue"], "override 'novalue' must look like section.key=value"),
         (["distill.chunk_size=autom"], "distill.chunk_size='autom' must be 'auto' or an int >= 0"),
         (["distill.chunk_size=-1"], "distill.chunk_size=-1 must be 'auto' or an int >= 0"),
+        (["generate.temperature=0.5"], "config key generate.temperature moved to generate.sampling.temperature"),
+        (["generate.sample_top_k=5"], "config key generate.sample_top_k moved to generate.sampling.top_k"),
+        (["generate.sampling.top_p=0"], "generate.sampling.top_p=0.0 must be in (0, 1]"),
+        (['generate.sampling.eos_tokens=[""]'], "generate.sampling.eos_tokens=[''] must be a list of non-empty"),
     ],
 )
 def test_bad_config_names_the_key(overrides, message):

@@ -58,7 +58,9 @@ def test_generate_writes_a_verified_store_whose_topk_is_a_fresh_teacher_forward(
     from distributed_distill.samples import verify_samples
 
     root = tmp_path / "samples"
-    cfg = load_config(CONFIG, [f"generate.store={root}", "generate.max_prompts=6", "generate.max_new_tokens=12"])
+    cfg = load_config(
+        CONFIG, [f"generate.store={root}", "generate.max_prompts=6", "generate.sampling.max_new_tokens=12"]
+    )
     result = generate_store(cfg)
     assert result["complete"] and result["shards_written"] == result["shards"]
     assert verify_samples(root).startswith("ok: ")
@@ -99,7 +101,9 @@ def test_prompt_and_store_mistakes_are_one_line_before_the_teacher_loads(tmp_pat
     with pytest.raises(DistillError, match="needs generate.store"):
         generate_store(load_config(CONFIG, ["generate.store=null"]))
     with pytest.raises(DistillError, match="no room for a prompt"):
-        generate_store(load_config(CONFIG, [f"generate.store={tmp_path / 'b'}", "generate.max_new_tokens=256"]))
+        generate_store(
+            load_config(CONFIG, [f"generate.store={tmp_path / 'b'}", "generate.sampling.max_new_tokens=256"])
+        )
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / "notes.txt").write_text("mine")
     with pytest.raises(DistillError, match="not a store"):
@@ -153,7 +157,7 @@ def test_zero3_teacher_samples_in_lockstep_and_matches_the_replicated_teacher(re
     ranks also have different numbers of batches): the ZeRO-3 ranks keep stepping together until all are done."""
     vocab = json.loads((reference / "tokenizer" / "tokenizer.json").read_text())["model"]["vocab"]
     enders = json.dumps(sorted(vocab, key=vocab.get)[300:340])  # 40 ordinary tokens: a sample ends early, or not
-    common = ["--config", str(CONFIG), f"generate.eos_tokens={enders}", "generate.max_new_tokens=40"]
+    common = ["--config", str(CONFIG), f"generate.sampling.eos_tokens={enders}", "generate.sampling.max_new_tokens=40"]
     common += ["generate.max_prompts=6", "generate.batch_size=4"]  # ranks: 4 and 2 batches (2 filler)
     replicated, zero3 = tmp_path / "replicated", tmp_path / "zero3"
     run_cli(["generate", *common, f"generate.store={replicated}"], timeout=300)

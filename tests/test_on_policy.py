@@ -19,8 +19,9 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 
 from distributed_distill import models, on_policy
-from distributed_distill.config import SamplingConfig, load_config
+from distributed_distill.config import load_config
 from distributed_distill.errors import ConfigError
+from distributed_distill.generation import Sampling
 from distributed_distill.teacher import OnlineTeacher
 from distributed_distill.trainer import train_step
 
@@ -65,12 +66,12 @@ def test_greedy_on_policy_step_samples_generate_output_and_optimises_the_float64
     rows = [on_policy.positions(0, 1, 0, len(PROMPTS))]
 
     def sampler(stops):
-        return on_policy.Sampler(SamplingConfig(temperature=0, max_new_tokens=NEW), 0, PAD, stops, False, None)
+        return on_policy.Sampler(Sampling(temperature=0, max_new_tokens=NEW), 0, PAD, stops, False, None)
 
     # An end token the first row writes third: its sample ends there, the others run to NEW tokens.
-    first, _ = sampler((EOS,)).sample(student, [batch], rows)
+    first, _ = sampler([EOS]).sample(student, [batch], rows)
     stop = int(first[0]["input_ids"][0, 1 + len(PROMPTS[0]) + 2])
-    sampled, stats = sampler((stop,)).sample(student, [batch], rows)
+    sampled, stats = sampler([stop]).sample(student, [batch], rows)
     mb = sampled[0]
     completions = []
     for i, prompt in enumerate(PROMPTS):

@@ -16,7 +16,7 @@ import datasets
 import pytest
 import torch
 
-from distributed_distill import models
+from distributed_distill import models, on_policy
 from distributed_distill.config import load_config
 from distributed_distill.errors import DistillError
 
@@ -70,6 +70,13 @@ def test_generate_writes_a_verified_store_whose_topk_is_a_fresh_teacher_forward(
     assert len(rows) == 6 * 2 and set(rows["finish_reason"]) <= {"eos", "stop", "length"}
 
     tokenizer = models.load_tokenizer(str(root / "tokenizer"))
+    # One end-token rule (generation.sampling_setup) for the teacher here and the student on-policy: eos, and for
+    # conversations the chat template's end of turn.
+    chat_ends = sorted({tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")})
+    assert manifest["sampling"]["eos_ids"] == chat_ends and len(chat_ends) == 2
+    on_policy_cfg = load_config(CONFIG, ["distill.on_policy=1", "data.packing=false"])
+    assert on_policy.Sampler.build(on_policy_cfg, tokenizer, "chat", synced=False).eos_ids == chat_ends
+    assert on_policy.Sampler.build(on_policy_cfg, tokenizer, "prompt", synced=False).eos_ids == [tokenizer.eos_token_id]
     teacher = models.load_model(cfg.teacher, models.model_config(cfg.teacher, len(tokenizer), "teacher"), seed=1)
     worst = 0.0
     for row in rows:

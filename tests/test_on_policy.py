@@ -141,7 +141,10 @@ def test_step_decision_and_row_seeds_are_pure_functions():
         (["distill.sampling.top_p=0"], "distill.sampling.top_p=0.0 must be in (0, 1]"),
         (["distill.sampling.temperature=-1"], "distill.sampling.temperature=-1.0 must be >= 0"),
         (["distill.sampling.max_new_tokens=0"], "distill.sampling.max_new_tokens=0 must be >= 1"),
-        (['distill.sampling.stop_strings=[""]'], "must be non-empty strings"),
+        (
+            ['distill.sampling.stop_strings=[""]'],
+            "distill.sampling.stop_strings=[''] must be a list of non-empty strings",
+        ),
     ],
 )
 def test_on_policy_config_errors_name_the_key(overrides, message):

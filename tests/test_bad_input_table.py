@@ -214,6 +214,14 @@ ROWS: dict[str, Row] = {
         lambda fx, tmp: _train(tmp / "run", "train.max_stepz=3"),
     ),
     "wrong type": Row(["train.lr='fast' must be of type float"], lambda fx, tmp: _train(tmp / "run", "train.lr=fast")),
+    "a key that moved (distill generate's sampling keys)": Row(
+        ["config key generate.temperature moved to generate.sampling.temperature"],
+        lambda fx, tmp: run_cli(
+            ["generate", "--config", str(ROOT / "configs" / "generate.yaml"), f"generate.store={tmp / 's'}"]
+            + ["generate.temperature=0.5"],
+            check=False,
+        ),
+    ),
     "conflicting values": Row(
         ["distill.alpha=1.0 needs a teacher; set teacher.path / teacher.arch, or distill.alpha=0"],
         lambda fx, tmp: _train(tmp / "run", "distill.alpha=1.0", "teacher=null"),

@@ -202,6 +202,12 @@ def _torchrun_on_finished(fx, tmp: Path) -> subprocess.CompletedProcess:
     return _train(_finished(fx, tmp), *RUN, launcher=torchrun(29661, "train.py"))
 
 
+def _generate(tmp: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """`distill generate` on configs/generate.yaml into tmp/s."""
+    config = str(ROOT / "configs" / "generate.yaml")
+    return run_cli(["generate", "--config", config, f"generate.store={tmp / 's'}", *overrides], check=False)
+
+
 def _with_pkl(fx, tmp: Path) -> subprocess.CompletedProcess:
     out = _finished(fx, tmp)
     _tamper(out / "step-0000006")
@@ -216,11 +222,7 @@ ROWS: dict[str, Row] = {
     "wrong type": Row(["train.lr='fast' must be of type float"], lambda fx, tmp: _train(tmp / "run", "train.lr=fast")),
     "a key that moved (distill generate's sampling keys)": Row(
         ["config key generate.temperature moved to generate.sampling.temperature"],
-        lambda fx, tmp: run_cli(
-            ["generate", "--config", str(ROOT / "configs" / "generate.yaml"), f"generate.store={tmp / 's'}"]
-            + ["generate.temperature=0.5"],
-            check=False,
-        ),
+        lambda fx, tmp: _generate(tmp, "generate.temperature=0.5"),
     ),
     "conflicting values": Row(
         ["distill.alpha=1.0 needs a teacher; set teacher.path / teacher.arch, or distill.alpha=0"],
@@ -298,11 +300,7 @@ ROWS: dict[str, Row] = {
     ),
     "text data for distill generate": Row(
         ["holds plain text, not prompts: set generate.prefix_tokens"],
-        lambda fx, tmp: run_cli(
-            ["generate", "--config", str(ROOT / "configs" / "generate.yaml"), f"generate.store={tmp / 's'}"]
-            + ["data.source=python-stdlib"],
-            check=False,
-        ),
+        lambda fx, tmp: _generate(tmp, "data.source=python-stdlib"),
     ),
     "empty data": Row(["is empty"], lambda fx, tmp: _train(tmp / "run", f"data.source={_write(tmp, 'e.jsonl', b'')}")),
     "unreadable data": Row(

@@ -50,6 +50,7 @@ STEP_DIR = re.compile(r"^step-(\d{7,})$")
 MAY_CHANGE = (
     "output_dir",
     "logging.",
+    "eval.",
     "train.max_steps",
     "train.eval_every",
     "train.eval_batches",

@@ -2,7 +2,8 @@
 
     distill train --config configs/smoke.yaml [section.key=value ...]
     distill eval  --config configs/demo.yaml --model student=runs/demo/kd/final [--model ...]
-    distill report runs/smoke
+    distill eval  --model teacher=runs/demo/teacher/final --model student=runs/demo/student_kd/final
+    distill report runs/smoke [runs/other ...]          # PNG plots + report.md
     distill precompute --config configs/smoke.yaml distill.store=stores/smoke   # offline teacher targets
     distill verify-store stores/smoke
     distill generate --config configs/generate.yaml generate.store=stores/samples   # the teacher's own samples
@@ -57,26 +58,29 @@ def _main_process() -> bool:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .evaluate import evaluate_models, format_table
-
-    cfg = load_config(args.config, args.overrides)
     named = {}
     for item in args.model or []:
         name, sep, path = item.partition("=")
-        if not sep:
-            raise DistillError(f"--model {item!r} must look like NAME=PATH")
+        if not sep or not name or not path:
+            raise DistillError(f"--model {item!r} must look like NAME=DIR")
+        if name in named:
+            raise DistillError(f"--model {name}=... is given twice; give each model its own name")
         named[name] = path
+    from .evaluate import eval_config, evaluate_models, format_table, write_rows
+
+    cfg = eval_config(args.config, args.overrides, named)
     rows = evaluate_models(cfg, named)
-    print(format_table(rows))
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2))
+    if _main_process():
+        print(format_table(rows))
+        write_rows(rows, Path(args.json))
+        print(f"wrote {args.json}")
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .evaluate import report
+    from .report import report
 
-    print(report(Path(args.run_dir)))
+    print(report([Path(d) for d in args.run_dir], Path(args.out) if args.out else None, wandb=not args.no_wandb))
     return 0
 
 
@@ -126,15 +130,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--help-config", action="store_true", help="list every config key with its default and meaning")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("eval", help="validation loss of models on a config's data")
+    p = sub.add_parser(
+        "eval",
+        help="validation loss, teacher-relative and generation metrics of models on the same data (docs/eval.md)",
+    )
     _add_config_args(p)
     p.add_argument(
         "--model",
         action="append",
         metavar="NAME=PATH",
-        help="a model directory to evaluate (repeatable); default: the config's student and teacher",
+        help="a model directory (e.g. an exported run/final) to evaluate (repeatable); default: the config's student "
+        "and teacher. Without --config: the built-in corpus, and the model named `teacher` is the reference",
     )
-    p.add_argument("--json", help="also write the rows as JSON to this file")
+    p.add_argument("--json", default="eval.json", help="write the rows as JSON to this file (default: eval.json)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser(
@@ -157,8 +165,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("store_dir", metavar="DIR")
     p.set_defaults(func=cmd_verify_store)
 
-    p = sub.add_parser("report", help="summarise a run directory")
-    p.add_argument("run_dir")
+    p = sub.add_parser(
+        "report",
+        help="plots (PNG) and a Markdown summary of one or more run directories, finished or still running",
+    )
+    p.add_argument("run_dir", nargs="+", metavar="RUN_DIR")
+    p.add_argument("--out", help="where the PNGs and report.md go; default: RUN_DIR/report (one run) or report/")
+    p.add_argument(
+        "--no-wandb",
+        action="store_true",
+        help="do not log the plots to the runs' wandb runs (those whose config has wandb on)",
+    )
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("demo", help="teacher, distilled student and CE-only student on the built-in corpus")

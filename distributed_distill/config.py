@@ -467,6 +467,36 @@ class TrainConfig:
 
 
 @dataclass
+class EvalConfig:
+    """What `distill eval` and the evaluations during training measure beyond the validation loss (docs/eval.md)."""
+
+    prompts: int = option(
+        16,
+        "`distill eval`: held-out prompts whose greedy completions are scored (the teacher's NLL of them, ROUGE-L "
+        "against the reference, the task check, repetition); 0 = none",
+    )
+    train_prompts: int = option(
+        0, "the same generation metrics at every train.eval_every evaluation during training; 0 = none (slow)"
+    )
+    max_new_tokens: int = option(64, "tokens generated per held-out prompt (greedy; stops at end of sequence/turn)")
+    prompt_tokens: int = option(
+        32,
+        "plain-text data: a held-out document's first N tokens are the prompt and the next max_new_tokens its "
+        "reference (prompt/completion and chat data bring their own)",
+    )
+    calibration_bins: int = option(15, "equal-width confidence bins of the expected calibration error")
+    repetition_ngram: int = option(4, "repetition rate: the share of a completion's n-grams (this n) seen before in it")
+
+    def __post_init__(self) -> None:
+        for name in ("prompts", "train_prompts"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"eval.{name}={getattr(self, name)} must be >= 0")
+        for name in ("max_new_tokens", "prompt_tokens", "calibration_bins", "repetition_ngram"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"eval.{name}={getattr(self, name)} must be >= 1")
+
+
+@dataclass
 class WandbConfig:
     mode: Literal["disabled", "offline", "online"] = option(
         "disabled", "disabled writes nothing; offline writes a local run directory (sync later); online streams"
@@ -493,6 +523,7 @@ class Config:
     distill: DistillConfig = option(DistillConfig, "the distillation objective")
     generate: GenerateConfig = option(GenerateConfig, "distill generate: sampling the teacher into a sample store")
     train: TrainConfig = option(TrainConfig, "optimisation")
+    eval: EvalConfig = option(EvalConfig, "metrics beyond the validation loss (distill eval, train.eval_every)")
     logging: LoggingConfig = option(LoggingConfig, "progress, metrics.jsonl and wandb")
 
     def __post_init__(self) -> None:

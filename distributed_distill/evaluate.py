@@ -1,22 +1,50 @@
-"""Validation during training, `distill eval` (models compared on a config's validation split), and `distill report`
-(a run directory summarised)."""
+"""Validation during training (`train.eval_every`) and `distill eval` (models compared on the same tokens and
+prompts). docs/eval.md describes every metric.
+
+    evaluate: validation tokens -> loss, perplexity (through objective.forward_losses, as training computes it),
+              and against the teacher forward / reverse KL, top-1 agreement; calibration (ECE); tokens/s
+              [+ generate_metrics: held-out prompts -> greedy completions -> the teacher's NLL of them, ROUGE-L
+               against the reference, the task check, repetition; tokens/s]
+    evaluate_models (`distill eval`): the teacher once, then evaluate for each --model NAME=DIR
+
+Every rank evaluates its share: validation rows in rounds (data.eval_batches pads the ranks past an uneven end
+with all-ignored batches) and prompts i = rank, rank + world, ...; the sums are all-reduced, so each token and each
+prompt counts exactly once. Every rank calls the teacher the same number of times (lockstep for a ZeRO-3 teacher).
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from accelerate import Accelerator
+from accelerate.utils import gather_object
 
 from . import data as data_lib
-from . import models
-from .config import Config, ModelConfig
+from . import metrics, models
+from .config import Config, EvalConfig, ModelConfig, load_config
 from .errors import DistillError
+from .integrity import atomic_write_text
+from .losses import TeacherTargets
 from .objective import forward_losses
 from .setup import resolve_loss_chunks, setup_accelerator, setup_tokenizer
-from .teacher import TeacherSource
-from .tracking import METRICS, read_records
+from .teacher import TeacherSource, model_inputs, setup_teacher
+
+
+class _Given:
+    """A teacher source that hands back targets already computed (the teacher runs once per validation batch)."""
+
+    def __init__(self, targets: TeacherTargets):
+        self._targets = targets
+
+    def targets(self, batch: dict) -> TeacherTargets:
+        return self._targets
 
 
 @torch.no_grad()
@@ -27,30 +55,229 @@ def evaluate(
     teacher: TeacherSource | None,
     val_ds,
     cfg: Config,
+    held_out: HeldOut | None = None,
 ) -> dict:
-    """Validation CE (and KD against the teacher, if any) over the split, token-weighted across ranks."""
+    """Validation loss (and KD against the teacher, if any), the token metrics of `metrics.token_sums` over the
+    split, token-weighted across ranks; with `held_out`, the generation metrics too."""
     was_training = model.training
     model.eval()
-    sums = torch.zeros(3, device=accelerator.device)
+    bins = cfg.eval.calibration_bins
+    sums = torch.zeros(3, device=accelerator.device, dtype=torch.float64)
+    token = torch.zeros(len(metrics.TOKEN_SUMS) + 3 * bins, device=accelerator.device, dtype=torch.float64)
     batches = data_lib.eval_batches(
         val_ds, cfg.train.micro_batch_size, accelerator.num_processes, accelerator.process_index, cfg.train.eval_batches
     )
+    positions, seconds = 0, 0.0
     for mb in batches:
         mb = {k: v.to(accelerator.device) for k, v in mb.items()}
+        targets = teacher.targets(mb) if teacher is not None else None
+        given = _Given(targets) if targets is not None else None
         with accelerator.autocast():
-            out = forward_losses(model, teacher, mb, cfg.distill, head=head)
-        sums += torch.stack([out.ce_sum.float(), out.kd_sum.float(), out.num_tokens.float()])
+            out = forward_losses(model, given, mb, cfg.distill, head=head)
+            started = time.perf_counter()
+            logits = model(**model_inputs(model, mb)).logits[:, :-1, : head.vocab]
+            seconds += time.perf_counter() - started
+        positions += mb["input_ids"].numel()
+        sums += torch.stack([out.ce_sum.double(), out.kd_sum.double(), out.num_tokens.double()])
+        labels = mb["labels"][:, 1:].reshape(-1)
+        token += metrics.token_sums(
+            logits.reshape(-1, logits.shape[-1]),
+            labels,
+            targets,
+            bins,
+            teacher_temperature=cfg.distill.temperature if targets is not None and targets.sparse else 1.0,
+            ignore_index=data_lib.IGNORE_INDEX,
+        )
+        del targets, logits
     ce, kd, n = accelerator.reduce(sums, reduction="sum").tolist()
-    model.train(was_training)
+    token_totals = accelerator.reduce(token, reduction="sum").tolist()
     n = max(n, 1.0)
     result = {"val_loss": ce / n, "val_ppl": math.exp(min(ce / n, 50.0)), "val_tokens": int(n)}
     if teacher is not None and cfg.distill.alpha > 0:
         result["val_kd_loss"] = kd / n
+    result.update(metrics.token_means(token_totals, bins))
+    result["val_tokens_per_second"] = _rate(accelerator, positions, seconds)
+    if held_out is not None and held_out.prompts:
+        result.update(generate_metrics(accelerator, accelerator.unwrap_model(model), teacher, held_out, cfg.eval))
+    model.train(was_training)
     return result
 
 
+def _rate(accelerator: Accelerator, count: float, seconds: float) -> float:
+    """All ranks' count over the slowest rank's seconds."""
+    gathered = gather_object([(count, seconds)])
+    return sum(c for c, _ in gathered) / max(max(s for _, s in gathered), 1e-9)
+
+
+# ----------------------------------------------------------------------------------------------
+# Held-out prompts and generation metrics
+
+
+@dataclass
+class Prompt:
+    ids: list[int]  # the prompt's tokens
+    reference: str  # the reference completion, as text
+    request: str | None = None  # the raw request, for the task check (the built-in chat corpus)
+
+
+@dataclass
+class HeldOut:
+    prompts: list[Prompt]
+    tokenizer: object
+    stop_ids: list[int]  # end of sequence, and end of turn for chat data
+    task: str | None  # "python-parses" for the built-in code conversations, else None
+
+
+def held_out_prompts(cfg: Config, tokenizer, count: int) -> HeldOut:
+    """The first `count` validation documents as prompts with references: prompt/completion and chat data give their
+    own (the prompt up to the first learned token; the reference the first learned span); plain text is cut after
+    eval.prompt_tokens tokens, the next eval.max_new_tokens being the reference."""
+    dcfg, ecfg = cfg.data, cfg.eval
+    _, val_docs = data_lib.split_documents(data_lib.load_documents(dcfg), dcfg)
+    docs = val_docs.select(range(min(len(val_docs), 4 * count)))
+    rows, counts = data_lib.tokenize(docs, tokenizer, dcfg, "held-out prompts")
+    chat_task = dcfg.source == data_lib.BUILTIN_CHAT
+    prompts = []
+    for i, row in enumerate(rows):
+        ids, labels = list(row["input_ids"]), list(row["labels"])
+        if counts["kind"] == "text":
+            cut = 1 + ecfg.prompt_tokens  # bos + the prompt
+            prompt, reference = (
+                ids[:cut],
+                [t for t in ids[cut : cut + ecfg.max_new_tokens] if t != tokenizer.eos_token_id],
+            )
+        else:
+            first = next((j for j, y in enumerate(labels) if y != data_lib.IGNORE_INDEX), None)
+            if first is None:
+                continue
+            end = next((j for j in range(first, len(labels)) if labels[j] == data_lib.IGNORE_INDEX), len(labels))
+            prompt, reference = ids[:first], ids[first:end]
+        if not prompt or not reference:
+            continue
+        request = docs[i][dcfg.messages_field][0]["content"] if chat_task else None
+        prompts.append(Prompt(prompt, tokenizer.decode(reference, skip_special_tokens=True), request))
+        if len(prompts) == count:
+            break
+    stop = [tokenizer.eos_token_id]
+    end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>") if counts["kind"].startswith("chat") else None
+    if end_of_turn is not None and end_of_turn != tokenizer.unk_token_id:
+        stop.append(end_of_turn)
+    return HeldOut(prompts, tokenizer, [s for s in stop if s is not None], "python-parses" if chat_task else None)
+
+
+GEN_SUMS = ("samples", "tokens", "teacher_nll", "nll_tokens", "rouge_l", "repeated", "ngrams", "parsed", "checked")
+
+
+@torch.no_grad()
+def generate_metrics(
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    teacher: TeacherSource | None,
+    held_out: HeldOut,
+    ecfg: EvalConfig,
+) -> dict:
+    """Greedy completions of the held-out prompts (prompt i on rank i % world, one at a time, so each completion
+    is the same whatever the number of ranks), scored; the sums are all-reduced."""
+    world, rank = accelerator.num_processes, accelerator.process_index
+    n = len(held_out.prompts)
+    sums = torch.zeros(len(GEN_SUMS), dtype=torch.float64, device=accelerator.device)
+    # An offline teacher (a store) has no targets for new text; a sparse one no probability outside its top k.
+    scorer = teacher if teacher is not None and getattr(teacher, "top_k", 1) is None else None
+    seconds = 0.0
+    for index in range(rank, -(-n // world) * world, world):  # the same number of rounds on every rank
+        prompt = held_out.prompts[index] if index < n else held_out.prompts[0]
+        started = time.perf_counter()
+        sample = greedy(model, prompt.ids, ecfg.max_new_tokens, held_out.stop_ids)
+        seconds += time.perf_counter() - started
+        nll, nll_tokens = _teacher_nll(scorer, prompt.ids, sample, accelerator.device) if scorer else (0.0, 0)
+        if index >= n:  # a filler round: the teacher was called (lockstep), nothing counts
+            continue
+        text_ids = [t for t in sample if t not in held_out.stop_ids]
+        text = held_out.tokenizer.decode(text_ids, skip_special_tokens=True)
+        repeated, ngrams = metrics.repeated_ngrams(text_ids, ecfg.repetition_ngram)
+        checked = held_out.task is not None and prompt.request is not None
+        parsed = checked and metrics.python_parses(prompt.request, text)
+        sums += torch.tensor(
+            [
+                1,
+                len(sample),
+                nll,
+                nll_tokens,
+                metrics.rouge_l(text, prompt.reference),
+                repeated,
+                ngrams,
+                parsed,
+                checked,
+            ],
+            dtype=torch.float64,
+            device=sums.device,
+        )
+    total = dict(zip(GEN_SUMS, accelerator.reduce(sums, reduction="sum").tolist()))
+    samples = max(total["samples"], 1.0)
+    result = {
+        "gen_samples": int(total["samples"]),
+        "gen_mean_tokens": total["tokens"] / samples,
+        "gen_rouge_l": total["rouge_l"] / samples,
+        "gen_repetition": total["repeated"] / max(total["ngrams"], 1.0),
+        "gen_tokens_per_second": _rate(accelerator, total["tokens"] / world, seconds),
+    }
+    if total["nll_tokens"]:
+        result["gen_teacher_nll"] = total["teacher_nll"] / total["nll_tokens"]
+    if total["checked"]:
+        result["gen_parse_rate"] = total["parsed"] / total["checked"]
+    return result
+
+
+def greedy(model: torch.nn.Module, prompt: list[int], max_new_tokens: int, stop_ids: list[int]) -> list[int]:
+    """The model's greedy continuation of one prompt (KV-cached), up to and including a stop token."""
+    device = next(model.parameters()).device
+    ids = torch.tensor([prompt], device=device)
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        eos_token_id=stop_ids,
+        pad_token_id=stop_ids[0],
+    )
+    sample = out[0, len(prompt) :].tolist()
+    for j, t in enumerate(sample):
+        if t in stop_ids:
+            return sample[: j + 1]
+    return sample
+
+
+def _teacher_nll(teacher: TeacherSource, prompt: list[int], sample: list[int], device) -> tuple[float, int]:
+    """The teacher's summed negative log-likelihood of the sample's tokens given the prompt, and their count."""
+    ids = torch.tensor([prompt + sample], device=device)
+    labels = torch.full_like(ids, data_lib.IGNORE_INDEX)
+    labels[0, len(prompt) :] = ids[0, len(prompt) :]
+    targets = teacher.targets({"input_ids": ids, "labels": labels})
+    y = labels[0, 1:]
+    nll = F.cross_entropy(targets.dense_logits().float(), y, ignore_index=data_lib.IGNORE_INDEX, reduction="sum")
+    return float(nll), int((y != data_lib.IGNORE_INDEX).sum())
+
+
+# ----------------------------------------------------------------------------------------------
+# distill eval
+
+
+def eval_config(config: str | None, overrides: list[str], named: dict[str, str]) -> Config:
+    """The config `distill eval` runs with: the given one, or, without --config, one made from the models alone
+    (exported `final/` directories carry their tokenizer): the built-in corpus, the model named `teacher` (if any)
+    as the reference for the teacher-relative metrics."""
+    if config is not None:
+        return load_config(config, overrides)
+    if not named:
+        raise DistillError("distill eval needs --config FILE or at least one --model NAME=DIR")
+    made = [f"student.path={next(iter(named.values()))}", "distill.alpha=0"]
+    if "teacher" in named:
+        made.append(f"teacher.path={named['teacher']}")
+    return load_config(None, made + list(overrides))
+
+
 def evaluate_models(cfg: Config, named: dict[str, str]) -> list[dict]:
-    """Validation CE loss and perplexity of each model, on the same tokens (the config's validation split).
+    """Each model's metrics on the same validation tokens and held-out prompts, against the config's teacher.
 
     `named` maps a display name to a model directory or hub id; empty means the config's teacher and student.
     """
@@ -65,54 +292,60 @@ def evaluate_models(cfg: Config, named: dict[str, str]) -> list[dict]:
     tokenizer = setup_tokenizer(cfg, accelerator)
     mcfgs = {name: ModelConfig(path=path) for name, path in named.items()}
     configs = {name: models.model_config(m, len(tokenizer), name) for name, m in mcfgs.items()}
+    teacher_config = None
+    if cfg.teacher is not None:
+        teacher_config = models.model_config(cfg.teacher, len(tokenizer), "teacher")
     for mc in configs.values():
-        models.check_models(cfg, mc, None, len(tokenizer))
+        models.check_models(cfg, mc, teacher_config, len(tokenizer))
     with accelerator.main_process_first():
         _, val_ds = data_lib.build_datasets(cfg.data, tokenizer)
+        held_out = held_out_prompts(cfg, tokenizer, cfg.eval.prompts) if cfg.eval.prompts else None
+    teacher = None
+    if teacher_config is not None:
+        # Dense targets at temperature 1 whatever the training used: the metrics compare whole distributions.
+        dense = dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, top_k=None))
+        teacher = setup_teacher(dense, teacher_config, accelerator.device, len(tokenizer))
     rows = []
     for name, mcfg in mcfgs.items():
         model = models.load_model(mcfg, configs[name], seed=cfg.train.seed).to(accelerator.device)
         head = models.AlignedHead(model.get_output_embeddings(), len(tokenizer))
         run_cfg = resolve_loss_chunks(cfg, configs[name], accelerator)
-        result = evaluate(accelerator, model, head, None, val_ds, run_cfg)
+        result = evaluate(accelerator, model, head, teacher, val_ds, run_cfg, held_out)
         rows.append({"model": name, "path": mcfg.path, **result})
         del model
     return rows
 
 
-def read_metrics(run_dir: Path) -> tuple[list[dict], list[str]]:
-    """The run's metrics records, and a note for each line skipped (a torn last line)."""
-    path = run_dir / METRICS
-    if not path.is_file():
-        raise DistillError(f"{run_dir} is not a run directory (no {METRICS})")
-    return read_records(path)
-
-
-def report(run_dir: Path) -> str:
-    records, notes = read_metrics(run_dir)
-    if not records:
-        raise DistillError(f"{run_dir}/{METRICS} holds no complete record")
-    first, last = records[0], records[-1]
-    evals = [r for r in records if "val_loss" in r]
-    tps = [r["tokens_per_second"] for r in records]
-    lines = [
-        *(f"note: {note}" for note in notes),
-        f"run: {run_dir}",
-        f"steps: {last['step']}  loss: {first['loss']:.4f} -> {last['loss']:.4f}  "
-        f"(kd {last['kd_loss']:.4f}, ce {last['ce_loss']:.4f})",
-        f"tokens/s: mean {sum(tps) / len(tps):,.0f}",
-    ]
-    if evals:
-        lines.append(
-            f"val_loss: {evals[-1]['val_loss']:.4f} (ppl {evals[-1]['val_ppl']:.2f}) at step {evals[-1]['step']}"
-        )
-    if (run_dir / "final").is_dir():
-        lines.append(f"exported student: {run_dir / 'final'}")
-    return "\n".join(lines)
+# (column title, row key, format) of the `distill eval` table; a metric a row lacks is shown as "-".
+COLUMNS = (
+    ("val loss", "val_loss", ".4f"),
+    ("ppl", "val_ppl", ".2f"),
+    ("fwd KL", "val_forward_kl", ".4f"),
+    ("rev KL", "val_reverse_kl", ".4f"),
+    ("top-1 agree", "val_top1_agreement", ".3f"),
+    ("ECE", "val_ece", ".4f"),
+    ("teacher NLL", "gen_teacher_nll", ".3f"),
+    ("ROUGE-L", "gen_rouge_l", ".3f"),
+    ("parses", "gen_parse_rate", ".2f"),
+    ("repetition", "gen_repetition", ".3f"),
+    ("val tok/s", "val_tokens_per_second", ",.0f"),
+    ("gen tok/s", "gen_tokens_per_second", ",.0f"),
+)
 
 
 def format_table(rows: list[dict]) -> str:
-    """`distill eval` rows as a Markdown table."""
-    lines = ["| model | val loss | val perplexity |", "|---|---:|---:|"]
-    lines += [f"| {r['model']} | {r['val_loss']:.4f} | {r['val_ppl']:.2f} |" for r in rows]
+    """`distill eval` rows as a Markdown table (only the columns some row has)."""
+    columns = [c for c in COLUMNS if any(c[1] in r for r in rows)]
+    lines = [
+        "| model | " + " | ".join(c[0] for c in columns) + " |",
+        "|---|" + "---:|" * len(columns),
+    ]
+    for r in rows:
+        cells = [format(r[key], fmt) if r.get(key) is not None else "-" for _, key, fmt in columns]
+        lines.append(f"| {r['model']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def write_rows(rows: list[dict], path: Path) -> None:
+    """eval.json: the rows, written atomically (a partial file never replaces a complete one)."""
+    atomic_write_text(path, json.dumps(rows, indent=2) + "\n")

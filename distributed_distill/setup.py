@@ -78,6 +78,12 @@ def setup_accelerator(cfg: Config) -> Accelerator:
             f"student.lora with a {'FSDP' if plugin is None else 'ZeRO-3'} student is not supported; launch LoRA "
             "with launch/accelerate/ddp.yaml or zero2.yaml (the frozen base fits each GPU), or unset student.lora"
         )
+    if sharded and cfg.eval.train_prompts:
+        raise DistillError(
+            f"eval.train_prompts={cfg.eval.train_prompts} generates with the student, which a "
+            f"{'FSDP' if plugin is None else 'ZeRO-3'} student holds in shards; set eval.train_prompts=0 and run "
+            "`distill eval` on the exported student"
+        )
     if sharded and cfg.distill.chunk_size not in (0, "auto"):
         # The chunked loss multiplies by the student's lm_head weight outside its forward, where ZeRO-3 and FSDP
         # hold only a shard of it.

@@ -29,7 +29,7 @@ from . import checkpoint, lock, models, on_policy, preflight, samples
 from . import data as data_lib
 from .config import Config, to_dict
 from .errors import DistillError, Interrupted, Preempted, WriteError, on_main
-from .evaluate import evaluate
+from .evaluate import HeldOut, evaluate, held_out_prompts
 from .heartbeat import Heartbeat
 from .objective import STATS, count_tokens, forward_losses
 from .setup import (
@@ -151,7 +151,11 @@ def _train(cfg: Config, stop: checkpoint.StopRequest) -> dict:
         # accumulation: counted in this run's micro-batches, or a resume on other process counts syncs mid-step.
         accelerator.step = progress.micro_batches
 
-    loop = Loop(cfg, accelerator, student, head, teacher, optimizer, scheduler, progress, stop, sampler)
+    held_out = None
+    if cfg.eval.train_prompts:  # generation metrics at every evaluation (eval.train_prompts)
+        with accelerator.main_process_first():
+            held_out = held_out_prompts(cfg, tokenizer, cfg.eval.train_prompts)
+    loop = Loop(cfg, accelerator, student, head, teacher, optimizer, scheduler, progress, stop, sampler, held_out)
     final = fit_naming_lost_ranks(loop, train_ds, val_ds)
     export(accelerator, student, tokenizer, out_dir / "final")
     return final
@@ -278,6 +282,7 @@ class Loop:
     progress: Progress
     stop: checkpoint.StopRequest
     sampler: on_policy.Sampler | None = None  # distill.on_policy > 0: the student's sampling on on-policy steps
+    held_out: HeldOut | None = None  # held-out prompts for the generation metrics (eval.train_prompts)
 
 
 def fit(loop: Loop, train_ds, val_ds) -> dict:
@@ -306,7 +311,7 @@ def fit(loop: Loop, train_ds, val_ds) -> dict:
             handle_bad_step(loop, tracker, record)
         last = progress.step == cfg.train.max_steps
         if (cfg.train.eval_every and progress.step % cfg.train.eval_every == 0) or last:
-            result = evaluate(accelerator, loop.student, loop.head, loop.teacher, val_ds, cfg)
+            result = evaluate(accelerator, loop.student, loop.head, loop.teacher, val_ds, cfg, loop.held_out)
             record.update(result)
         if progress.step % cfg.train.log_every == 0 or last or "val_loss" in record or res.skipped:
             tracker.log(record)
@@ -383,6 +388,7 @@ def advance(loop: Loop, res: StepResult, lr: float, seconds: float) -> dict:
         "lr": lr,
         "grad_norm": res.grad_norm,
         "num_tokens": res.num_tokens,
+        "tokens_seen": progress.tokens_seen,  # target tokens trained on so far (the x axis of `distill report`)
         "tokens_per_second": tokens * cfg.data.seq_len / seconds,
         **res.stats,
     }

@@ -17,7 +17,7 @@ import psutil
 import pytest
 
 from distributed_distill import checkpoint
-from distributed_distill.evaluate import report
+from distributed_distill.report import report
 
 from .helpers import (
     ROOT,
@@ -148,7 +148,7 @@ def test_a_torn_metrics_line_is_dropped_on_resume_and_skipped_by_report(tmp_path
     metrics = out / "metrics.jsonl"
     complete = metrics.read_text()
     metrics.write_text(complete + '{"step": 5, "loss": 4.1')  # a full disk in the middle of an append
-    text = report(out)
+    text = report([out])
     assert "skipped its last line" in text and "steps: 4" in text
     proc = run_cli(["report", str(out)])
     assert "skipped its last line" in proc.stdout

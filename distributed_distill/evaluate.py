@@ -56,9 +56,11 @@ def evaluate(
     val_ds,
     cfg: Config,
     held_out: HeldOut | None = None,
+    completions: list | None = None,
 ) -> dict:
     """Validation loss (and KD against the teacher, if any), the token metrics of `metrics.token_sums` over the
-    split, token-weighted across ranks; with `held_out`, the generation metrics too."""
+    split, token-weighted across ranks; with `held_out`, the generation metrics too (and the completions appended to
+    `completions`, when given, in prompt order)."""
     was_training = model.training
     model.eval()
     bins = cfg.eval.calibration_bins
@@ -98,7 +100,10 @@ def evaluate(
     result.update(metrics.token_means(token_totals, bins))
     result["val_tokens_per_second"] = _rate(accelerator, positions, seconds)
     if held_out is not None and held_out.prompts:
-        result.update(generate_metrics(accelerator, accelerator.unwrap_model(model), teacher, held_out, cfg.eval))
+        gen, samples = generate_metrics(accelerator, accelerator.unwrap_model(model), teacher, held_out, cfg.eval)
+        result.update(gen)
+        if completions is not None:
+            completions.extend(samples)
     model.train(was_training)
     return result
 
@@ -175,15 +180,16 @@ def generate_metrics(
     teacher: TeacherSource | None,
     held_out: HeldOut,
     ecfg: EvalConfig,
-) -> dict:
+) -> tuple[dict, list[dict]]:
     """Greedy completions of the held-out prompts (prompt i on rank i % world, one at a time, so each completion
-    is the same whatever the number of ranks), scored; the sums are all-reduced."""
+    is the same whatever the number of ranks), scored; the sums are all-reduced. Returns the metrics and every
+    rank's completions ({prompt, ids, text}, in prompt order)."""
     world, rank = accelerator.num_processes, accelerator.process_index
     n = len(held_out.prompts)
     sums = torch.zeros(len(GEN_SUMS), dtype=torch.float64, device=accelerator.device)
     # An offline teacher (a store) has no targets for new text; a sparse one no probability outside its top k.
     scorer = teacher if teacher is not None and getattr(teacher, "top_k", 1) is None else None
-    seconds = 0.0
+    seconds, done = 0.0, []
     for index in range(rank, -(-n // world) * world, world):  # the same number of rounds on every rank
         prompt = held_out.prompts[index] if index < n else held_out.prompts[0]
         started = time.perf_counter()
@@ -197,6 +203,7 @@ def generate_metrics(
         repeated, ngrams = metrics.repeated_ngrams(text_ids, ecfg.repetition_ngram)
         checked = held_out.task is not None and prompt.request is not None
         parsed = checked and metrics.python_parses(prompt.request, text)
+        done.append({"prompt": index, "ids": sample, "text": text})
         sums += torch.tensor(
             [
                 1,
@@ -225,7 +232,7 @@ def generate_metrics(
         result["gen_teacher_nll"] = total["teacher_nll"] / total["nll_tokens"]
     if total["checked"]:
         result["gen_parse_rate"] = total["parsed"] / total["checked"]
-    return result
+    return result, sorted(gather_object(done), key=lambda c: c["prompt"])
 
 
 def greedy(model: torch.nn.Module, prompt: list[int], max_new_tokens: int, stop_ids: list[int]) -> list[int]:
@@ -310,8 +317,9 @@ def evaluate_models(cfg: Config, named: dict[str, str]) -> list[dict]:
         model = models.load_model(mcfg, configs[name], seed=cfg.train.seed).to(accelerator.device)
         head = models.AlignedHead(model.get_output_embeddings(), len(tokenizer))
         run_cfg = resolve_loss_chunks(cfg, configs[name], accelerator)
-        result = evaluate(accelerator, model, head, teacher, val_ds, run_cfg, held_out)
-        rows.append({"model": name, "path": mcfg.path, **result})
+        completions: list[dict] = []
+        result = evaluate(accelerator, model, head, teacher, val_ds, run_cfg, held_out, completions)
+        rows.append({"model": name, "path": mcfg.path, **result, "completions": completions})
         del model
     return rows
 

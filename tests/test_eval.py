@@ -87,7 +87,6 @@ def test_metric_functions_against_references_and_hand_checked_cases():
 # The real command on tiny models: 1 process, 2 processes, and a float64 reference
 
 EVAL = [
-    "data.max_documents=20",
     "data.val_fraction=0.3",
     "data.seq_len=64",
     "train.micro_batch_size=3",  # rows per rank per round: 2 ranks x 3 does not divide the split
@@ -96,6 +95,18 @@ EVAL = [
     "eval.prompt_tokens=16",
     "logging.progress=false",
 ]
+
+
+@pytest.fixture(scope="module")
+def small_corpus(tmp_path_factory) -> str:
+    """24 short standard-library files as a text corpus (a validation split of a few hundred rows)."""
+    from distributed_distill.data import stdlib_files
+
+    root = tmp_path_factory.mktemp("corpus")
+    files = [f for f in stdlib_files() if 1500 < f.stat().st_size < 3000][:24]
+    for i, f in enumerate(files):
+        (root / f"{i:02d}.txt").write_text(f.read_text(encoding="utf-8", errors="replace"))
+    return f"data.source={root}"
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +123,7 @@ def exported(tmp_path_factory, teacher_dir, student_dir):
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-def test_eval_one_and_two_processes_agree_and_match_a_float64_reference(tmp_path, exported):
+def test_eval_one_and_two_processes_agree_and_match_a_float64_reference(tmp_path, exported, small_corpus):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from distributed_distill import data
@@ -122,11 +133,12 @@ def test_eval_one_and_two_processes_agree_and_match_a_float64_reference(tmp_path
 
     teacher_dir, student_dir = exported
     models = ["--model", f"teacher={teacher_dir}", "--model", f"student={student_dir}"]
+    args = [*EVAL, small_corpus]
     one, two = tmp_path / "one.json", tmp_path / "two.json"
     # No --config: the exported directories alone (the model named teacher is the reference).
-    proc = run_cli(["eval", *EVAL, "--json", str(one), *models], timeout=300)
+    proc = run_cli(["eval", *args, "--json", str(one), *models], timeout=300)
     assert "| student |" in proc.stdout and "fwd KL" in proc.stdout
-    run_cli(["eval", *EVAL, "--json", str(two), *models], launcher=torchrun(29940, "-m", "distributed_distill.cli"))
+    run_cli(["eval", *args, "--json", str(two), *models], launcher=torchrun(29940, "-m", "distributed_distill.cli"))
     rows1, rows2 = json.loads(one.read_text()), json.loads(two.read_text())
     for r1, r2 in zip(rows1, rows2, strict=True):
         assert r1["val_tokens"] == r2["val_tokens"] and r1["gen_samples"] == r2["gen_samples"] == 5
@@ -138,12 +150,13 @@ def test_eval_one_and_two_processes_agree_and_match_a_float64_reference(tmp_path
     assert teacher_row["val_forward_kl"] == pytest.approx(0, abs=1e-6) and teacher_row["val_top1_agreement"] == 1.0
 
     # The float64 reference, with nothing but transformers and the definitions.
-    cfg = load_config(None, [f"student.path={student_dir}", f"teacher.path={teacher_dir}", "distill.alpha=0", *EVAL])
+    cfg = load_config(None, [f"student.path={student_dir}", f"teacher.path={teacher_dir}", "distill.alpha=0", *args])
     tokenizer = AutoTokenizer.from_pretrained(student_dir)
     vocab = len(tokenizer)
     student = AutoModelForCausalLM.from_pretrained(student_dir).double().eval()
     teacher = AutoModelForCausalLM.from_pretrained(teacher_dir).double().eval()
     _, val = data.build_datasets(cfg.data, tokenizer)
+    assert len(val) % 6 and len(val) > 6  # rounds of 2 ranks x 3 rows: the last one is uneven
     s_all, t_all, y_all = [], [], []
     with torch.no_grad():
         for start in range(0, len(val), 16):

@@ -30,6 +30,7 @@ from . import data as data_lib
 from . import metrics, models
 from .config import Config, EvalConfig, ModelConfig, load_config
 from .errors import DistillError
+from .generation import Sampling, generate
 from .integrity import atomic_write_text
 from .losses import TeacherTargets
 from .objective import forward_losses
@@ -100,7 +101,8 @@ def evaluate(
     result.update(metrics.token_means(token_totals, bins))
     result["val_tokens_per_second"] = _rate(accelerator, positions, seconds)
     if held_out is not None and held_out.prompts:
-        gen, samples = generate_metrics(accelerator, accelerator.unwrap_model(model), teacher, held_out, cfg.eval)
+        unwrapped = accelerator.unwrap_model(model)
+        gen, samples = generate_metrics(accelerator, unwrapped, teacher, held_out, cfg.eval, cfg.train.micro_batch_size)
         result.update(gen)
         if completions is not None:
             completions.extend(samples)
@@ -180,21 +182,38 @@ def generate_metrics(
     teacher: TeacherSource | None,
     held_out: HeldOut,
     ecfg: EvalConfig,
+    batch_size: int = 1,
 ) -> tuple[dict, list[dict]]:
-    """Greedy completions of the held-out prompts (prompt i on rank i % world, one at a time, so each completion
-    is the same whatever the number of ranks), scored; the sums are all-reduced. Returns the metrics and every
+    """Greedy completions of the held-out prompts (prompt i on rank i % world, `batch_size` at a time, through
+    generation.generate), scored; the sums are all-reduced. Returns the metrics and every
     rank's completions ({prompt, ids, text}, in prompt order)."""
     world, rank = accelerator.num_processes, accelerator.process_index
     n = len(held_out.prompts)
     sums = torch.zeros(len(GEN_SUMS), dtype=torch.float64, device=accelerator.device)
     # An offline teacher (a store) has no targets for new text; a sparse one no probability outside its top k.
     scorer = teacher if teacher is not None and getattr(teacher, "top_k", 1) is None else None
-    seconds, done = 0.0, []
-    for index in range(rank, -(-n // world) * world, world):  # the same number of rounds on every rank
+    # This rank's prompts, greedy, batch_size at a time (a row's tokens do not depend on its batch: generation.py).
+    mine = list(range(rank, n, world))
+    sampling = Sampling(temperature=0.0, max_new_tokens=ecfg.max_new_tokens)
+    pad = held_out.tokenizer.pad_token_id
+    samples: dict[int, list[int]] = {}
+    started = time.perf_counter()
+    for start in range(0, len(mine), batch_size):
+        chunk = mine[start : start + batch_size]
+        out = generate(
+            model,
+            [held_out.prompts[i].ids for i in chunk],
+            [torch.Generator() for _ in chunk],
+            sampling,
+            pad_id=pad,
+            eos_ids=held_out.stop_ids,
+        )
+        samples.update(zip(chunk, out.completions))
+    seconds = time.perf_counter() - started
+    done = []
+    for index in range(rank, -(-n // world) * world, world):  # the same number of teacher calls on every rank
         prompt = held_out.prompts[index] if index < n else held_out.prompts[0]
-        started = time.perf_counter()
-        sample = greedy(model, prompt.ids, ecfg.max_new_tokens, held_out.stop_ids)
-        seconds += time.perf_counter() - started
+        sample = samples.get(index, [pad])
         nll, nll_tokens = _teacher_nll(scorer, prompt.ids, sample, accelerator.device) if scorer else (0.0, 0)
         if index >= n:  # a filler round: the teacher was called (lockstep), nothing counts
             continue
@@ -220,38 +239,19 @@ def generate_metrics(
             device=sums.device,
         )
     total = dict(zip(GEN_SUMS, accelerator.reduce(sums, reduction="sum").tolist()))
-    samples = max(total["samples"], 1.0)
+    count = max(total["samples"], 1.0)
     result = {
         "gen_samples": int(total["samples"]),
-        "gen_mean_tokens": total["tokens"] / samples,
-        "gen_rouge_l": total["rouge_l"] / samples,
+        "gen_mean_tokens": total["tokens"] / count,
+        "gen_rouge_l": total["rouge_l"] / count,
         "gen_repetition": total["repeated"] / max(total["ngrams"], 1.0),
-        "gen_tokens_per_second": _rate(accelerator, total["tokens"] / world, seconds),
+        "gen_tokens_per_second": _rate(accelerator, sum(len(c) for c in samples.values()), seconds),
     }
     if total["nll_tokens"]:
         result["gen_teacher_nll"] = total["teacher_nll"] / total["nll_tokens"]
     if total["checked"]:
         result["gen_parse_rate"] = total["parsed"] / total["checked"]
     return result, sorted(gather_object(done), key=lambda c: c["prompt"])
-
-
-def greedy(model: torch.nn.Module, prompt: list[int], max_new_tokens: int, stop_ids: list[int]) -> list[int]:
-    """The model's greedy continuation of one prompt (KV-cached), up to and including a stop token."""
-    device = next(model.parameters()).device
-    ids = torch.tensor([prompt], device=device)
-    out = model.generate(
-        input_ids=ids,
-        attention_mask=torch.ones_like(ids),
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        eos_token_id=stop_ids,
-        pad_token_id=stop_ids[0],
-    )
-    sample = out[0, len(prompt) :].tolist()
-    for j, t in enumerate(sample):
-        if t in stop_ids:
-            return sample[: j + 1]
-    return sample
 
 
 def _teacher_nll(teacher: TeacherSource, prompt: list[int], sample: list[int], device) -> tuple[float, int]:

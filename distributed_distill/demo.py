@@ -24,10 +24,25 @@ from .evaluate import format_table
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
-def _run(args: list[str]) -> None:
+def run_distill(args: list[str]) -> None:
+    """`distill ARGS` as a user runs it: a fresh process, its output shown; a failure stops the experiment."""
     cmd = [sys.executable, "-m", "distributed_distill.cli", *args]
     print("$ distill " + " ".join(args), flush=True)
     subprocess.run(cmd, check=True)
+
+
+def offline_overrides(store_dir: Path) -> list[str]:
+    """A student trained from the store, in store order: the very batches an online student of the same seed sees."""
+    return ["distill.signal=offline", f"distill.store={store_dir}", "distill.shuffle_buffer=0"]
+
+
+def precompute_store(student_cfg: str, teacher: str, store_dir: Path, overrides: list[str]) -> None:
+    """The teacher's top-64 targets of the rows the run will read (steps x batch, in the run's seeded order), written
+    once and verified."""
+    t = load_config(student_cfg, overrides).train
+    rows = f"distill.store_max_rows={t.max_steps * t.micro_batch_size * t.grad_accum_steps}"
+    run_distill(["precompute", "--config", student_cfg, teacher, f"distill.store={store_dir}", rows, *overrides])
+    run_distill(["verify-store", str(store_dir)])
 
 
 def run_demo(out: Path, overrides: list[str]) -> list[dict]:
@@ -35,25 +50,22 @@ def run_demo(out: Path, overrides: list[str]) -> list[dict]:
     teacher_dir, kd_dir, ce_dir = out / "teacher", out / "student_kd", out / "student_ce"
     store_dir, offline_dir = out / "store", out / "student_offline"
     student_cfg = str(CONFIGS / "demo.yaml")
-    _run(["train", "--config", str(CONFIGS / "demo_teacher.yaml"), f"output_dir={teacher_dir}", *overrides])
+    run_distill(["train", "--config", str(CONFIGS / "demo_teacher.yaml"), f"output_dir={teacher_dir}", *overrides])
     teacher = f"teacher.path={teacher_dir / 'final'}"
-    _run(["train", "--config", student_cfg, f"output_dir={kd_dir}", teacher, *overrides])
+    run_distill(["train", "--config", student_cfg, f"output_dir={kd_dir}", teacher, *overrides])
     # Offline: the teacher's top-64 targets precomputed once (only the rows the run will read: steps x batch),
     # then streamed in store order, i.e. the very batches the online student saw.
-    offline = ["distill.signal=offline", f"distill.store={store_dir}", "distill.shuffle_buffer=0"]
-    t = load_config(student_cfg, overrides).train
-    rows = f"distill.store_max_rows={t.max_steps * t.micro_batch_size * t.grad_accum_steps}"
-    _run(["precompute", "--config", student_cfg, teacher, f"distill.store={store_dir}", rows, *overrides])
-    _run(["verify-store", str(store_dir)])
-    _run(["train", "--config", student_cfg, f"output_dir={offline_dir}", teacher, *offline, *overrides])
+    offline = offline_overrides(store_dir)
+    precompute_store(student_cfg, teacher, store_dir, overrides)
+    run_distill(["train", "--config", student_cfg, f"output_dir={offline_dir}", teacher, *offline, *overrides])
     # Teacher samples: continuations of the corpus, with the teacher's top-64 at every sampled token (sequence-level
     # KD on the sampled tokens plus word-level KD from the stored top-64, without the teacher in memory).
     samples_dir, sampled_dir = out / "samples", out / "student_samples"
-    _run(["generate", "--config", student_cfg, teacher, f"generate.store={samples_dir}", *overrides])
-    _run(["verify-store", str(samples_dir)])
+    run_distill(["generate", "--config", student_cfg, teacher, f"generate.store={samples_dir}", *overrides])
+    run_distill(["verify-store", str(samples_dir)])
     sampled = ["distill.signal=offline", f"distill.store={samples_dir}"]
-    _run(["train", "--config", student_cfg, f"output_dir={sampled_dir}", teacher, *sampled, *overrides])
-    _run(
+    run_distill(["train", "--config", student_cfg, f"output_dir={sampled_dir}", teacher, *sampled, *overrides])
+    run_distill(
         [
             "train",
             "--config",
@@ -66,7 +78,7 @@ def run_demo(out: Path, overrides: list[str]) -> list[dict]:
         ]
     )
     results = out / "results.json"
-    _run(
+    run_distill(
         [
             "eval",
             "--config",

@@ -1,0 +1,89 @@
+"""`distill report`: PNG plots and report.md for finished and in-progress runs (read back as images), wandb images;
+and the headline experiment (benchmarks/headline.py) at a reduced size."""
+
+import json
+import shutil
+import sys
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from distributed_distill.report import DPI, SIZE_INCHES, report
+
+from .helpers import ROOT, run_cli
+
+TAB10 = [(31, 119, 180), (255, 127, 14), (44, 160, 44)]  # matplotlib's first three series colours
+
+
+def _pixels(png, colour) -> int:
+    rgb = np.asarray(Image.open(png).convert("RGB"))
+    return int((rgb == np.array(colour, dtype=np.uint8)).all(-1).sum())
+
+
+def _in_progress(finished, tmp_path):
+    """The same run as it looks while training: no final/, metrics up to step 3, a torn line being appended."""
+    run = tmp_path / "running"
+    shutil.copytree(finished, run, ignore=shutil.ignore_patterns("final", "step-*", "report"))
+    lines = (run / "metrics.jsonl").read_text().splitlines()[:3]
+    (run / "metrics.jsonl").write_text("\n".join(lines) + '\n{"step": 4, "lo')
+    return run
+
+
+def test_report_plots_finished_and_in_progress_runs(smoke_run, tmp_path):
+    running = _in_progress(smoke_run, tmp_path)
+    out = tmp_path / "report"
+    text = report([smoke_run, running], out, wandb=False)
+    assert f"run: {smoke_run} (finished)" in text and f"run: {running} (in progress)" in text
+    assert "steps: 5 of 5" in text and "steps: 3 of 5" in text and "skipped its last line" in text
+    md = (out / "report.md").read_text()
+    assert "| finished | 5 / 5 |" in md and "| in progress | 3 / 5 |" in md and "![loss](loss.png)" in md
+    for name, panels in (("loss", 2), ("components", 2), ("diagnostics", 3), ("throughput", 1), ("lr", 1)):
+        image = Image.open(out / f"{name}.png")
+        assert image.format == "PNG"
+        assert image.size == (int(SIZE_INCHES[0] * DPI * panels), int(SIZE_INCHES[1] * DPI)), name
+        rgb = np.asarray(image.convert("RGB"))
+        assert (rgb < 250).any(-1).mean() > 0.02, f"{name}.png is blank"
+        # One series per run: each run's colour is drawn, and no third series exists.
+        if name != "diagnostics":  # (the in-progress copy has the same diagnostics: lines overlap)
+            assert _pixels(out / f"{name}.png", TAB10[0]) > 30 and _pixels(out / f"{name}.png", TAB10[1]) > 30, name
+        assert _pixels(out / f"{name}.png", TAB10[2]) == 0, name
+    # The console entry point, one run, default output directory: RUN/report/.
+    proc = run_cli(["report", str(running), "--no-wandb"])
+    assert "(in progress)" in proc.stdout and (running / "report" / "loss.png").is_file()
+
+
+@pytest.mark.slow
+def test_report_logs_the_plots_to_wandb(smoke_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(smoke_run, run)
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["logging"]["wandb"].update(mode="offline", dir=str(tmp_path / "wandb"))
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    run_cli(["report", str(run)], env={"WANDB_MODE": None}, timeout=180)
+    images = list((tmp_path / "wandb").rglob("media/images/report/*.png"))
+    assert {p.name.split("_")[0] for p in images} == {"loss", "components", "diagnostics", "throughput", "lr"}
+
+
+@pytest.mark.slow
+def test_headline_command_at_reduced_size(tmp_path):
+    out = tmp_path / "headline"
+    recipes = ["CE only (no teacher)", "forward KL", "offline top-64 (forward KL)"]
+    args = [
+        str(ROOT / "benchmarks" / "headline.py"), "--output-dir", str(out), "--seeds", "2",
+        "--teacher-steps", "4", "--student-steps", "3", "--max-documents", "24",
+        "--teacher-width", "64", "--student-width", "32", "--eval-prompts", "2", "--recipes", *recipes,
+        "data.seq_len=64", "train.micro_batch_size=4", "train.eval_batches=2",
+    ]  # fmt: skip
+    proc = run_cli(args, launcher=[sys.executable], timeout=900)
+    record = json.loads((out / "headline.json").read_text())
+    assert [s["recipe"] for s in record["summary"]] == recipes
+    for s in record["summary"]:
+        assert s["seeds"] == 2 and len(s["val_loss"]["values"]) == 2
+        assert s["val_loss"]["min"] <= s["val_loss"]["mean"] <= s["val_loss"]["max"]
+    assert "val_forward_kl" in record["summary"][1] and len(record["rows"]) == 6
+    table = (out / "headline.md").read_text()
+    assert all(f"| {name} | " in table for name in recipes) and "±" in table and table in proc.stdout
+    image = Image.open(out / "headline.png")
+    assert image.format == "PNG" and (np.asarray(image.convert("RGB")) < 250).any(-1).mean() > 0.02

@@ -81,6 +81,7 @@ def test_report_and_eval_commands(smoke_runs):
     run, _ = smoke_runs
     out = run_cli(["report", str(run)]).stdout
     assert "steps: 5" in out and "val_loss" in out
+    assert (run / "report" / "loss.png").is_file() and (run / "report" / "report.md").is_file()  # the default --out
     rows_path = run / "eval.json"
     run_cli(
         ["eval", "--config", str(run / "config.yaml"), "--model", f"student={run / 'final'}", "--json", str(rows_path)]

@@ -273,10 +273,10 @@ def eval_config(config: str | None, overrides: list[str], named: dict[str, str])
     """The config `distill eval` runs with: the given one, or, without --config, one made from the models alone
     (exported `final/` directories carry their tokenizer): the built-in corpus, the model named `teacher` (if any)
     as the reference for the teacher-relative metrics."""
-    if config is not None:
+    if config is not None or not named:  # (no model either: load_config names what is missing)
         return load_config(config, overrides)
-    if not named:
-        raise DistillError("distill eval needs --config FILE or at least one --model NAME=DIR")
+    for name, path in named.items():  # named as given, before one of them is taken for the tokenizer
+        models.check_local(path, "student", label=f"--model {name}")
     made = [f"student.path={next(iter(named.values()))}", "distill.alpha=0"]
     if "teacher" in named:
         made.append(f"teacher.path={named['teacher']}")

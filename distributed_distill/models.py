@@ -39,15 +39,18 @@ def _looks_local(path: str) -> bool:
     return path.startswith(("/", "./", "../", "~")) or Path(path).expanduser().exists()
 
 
-def _check_local(path: str, role: str) -> None:
+def check_local(path: str, role: str, label: str | None = None) -> None:
+    """A local model (or tokenizer) directory exists and holds a saved model; `label` names it in the error
+    (default `{role}.path`)."""
+    label = label or f"{role}.path"
     if _looks_local(path) and not Path(path).expanduser().is_dir():
-        raise DistillError(f"{role}.path={path}: no such model directory")
+        raise DistillError(f"{label}={path}: no such model directory")
     root = Path(path).expanduser()
     if role in ("student", "teacher") and _looks_local(path) and not (root / "config.json").is_file():
         found = sorted(p.name for p in root.iterdir())[:5]
         holds = f"it holds {', '.join(found)}" if found else "it is empty"
         raise DistillError(
-            f"{role}.path={path}: no config.json in this directory ({holds}), so it is not a saved model; give the "
+            f"{label}={path}: no config.json in this directory ({holds}), so it is not a saved model; give the "
             "directory save_pretrained wrote (config.json, model.safetensors)"
         )
 
@@ -56,13 +59,13 @@ def check_paths(cfg: Config) -> None:
     for role in ("teacher", "student", "tokenizer"):
         path = getattr(getattr(cfg, role), "path", None)  # teacher may be None: no path
         if path is not None:
-            _check_local(path, role)
+            check_local(path, role)
 
 
 def model_config(mcfg: ModelConfig, vocab_size: int, role: str) -> PretrainedConfig:
     """The transformers config of a model, without loading any weights (cheap: runs before data work)."""
     if mcfg.path is not None:
-        _check_local(mcfg.path, role)
+        check_local(mcfg.path, role)
         try:
             return AutoConfig.from_pretrained(
                 mcfg.path, revision=mcfg.revision, trust_remote_code=mcfg.trust_remote_code
@@ -268,7 +271,7 @@ def tokenizer_source(cfg: Config) -> tuple[str, str | None] | None:
 
 
 def load_tokenizer(path: str, revision: str | None = None, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
-    _check_local(path, "tokenizer")
+    check_local(path, "tokenizer")
     try:
         # trust_remote_code is always explicit: left unset, transformers asks on an interactive terminal.
         tok = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)

@@ -430,6 +430,14 @@ ROWS: dict[str, Row] = {
         ["is a run directory, not a section.key=value override; its config is --config "],
         lambda fx, tmp: run_cli(["eval", str(fx["finished"])], check=False),
     ),
+    "`distill eval --model` not NAME=DIR": Row(
+        ["must look like NAME=DIR"],
+        lambda fx, tmp: run_cli(["eval", "--model", str(fx["finished"] / "final")], check=False),
+    ),
+    "`distill eval --model` of a missing directory": Row(
+        [": no such model directory"],
+        lambda fx, tmp: run_cli(["eval", "--model", f"kd={tmp / 'none' / 'final'}"], check=False),
+    ),
     "bad JSON line": Row(
         [":3: not a JSON value (Expecting property name enclosed in double quotes at column 2); one JSON object per"],
         lambda fx, tmp: _on_data(tmp, "bad.jsonl", BAD_JSONL),

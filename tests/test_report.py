@@ -70,8 +70,8 @@ def test_headline_command_at_reduced_size(tmp_path):
     args = [
         str(ROOT / "benchmarks" / "headline.py"), "--output-dir", str(out), "--seeds", "2",
         "--teacher-steps", "4", "--student-steps", "3", "--max-documents", "24",
-        "--teacher-width", "64", "--student-width", "32", "--eval-prompts", "2", "--recipes", *recipes,
-        "data.seq_len=64", "train.micro_batch_size=4", "train.eval_batches=2",
+        "--teacher-width", "64", "--student-width", "32", "--eval-prompts", "2",
+        "data.seq_len=64", "train.micro_batch_size=4", "train.eval_batches=2", "--recipes", *recipes,
     ]  # fmt: skip
     proc = run_cli(args, launcher=[sys.executable], timeout=900)
     record = json.loads((out / "headline.json").read_text())

@@ -1,8 +1,9 @@
 """The headline experiment: what distillation buys over training the same student without a teacher.
 
-    python benchmarks/headline.py                                  # full size (README table): ~N hours on 2 cores
-    python benchmarks/headline.py --seeds 2 --student-steps 3 --teacher-steps 4 --max-documents 24 \\
-        --teacher-width 64 --student-width 32 --eval-prompts 2   # reduced (the slow test runs this)
+    python benchmarks/headline.py               # full size (the README table): 1 teacher + 18 students (docs/eval.md)
+    python benchmarks/headline.py --seeds 2 --student-steps 3 --teacher-steps 4 --max-documents 24 \
+        --teacher-width 64 --student-width 32 --eval-prompts 2 \
+        data.seq_len=64 train.micro_batch_size=4 train.eval_batches=2      # reduced: the slow test (3 recipes)
 
 One teacher (configs/demo_teacher.yaml) trained once; then, for every recipe in RECIPES and every seed, the same
 student (configs/demo.yaml: one size, one step budget, one data order per seed) trained by a real `distill train`

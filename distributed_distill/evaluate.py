@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 
@@ -33,7 +32,8 @@ from .errors import DistillError
 from .generation import Sampling, generate
 from .integrity import atomic_write_text
 from .losses import TeacherTargets
-from .objective import forward_losses
+from .objective import forward_losses, label_logprob_sum
+from .on_policy import stop_token_ids
 from .setup import resolve_loss_chunks, setup_accelerator, setup_tokenizer
 from .teacher import TeacherSource, model_inputs, setup_teacher
 
@@ -165,11 +165,8 @@ def held_out_prompts(cfg: Config, tokenizer, count: int) -> HeldOut:
         prompts.append(Prompt(prompt, tokenizer.decode(reference, skip_special_tokens=True), request))
         if len(prompts) == count:
             break
-    stop = [tokenizer.eos_token_id]
-    end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>") if counts["kind"].startswith("chat") else None
-    if end_of_turn is not None and end_of_turn != tokenizer.unk_token_id:
-        stop.append(end_of_turn)
-    return HeldOut(prompts, tokenizer, [s for s in stop if s is not None], "python-parses" if chat_task else None)
+    stop = list(stop_token_ids(tokenizer))  # as on-policy sampling stops: end of sequence, end of turn
+    return HeldOut(prompts, tokenizer, stop, "python-parses" if chat_task else None)
 
 
 GEN_SUMS = ("samples", "tokens", "teacher_nll", "nll_tokens", "rouge_l", "repeated", "ngrams", "parsed", "checked")
@@ -261,8 +258,7 @@ def _teacher_nll(teacher: TeacherSource, prompt: list[int], sample: list[int], d
     labels[0, len(prompt) :] = ids[0, len(prompt) :]
     targets = teacher.targets({"input_ids": ids, "labels": labels})
     y = labels[0, 1:]
-    nll = F.cross_entropy(targets.dense_logits().float(), y, ignore_index=data_lib.IGNORE_INDEX, reduction="sum")
-    return float(nll), int((y != data_lib.IGNORE_INDEX).sum())
+    return -float(label_logprob_sum(targets.dense_logits(), y)), int((y != data_lib.IGNORE_INDEX).sum())
 
 
 # ----------------------------------------------------------------------------------------------

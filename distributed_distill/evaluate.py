@@ -27,13 +27,12 @@ from accelerate.utils import gather_object
 
 from . import data as data_lib
 from . import metrics, models
-from .config import Config, EvalConfig, ModelConfig, load_config
+from .config import Config, EvalConfig, ModelConfig, SamplingConfig, load_config
 from .errors import DistillError
-from .generation import Sampling, generate
+from .generation import Sampling, generate, sampling_setup
 from .integrity import atomic_write_text
 from .losses import TeacherTargets
 from .objective import forward_losses, label_logprob_sum
-from .on_policy import stop_token_ids
 from .setup import resolve_loss_chunks, setup_accelerator, setup_tokenizer
 from .teacher import TeacherSource, model_inputs, setup_teacher
 
@@ -133,6 +132,7 @@ class HeldOut:
     tokenizer: object
     stop_ids: list[int]  # end of sequence, and end of turn for chat data
     task: str | None  # "python-parses" for the built-in code conversations, else None
+    sampling: Sampling  # greedy, eval.max_new_tokens
 
 
 def held_out_prompts(cfg: Config, tokenizer, count: int) -> HeldOut:
@@ -165,8 +165,10 @@ def held_out_prompts(cfg: Config, tokenizer, count: int) -> HeldOut:
         prompts.append(Prompt(prompt, tokenizer.decode(reference, skip_special_tokens=True), request))
         if len(prompts) == count:
             break
-    stop = list(stop_token_ids(tokenizer))  # as on-policy sampling stops: end of sequence, end of turn
-    return HeldOut(prompts, tokenizer, stop, "python-parses" if chat_task else None)
+    # Greedy, ending where generate and on-policy sampling end: end of sequence, and for chat the end of the turn.
+    greedy = SamplingConfig(temperature=0.0, max_new_tokens=ecfg.max_new_tokens)
+    sampling, stop = sampling_setup(greedy, tokenizer, counts["kind"], "eval")
+    return HeldOut(prompts, tokenizer, stop, "python-parses" if chat_task else None, sampling)
 
 
 GEN_SUMS = ("samples", "tokens", "teacher_nll", "nll_tokens", "rouge_l", "repeated", "ngrams", "parsed", "checked")
@@ -191,7 +193,6 @@ def generate_metrics(
     scorer = teacher if teacher is not None and getattr(teacher, "top_k", 1) is None else None
     # This rank's prompts, greedy, batch_size at a time (a row's tokens do not depend on its batch: generation.py).
     mine = list(range(rank, n, world))
-    sampling = Sampling(temperature=0.0, max_new_tokens=ecfg.max_new_tokens)
     pad = held_out.tokenizer.pad_token_id
     samples: dict[int, list[int]] = {}
     started = time.perf_counter()
@@ -201,7 +202,7 @@ def generate_metrics(
             model,
             [held_out.prompts[i].ids for i in chunk],
             [torch.Generator() for _ in chunk],
-            sampling,
+            held_out.sampling,
             pad_id=pad,
             eos_ids=held_out.stop_ids,
         )

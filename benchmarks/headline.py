@@ -27,7 +27,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from distributed_distill.demo import CONFIGS, offline_overrides, precompute_store, run_distill
+from distributed_distill.demo import (
+    CONFIGS,
+    generate_store,
+    offline_overrides,
+    precompute_store,
+    run_distill,
+    samples_overrides,
+)
 
 
 @dataclass
@@ -42,6 +49,11 @@ def _offline_store(student_cfg: str, teacher: str, work: Path, overrides: list[s
     precompute_store(student_cfg, teacher, work / "store", overrides)
 
 
+def _samples_store(student_cfg: str, teacher: str, work: Path, overrides: list[str]) -> None:
+    # One sample store per seed: the sampling seed follows train.seed, so each seed is its own draw of samples.
+    generate_store(student_cfg, teacher, work / "samples", overrides)
+
+
 # name -> recipe. The rows of the README's headline table, in order; a new student recipe is one more entry.
 RECIPES: dict[str, Recipe] = {
     "CE only (no teacher)": Recipe(["teacher=null", "distill.alpha=0", "tokenizer.path={teacher}"]),
@@ -50,6 +62,10 @@ RECIPES: dict[str, Recipe] = {
     "JSD (beta 0.5)": Recipe(["distill.loss=jsd", "distill.beta=0.5"]),
     "skew forward KL (0.1)": Recipe(["distill.loss=skew_forward_kl", "distill.skew=0.1"]),
     "offline top-64 (forward KL)": Recipe(offline_overrides(Path("{work}") / "store"), prepare=_offline_store),
+    # Issue 14: the teacher's own samples (configs/demo.yaml, section `generate`), CE on them + KD from their top-64.
+    # (On-policy needs prompts, which this plain-text corpus has not: benchmarks/on_policy_demo.py compares on- and
+    # off-policy students on the built-in conversations, docs/on_policy.md.)
+    "teacher samples, top-64": Recipe(samples_overrides(Path("{work}") / "samples"), prepare=_samples_store),
 }
 
 # The columns of the table: (title, eval.json key, format); mean +- spread over seeds.

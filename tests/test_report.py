@@ -66,12 +66,13 @@ def test_report_logs_the_plots_to_wandb(smoke_run, tmp_path):
 @pytest.mark.slow
 def test_headline_command_at_reduced_size(tmp_path):
     out = tmp_path / "headline"
-    recipes = ["CE only (no teacher)", "forward KL", "offline top-64 (forward KL)"]
+    recipes = ["CE only (no teacher)", "forward KL", "offline top-64 (forward KL)", "teacher samples, top-64"]
     args = [
         str(ROOT / "benchmarks" / "headline.py"), "--output-dir", str(out), "--seeds", "2",
         "--teacher-steps", "4", "--student-steps", "3", "--max-documents", "24",
         "--teacher-width", "64", "--student-width", "32", "--eval-prompts", "2",
-        "data.seq_len=64", "train.micro_batch_size=4", "train.eval_batches=2", "--recipes", *recipes,
+        "data.seq_len=64", "train.micro_batch_size=4", "train.eval_batches=2",
+        "generate.max_prompts=8", "generate.sampling.max_new_tokens=16", "generate.batch_size=8", "--recipes", *recipes,
     ]  # fmt: skip
     proc = run_cli(args, launcher=[sys.executable], timeout=900)
     record = json.loads((out / "headline.json").read_text())
@@ -79,7 +80,7 @@ def test_headline_command_at_reduced_size(tmp_path):
     for s in record["summary"]:
         assert s["seeds"] == 2 and len(s["val_loss"]["values"]) == 2
         assert s["val_loss"]["min"] <= s["val_loss"]["mean"] <= s["val_loss"]["max"]
-    assert "val_forward_kl" in record["summary"][1] and len(record["rows"]) == 6
+    assert "val_forward_kl" in record["summary"][1] and len(record["rows"]) == 8
     table = (out / "headline.md").read_text()
     assert all(f"| {name} | " in table for name in recipes) and "±" in table and table in proc.stdout
     image = Image.open(out / "headline.png")

@@ -22,9 +22,10 @@ def test_demo_distilled_students_beat_the_ce_only_student(tmp_path):
     online, offline = rows["student (distilled online)"], rows["student (distilled offline, top-64)"]
     sampled = rows["student (teacher samples, top-64)"]  # distill generate, verify-store, then train on the samples
     assert teacher["val_tokens"] == online["val_tokens"] == offline["val_tokens"] == ce["val_tokens"] > 0
-    assert sampled["val_tokens"] == ce["val_tokens"]  # evaluated on the same tokens (its ordering is not asserted)
+    assert sampled["val_tokens"] == ce["val_tokens"]  # evaluated on the same tokens
     assert online["val_loss"] < ce["val_loss"], rows
     assert offline["val_loss"] < ce["val_loss"], rows
+    assert sampled["val_loss"] < ce["val_loss"], rows  # 4.2501 against 4.5041 in the README's run
     assert teacher["val_loss"] < online["val_loss"], rows
     assert "| student (distilled online) |" in proc.stdout
     assert "ok: store" in proc.stdout and "ok: sample store" in proc.stdout  # the demo's stores verified

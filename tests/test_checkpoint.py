@@ -221,8 +221,8 @@ def _poison(monkeypatch, steps: set[int], micro_per_step: int = 1):
     real = trainer.forward_losses
     calls = {"n": 0}
 
-    def forward_losses(student, teacher, batch, dcfg, head):
-        out = real(student, teacher, batch, dcfg, head=head)
+    def forward_losses(student, teacher, batch, dcfg, **kwargs):
+        out = real(student, teacher, batch, dcfg, **kwargs)
         if student.training:
             calls["n"] += 1
             if (calls["n"] - 1) // micro_per_step + 1 in steps:

@@ -167,6 +167,7 @@ def teacher_nll_of_samples(
     """Sample one completion per prompt from `model` (as an on-policy step does: `sampler`'s settings, row seeds by
     prompt index) and score it with `teacher`: the teacher's per-token negative log-likelihood of the model's own
     samples (lower: the model writes what the teacher would), and the mean sample length."""
+    # Here, not at the top: objective imports data (and `datasets`), which nothing else in this module needs.
     from .objective import label_logprob_sum
 
     was_training = model.training

@@ -43,7 +43,7 @@ from . import store as store_lib
 from .config import Config
 from .errors import DistillError
 from .integrity import read_checked
-from .models import tokenizer_hash
+from .models import load_tokenizer, tokenizer_hash
 
 FORMAT = "distributed_distill.sample_store"
 VERSION = 1
@@ -128,8 +128,6 @@ def verify_samples(root: str | Path) -> str:
         raise DistillError(f"store {root}: no such directory")
     manifest = read_manifest(root)
     k, vocab = manifest["top_k"], manifest["vocab_size"]
-    from .models import load_tokenizer
-
     if tokenizer_hash(load_tokenizer(str(root / TOKENIZER))) != manifest["tokenizer_sha256"]:
         raise DistillError(f"store {root}: {TOKENIZER}/ is not the tokenizer the samples were made with")
     shards, rows = store_lib.verify_shards(

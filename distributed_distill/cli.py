@@ -185,19 +185,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def end_process_group() -> None:
+    """Destroy the process group once every rank is done with it: after a command that finished, or a stop all ranks
+    agreed on. Left to interpreter shutdown, gloo's worker threads can be destroyed while still joinable, and a rank
+    whose work was all saved dies by SIGABRT ("terminate called without an active exception", pytorch#190489), which
+    the launcher reports as a failed job. Not after an error: a rank still waiting in a collective would make the
+    destroy hang. (torch.distributed is looked up, not imported: a command that never used it skips the import.)"""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "help_config", False):
         print("\n".join(describe()))
         return 0
     try:
-        return args.func(args)
+        code = args.func(args)
+        end_process_group()
+        return code
     except ReportedElsewhere:
         return 2  # the main process prints it
     except DistillError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except Preempted as e:
+        end_process_group()  # every rank agreed to stop at this step (checkpoint.py), so none is left in a collective
         print(e, file=sys.stderr)  # "preempted at step N: checkpoint ... written; ..."
         if e.exit_code == 130:
             # Interpreter shutdown resets Python signal handlers to the default, under which a second Ctrl-C during

@@ -74,3 +74,4 @@ class Heartbeat:
 
     def close(self) -> None:
         self._stop.set()
+        self._thread.join(timeout=2 * INTERVAL)  # gone before the process group it reports on is destroyed

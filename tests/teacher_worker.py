@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from distributed_distill import models  # noqa: E402
+from distributed_distill.cli import end_process_group  # noqa: E402
 from distributed_distill.config import load_config  # noqa: E402
 from distributed_distill.errors import DistillError  # noqa: E402
 from distributed_distill.setup import setup_accelerator  # noqa: E402
@@ -113,6 +114,7 @@ def main() -> int:
     try:
         if mode == "equivalence":
             equivalence(out, teacher_dir, extra)
+            end_process_group()  # as the CLI does after a finished command
         else:
             misbehave(mode, teacher_dir, extra)
     except DistillError as e:  # as the CLI does: one line, exit status 2

@@ -307,3 +307,36 @@ def test_offline_training_checks_each_shard_as_it_reads_it(tmp_path):
         f"error: store {store}: shard train/shard-00000.parquet does not match its sha256 (checksum mismatch); "
         f"run `distill verify-store {store}`"
     )
+
+
+@pytest.mark.parametrize(
+    "outcome, code, destroyed",
+    [("finished", 0, True), ("preempted", 75, True), ("error", 2, False)],
+)
+def test_the_cli_destroys_the_process_group_after_a_finished_or_agreed_stop(
+    monkeypatch, tmp_path, outcome, code, destroyed
+):
+    """Left to interpreter shutdown, gloo's worker threads could abort a rank whose work was all saved (SIGABRT,
+    "terminate called without an active exception": a failed job). After an error it is left alone: a rank still
+    in a collective would hang the destroy. A real gloo group (world size 1) through `cli.main`."""
+    import torch.distributed as dist
+
+    from distributed_distill import cli
+    from distributed_distill.errors import DistillError, Preempted
+
+    def command(args):
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path}/rendezvous", rank=0, world_size=1)
+        dist.barrier()
+        if outcome == "preempted":
+            raise Preempted("preempted at step 3: checkpoint written")
+        if outcome == "error":
+            raise DistillError("a bad store")
+        return 0
+
+    monkeypatch.setattr(cli, "cmd_verify_store", command)
+    try:
+        assert cli.main(["verify-store", str(tmp_path)]) == code
+        assert dist.is_initialized() is not destroyed
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

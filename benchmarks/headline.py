@@ -68,13 +68,20 @@ RECIPES: dict[str, Recipe] = {
     "teacher samples, top-64": Recipe(samples_overrides(Path("{work}") / "samples"), prepare=_samples_store),
 }
 
+BASELINE = "CE only (no teacher)"  # the student without a teacher, which every other recipe is compared with
+
 # The columns of the table: (title, eval.json key, format); mean +- spread over seeds.
 METRICS = (
     ("val loss", "val_loss", ".4f"),
+    # Paired by seed: a seed fixes the student's initialisation and data order for every recipe, so the difference
+    # to the CE-only student of the same seed removes most of the seed-to-seed spread of the loss itself.
+    ("Δ val loss vs CE only, same seed", "val_loss_vs_ce", "+.4f"),
     ("fwd KL to teacher", "val_forward_kl", ".4f"),
     ("top-1 agreement", "val_top1_agreement", ".3f"),
     ("ECE", "val_ece", ".4f"),
     ("teacher NLL of samples", "gen_teacher_nll", ".3f"),
+    # Beside the teacher NLL, which it lowers: a greedy loop of frequent tokens is likely under any teacher.
+    ("repetition", "gen_repetition", ".3f"),
     ("ROUGE-L", "gen_rouge_l", ".3f"),
 )
 
@@ -124,20 +131,25 @@ def summarise(rows: list[dict], recipes: list[str], seeds: int) -> list[dict]:
     return out
 
 
-def table(summary: list[dict]) -> str:
+def table(summary: list[dict], teacher: dict | None = None) -> str:
+    """Mean ± std per recipe; first, the teacher's own row (one model, no spread) as the reference."""
     columns = [m for m in METRICS if any(m[1] in s for s in summary)]
     lines = ["| student | " + " | ".join(c[0] for c in columns) + " |", "|---|" + "---:|" * len(columns)]
+    if teacher is not None:
+        cells = [format(teacher[key], fmt) if teacher.get(key) is not None else "-" for _, key, fmt in columns]
+        lines.append("| teacher (reference) | " + " | ".join(cells) + " |")
     for s in summary:
         cells = [
-            f"{format(s[key]['mean'], fmt)} ± {format(s[key]['std'], fmt)}" if key in s else "-"
+            f"{format(s[key]['mean'], fmt)} ± {format(s[key]['std'], fmt.lstrip('+'))}" if key in s else "-"
             for _, key, fmt in columns
         ]
         lines.append(f"| {s['recipe']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def plot(summary: list[dict], path: Path) -> None:
-    """Validation loss per recipe: the mean as a bar with a +-1 std error bar, every seed a dot."""
+def plot(summary: list[dict], path: Path, teacher_loss: float | None = None) -> None:
+    """Validation loss per recipe: the mean as a bar with a +-1 std error bar, every seed a dot; the teacher's as a
+    dashed line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -152,6 +164,10 @@ def plot(summary: list[dict], path: Path) -> None:
         ax.plot([i] * len(s["val_loss"]["values"]), s["val_loss"]["values"], "o", color="black", markersize=3)
     low = min(min(s["val_loss"]["values"]) for s in summary)
     high = max(max(s["val_loss"]["values"]) for s in summary)
+    if teacher_loss is not None:
+        ax.axhline(teacher_loss, color="tab:red", linestyle="--", label=f"teacher {teacher_loss:.4f}")
+        ax.legend(loc="upper right", fontsize=8)
+        low = min(low, teacher_loss)
     ax.set_ylim(low - 0.2 * (high - low + 1e-3), high + 0.2 * (high - low + 1e-3))
     ax.set_xticks(range(len(names)), names, rotation=20, ha="right", fontsize=8)
     ax.set_ylabel("validation loss (nats/token)")
@@ -175,7 +191,8 @@ def run(out: Path, sizes: Sizes, recipes: list[str]) -> list[dict]:
     teacher = f"teacher.path={teacher_dir / 'final'}"
     student = sizes.model(sizes.student_width, sizes.student_layers, sizes.student_steps)
     models = {}
-    timings = {}
+    previous = out / "headline.json"  # a rerun keeps the training times of the runs it does not repeat
+    timings = json.loads(previous.read_text()).get("train_seconds", {}) if previous.is_file() else {}
     for name in recipes:
         recipe = RECIPES[name]
         for seed in range(sizes.seeds):
@@ -193,20 +210,26 @@ def run(out: Path, sizes: Sizes, recipes: list[str]) -> list[dict]:
             models[f"{name}/seed{seed}"] = (name, seed, work / "final")
     results = out / "eval.json"
     eval_args = ["eval", "--config", student_cfg, teacher, *common, f"eval.prompts={sizes.eval_prompts}"]
-    eval_args += ["--json", str(results)]
+    eval_args += ["--json", str(results), "--model", f"teacher={teacher_dir / 'final'}"]  # the reference row
     for label, (_, _, final) in models.items():
         eval_args += ["--model", f"{label}={final}"]
     run_distill(eval_args)
     evaluated = {r["model"]: r for r in json.loads(results.read_text())}
+    reference = {k: v for k, v in evaluated["teacher"].items() if k != "completions"}
     rows = []
     for label, (name, seed, _) in models.items():
         row = {k: v for k, v in evaluated[label].items() if k != "completions"}
         rows.append({**row, "recipe": name, "seed": seed})
+    baseline = {r["seed"]: r["val_loss"] for r in rows if r["recipe"] == BASELINE}
+    for r in rows:
+        if r["recipe"] != BASELINE and r["seed"] in baseline:
+            r["val_loss_vs_ce"] = r["val_loss"] - baseline[r["seed"]]
     summary = summarise(rows, recipes, sizes.seeds)
-    md = table(summary)
-    plot(summary, out / "headline.png")
+    md = table(summary, reference)
+    plot(summary, out / "headline.png", reference["val_loss"])
     seconds = time.perf_counter() - started
     record = {"sizes": sizes.__dict__, "seconds": seconds, "train_seconds": timings, "summary": summary, "rows": rows}
+    record["teacher"] = reference
     (out / "headline.json").write_text(json.dumps(record, indent=2) + "\n")
     (out / "headline.md").write_text(md + "\n")
     print(f"\n{md}\n\n{len(rows)} students, {sizes.seeds} seed(s) each; {seconds:.0f} s; wrote {out}/headline.*")

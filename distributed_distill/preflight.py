@@ -16,8 +16,13 @@ import shutil
 import struct
 from pathlib import Path
 
+import torch
+from transformers import AutoModelForCausalLM
+
+from . import models
 from .config import Config, ModelConfig
 from .errors import DistillError
+from .teacher import transformers_zero3
 
 # A checkpoint of an AdamW-trained student holds fp32 weights (4 bytes/parameter) and the two fp32 moments (8):
 # Accelerate's save_state for one process or DDP writes exactly that; DeepSpeed and FSDP write at least as much.
@@ -90,8 +95,6 @@ def weight_files(root: Path, where: str) -> list[Path]:
 def check_model_dir(mcfg: ModelConfig, role: str) -> int | None:
     """Check a local model directory (a hub id is left to the loader); returns the number of parameters its
     weights hold, or None when there are no headers to count."""
-    from . import models
-
     root = Path(mcfg.path).expanduser()
     if not root.is_dir():
         return None
@@ -123,11 +126,6 @@ def _numel(shape) -> int:
 
 def _shapes(config) -> dict[str, tuple]:
     """The parameter shapes `config` implies, from a model built on the meta device (no memory, no init)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from .teacher import transformers_zero3
-
     try:
         # Never under a ZeRO-3 student's `zero.Init`: preflight runs on the main process only, and a partitioned
         # build would start collectives that the other ranks never join.
@@ -142,8 +140,6 @@ def student_parameters(cfg: Config, counted: int | None) -> tuple[int | None, bo
     """The student's parameter count and whether it is exact: from its weight headers, or from its `arch` with the
     vocabulary it will get (a pretrained partner's, else the size of the tokenizer that will be trained); for a
     hub id (no local headers), from its config (an estimate: tied weights, buffers)."""
-    from . import models
-
     if counted is not None:
         return counted, True
     if cfg.student.arch is None:

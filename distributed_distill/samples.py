@@ -269,10 +269,15 @@ def describe(train: SampleSplit, val: SampleSplit, root: Path) -> str:
     return f"data from sample store {root}: " + "; ".join(parts)
 
 
-def build_datasets(cfg: Config, tokenizer, root: Path) -> tuple[SampleSplit, SampleSplit, str]:
-    """Training on the samples as prompt/completion data (seq-KD CE, or KD from an online teacher)."""
-    _, train, val = open_splits(cfg, tokenizer, root, with_targets=False)
-    return train, val, describe(train, val, root)
+def build_datasets(cfg: Config, tokenizer, root: Path, summary: dict) -> tuple[SampleSplit, SampleSplit]:
+    """Training on the samples as prompt/completion data (seq-KD CE, or KD from an online teacher). Fills `summary`
+    as `data.build_datasets` does: the startup line, and the kind of the training data (prompt/completion; its
+    prompts rendered conversations when the store's were, so that on-policy samples also end at the chat
+    template's end of turn: generation.sampling_setup)."""
+    manifest, train, val = open_splits(cfg, tokenizer, root, with_targets=False)
+    summary["line"] = describe(train, val, root)
+    summary["train"] = {"kind": "chat_prompt" if manifest["prompts"]["kind"].startswith("chat") else "prompt"}
+    return train, val
 
 
 def open_offline(cfg: Config, tokenizer, root: Path) -> tuple[store_lib.OfflineSource, str]:

@@ -403,7 +403,7 @@ def offline_config(cfg: Config) -> Config:
     return dataclasses.replace(cfg, teacher=None, tokenizer=tokenizer)
 
 
-def open_offline(cfg: Config, tokenizer, student_config, accelerator: Accelerator) -> OfflineSource:
+def open_offline(cfg: Config, tokenizer, accelerator: Accelerator) -> OfflineSource:
     """Open `distill.store` for training after checking it fits the student: manifest, tokenizer, vocabulary,
     sequence length, temperature, k and the presence and sizes of all shards; all before any model loads."""
     root = Path(cfg.distill.store)

@@ -15,6 +15,7 @@ from pathlib import Path
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
+from .checkpoint import newest_complete
 from .config import Config, to_dict
 from .errors import WriteError, write_failure
 
@@ -86,8 +87,6 @@ class Tracker:
             with self.path.open("a") as f:
                 f.write(json.dumps(clean) + "\n")
         except OSError as e:  # a full disk mid-append: the torn line is dropped on resume (read_records)
-            from .checkpoint import newest_complete
-
             raise WriteError(
                 f"{write_failure(e, self.path.parent)} while writing {self.path}; the newest complete checkpoint is "
                 f"{newest_complete(self.path.parent) or 'none'}"

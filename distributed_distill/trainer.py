@@ -77,7 +77,7 @@ def _train(cfg: Config, stop: checkpoint.StopRequest) -> dict:
         accelerator.print(line)
     elif cfg.distill.signal == "offline":
         # The logit store stands in for the data pipeline and the teacher: checked against this run, then streamed.
-        offline = open_offline(cfg, tokenizer, student_config, accelerator)
+        offline = open_offline(cfg, tokenizer, accelerator)
     if offline is not None:
         if resume is not None and resume["store"] != offline.manifest["config_hash"]:
             raise checkpoint.CheckpointError(
@@ -89,12 +89,7 @@ def _train(cfg: Config, stop: checkpoint.StopRequest) -> dict:
         summary: dict = {}
         with accelerator.main_process_first():
             if sample_store is not None:  # prompt/completion documents, only the completions learned
-                train_ds, val_ds, line = samples.build_datasets(cfg, tokenizer, sample_store)
-                summary["line"] = line
-                # prompt/completion data, its prompts rendered conversations when the store's were (on-policy
-                # samples then also end at the chat template's end of turn: generation.sampling_setup)
-                chat = samples.read_manifest(sample_store)["prompts"]["kind"].startswith("chat")
-                summary["train"] = {"kind": "chat_prompt" if chat else "prompt"}
+                train_ds, val_ds = samples.build_datasets(cfg, tokenizer, sample_store, summary)
             elif cfg.data.streaming:
                 train_ds = data_lib.DocumentStream(cfg.data, tokenizer, cfg.train.seed)
                 val_ds = data_lib.streaming_validation(cfg.data, tokenizer, summary)

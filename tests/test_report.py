@@ -81,7 +81,17 @@ def test_headline_command_at_reduced_size(tmp_path):
         assert s["seeds"] == 2 and len(s["val_loss"]["values"]) == 2
         assert s["val_loss"]["min"] <= s["val_loss"]["mean"] <= s["val_loss"]["max"]
     assert "val_forward_kl" in record["summary"][1] and len(record["rows"]) == 8
+    # The paired column: each recipe's loss minus the CE-only student's of the same seed (none for CE only itself).
+    loss = {(r["recipe"], r["seed"]): r["val_loss"] for r in record["rows"]}
+    assert "val_loss_vs_ce" not in record["summary"][0]
+    for s in record["summary"][1:]:
+        expected = [loss[(s["recipe"], seed)] - loss[(recipes[0], seed)] for seed in (0, 1)]
+        assert s["val_loss_vs_ce"]["values"] == pytest.approx(expected, abs=1e-12)
     table = (out / "headline.md").read_text()
     assert all(f"| {name} | " in table for name in recipes) and "±" in table and table in proc.stdout
+    # The teacher evaluated beside its students, through the same path: its KL to itself is zero, agreement one.
+    teacher = record["teacher"]
+    assert teacher["val_forward_kl"] == pytest.approx(0, abs=1e-6) and teacher["val_top1_agreement"] == 1.0
+    assert f"| teacher (reference) | {teacher['val_loss']:.4f} | " in table
     image = Image.open(out / "headline.png")
     assert image.format == "PNG" and (np.asarray(image.convert("RGB")) < 250).any(-1).mean() > 0.02

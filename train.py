@@ -9,9 +9,7 @@ One GPU node (8 GPUs, DDP):
     accelerate launch --config_file launch/accelerate/ddp.yaml train.py --config configs/demo.yaml
 """
 
-import sys
-
-from distributed_distill.cli import train_main
+from distributed_distill.cli import leave, train_main
 
 if __name__ == "__main__":
-    sys.exit(train_main())
+    leave(train_main())

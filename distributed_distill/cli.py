@@ -18,9 +18,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import signal
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from . import lock
 from .config import describe, load_config
@@ -185,15 +188,43 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_ranks = 1  # how many ranks this process's group had, kept by end_process_group for `leave`
+
+
 def end_process_group() -> None:
     """Destroy the process group once every rank is done with it: after a command that finished, or a stop all ranks
     agreed on. Left to interpreter shutdown, gloo's worker threads can be destroyed while still joinable, and a rank
     whose work was all saved dies by SIGABRT ("terminate called without an active exception", pytorch#190489), which
     the launcher reports as a failed job. Not after an error: a rank still waiting in a collective would make the
     destroy hang. (torch.distributed is looked up, not imported: a command that never used it skips the import.)"""
+    global _ranks
     dist = sys.modules.get("torch.distributed")
     if dist is not None and dist.is_available() and dist.is_initialized():
+        _ranks = dist.get_world_size()
         dist.destroy_process_group()
+
+
+def leave(code: int) -> NoReturn:
+    """Exit with `code`; the entry points' last call. A rank of a multi-process group leaves by `os._exit` once its
+    output is flushed, without interpreter finalization: gloo's worker threads outlive `destroy_process_group`
+    (the student's DDP wrapper still holds the group), and one that drops a finished collective's tensors while
+    the interpreter finalizes needs the GIL, is ended by `pthread_exit` inside a C++ destructor and aborts the
+    process ("terminate called without an active exception", SIGABRT; pytorch#179291): a finished run failed.
+    Nothing is lost: trackers, checkpoints, the export and metrics are closed before this, and the OS releases
+    the run lock."""
+    dist = sys.modules.get("torch.distributed")
+    ranks = dist.get_world_size() if dist is not None and dist.is_available() and dist.is_initialized() else _ranks
+    if ranks > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        logging.shutdown()
+        os._exit(code)
+    sys.exit(code)
+
+
+def run(argv: list[str] | None = None) -> NoReturn:
+    """The `distill` script and `python -m distributed_distill.cli`."""
+    leave(main(argv))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -229,4 +260,4 @@ def train_main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

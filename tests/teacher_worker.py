@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from distributed_distill import models  # noqa: E402
-from distributed_distill.cli import end_process_group  # noqa: E402
+from distributed_distill.cli import end_process_group, leave  # noqa: E402
 from distributed_distill.config import load_config  # noqa: E402
 from distributed_distill.errors import DistillError  # noqa: E402
 from distributed_distill.setup import setup_accelerator  # noqa: E402
@@ -124,4 +124,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    leave(main())

@@ -340,3 +340,33 @@ def test_the_cli_destroys_the_process_group_after_a_finished_or_agreed_stop(
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+LEAVE = """
+import atexit, sys
+import torch.distributed as dist
+from distributed_distill import cli
+
+dist.init_process_group("gloo")
+seen = [None] * dist.get_world_size()
+dist.all_gather_object(seen, dist.get_rank())  # a collective whose tensors the gloo worker threads drop last
+atexit.register(lambda: print(f"rank {dist.get_rank() if dist.is_initialized() else '?'} finalized", flush=True))
+print(f"rank {dist.get_rank()} of {dist.get_world_size()} saw {seen}")  # unflushed: leave() must flush it
+cli.end_process_group()
+cli.leave(0)
+"""
+
+
+@pytest.mark.parametrize("procs", [1, 2])
+def test_a_rank_of_several_leaves_without_interpreter_finalization(tmp_path, procs):
+    """After a finished multi-process command each rank exits by os._exit, output flushed: interpreter finalization
+    could abort it (a gloo worker thread freeing a finished collective's tensors needs the GIL: SIGABRT, a failed
+    job). A single process exits normally (its atexit handlers run)."""
+    script = tmp_path / "leave.py"
+    script.write_text(LEAVE)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs), "--master_port", "29714"]
+    proc = subprocess.run([*cmd, str(script)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for rank in range(procs):
+        assert f"rank {rank} of {procs} saw {list(range(procs))}" in proc.stdout
+    assert ("finalized" in proc.stdout) == (procs == 1), proc.stdout

@@ -206,10 +206,10 @@ def end_process_group() -> None:
 
 def leave(code: int) -> NoReturn:
     """Exit with `code`; the entry points' last call. A rank of a multi-process group leaves by `os._exit` once its
-    output is flushed, without interpreter finalization: gloo's worker threads outlive `destroy_process_group`
-    (the student's DDP wrapper still holds the group), and one that drops a finished collective's tensors while
-    the interpreter finalizes needs the GIL, is ended by `pthread_exit` inside a C++ destructor and aborts the
-    process ("terminate called without an active exception", SIGABRT; pytorch#179291): a finished run failed.
+    output is flushed, without interpreter finalization: gloo's worker threads outlive `destroy_process_group` (a
+    core dump of an aborted rank shows them running after it), and one that drops a finished collective's tensors
+    while the interpreter finalizes needs the GIL, is ended by `pthread_exit` inside a C++ destructor and aborts
+    the process ("terminate called without an active exception", SIGABRT; pytorch#179291): a finished run failed.
     Nothing is lost: trackers, checkpoints, the export and metrics are closed before this, and the OS releases
     the run lock."""
     dist = sys.modules.get("torch.distributed")

@@ -192,11 +192,10 @@ _ranks = 1  # how many ranks this process's group had, kept by end_process_group
 
 
 def end_process_group() -> None:
-    """Destroy the process group once every rank is done with it: after a command that finished, or a stop all ranks
-    agreed on. Left to interpreter shutdown, gloo's worker threads can be destroyed while still joinable, and a rank
-    whose work was all saved dies by SIGABRT ("terminate called without an active exception", pytorch#190489), which
-    the launcher reports as a failed job. Not after an error: a rank still waiting in a collective would make the
-    destroy hang. (torch.distributed is looked up, not imported: a command that never used it skips the import.)"""
+    """Destroy the process group once every rank is done with it, as torch.distributed's shutdown rule asks: after a
+    command that finished, or a stop all ranks agreed on. Not after an error: a rank still waiting in a collective
+    would make the destroy hang. (It does not stop gloo's worker threads; `leave` deals with those.)
+    torch.distributed is looked up, not imported: a command that never used it skips the import."""
     global _ranks
     dist = sys.modules.get("torch.distributed")
     if dist is not None and dist.is_available() and dist.is_initialized():

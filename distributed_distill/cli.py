@@ -188,32 +188,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_ranks = 1  # how many ranks this process's group had, kept by end_process_group for `leave`
-
-
 def end_process_group() -> None:
     """Destroy the process group once every rank is done with it, as torch.distributed's shutdown rule asks: after a
     command that finished, or a stop all ranks agreed on. Not after an error: a rank still waiting in a collective
     would make the destroy hang. (It does not stop gloo's worker threads; `leave` deals with those.)
     torch.distributed is looked up, not imported: a command that never used it skips the import."""
-    global _ranks
     dist = sys.modules.get("torch.distributed")
     if dist is not None and dist.is_available() and dist.is_initialized():
-        _ranks = dist.get_world_size()
         dist.destroy_process_group()
 
 
 def leave(code: int) -> NoReturn:
-    """Exit with `code`; the entry points' last call. A rank of a multi-process group leaves by `os._exit` once its
-    output is flushed, without interpreter finalization: gloo's worker threads outlive `destroy_process_group` (a
-    core dump of an aborted rank shows them running after it), and one that drops a finished collective's tensors
-    while the interpreter finalizes needs the GIL, is ended by `pthread_exit` inside a C++ destructor and aborts
-    the process ("terminate called without an active exception", SIGABRT; pytorch#179291): a finished run failed.
-    Nothing is lost: trackers, checkpoints, the export and metrics are closed before this, and the OS releases
-    the run lock."""
-    dist = sys.modules.get("torch.distributed")
-    ranks = dist.get_world_size() if dist is not None and dist.is_available() and dist.is_initialized() else _ranks
-    if ranks > 1:
+    """Exit with `code`; the entry points' last call. A rank of a multi-process launch (`lock.launcher_world_size`)
+    leaves by `os._exit` once its output is flushed, without interpreter finalization: gloo's worker threads
+    outlive `destroy_process_group` (a core dump of an aborted rank shows them running after it), and one that
+    drops a finished collective's tensors while the interpreter finalizes needs the GIL, is ended by
+    `pthread_exit` inside a C++ destructor and aborts the process ("terminate called without an active
+    exception", SIGABRT; pytorch#179291): a finished run failed. Nothing is lost: trackers, checkpoints, the export
+    and metrics are closed before this, and the OS releases the run lock."""
+    if lock.launcher_world_size()[1] > 1:
         sys.stdout.flush()
         sys.stderr.flush()
         logging.shutdown()

@@ -159,6 +159,15 @@ def launch_rank() -> int:
     return int(os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or 0)
 
 
+def launcher_world_size() -> tuple[str, int]:
+    """How many processes the launcher started, and the variable that says so (before any process group exists,
+    and after it is destroyed)."""
+    for name in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE", "SLURM_STEP_NUM_TASKS"):
+        if os.environ.get(name):
+            return name, int(os.environ[name])
+    return "WORLD_SIZE", 1
+
+
 def acquire_early(root: str | Path, what: str) -> None:
     """Before torch is imported: rank 0 of a launch takes the lock, so a second job on the same directory ends in
     well under a second. The other ranks learn the verdict in `hold` (if rank 0 failed here, it has exited and the

@@ -28,6 +28,7 @@ from . import models, samples
 from .config import Config, save_config
 from .errors import DistillError
 from .integrity import atomic_write_text
+from .lock import launcher_world_size
 from .losses import resolve_chunk_size
 from .tracking import METRICS, read_records, wandb_kwargs
 
@@ -111,14 +112,6 @@ def resolve_loss_chunks(cfg: Config, student_config, accelerator: Accelerator) -
         rows = resolve_chunk_size("auto", text.vocab_size, text.hidden_size, accelerator.device)
     accelerator.print(f"distill.chunk_size=auto: {rows} tokens per loss chunk" + ("" if rows else " (naive path)"))
     return dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, chunk_size=rows))
-
-
-def launcher_world_size() -> tuple[str, int]:
-    """How many processes the launcher started, and the variable that says so."""
-    for name in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE", "SLURM_STEP_NUM_TASKS"):
-        if os.environ.get(name):
-            return name, int(os.environ[name])
-    return "WORLD_SIZE", 1
 
 
 def setup_tokenizer(cfg: Config, accelerator: Accelerator):

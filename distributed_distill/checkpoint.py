@@ -25,10 +25,10 @@ import io
 import json
 import os
 import pickle
-import re
 import shutil
 import signal
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -40,11 +40,11 @@ from .config import Config, to_dict
 from .errors import DistillError, WriteError, on_main, write_failure
 from .integrity import atomic_write_text, file_problem, publish_dir, record
 from .lock import launch_rank
+from .rundir import STEP_DIR, recorded_config, step_name
 
 FORMAT = "distributed_distill-checkpoint"
 VERSION = 1
 MARKER = "checkpoint.json"
-STEP_DIR = re.compile(r"^step-(\d{7,})$")
 # What may differ between a checkpoint's config and the run that resumes it: where things are written and how
 # often, the step budget, and how the (same) teacher is run. Everything else changes what is trained.
 MAY_CHANGE = (
@@ -72,10 +72,6 @@ MAY_CHANGE = (
 
 class CheckpointError(DistillError):
     """A checkpoint that is missing, incomplete, damaged or from another run."""
-
-
-def step_name(step: int) -> str:
-    return f"step-{step:07d}"
 
 
 def list_checkpoints(out: Path) -> list[tuple[int, Path]]:
@@ -131,8 +127,10 @@ SPLIT = ("train.micro_batch_size", "train.grad_accum_steps")
 
 
 def check_compatible(meta: dict, cfg: Config, world_size: int, where: Path) -> None:
-    """Refuse a checkpoint of a different run: the first differing config key that matters is named."""
-    old, new = _flatten(meta["config"]), _flatten(to_dict(cfg))
+    """Refuse a checkpoint of a different run: the first differing config key that matters is named. The checkpoint
+    holds the run's recorded config (`rundir.recorded_config`), and `cfg` is compared in that form too, so a run
+    restarted from its own config.yaml resumes."""
+    old, new = _flatten(meta["config"]), _flatten(to_dict(recorded_config(cfg)))
     for key in sorted(old.keys() | new.keys()):
         if key.startswith(MAY_CHANGE) or key in SPLIT or old.get(key) == new.get(key):
             continue
@@ -175,6 +173,18 @@ def resume_config(cfg: Config, meta: dict, world_size: int, where: Path | str = 
     )
 
 
+@dataclass(frozen=True)
+class Resume:
+    """The checkpoint a run continues from: its directory and its marker (checkpoint.json, checked)."""
+
+    path: Path
+    meta: dict
+
+    @property
+    def step(self) -> int:
+        return self.meta["step"]
+
+
 def _choose(cfg: Config, world_size: int) -> tuple[Path | None, dict | None, list[str]]:
     out = Path(cfg.output_dir)
     resume = cfg.train.resume
@@ -213,7 +223,7 @@ def _choose(cfg: Config, world_size: int) -> tuple[Path | None, dict | None, lis
     return path, meta, notes
 
 
-def choose_resume(cfg: Config, accelerator: Accelerator) -> tuple[Path | None, dict | None]:
+def choose_resume(cfg: Config, accelerator: Accelerator) -> Resume | None:
     """Decide on the main process which checkpoint to resume (or none), and tell every rank; before any data or
     model is loaded. Damaged newer checkpoints are renamed `step-NNNNNNN.damaged` (kept, never resumed)."""
 
@@ -230,7 +240,38 @@ def choose_resume(cfg: Config, accelerator: Accelerator) -> tuple[Path | None, d
         return str(path), meta
 
     path, meta = on_main(accelerator, choose)
-    return (Path(path) if path else None), meta
+    return Resume(Path(path), meta) if path else None
+
+
+def resumed_config(cfg: Config, resume: Resume, accelerator: Accelerator) -> Config:
+    """The config a resumed run trains with: the same, except that on a different number of processes the
+    accumulation adjusts so the global batch stays what the checkpoint was trained with (docs/cluster.md). A
+    data.streaming run cannot move: each rank streams its own share of the documents (split_dataset_by_node, packed
+    per rank), so its position in the corpus exists only for the process count that wrote it."""
+    meta = resume.meta
+    if cfg.data.streaming and meta["world_size"] != accelerator.num_processes:
+        raise CheckpointError(
+            f"checkpoint of step {meta['step']} was written by {meta['world_size']} process(es); a data.streaming "
+            f"run resumes on the same number only (this run has {accelerator.num_processes})"
+        )
+    cfg = resume_config(cfg, meta, accelerator.num_processes)
+    if meta["world_size"] != accelerator.num_processes:
+        accelerator.gradient_accumulation_steps = cfg.train.grad_accum_steps
+        accelerator.print(
+            f"resume: written by {meta['world_size']} process(es), continuing on {accelerator.num_processes}: "
+            f"{cfg.train.micro_batch_size} x {cfg.train.grad_accum_steps} accumulation x "
+            f"{accelerator.num_processes} = {global_batch(meta)} sequences per step, as before"
+        )
+    return cfg
+
+
+def check_store(resume: Resume | None, store_hash: str | None, store: str | None) -> None:
+    """An offline run resumes only from the store it was trained from (by content hash: the store may move)."""
+    if resume is not None and store_hash is not None and resume.meta["store"] != store_hash:
+        raise CheckpointError(
+            f"checkpoint {resume.path} was trained from store {resume.meta['store'][:12]} but distill.store="
+            f"{store} holds store {store_hash[:12]}"
+        )
 
 
 # ----------------------------------------------------------------------------------------------

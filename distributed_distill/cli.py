@@ -69,7 +69,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if name in named:
             raise DistillError(f"--model {name}=... is given twice; give each model its own name")
         named[name] = path
-    from .evaluate import eval_config, evaluate_models, format_table, write_rows
+    from .eval.evaluate import eval_config, evaluate_models, format_table, write_rows
 
     cfg = eval_config(args.config, args.overrides, named)
     rows = evaluate_models(cfg, named)
@@ -81,7 +81,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .report import report
+    from .eval.report import report
 
     print(report([Path(d) for d in args.run_dir], Path(args.out) if args.out else None, wandb=not args.no_wandb))
     return 0
@@ -108,10 +108,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_verify_store(args: argparse.Namespace) -> int:
-    from .samples import is_sample_store, verify_samples
     from .store import verify_store
 
-    print(verify_samples(args.store_dir) if is_sample_store(args.store_dir) else verify_store(args.store_dir))
+    print(verify_store(args.store_dir))
     return 0
 
 

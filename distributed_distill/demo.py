@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from .config import load_config
-from .evaluate import format_table
+from .eval.evaluate import format_table
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 

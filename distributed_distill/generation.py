@@ -38,7 +38,8 @@ FINISH_REASONS = ("eos", "stop", "length")
 
 @dataclass(frozen=True)
 class Sampling:
-    """How to sample. temperature 0 is greedy (top_p / top_k then do nothing)."""
+    """How to sample, whole: the distribution's settings and the tokenizer's part (end tokens, padding, decoding).
+    temperature 0 is greedy (top_p / top_k then do nothing). `sampling_setup` makes one from a config section."""
 
     temperature: float = 1.0
     top_p: float = 1.0  # nucleus: keep the most likely tokens until their mass reaches top_p (1 = all)
@@ -46,6 +47,20 @@ class Sampling:
     max_new_tokens: int = 128
     stop_token_ids: tuple[int, ...] = ()  # end a row (finish "stop") once it samples one of these; the token is kept
     stop_strings: tuple[str, ...] = ()  # end a row once its decoded completion contains one (needs `decode`)
+    eos_ids: tuple[int, ...] = ()  # end a row (finish "eos") once it samples one of these; the token is kept
+    pad_id: int = 0  # what left padding and finished rows feed the model
+    decode: Callable[[list[int]], str] | None = field(default=None, compare=False, repr=False)  # for stop_strings
+
+    def settings(self) -> dict:
+        """The distribution's settings (not the tokenizer's part), as a store's plan records them."""
+        return {
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+            "max_new_tokens": self.max_new_tokens,
+            "stop_token_ids": list(self.stop_token_ids),
+            "stop_strings": list(self.stop_strings),
+        }
 
     def __post_init__(self):
         if self.temperature < 0:
@@ -58,24 +73,33 @@ class Sampling:
             raise ValueError(f"max_new_tokens={self.max_new_tokens}: must be >= 1")
         if any(not s for s in self.stop_strings):
             raise ValueError("stop_strings: an empty string would stop every row at once")
+        if self.stop_strings and self.decode is None:
+            raise ValueError("stop_strings need decode (e.g. tokenizer.decode)")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
 
 
-def sampling_setup(settings: SamplingConfig, tokenizer, kind: str, key: str) -> tuple[Sampling, list[int]]:
-    """A config's sampling section (`distill.sampling` or `generate.sampling`, named `key` in errors) as the
-    sampler's `Sampling`, and the token ids that end a sample (`generate`'s eos_ids): settings.eos_tokens, or the
-    tokenizer's eos token and, for chat prompts (`kind` chat or chat_prompt: data.document_kind), the special token
-    that ends an assistant turn in the tokenizer's chat template (<|im_end|> for ChatML, <|eot_id|> for Llama 3)."""
-    sampling = Sampling(
+def sampling_setup(settings: SamplingConfig, tokenizer, chat: bool, key: str) -> Sampling:
+    """A config's sampling section (`distill.sampling`, `generate.sampling` or evaluation's greedy one, named `key` in
+    errors) with the tokenizer's part: its padding, its decoding, and the token ids that end a sample:
+    settings.eos_tokens, or the tokenizer's eos token and, for chat prompts (`chat`), the special token that ends an
+    assistant turn in the tokenizer's chat template (<|im_end|> for ChatML, <|eot_id|> for Llama 3)."""
+    return Sampling(
         temperature=settings.temperature,
         top_p=settings.top_p,
         top_k=settings.top_k,
         max_new_tokens=settings.max_new_tokens,
         stop_strings=tuple(settings.stop_strings),
+        eos_ids=tuple(end_tokens(settings, tokenizer, chat, key)),
+        pad_id=tokenizer.pad_token_id,
+        decode=tokenizer.decode,
     )
+
+
+def end_tokens(settings: SamplingConfig, tokenizer, chat: bool, key: str) -> list[int]:
+    """The sorted token ids that end a sample (see `sampling_setup`)."""
     if settings.eos_tokens is not None:
         ids = []
         for name in settings.eos_tokens:
@@ -83,15 +107,15 @@ def sampling_setup(settings: SamplingConfig, tokenizer, kind: str, key: str) -> 
             if token is None or (token == tokenizer.unk_token_id and name != tokenizer.unk_token):
                 raise DistillError(f"{key}.eos_tokens: {name!r} is not a token of the tokenizer")
             ids.append(token)
-        return sampling, sorted(set(ids))
+        return sorted(set(ids))
     ids = {tokenizer.eos_token_id} - {None}
-    if kind.startswith("chat") and getattr(tokenizer, "chat_template", None):
+    if chat and getattr(tokenizer, "chat_template", None):
         marker = "\x00ANSWER\x00"
         turn = [{"role": "user", "content": "q"}, {"role": "assistant", "content": marker}]
         after = tokenizer.apply_chat_template(turn, tokenize=False).split(marker, 1)[-1]
         first = tokenizer(after, add_special_tokens=False)["input_ids"][:1]
         ids.update(t for t in first if t in set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder))
-    return sampling, sorted(ids)
+    return sorted(ids)
 
 
 @dataclass
@@ -189,11 +213,8 @@ def generate(
     generators: list[torch.Generator],
     sampling: Sampling,
     *,
-    pad_id: int,
-    eos_ids: Sequence[int],
     synced: bool = False,
     on_step: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
-    decode: Callable[[list[int]], str] | None = None,
     vocab: int | None = None,
 ) -> Samples:
     """Sample one completion per prompt (token ids, no padding), KV-cached, all rows of the batch at once.
@@ -202,25 +223,24 @@ def generate(
     when given, is called once per generation step with that step's raw logits [B, V] (the model's dtype, before
     temperature / top-k / top-p) and the tokens chosen [B]; row i's entry at step t belongs to its sample only while
     t < len(completions[i]) (finished rows feed pad tokens). With `synced`, every rank calls the model the same
-    number of times (see the module docstring). decode(ids) -> text is needed for `sampling.stop_strings`.
+    number of times (see the module docstring).
     vocab: only the first `vocab` logits are used (the tokenizer's ids; a model's padding rows are never sampled).
     """
     if len(generators) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts but {len(generators)} generators: give one generator per prompt")
     if any(not p for p in prompts):
         raise ValueError("an empty prompt: every prompt needs at least one token")
-    if sampling.stop_strings and decode is None:
-        raise ValueError("sampling.stop_strings needs decode (e.g. tokenizer.decode)")
     dummy = not prompts
     if dummy:
         if not synced:
             return Samples()
         # This rank has no work but must join every collective forward of the others (ZeRO-3).
-        prompts, generators = [[pad_id]], [torch.Generator()]
+        prompts, generators = [[sampling.pad_id]], [torch.Generator()]
     device, cache = _model_device(model), _cache_name(model)
+    pad_id = sampling.pad_id
     ids, mask = left_pad(prompts, pad_id, device)
     b = len(prompts)
-    eos = torch.tensor(sorted(set(eos_ids)), dtype=torch.long, device=device)
+    eos = torch.tensor(sorted(set(sampling.eos_ids)), dtype=torch.long, device=device)
     stops = torch.tensor(sorted(set(sampling.stop_token_ids)), dtype=torch.long, device=device)
     # (A dummy row is finished from the start: it only keeps this rank in the collectives while others work.)
     active = torch.full((b,), not dummy, dtype=torch.bool, device=device)
@@ -252,7 +272,7 @@ def generate(
             reasons[i] = "stop"
         active &= ~(ended_eos | ended_stop)
         if sampling.stop_strings:
-            active = _stop_strings(tokens_per_step, active, lengths, texts, reasons, sampling.stop_strings, decode)
+            active = _stop_strings(tokens_per_step, active, lengths, texts, reasons, sampling)
         if step + 1 == sampling.max_new_tokens or not _anything_left(active, synced):
             break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
@@ -276,12 +296,13 @@ def generate(
     )
 
 
-def _stop_strings(tokens_per_step, active, lengths, texts, reasons, stop_strings, decode) -> torch.Tensor:
+def _stop_strings(tokens_per_step, active, lengths, texts, reasons, sampling: Sampling) -> torch.Tensor:
     """End the active rows whose decoded completion now contains a stop string (checked only in the new text)."""
+    stop_strings = sampling.stop_strings
     longest = max(len(s) for s in stop_strings)
     active = active.clone()
     for i in torch.nonzero(active).flatten().tolist():
-        text = decode([int(t[i]) for t in tokens_per_step[: lengths[i]]])
+        text = sampling.decode([int(t[i]) for t in tokens_per_step[: lengths[i]]])
         start = max(0, len(texts[i]) - longest + 1)
         texts[i] = text
         if any(text.find(s, start) >= 0 for s in stop_strings):

@@ -1,37 +1,27 @@
-"""Load or build the teacher, the student and their shared tokenizer.
+"""Models: configs, loading or building, and the forward helpers the teacher and the student share.
 
-One code path for every source: a hub id on a cluster and a local directory in tests both go
-through `from_pretrained`; small architectures for tests and the demo are built from the
-config's `arch` block. Nothing here downloads anything unless a hub id is configured.
+One code path for every source: a hub id on a cluster and a local directory in tests both go through
+`from_pretrained`; small architectures for tests and the demo are built from the config's `arch` block. Nothing
+here downloads anything unless a hub id is configured. The tokenizer is `tokenizer.py`'s; the teacher's engines are
+`teacher.py`'s.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import hashlib
 import json
-import os
-import shutil
-import socket
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
+from accelerate.utils import DistributedType
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from .config import ArchConfig, Config, ModelConfig
 from .errors import DistillError
-from .integrity import publish_dir
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-SPECIAL_TOKENS = {"bos_token": "<|bos|>", "eos_token": "<|eos|>", "pad_token": "<|pad|>", "unk_token": "<|unk|>"}
-
-# The chat template a tokenizer trained on conversational data gets (ChatML, as Qwen's): each turn is
-# <|im_start|>role\ncontent<|im_end|>\n, and the two markers are special tokens of their own.
-CHAT_TOKENS = ["<|im_start|>", "<|im_end|>"]
-CHATML_TEMPLATE = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + "
-    "'\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
 
 
 def _looks_local(path: str) -> bool:
@@ -199,6 +189,12 @@ class AlignedHead:
         return None if bias is None else bias[: self.vocab]
 
 
+def student_is_sharded(accelerator) -> bool:
+    """ZeRO-3 and FSDP hold only a shard of the student's lm_head weight outside its forward."""
+    plugin = accelerator.state.deepspeed_plugin
+    return accelerator.distributed_type == DistributedType.FSDP or (plugin is not None and plugin.zero_stage == 3)
+
+
 def dtype_name(mcfg: ModelConfig, device: torch.device | None) -> str:
     """The model's dtype: `auto` is bfloat16 on CUDA and float32 elsewhere (CPU bf16 matmuls are slow)."""
     if mcfg.dtype != "auto":
@@ -258,111 +254,99 @@ def model_identity(mcfg: ModelConfig, config: PretrainedConfig) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
-# Tokenizer
+# Forward helpers: the teacher and the student are called alike
 
 
-def tokenizer_source(cfg: Config) -> tuple[str, str | None] | None:
-    """(path, revision) of the tokenizer: the explicit one, else the teacher's or student's pretrained one at the
-    model's own revision (a pinned model never pairs with an unpinned tokenizer); None = train one on the data."""
-    for source in (cfg.tokenizer, cfg.teacher, cfg.student):
-        if source is not None and source.path is not None:
-            return source.path, source.revision
-    return None
+# Attention implementations that separate packed documents from position_ids alone (varlen kernels).
+VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3")
 
 
-def load_tokenizer(path: str, revision: str | None = None, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
-    check_local(path, "tokenizer")
-    try:
-        # trust_remote_code is always explicit: left unset, transformers asks on an interactive terminal.
-        tok = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DistillError(f"tokenizer {path}: cannot load: {first}") from None
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    return tok
+def attention_implementation(model) -> str | None:
+    inner = getattr(model, "module", model)  # DDP / DeepSpeed engines wrap the model
+    return getattr(getattr(inner, "config", None), "_attn_implementation", None)
 
 
-SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
+def document_mask(position_ids: torch.Tensor, additive_dtype: torch.dtype | None = None) -> torch.Tensor | None:
+    """[B, 1, S, S] block-diagonal causal mask of packed rows: a token attends to earlier tokens of its own document
+    (documents start where position_ids do not continue by one). None when no row holds more than one document.
+    Boolean (True = attend) for sdpa; additive (0 / dtype min) for eager attention, which adds the mask."""
+    starts = torch.diff(position_ids, prepend=position_ids[:, :1] - 1, dim=-1) != 1
+    segment = starts.cumsum(-1)
+    if bool((segment[:, -1] == 1).all()):
+        return None
+    s = position_ids.shape[-1]
+    causal = torch.ones(s, s, dtype=torch.bool, device=position_ids.device).tril()
+    mask = (segment[:, :, None] == segment[:, None, :]) & causal
+    if additive_dtype is None:
+        return mask[:, None]
+    zero = torch.zeros((), dtype=additive_dtype, device=mask.device)
+    return torch.where(mask, zero, torch.finfo(additive_dtype).min)[:, None]
 
 
-def tokenizer_difference(
-    a: PreTrainedTokenizerBase, b: PreTrainedTokenizerBase, names: tuple[str, str], *, specials: bool = True
-) -> str | None:
-    """None when both tokenize alike (same id for every token, same special tokens), else the first difference."""
-    ta = {i: t for t, i in a.get_vocab().items()}
-    tb = {i: t for t, i in b.get_vocab().items()}
-    for i in sorted(ta.keys() | tb.keys()):
-        if ta.get(i) != tb.get(i):
-            return f"token id {i} is {ta.get(i)!r} in the {names[0]}'s and {tb.get(i)!r} in the {names[1]}"
-    if specials:
-        for key in SPECIAL_KEYS:
-            if getattr(a, key) != getattr(b, key):
-                return f"{key} is {getattr(a, key)!r} in the {names[0]}'s and {getattr(b, key)!r} in the {names[1]}"
-    return None
+def model_inputs(model, batch: dict) -> dict:
+    """What a model's forward receives from a batch; the teacher and the student get exactly the same.
+
+    Packed rows carry per-document `position_ids` (each document starts at 0). transformers (5.x) reads them as a
+    packed format but its sdpa / eager masks then only remap the causal mask to positions, which lets a document
+    see the earlier one; so for those a 4D block-diagonal causal mask is passed as well (S x S per row). The varlen
+    flash-attention kernels separate documents from the positions alone."""
+    inputs = {"input_ids": batch["input_ids"], "use_cache": False}
+    positions = batch.get("position_ids")
+    if positions is not None:
+        inputs["position_ids"] = positions
+        impl = attention_implementation(model)
+        if impl not in VARLEN_ATTENTION:
+            dtype = None if impl == "sdpa" else next(getattr(model, "module", model).parameters()).dtype
+            mask = document_mask(positions, dtype)
+            if mask is not None:
+                inputs["attention_mask"] = mask
+    return inputs
 
 
-def check_tokenizers(cfg: Config, tokenizer: PreTrainedTokenizerBase) -> None:
-    """Teacher and student each ship a tokenizer when loaded from a path: both must equal the run's one.
+def final_hidden(model, batch: dict) -> torch.Tensor:
+    """The last hidden states [B, S, H] (after the final norm), without computing [B, S, V] logits."""
+    out = model(**model_inputs(model, batch), output_hidden_states=True, logits_to_keep=1)
+    return out.hidden_states[-1]
 
-    Distillation compares distributions token id by token id, so a different vocabulary is refused, naming the
-    first token that differs (cross-tokenizer distillation is not supported). Special tokens must agree too,
-    unless `tokenizer.path` names the tokenizer explicitly (its special tokens are then the run's).
+
+def parameter_bytes(model: torch.nn.Module) -> tuple[int, int, int]:
+    """(bytes this rank holds, bytes of the whole model, number of parameters of the whole model).
+
+    Understands ZeRO-3 partitions (`ds_tensor`: this rank's slice; `ds_numel`: the full size; `data`: empty
+    unless gathered, or whole for the small parameters ZeRO-3 keeps on every rank) and FSDP2 DTensors
+    (`to_local()`); anything else is held whole.
     """
-    source = tokenizer_source(cfg)
-    for role in ("teacher", "student"):
-        mcfg = getattr(cfg, role)
-        if mcfg is None or mcfg.path is None or (mcfg.path, mcfg.revision) == source:
-            continue
-        try:
-            own = load_tokenizer(mcfg.path, mcfg.revision, mcfg.trust_remote_code)
-        except DistillError:
-            continue  # a weights-only directory: nothing to compare
-        diff = tokenizer_difference(own, tokenizer, (role, f"run's ({source[0]})"), specials=cfg.tokenizer.path is None)
-        if diff is not None:
-            raise DistillError(
-                f"{role}.path={mcfg.path}: tokenizers differ: {diff}; teacher and "
-                "student must share one tokenizer (cross-tokenizer distillation is not supported)"
-            )
+    local = full = count = 0
+    for p in model.parameters():
+        if hasattr(p, "ds_tensor"):
+            local += (p.ds_tensor.numel() + p.data.numel()) * p.ds_tensor.element_size()
+            full += p.ds_numel * p.ds_tensor.element_size()
+            count += p.ds_numel
+        else:
+            held = p.to_local() if hasattr(p, "to_local") else p
+            local += held.numel() * held.element_size()
+            full += p.numel() * p.element_size()
+            count += p.numel()
+    return local, full, count
 
 
-def train_bpe_tokenizer(texts, vocab_size: int, out_dir: Path, chat: bool = False) -> PreTrainedTokenizerBase:
-    """Train a byte-level BPE tokenizer on an iterator of texts and save it as a transformers tokenizer; `chat`
-    adds the ChatML markers as special tokens and the ChatML chat template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+@contextlib.contextmanager
+def transformers_zero3(ds_config: dict | None):
+    """Make transformers build/load the next model under `deepspeed.zero.Init(ds_config)`, or (None) not at all.
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    specials = [SPECIAL_TOKENS[k] for k in ("pad_token", "bos_token", "eos_token", "unk_token")]
-    specials += CHAT_TOKENS if chat else []
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=specials,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(texts, trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIAL_TOKENS)
-    if chat:
-        fast.add_special_tokens({"additional_special_tokens": CHAT_TOKENS})
-        fast.chat_template = CHATML_TEMPLATE
-    # A temporary name of this process's own: jobs that share the cache (an array's tasks) may train the same
-    # tokenizer at the same moment; the first to publish wins and the others drop their identical copy.
-    tmp = out_dir.with_name(f"{out_dir.name}.tmp-{socket.gethostname()}-{os.getpid()}")
-    fast.save_pretrained(tmp)
+    transformers decides from one process-wide weak reference; an Accelerate DeepSpeed ZeRO-3 student sets
+    it too. Setting ours (or clearing it) for exactly one load keeps the teacher's and student's configs apart.
+    """
+    from transformers.integrations import deepspeed as hf_ds
+
+    saved = hf_ds._hf_deepspeed_config_weak_ref
+    holder = None
+    if ds_config is None:
+        hf_ds.unset_hf_deepspeed_config()
+    else:
+        holder = hf_ds.HfDeepSpeedConfig(copy.deepcopy(ds_config))  # registers itself; the weakref needs it alive
     try:
-        publish_dir(tmp, out_dir)  # a half-written tokenizer is never picked up from the cache
-    except OSError:
-        if not out_dir.is_dir():
-            raise
-        shutil.rmtree(tmp, ignore_errors=True)
-    return fast
-
-
-def tokenizer_hash(tok: PreTrainedTokenizerBase) -> str:
-    """A fingerprint of the vocabulary and merges, so runs and stores can check they tokenize alike."""
-    backend = getattr(tok, "backend_tokenizer", None)
-    blob = backend.to_str() if backend is not None else json.dumps(sorted(tok.get_vocab().items()))
-    return hashlib.sha256(blob.encode()).hexdigest()
+        yield
+    finally:
+        del holder
+        hf_ds._hf_deepspeed_config_weak_ref = saved

@@ -10,11 +10,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import data as data_lib
 from .config import DistillConfig
+from .data.batching import IGNORE_INDEX
 from .losses import LossOutput, chunked_distill_loss, kd_loss, sparse_kd_loss
-from .models import AlignedHead
-from .teacher import TeacherSource, final_hidden, model_inputs
+from .models import AlignedHead, final_hidden, model_inputs
+from .teacher import TeacherSource
 
 
 def forward_losses(
@@ -29,7 +29,7 @@ def forward_losses(
 
     `student` is the (possibly wrapped) module to call, `head` its output layer (unwrapped) restricted to the
     tokenizer's rows (padding rows of the embedding matrix never enter a softmax), `teacher` a teacher source
-    (online or offline) or None. The student and the teacher get the same inputs (`teacher.model_inputs`).
+    (online or offline) or None. The student and the teacher get the same inputs (`models.model_inputs`).
     `ce_weight` is the weight the caller gives ce_sum (default 1 - alpha; 0 on an on-policy step): the chunked
     loss computes the gradient of that combination during the forward.
     """
@@ -57,7 +57,7 @@ def forward_losses(
     # Naive path: full [tokens, V] logits; for models or strategies where the head cannot be used directly.
     logits = student(**model_inputs(student, batch)).logits[:, :-1, : head.vocab]
     logits = logits.reshape(-1, logits.shape[-1])  # not head.weight.shape: a ZeRO-3 student holds only a shard
-    ce_sum = F.cross_entropy(logits.float(), labels, ignore_index=data_lib.IGNORE_INDEX, reduction="sum")
+    ce_sum = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
     kd_sum = logits.new_zeros((), dtype=torch.float32)
     stats = {}
     if want_kd and targets.sparse:
@@ -77,20 +77,20 @@ def forward_losses(
         stats["teacher_logprob"] = label_logprob_sum(dense, labels)  # as the chunked loss reports it
         del dense
     del targets
-    n = (labels != data_lib.IGNORE_INDEX).sum()
+    n = (labels != IGNORE_INDEX).sum()
     return LossOutput(kd_sum=kd_sum, ce_sum=ce_sum, num_tokens=n, stats=stats)
 
 
 @torch.no_grad()
 def label_logprob_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Sum over counted positions of log softmax(logits)[label], at temperature 1: [N, V], [N] -> scalar float32."""
-    counted = labels != data_lib.IGNORE_INDEX
+    counted = labels != IGNORE_INDEX
     logits = logits[counted].float()
     return (logits.gather(1, labels[counted][:, None]).squeeze(1) - logits.logsumexp(-1)).sum()
 
 
 def count_tokens(micro_batches: list[dict]) -> torch.Tensor:
-    return sum((mb["labels"][:, 1:] != data_lib.IGNORE_INDEX).sum() for mb in micro_batches)
+    return sum((mb["labels"][:, 1:] != IGNORE_INDEX).sum() for mb in micro_batches)
 
 
 # Diagnostics the chunked loss returns as sums over counted tokens; logged as per-token means.

@@ -1,7 +1,7 @@
 """On-policy distillation (GKD's lambda, `distill.on_policy`): on a share of the optimizer steps the student writes
 the completions itself, and the teacher scores every token it wrote (docs/on_policy.md).
 
-    fit: next_batches -> [on-policy step: Sampler.sample] -> train_step(ce_weight=0 on samples) -> log
+    fit: next_batches -> [on-policy step: StudentSampler.sample] -> train_step(ce_weight=0 on samples) -> log
 
 On an on-policy step every row's prompt (its tokens before the completion the data gives) is continued by the
 current student (`generation.generate`: batched, KV cache, no gradient, the module unwrapped from DDP; a ZeRO-3 or
@@ -21,16 +21,15 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from .config import Config, no_prompts
+from .config import Config
+from .data.batching import IGNORE_INDEX
+from .data.documents import DocKind
 from .errors import DistillError
 from .generation import Sampling, generate, sampling_setup
-
-IGNORE_INDEX = -100  # data.IGNORE_INDEX (not imported: this module needs none of data's dependencies)
 
 
 def _hash63(*parts: object) -> int:
@@ -84,12 +83,6 @@ def sampled_batch(input_ids: torch.Tensor, prompt_lens: list[int], completions: 
     return {"input_ids": ids, "labels": labels}
 
 
-def check_prompts(cfg: Config, kind: str) -> None:
-    """On-policy steps continue prompts: refuse plain text data (it has none), before any model loads."""
-    if cfg.distill.on_policy > 0 and kind == "text":
-        raise no_prompts(cfg)
-
-
 @dataclass
 class Sampled:
     """What an on-policy step's sampling produced on this rank, for its metrics record."""
@@ -114,24 +107,20 @@ class Sampled:
 
 
 @dataclass
-class Sampler:
+class StudentSampler:
     """The student's sampling on on-policy steps, built once by the trainer."""
 
-    sampling: Sampling  # distill.sampling, through generation.sampling_setup
+    sampling: Sampling  # distill.sampling with the tokenizer's end tokens, padding and decoding (sampling_setup)
     seed: int
-    pad_id: int
-    eos_ids: list[int]  # eos (and a conversation's end-of-turn token, or distill.sampling.eos_tokens)
     synced: bool  # a sharded student (ZeRO-3, FSDP): every rank steps until all are done
-    decode: Callable[[list[int]], str]  # the tokenizer's, for sampling.stop_strings
 
     @classmethod
-    def build(cls, cfg: Config, tokenizer, kind: str, synced: bool) -> Sampler | None:
-        """The sampler of a run whose training documents are of `kind` (data.document_kind); None when no step is
-        on-policy."""
+    def build(cls, cfg: Config, tokenizer, kind: DocKind | None, synced: bool) -> StudentSampler | None:
+        """The sampler of a run whose training documents are of `kind`; None when no step is on-policy."""
         if cfg.distill.on_policy <= 0:
             return None
-        sampling, eos = sampling_setup(cfg.distill.sampling, tokenizer, kind, "distill.sampling")
-        return cls(sampling, cfg.train.seed, tokenizer.pad_token_id, eos, synced, tokenizer.decode)
+        chat = kind is not None and kind.is_chat
+        return cls(sampling_setup(cfg.distill.sampling, tokenizer, chat, "distill.sampling"), cfg.train.seed, synced)
 
     @torch.no_grad()
     def sample(self, model: torch.nn.Module, micro_batches: list[dict], rows: list[list[int]]) -> tuple[list, Sampled]:
@@ -147,46 +136,11 @@ class Sampler:
                 prompts = [mb["input_ids"][i, :n].tolist() for i, n in enumerate(lengths)]
                 # CPU generators: the draws are the same on any device (generation.sample_tokens)
                 generators = [torch.Generator().manual_seed(row_seed(self.seed, p)) for p in where]
-                result = generate(
-                    model, prompts, generators, self.sampling, pad_id=self.pad_id, eos_ids=self.eos_ids,
-                    synced=self.synced, decode=self.decode,
-                )  # fmt: skip
+                result = generate(model, prompts, generators, self.sampling, synced=self.synced)
                 completions = [list(map(int, c)) for c in result.completions]
-                out.append(sampled_batch(mb["input_ids"], lengths, completions, self.pad_id))
+                out.append(sampled_batch(mb["input_ids"], lengths, completions, self.sampling.pad_id))
                 samples += len(completions)
                 tokens += sum(len(c) for c in completions)
         finally:
             model.train(was_training)
         return out, Sampled(samples, tokens, time.perf_counter() - started)
-
-
-@torch.no_grad()
-def teacher_nll_of_samples(
-    model: torch.nn.Module, teacher: torch.nn.Module, prompts: list[list[int]], sampler: Sampler, batch_size: int = 16
-) -> dict:
-    """Sample one completion per prompt from `model` (as an on-policy step does: `sampler`'s settings, row seeds by
-    prompt index) and score it with `teacher`: the teacher's per-token negative log-likelihood of the model's own
-    samples (lower: the model writes what the teacher would), and the mean sample length."""
-    # Here, not at the top: objective imports data (and `datasets`), which nothing else in this module needs.
-    from .objective import label_logprob_sum
-
-    was_training = model.training
-    model.eval()
-    nll, tokens = 0.0, 0
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start : start + batch_size]
-        generators = [torch.Generator().manual_seed(row_seed(sampler.seed, start + i)) for i in range(len(chunk))]
-        samples = generate(
-            model, chunk, generators, sampler.sampling, pad_id=sampler.pad_id, eos_ids=sampler.eos_ids,
-            decode=sampler.decode,
-        )  # fmt: skip
-        width = max(map(len, chunk))
-        ids = torch.tensor([p + [sampler.pad_id] * (width - len(p)) for p in chunk])
-        batch = sampled_batch(ids, [len(p) for p in chunk], samples.completions, sampler.pad_id)
-        device = next(teacher.parameters()).device
-        logits = teacher(input_ids=batch["input_ids"].to(device)).logits[:, :-1]
-        labels = batch["labels"][:, 1:].reshape(-1).to(device)
-        nll -= float(label_logprob_sum(logits.reshape(-1, logits.shape[-1]), labels))
-        tokens += sum(map(len, samples.completions))
-    model.train(was_training)
-    return {"teacher_nll": nll / max(tokens, 1), "mean_sample_length": tokens / max(len(prompts), 1)}

@@ -1,5 +1,12 @@
-"""Checks that run before anything expensive (tokenizer training, tokenization, model loading): the model files open
-and agree with their configs, and the run directory has room for a checkpoint.
+"""The checks that run before anything expensive (tokenizer training, tokenization, model loading), by stage. A
+mistake is one line (`error: ...`, exit 2) with nothing written (docs/robustness.md lists every case):
+
+    config   every key, type and combination, at load (config.py; the CLI, before any heavy import)
+    launch   the process count the launcher started, and the strategies that cannot go together   check_launch
+    models   paths, model files against their configs, room for a checkpoint                          check_models
+    data     enough sequences for one global batch; prompts for on-policy steps                        check_data
+    store    a store writer's settings (check_store_writer); a store read for training is checked against the run
+             as it is opened (store/logits.py, store/samples.py), and against a resumed checkpoint (checkpoint.py)
 
 Whether a directory can be written at all is settled by taking its lock (`lock.py`), which creates a file there.
 
@@ -20,9 +27,11 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from . import models
-from .config import Config, ModelConfig
-from .errors import DistillError
-from .teacher import transformers_zero3
+from .config import Config, ModelConfig, no_prompts
+from .data.documents import DocKind
+from .errors import DistillError, on_main
+from .lock import launcher_world_size
+from .models import transformers_zero3
 
 # A checkpoint of an AdamW-trained student holds fp32 weights (4 bytes/parameter) and the two fp32 moments (8):
 # Accelerate's save_state for one process or DDP writes exactly that; DeepSpeed and FSDP write at least as much.
@@ -175,9 +184,14 @@ def _size(n: float) -> str:
     return ""
 
 
-def check_run(cfg: Config, say) -> None:
-    """`distill train`, on the main process, with the run directory locked: model files, then room for one
-    checkpoint."""
+def check_models(cfg: Config, accelerator) -> None:
+    """`distill train`, with the run directory locked: the paths, then (decided on the main process, agreed by all
+    ranks) the model files and room for one checkpoint."""
+    models.check_paths(cfg)  # a mistyped path is named as such, before a checkpoint is compared against it
+    on_main(accelerator, lambda: _check_model_files(cfg, accelerator.print))
+
+
+def _check_model_files(cfg: Config, say) -> None:
     counted = {}
     for role in ("student", "teacher"):
         mcfg = getattr(cfg, role)
@@ -194,3 +208,66 @@ def check_run(cfg: Config, say) -> None:
             exact,
             say,
         )
+
+
+def check_launch(cfg: Config, accelerator) -> None:
+    """What the launch and the strategies allow, once the accelerator exists: every rank of the launcher joined this
+    process group, and the student's sharding goes with LoRA, generation during training and the chunked loss."""
+    # A launcher that starts N processes which do not join one process group gives N students trained alone
+    # (torchrun without Accelerator(cpu=True) on CPU; `srun -n 2 python train.py` without torchrun). Refuse.
+    name, world = launcher_world_size()
+    if accelerator.num_processes != world:
+        raise DistillError(
+            f"Accelerate sees {accelerator.num_processes} process(es) but the launcher started {name}={world}; "
+            "on CPU launch with `ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes N` or torchrun, "
+            "under SLURM run one torchrun/accelerate launch per node"
+        )
+    if not models.student_is_sharded(accelerator):
+        return
+    strategy = "ZeRO-3" if accelerator.state.deepspeed_plugin is not None else "FSDP"
+    if cfg.student.lora is not None:
+        # peft wraps the model after it is built; a ZeRO-3 / FSDP student is partitioned as it is built (and its
+        # frozen base weights would still be sharded and gathered like trained ones): not supported here.
+        raise DistillError(
+            f"student.lora with a {strategy} student is not supported; launch LoRA with launch/accelerate/ddp.yaml or "
+            "zero2.yaml (the frozen base fits each GPU), or unset student.lora"
+        )
+    if cfg.eval.train_prompts:
+        raise DistillError(
+            f"eval.train_prompts={cfg.eval.train_prompts} generates with the student, which a {strategy} student "
+            "holds in shards; set eval.train_prompts=0 and run `distill eval` on the exported student"
+        )
+    if cfg.distill.chunk_size not in (0, "auto"):
+        # The chunked loss multiplies by the student's lm_head weight outside its forward, where ZeRO-3 and FSDP
+        # hold only a shard of it.
+        raise DistillError(
+            f"distill.chunk_size={cfg.distill.chunk_size} needs the student's whole output layer, which a {strategy} "
+            "student shards; set distill.chunk_size=0 (logits from forward)"
+        )
+
+
+def check_data(cfg: Config, kind: DocKind, sequences: int | None, world: int) -> None:
+    """What a run trains on: prompts for on-policy steps (plain text has none), and a training split of at least one
+    global batch (`sequences` None: a stream, whose length is unknown until read); before any model loads."""
+    if cfg.distill.on_policy > 0 and kind is DocKind.TEXT:
+        raise no_prompts(cfg)
+    train = cfg.train
+    batch = train.micro_batch_size * train.grad_accum_steps * world
+    if sequences is not None and sequences < batch:
+        offline = cfg.distill.signal == "offline"
+        source = f"distill.store={cfg.distill.store}" if offline else f"data.source={cfg.data.source}"
+        raise DistillError(
+            f"{source} gives {sequences} training sequence(s) of {cfg.data.seq_len} tokens, fewer than one global "
+            f"batch ({train.micro_batch_size} micro_batch_size x {train.grad_accum_steps} grad_accum_steps x {world} "
+            f"process(es) = {batch}); add data, or lower train.micro_batch_size or data.seq_len"
+        )
+
+
+def check_store_writer(cfg: Config, store: str | None, key: str, command: str) -> None:
+    """`distill precompute` and `distill generate`: what writing a store needs, before the accelerator starts."""
+    if cfg.teacher is None:
+        raise DistillError(f"distill {command} needs a teacher: set teacher.path or teacher.arch")
+    if not store:
+        raise DistillError(f"distill {command} needs {key}: the directory to write the store into")
+    if cfg.data.streaming:
+        raise DistillError(f"distill {command} reads the whole data set: set data.streaming=false")

@@ -25,9 +25,10 @@ import torch
 import torch.nn.functional as F
 
 from . import models
-from .config import Config, TeacherConfig
+from .config import TeacherConfig
 from .errors import DistillError
 from .losses import TeacherTargets, resolve_chunk_size
+from .models import final_hidden, parameter_bytes, transformers_zero3
 
 
 class TeacherSource(Protocol):
@@ -50,58 +51,6 @@ class TeacherSource(Protocol):
     def parameter_bytes(self) -> tuple[int, int]:
         """(bytes of teacher parameters this rank holds, bytes of the whole teacher)."""
         ...
-
-
-# Attention implementations that separate packed documents from position_ids alone (varlen kernels).
-VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3")
-
-
-def attention_implementation(model) -> str | None:
-    inner = getattr(model, "module", model)  # DDP / DeepSpeed engines wrap the model
-    return getattr(getattr(inner, "config", None), "_attn_implementation", None)
-
-
-def document_mask(position_ids: torch.Tensor, additive_dtype: torch.dtype | None = None) -> torch.Tensor | None:
-    """[B, 1, S, S] block-diagonal causal mask of packed rows: a token attends to earlier tokens of its own document
-    (documents start where position_ids do not continue by one). None when no row holds more than one document.
-    Boolean (True = attend) for sdpa; additive (0 / dtype min) for eager attention, which adds the mask."""
-    starts = torch.diff(position_ids, prepend=position_ids[:, :1] - 1, dim=-1) != 1
-    segment = starts.cumsum(-1)
-    if bool((segment[:, -1] == 1).all()):
-        return None
-    s = position_ids.shape[-1]
-    causal = torch.ones(s, s, dtype=torch.bool, device=position_ids.device).tril()
-    mask = (segment[:, :, None] == segment[:, None, :]) & causal
-    if additive_dtype is None:
-        return mask[:, None]
-    zero = torch.zeros((), dtype=additive_dtype, device=mask.device)
-    return torch.where(mask, zero, torch.finfo(additive_dtype).min)[:, None]
-
-
-def model_inputs(model, batch: dict) -> dict:
-    """What a model's forward receives from a batch; the teacher and the student get exactly the same.
-
-    Packed rows carry per-document `position_ids` (each document starts at 0). transformers (5.x) reads them as a
-    packed format but its sdpa / eager masks then only remap the causal mask to positions, which lets a document
-    see the earlier one; so for those a 4D block-diagonal causal mask is passed as well (S x S per row). The varlen
-    flash-attention kernels separate documents from the positions alone."""
-    inputs = {"input_ids": batch["input_ids"], "use_cache": False}
-    positions = batch.get("position_ids")
-    if positions is not None:
-        inputs["position_ids"] = positions
-        impl = attention_implementation(model)
-        if impl not in VARLEN_ATTENTION:
-            dtype = None if impl == "sdpa" else next(getattr(model, "module", model).parameters()).dtype
-            mask = document_mask(positions, dtype)
-            if mask is not None:
-                inputs["attention_mask"] = mask
-    return inputs
-
-
-def final_hidden(model, batch: dict) -> torch.Tensor:
-    """The last hidden states [B, S, H] (after the final norm), without computing [B, S, V] logits."""
-    out = model(**model_inputs(model, batch), output_hidden_states=True, logits_to_keep=1)
-    return out.hidden_states[-1]
 
 
 @torch.no_grad()
@@ -259,27 +208,6 @@ def _is_collective_failure(e: RuntimeError) -> bool:
     return isinstance(e, dist_error) or any(s in str(e).lower() for s in _COLLECTIVE_FAILURES)
 
 
-def parameter_bytes(model: torch.nn.Module) -> tuple[int, int, int]:
-    """(bytes this rank holds, bytes of the whole model, number of parameters of the whole model).
-
-    Understands ZeRO-3 partitions (`ds_tensor`: this rank's slice; `ds_numel`: the full size; `data`: empty
-    unless gathered, or whole for the small parameters ZeRO-3 keeps on every rank) and FSDP2 DTensors
-    (`to_local()`); anything else is held whole.
-    """
-    local = full = count = 0
-    for p in model.parameters():
-        if hasattr(p, "ds_tensor"):
-            local += (p.ds_tensor.numel() + p.data.numel()) * p.ds_tensor.element_size()
-            full += p.ds_numel * p.ds_tensor.element_size()
-            count += p.ds_numel
-        else:
-            held = p.to_local() if hasattr(p, "to_local") else p
-            local += held.numel() * held.element_size()
-            full += p.numel() * p.element_size()
-            count += p.numel()
-    return local, full, count
-
-
 # ----------------------------------------------------------------------------------------------
 # Engines
 
@@ -316,28 +244,6 @@ def zero3_inference_config(tcfg: TeacherConfig, hidden_size: int, dtype: str | N
     }
 
 
-@contextlib.contextmanager
-def transformers_zero3(ds_config: dict | None):
-    """Make transformers build/load the next model under `deepspeed.zero.Init(ds_config)`, or (None) not at all.
-
-    transformers decides from one process-wide weak reference; an Accelerate DeepSpeed ZeRO-3 student sets
-    it too. Setting ours (or clearing it) for exactly one load keeps the teacher's and student's configs apart.
-    """
-    from transformers.integrations import deepspeed as hf_ds
-
-    saved = hf_ds._hf_deepspeed_config_weak_ref
-    holder = None
-    if ds_config is None:
-        hf_ds.unset_hf_deepspeed_config()
-    else:
-        holder = hf_ds.HfDeepSpeedConfig(copy.deepcopy(ds_config))  # registers itself; the weakref needs it alive
-    try:
-        yield
-    finally:
-        del holder
-        hf_ds._hf_deepspeed_config_weak_ref = saved
-
-
 def _ensure_process_group(device: torch.device) -> None:
     """ZeRO-3 needs a process group even for one process (offloading a teacher bigger than the one GPU)."""
     import deepspeed
@@ -352,13 +258,27 @@ def _ensure_process_group(device: torch.device) -> None:
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", auto_mpi_discovery=False)
 
 
-def load_replicated(cfg: Config, teacher_config, device: torch.device, **kwargs) -> OnlineTeacher:
+def init_seed(run_seed: int) -> int:
+    """The seed a teacher built from `arch` is initialised with: the run's seed + 1, never the student's (tests and
+    the demo build both from scratch). Such a teacher is only defined with its seed, so its identity records it."""
+    return run_seed + 1
+
+
+def identity(tcfg: TeacherConfig, teacher_config, run_seed: int) -> dict:
+    """What a run (teacher.json), a logit store and a sample store record about the teacher: never its weights."""
+    found = models.model_identity(tcfg, teacher_config)
+    if tcfg.arch is not None:
+        found["init_seed"] = init_seed(run_seed)
+    return found
+
+
+def load_replicated(tcfg: TeacherConfig, teacher_config, device: torch.device, seed: int, **kwargs) -> OnlineTeacher:
     with transformers_zero3(None):  # never partitioned by a ZeRO-3 student's zero.Init
-        model = models.load_model(cfg.teacher, teacher_config, seed=cfg.train.seed + 1, device=device)
-    return OnlineTeacher(model.to(device), models.model_identity(cfg.teacher, teacher_config), **kwargs)
+        model = models.load_model(tcfg, teacher_config, seed=init_seed(seed), device=device)
+    return OnlineTeacher(model.to(device), identity(tcfg, teacher_config, seed), **kwargs)
 
 
-def load_zero3(cfg: Config, teacher_config, device: torch.device, **kwargs) -> Zero3Teacher:
+def load_zero3(tcfg: TeacherConfig, teacher_config, device: torch.device, seed: int, **kwargs) -> Zero3Teacher:
     """A ZeRO-3 inference engine over all ranks.
 
     A `path` teacher (hub id or local directory, the real case) is loaded by transformers under
@@ -369,7 +289,6 @@ def load_zero3(cfg: Config, teacher_config, device: torch.device, **kwargs) -> Z
     """
     import deepspeed
 
-    tcfg = cfg.teacher
     if tcfg.deepspeed_config is not None:
         ds_config = json.loads(open(tcfg.deepspeed_config).read())
     else:
@@ -380,32 +299,37 @@ def load_zero3(cfg: Config, teacher_config, device: torch.device, **kwargs) -> Z
         raise DistillError(f"teacher.deepspeed_config={tcfg.deepspeed_config}: zero_optimization.stage={stage}, need 3")
     _ensure_process_group(device)
     with transformers_zero3(ds_config if tcfg.path is not None else None):
-        model = models.load_model(tcfg, teacher_config, seed=cfg.train.seed + 1, device=device)
+        model = models.load_model(tcfg, teacher_config, seed=init_seed(seed), device=device)
     model.eval().requires_grad_(False)
     engine, *_ = deepspeed.initialize(model=model, config=copy.deepcopy(ds_config))
     engine.eval()
-    return Zero3Teacher(engine, models.model_identity(tcfg, teacher_config), tcfg.collective_timeout, **kwargs)
+    return Zero3Teacher(engine, identity(tcfg, teacher_config, seed), tcfg.collective_timeout, **kwargs)
 
 
 # A small string-to-loader table: `teacher.engine` picks one.
 ENGINES = {"replicated": load_replicated, "zero3": load_zero3}
 
 
-def setup_teacher(cfg: Config, teacher_config, device: torch.device, vocab: int | None = None) -> OnlineTeacher:
+def setup_teacher(
+    tcfg: TeacherConfig,
+    teacher_config,
+    device: torch.device,
+    *,
+    seed: int,
+    vocab: int | None = None,
+    top_k: int | None = None,
+    temperature: float = 1.0,
+    chunk_size: int | str = "auto",
+) -> OnlineTeacher:
     """The frozen teacher: eval mode, no gradients, no optimizer, kept out of `accelerator.prepare` (never in a
     checkpoint; its identity goes to the run directory), and called by every rank once per micro-batch.
-    `vocab` (the tokenizer's length) is how many rows of its output layer are compared with the student's; None =
-    all rows."""
-    distill = cfg.distill
-    # Rows per chunk of the teacher's own top-k projection; chunked even when the loss takes the naive path (0).
+
+    `seed`: the run's (an `arch` teacher is built with `init_seed(seed)`); `vocab` (the tokenizer's length): how many
+    rows of its output layer are compared with the student's, None = all; `top_k`: emit sparse top-k targets at
+    `temperature` (None = dense); `chunk_size`: distill.chunk_size, rows per chunk of its own top-k projection
+    (chunked even when the loss takes the naive path, 0)."""
     text = teacher_config.get_text_config()
-    chunk_size = resolve_chunk_size(distill.chunk_size or "auto", text.vocab_size, text.hidden_size, device)
-    return ENGINES[cfg.teacher.engine](
-        cfg,
-        teacher_config,
-        device,
-        top_k=distill.top_k,
-        temperature=distill.temperature,
-        chunk_size=chunk_size,
-        vocab=vocab,
+    rows = resolve_chunk_size(chunk_size or "auto", text.vocab_size, text.hidden_size, device)
+    return ENGINES[tcfg.engine](
+        tcfg, teacher_config, device, seed, top_k=top_k, temperature=temperature, chunk_size=rows, vocab=vocab
     )

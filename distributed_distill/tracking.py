@@ -18,28 +18,7 @@ from tqdm.auto import tqdm
 from .checkpoint import newest_complete
 from .config import Config, to_dict
 from .errors import WriteError, write_failure
-
-METRICS = "metrics.jsonl"
-
-
-def read_records(path: Path) -> tuple[list[dict], list[str]]:
-    """The records of an append-only JSONL file, and a note for each line that is not a complete record: a crash
-    or a full disk in the middle of an append leaves a torn last line, which is skipped (never a reason to stop)."""
-    records, notes = [], []
-    lines = path.read_bytes().split(b"\n")
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError:
-            record = None
-        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
-            where = "its last line" if number >= len(lines) - 1 else f"line {number}"
-            notes.append(f"{path}: skipped {where} ({len(line)} bytes), not a complete record (a write cut short?)")
-            continue
-        records.append(record)
-    return records, notes
+from .rundir import METRICS
 
 
 def wandb_kwargs(cfg: Config) -> dict | None:

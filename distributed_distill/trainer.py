@@ -1,6 +1,7 @@
 """The training loop: `train(cfg)` sets up, `fit` loops, `train_step` takes one optimizer step, `export` saves.
 
-    train -> setup_run (setup.py) -> data or offline store -> student, teacher source -> fit -> export
+    train -> setup_accelerator -> checks, resume choice -> plan_run (setup.py) -> training_data -> student, teacher
+          -> fit -> export
     fit: next_batches -> train_step -> advance -> [evaluate] -> log -> [save_checkpoint]
 
 One step: the micro-batches of the optimizer step are fetched first, their valid tokens are
@@ -12,7 +13,6 @@ exactly the optimised quantity (docs/design.md, normalisation).
 
 from __future__ import annotations
 
-import json
 import math
 import signal
 import time
@@ -25,24 +25,17 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 
-from . import checkpoint, lock, models, on_policy, preflight, samples
-from . import data as data_lib
+from . import checkpoint, lock, models, on_policy, preflight, rundir
 from .config import Config, to_dict
-from .errors import DistillError, Interrupted, Preempted, WriteError, on_main
-from .evaluate import HeldOut, evaluate, held_out_prompts
+from .data.batching import collate, train_indices
+from .errors import DistillError, Interrupted, Preempted, WriteError
+from .eval.evaluate import HeldOut, evaluate, held_out_prompts
 from .heartbeat import Heartbeat
 from .objective import STATS, count_tokens, forward_losses
-from .setup import (
-    lr_lambda,
-    prepare_output_dir,
-    resolve_loss_chunks,
-    setup_accelerator,
-    setup_run,
-    student_is_sharded,
-)
-from .store import OfflineSource, offline_config, open_offline
-from .teacher import TeacherSource, parameter_bytes, setup_teacher
+from .setup import RunPlan, lr_lambda, plan_run, setup_accelerator
+from .teacher import TeacherSource, setup_teacher
 from .tracking import Tracker
+from .training_data import TrainingData, training_data
 
 # ----------------------------------------------------------------------------------------------
 # The run
@@ -58,65 +51,49 @@ def train(cfg: Config) -> dict:
 
 
 def _train(cfg: Config, stop: checkpoint.StopRequest) -> dict:
-    accelerator = setup_accelerator(cfg)
+    accelerator = setup_accelerator(cfg)  # the launch checked (preflight.check_launch)
     # One job per run directory, for the life of this one; taken before anything there is read or written (and
     # the first write: a directory that cannot be written fails here).
     lock.hold(cfg.output_dir, "output_dir", accelerator)
-    models.check_paths(cfg)  # a mistyped path is named as such, before a checkpoint is compared against it
-    on_main(accelerator, lambda: preflight.check_run(cfg, accelerator.print))  # model files, room for a checkpoint
+    preflight.check_models(cfg, accelerator)  # paths, model files, room for a checkpoint
     # Which checkpoint to continue from is settled (and a wrong one refused) before any data or model is loaded.
-    resume_path, resume = checkpoint.choose_resume(cfg, accelerator)
-    if resume is not None:  # the one change a resume makes to the config: the accumulation on another world size
-        cfg = resumed_config(cfg, resume, accelerator)
-    accelerator, tokenizer, student_config, teacher_config = setup_run(cfg, accelerator)
-    offline: OfflineSource | None = None
-    sampler: on_policy.Sampler | None = None  # distill.on_policy > 0 (online only): the student's sampling
-    sample_store = samples.training_store(cfg)  # the teacher's own samples (distill generate), as data or targets
-    if cfg.distill.signal == "offline" and sample_store is not None:  # the top-k kept at every sampled token
-        offline, line = samples.open_offline(cfg, tokenizer, sample_store)
-        accelerator.print(line)
-    elif cfg.distill.signal == "offline":
-        # The logit store stands in for the data pipeline and the teacher: checked against this run, then streamed.
-        offline = open_offline(cfg, tokenizer, accelerator)
-    if offline is not None:
-        if resume is not None and resume["store"] != offline.manifest["config_hash"]:
-            raise checkpoint.CheckpointError(
-                f"checkpoint {resume_path} was trained from store {resume['store'][:12]} but distill.store="
-                f"{cfg.distill.store} holds store {offline.manifest['config_hash'][:12]}"
-            )
-        train_ds, val_ds = offline.train, offline.val
-    else:
-        summary: dict = {}
-        with accelerator.main_process_first():
-            if sample_store is not None:  # prompt/completion documents, only the completions learned
-                train_ds, val_ds = samples.build_datasets(cfg, tokenizer, sample_store, summary)
-            elif cfg.data.streaming:
-                train_ds = data_lib.DocumentStream(cfg.data, tokenizer, cfg.train.seed)
-                val_ds = data_lib.streaming_validation(cfg.data, tokenizer, summary)
-            else:
-                train_ds, val_ds = data_lib.build_datasets(cfg.data, tokenizer, summary)
-        line = summary.pop("line", None) or data_lib.describe_counts(summary)
-        accelerator.print(line + ("; train: streamed" if cfg.data.streaming else ""))
-        kind = train_ds.kind if cfg.data.streaming else summary.get("train", {}).get("kind", "prompt")
-        on_policy.check_prompts(cfg, kind)
-        sampler = on_policy.Sampler.build(cfg, tokenizer, kind, synced=student_is_sharded(accelerator))
-    if not cfg.data.streaming:  # (a stream's length is unknown until it has been read)
-        check_enough_data(cfg, len(train_ds), accelerator.num_processes)
-    given = cfg  # what a resumed run is compared against
-    cfg = resolve_loss_chunks(cfg, student_config, accelerator)  # chunk_size auto -> rows (config.yaml holds them)
-    # An offline run records its config without the teacher (the store replaced it) and with the tokenizer it used.
-    out_dir = prepare_output_dir(
-        offline_config(cfg) if offline else cfg, accelerator, resume["step"] if resume else None
-    )
-    student = models.load_model(cfg.student, student_config, seed=cfg.train.seed)
-    student = models.prepare_student(student, cfg.student)  # gradient checkpointing, LoRA adapters
-    teacher: TeacherSource | None = None
-    if offline is not None:
-        teacher = offline.teacher
-    elif cfg.teacher is not None:
-        teacher = setup_teacher(cfg, teacher_config, accelerator.device, len(tokenizer))  # every rank (ZeRO-3)
+    resume = checkpoint.choose_resume(cfg, accelerator)
+    plan = plan_run(cfg, accelerator, resume)
+    data = training_data(plan)
+    checkpoint.check_store(resume, data.store_hash, cfg.distill.store)
+    preflight.check_data(plan.cfg, data.kind, data.sequences, accelerator.num_processes)
+    out_dir = rundir.prepare(plan.recorded, accelerator, resume.step if resume else None)
+    student, optimizer, scheduler, head = setup_student(plan)
+    teacher = data.teacher or setup_online_teacher(plan)
     if teacher is not None and accelerator.is_main_process:
-        (out_dir / "teacher.json").write_text(json.dumps(teacher.identity, indent=2))
+        rundir.write_teacher(out_dir, teacher.identity)
+    print_summary(plan, data, student, teacher)
+    progress = Progress(store=data.store_hash, config=to_dict(plan.recorded))
+    if resume is not None:
+        checkpoint.load(accelerator, resume.path, resume.meta)
+        progress.restore(resume.meta, scheduler, accelerator)
+        # Accelerate syncs gradients when its micro-step counter (restored from the checkpoint) divides by the
+        # accumulation: counted in this run's micro-batches, or a resume on other process counts syncs mid-step.
+        accelerator.step = progress.micro_batches
+    sampler = on_policy.StudentSampler.build(
+        plan.cfg, plan.tokenizer, data.kind, synced=models.student_is_sharded(accelerator)
+    )
+    held_out = None
+    if cfg.eval.train_prompts:  # generation metrics at every evaluation (eval.train_prompts)
+        with accelerator.main_process_first():
+            held_out = held_out_prompts(plan.cfg, plan.documents(), plan.tokenizer, cfg.eval.train_prompts)
+    loop = Loop(plan.cfg, accelerator, student, head, teacher, optimizer, scheduler, progress, stop, sampler, held_out)
+    final = fit_naming_lost_ranks(loop, data)
+    export(accelerator, student, plan.tokenizer, out_dir / rundir.FINAL)
+    return final
+
+
+def setup_student(plan: RunPlan):
+    """The student (gradient checkpointing, LoRA adapters), its optimizer and LR schedule, prepared by Accelerate;
+    and its output layer, unwrapped, restricted to the tokenizer's rows."""
+    cfg, accelerator = plan.cfg, plan.accelerator
+    student = models.load_model(cfg.student, plan.student_config, seed=cfg.train.seed)
+    student = models.prepare_student(student, cfg.student)
     trainable = [p for p in student.parameters() if p.requires_grad]  # with LoRA: the adapters only
     optimizer = torch.optim.AdamW(
         trainable,
@@ -128,62 +105,53 @@ def _train(cfg: Config, stop: checkpoint.StopRequest) -> dict:
     # step num_processes times per call and make the schedule depend on the world size.
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     student, optimizer = accelerator.prepare(student, optimizer)
-    head = models.AlignedHead(accelerator.unwrap_model(student).get_output_embeddings(), len(tokenizer))
+    head = models.AlignedHead(accelerator.unwrap_model(student).get_output_embeddings(), plan.vocab)
+    return student, optimizer, scheduler, head
+
+
+def setup_online_teacher(plan: RunPlan) -> TeacherSource | None:
+    """The online teacher (every rank: a ZeRO-3 one is sharded across them), or None for CE-only training."""
+    cfg = plan.cfg
+    if cfg.teacher is None:
+        return None
+    return setup_teacher(
+        cfg.teacher,
+        plan.teacher_config,
+        plan.accelerator.device,
+        seed=cfg.train.seed,
+        vocab=plan.vocab,
+        top_k=cfg.distill.top_k,
+        temperature=cfg.distill.temperature,
+        chunk_size=cfg.distill.chunk_size,
+    )
+
+
+def print_summary(plan: RunPlan, data: TrainingData, student: torch.nn.Module, teacher: TeacherSource | None) -> None:
+    """The startup summary (main process): the loss chunks, the data, the processes, the models and their memory."""
+    cfg, accelerator = plan.cfg, plan.accelerator
+    if plan.given.distill.chunk_size == "auto":
+        rows = cfg.distill.chunk_size
+        accelerator.print(f"distill.chunk_size=auto: {rows} tokens per loss chunk" + ("" if rows else " (naive path)"))
+    accelerator.print(data.line)
+    trainable = sum(p.numel() for p in student.parameters() if p.requires_grad)
     accelerator.print(
-        f"train {'streamed' if cfg.data.streaming else len(train_ds)} x {cfg.data.seq_len} tokens, "
-        f"validation {len(val_ds)}; "
+        f"train {'streamed' if data.sequences is None else data.sequences} x {cfg.data.seq_len} tokens, "
+        f"validation {len(data.val)}; "
         f"{accelerator.num_processes} process(es) on {accelerator.device}; "
-        f"student {parameter_bytes(student)[2]:,} params"
-        + (f" ({sum(p.numel() for p in trainable):,} trainable: LoRA)" if cfg.student.lora else "")
+        f"student {models.parameter_bytes(student)[2]:,} params"
+        + (f" ({trainable:,} trainable: LoRA)" if cfg.student.lora else "")
         + (f", teacher {teacher.num_parameters():,} params" if teacher is not None else "")
     )
     memory_report(accelerator, student, teacher)
-    progress = Progress(store=offline.manifest["config_hash"] if offline else None, config=to_dict(given))
-    if resume is not None:
-        checkpoint.load(accelerator, resume_path, resume)
-        progress.restore(resume, scheduler, accelerator)
-        # Accelerate syncs gradients when its micro-step counter (restored from the checkpoint) divides by the
-        # accumulation: counted in this run's micro-batches, or a resume on other process counts syncs mid-step.
-        accelerator.step = progress.micro_batches
-
-    held_out = None
-    if cfg.eval.train_prompts:  # generation metrics at every evaluation (eval.train_prompts)
-        with accelerator.main_process_first():
-            held_out = held_out_prompts(cfg, tokenizer, cfg.eval.train_prompts)
-    loop = Loop(cfg, accelerator, student, head, teacher, optimizer, scheduler, progress, stop, sampler, held_out)
-    final = fit_naming_lost_ranks(loop, train_ds, val_ds)
-    export(accelerator, student, tokenizer, out_dir / "final")
-    return final
 
 
-def resumed_config(cfg: Config, resume: dict, accelerator: Accelerator) -> Config:
-    """The config a resumed run trains with: the same, except that on a different number of processes the
-    accumulation adjusts so the global batch stays what the checkpoint was trained with (docs/cluster.md). A
-    data.streaming run cannot move: each rank streams its own share of the documents (split_dataset_by_node, packed
-    per rank), so its position in the corpus exists only for the process count that wrote it."""
-    if cfg.data.streaming and resume["world_size"] != accelerator.num_processes:
-        raise checkpoint.CheckpointError(
-            f"checkpoint of step {resume['step']} was written by {resume['world_size']} process(es); a data.streaming "
-            f"run resumes on the same number only (this run has {accelerator.num_processes})"
-        )
-    cfg = checkpoint.resume_config(cfg, resume, accelerator.num_processes)
-    if resume["world_size"] != accelerator.num_processes:
-        accelerator.gradient_accumulation_steps = cfg.train.grad_accum_steps
-        accelerator.print(
-            f"resume: written by {resume['world_size']} process(es), continuing on {accelerator.num_processes}: "
-            f"{cfg.train.micro_batch_size} x {cfg.train.grad_accum_steps} accumulation x "
-            f"{accelerator.num_processes} = {checkpoint.global_batch(resume)} sequences per step, as before"
-        )
-    return cfg
-
-
-def fit_naming_lost_ranks(loop: Loop, train_ds, val_ds) -> dict:
+def fit_naming_lost_ranks(loop: Loop, data: TrainingData) -> dict:
     """`fit`, with a heartbeat per rank: a collective that fails because a rank died ends the job with one line
     naming that rank (heartbeat.py) instead of a connection error."""
     accelerator = loop.accelerator
     heartbeat = Heartbeat.start(accelerator.process_index, accelerator.num_processes)
     try:
-        return fit(loop, train_ds, val_ds)
+        return fit(loop, data)
     except (RuntimeError, DistillError) as e:  # a collective that failed (or timed out) because a rank died?
         lost = heartbeat.lost() if heartbeat is not None else None
         if lost is None:
@@ -199,25 +167,11 @@ def fit_naming_lost_ranks(loop: Loop, train_ds, val_ds) -> dict:
             heartbeat.close()
 
 
-def check_enough_data(cfg: Config, sequences: int, world: int) -> None:
-    """Refuse a training split smaller than one global batch: every step would repeat sequences within the batch."""
-    train = cfg.train
-    batch = train.micro_batch_size * train.grad_accum_steps * world
-    if sequences < batch:
-        offline = cfg.distill.signal == "offline"
-        source = f"distill.store={cfg.distill.store}" if offline else f"data.source={cfg.data.source}"
-        raise DistillError(
-            f"{source} gives {sequences} training sequence(s) of {cfg.data.seq_len} tokens, fewer than one global "
-            f"batch ({train.micro_batch_size} micro_batch_size x {train.grad_accum_steps} grad_accum_steps x {world} "
-            f"process(es) = {batch}); add data, or lower train.micro_batch_size or data.seq_len"
-        )
-
-
 def memory_report(accelerator: Accelerator, student: torch.nn.Module, teacher: TeacherSource | None) -> None:
     """Print (main process) the engines chosen and the parameter bytes each rank holds: a collective."""
     plugin = accelerator.state.deepspeed_plugin
     strategy = accelerator.distributed_type.value.lower() + (f" zero{plugin.zero_stage}" if plugin else "")
-    s_local, s_full, _ = parameter_bytes(student)
+    s_local, s_full, _ = models.parameter_bytes(student)
     t_local, t_full = teacher.parameter_bytes() if teacher is not None else (0, 0)
     held = accelerator.gather(torch.tensor([[s_local, t_local]], dtype=torch.float64, device=accelerator.device))
     mib = 2.0**20
@@ -276,22 +230,22 @@ class Loop:
     scheduler: torch.optim.lr_scheduler.LambdaLR  # stepped once per optimizer step, by the loop
     progress: Progress
     stop: checkpoint.StopRequest
-    sampler: on_policy.Sampler | None = None  # distill.on_policy > 0: the student's sampling on on-policy steps
+    sampler: on_policy.StudentSampler | None = None  # distill.on_policy > 0: the student's sampling on on-policy steps
     held_out: HeldOut | None = None  # held-out prompts for the generation metrics (eval.train_prompts)
 
 
-def fit(loop: Loop, train_ds, val_ds) -> dict:
+def fit(loop: Loop, data: TrainingData) -> dict:
     """Train from `loop.progress` to `train.max_steps`; returns the last evaluation."""
     cfg, accelerator, progress = loop.cfg, loop.accelerator, loop.progress
     tracker = Tracker(cfg, accelerator, start_step=progress.step, run_id=progress.wandb_run_id)
     progress.wandb_run_id = tracker.run_id
-    stream = offline_stream(loop, train_ds)
+    stream = data_stream(loop, data)
     loop.student.train()
     result, saved_at = {}, progress.step
     # Every rank asks (one all-reduce) whether any rank was signalled, so all stop after the same step.
     while progress.step < cfg.train.max_steps and not loop.stop.agreed(accelerator):
         started = time.perf_counter()
-        micro_batches, sampled = sample_completions(loop, next_batches(loop, train_ds, stream))
+        micro_batches, sampled = sample_completions(loop, next_batches(loop, data.train, stream))
         lr = loop.scheduler.get_last_lr()[0]
         res = train_step(
             accelerator, loop.student, loop.head, loop.teacher, loop.optimizer, micro_batches, cfg, sampled is None
@@ -306,7 +260,7 @@ def fit(loop: Loop, train_ds, val_ds) -> dict:
             handle_bad_step(loop, tracker, record)
         last = progress.step == cfg.train.max_steps
         if (cfg.train.eval_every and progress.step % cfg.train.eval_every == 0) or last:
-            result = evaluate(accelerator, loop.student, loop.head, loop.teacher, val_ds, cfg, loop.held_out)
+            result = evaluate(accelerator, loop.student, loop.head, loop.teacher, data.val, cfg, loop.held_out)
             record.update(result)
         if progress.step % cfg.train.log_every == 0 or last or "val_loss" in record or res.skipped:
             tracker.log(record)
@@ -317,18 +271,19 @@ def fit(loop: Loop, train_ds, val_ds) -> dict:
     if progress.step < cfg.train.max_steps:
         stop_preempted(loop, tracker, saved_at)
     tracker.close()
-    _write_rank_record(cfg, accelerator, progress.first_sample_indices)
+    out = Path(cfg.output_dir)
+    rundir.write_rank_record(out, accelerator.process_index, accelerator.num_processes, progress.first_sample_indices)
     return result
 
 
-def offline_stream(loop: Loop, train_ds) -> Iterator[dict] | None:
+def data_stream(loop: Loop, data: TrainingData) -> Iterator[dict] | None:
     """Offline and data.streaming: this rank's share of the store / corpus, streamed (split across ranks inside,
     never by Accelerate), from where the checkpoint left it. Otherwise None (the batch order is a pure function of
     the micro-step)."""
-    if loop.cfg.distill.signal != "offline" and not loop.cfg.data.streaming:
+    if not data.streamed:
         return None
     accelerator, train = loop.accelerator, loop.cfg.train
-    return train_ds.micro_batches(
+    return data.train.micro_batches(
         train.micro_batch_size,
         accelerator.num_processes,
         accelerator.process_index,
@@ -359,10 +314,9 @@ def next_batches(loop: Loop, train_ds, stream: Iterator[dict] | None) -> list[di
     else:
         world, rank = accelerator.num_processes, accelerator.process_index
         indices = [
-            data_lib.train_indices(len(train_ds), train.micro_batch_size, world, rank, train.seed, m)
-            for m in micro_steps
+            train_indices(len(train_ds), train.micro_batch_size, world, rank, train.seed, m) for m in micro_steps
         ]
-        batches = [data_lib.collate(train_ds, idx) for idx in indices]
+        batches = [collate(train_ds, idx) for idx in indices]
     seen = progress.first_sample_indices
     seen.extend(i for idx in indices for i in idx if len(seen) < 256)
     return batches
@@ -519,7 +473,7 @@ def _deepspeed_engine(model: torch.nn.Module):
 
 
 def checkpoint_path(cfg: Config, step: int) -> Path:
-    return Path(cfg.output_dir) / checkpoint.step_name(step)
+    return Path(cfg.output_dir) / rundir.step_name(step)
 
 
 def save_checkpoint(loop: Loop) -> Path:
@@ -546,17 +500,6 @@ def save_checkpoint(loop: Loop) -> Path:
         "config": progress.config,
     }
     return checkpoint.save(accelerator, loop.student, Path(cfg.output_dir), progress.step, state, cfg.train.keep_last)
-
-
-def _write_rank_record(cfg: Config, accelerator: Accelerator, first_sample_indices: list[int]) -> None:
-    path = Path(cfg.output_dir) / "ranks" / f"rank-{accelerator.process_index}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    record = {
-        "rank": accelerator.process_index,
-        "world_size": accelerator.num_processes,
-        "first_sample_indices": first_sample_indices,
-    }
-    path.write_text(json.dumps(record))
 
 
 def export(accelerator: Accelerator, model: torch.nn.Module, tokenizer, out: Path) -> None:

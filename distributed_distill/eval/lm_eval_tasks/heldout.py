@@ -8,7 +8,7 @@ import re
 import datasets
 
 from distributed_distill.config import DataConfig
-from distributed_distill.data import document_fields, document_kind, load_documents, split_documents
+from distributed_distill.data.documents import document_fields, documents
 
 
 def load(
@@ -16,8 +16,8 @@ def load(
 ) -> dict[str, datasets.Dataset]:
     """{"test": the held-out documents as one `text` column} (prompt/completion rows joined, chats flattened)."""
     dcfg = DataConfig(source=source, max_documents=max_documents, val_fraction=val_fraction)
-    _, val = split_documents(load_documents(dcfg), dcfg)
-    fields = document_fields(document_kind(val.column_names, dcfg, val.features), dcfg)
+    docs = documents(dcfg)
+    val, fields = docs.val, document_fields(docs.kind, dcfg)
 
     def text(row: dict) -> dict:
         parts = [row[f] for f in fields]

@@ -14,11 +14,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .checkpoint import MARKER, complete_checkpoints
-from .config import load_config
-from .errors import DistillError
-from .integrity import atomic_write_text
-from .tracking import METRICS, read_records, wandb_kwargs
+from ..checkpoint import MARKER, complete_checkpoints
+from ..config import load_config
+from ..errors import DistillError
+from ..integrity import atomic_write_text
+from ..rundir import CONFIG, FINAL, METRICS, read_records
+from ..tracking import wandb_kwargs
 
 # The figures: file name -> [(panel title, metric key), ...]; one panel per key, one line per run.
 FIGURES = {
@@ -92,9 +93,9 @@ def summary_row(run_dir: Path, records: list[dict]) -> dict:
     evals = [r for r in records if r.get("val_loss") is not None]
     tps = [r["tokens_per_second"] for r in records if r.get("tokens_per_second")]
     max_steps = None
-    if (run_dir / "config.yaml").is_file():
-        max_steps = load_config(run_dir / "config.yaml").train.max_steps
-    done = (run_dir / "final").is_dir()
+    if (run_dir / CONFIG).is_file():
+        max_steps = load_config(run_dir / CONFIG).train.max_steps
+    done = (run_dir / FINAL).is_dir()
     row = {
         "run": str(run_dir),
         "status": "finished" if done else "in progress",
@@ -178,9 +179,9 @@ def report(run_dirs: list[Path], out: Path | None = None, wandb: bool = True) ->
 def log_images(run_dir: Path, images: list[Path]) -> None:
     """The plots as images in the run's wandb run (resumed by the id its newest checkpoint records), when the run's
     config has wandb on."""
-    if not (run_dir / "config.yaml").is_file():
+    if not (run_dir / CONFIG).is_file():
         return
-    cfg = load_config(run_dir / "config.yaml")
+    cfg = load_config(run_dir / CONFIG)
     kwargs = wandb_kwargs(cfg)
     if kwargs is None:
         return

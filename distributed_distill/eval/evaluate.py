@@ -14,7 +14,7 @@ prompt counts exactly once. Every rank calls the teacher the same number of time
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 import json
 import math
 import time
@@ -25,16 +25,23 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 
-from . import data as data_lib
-from . import metrics, models
-from .config import Config, EvalConfig, ModelConfig, SamplingConfig, load_config
-from .errors import DistillError
-from .generation import Sampling, generate, sampling_setup
-from .integrity import atomic_write_text
-from .losses import TeacherTargets
-from .objective import forward_losses, label_logprob_sum
-from .setup import resolve_loss_chunks, setup_accelerator, setup_tokenizer
-from .teacher import TeacherSource, model_inputs, setup_teacher
+from .. import models
+from ..config import Config, EvalConfig, ModelConfig, SamplingConfig, load_config
+from ..data.batching import IGNORE_INDEX, eval_batches
+from ..data.documents import BUILTIN_CHAT, DocKind, Documents, documents
+from ..data.packed import build_datasets, tokenize
+from ..errors import DistillError
+from ..generation import Sampling, generate, sampling_setup
+from ..integrity import atomic_write_text
+from ..losses import TeacherTargets
+from ..models import model_inputs
+from ..objective import forward_losses, label_logprob_sum
+from ..on_policy import StudentSampler, row_seed
+from ..setup import resolve_loss_chunks, setup_accelerator
+from ..store.samples import TOKENIZER, training_store
+from ..teacher import OnlineTeacher, TeacherSource, setup_teacher
+from ..tokenizer import run_tokenizer
+from . import metrics
 
 
 class _Given:
@@ -66,7 +73,7 @@ def evaluate(
     bins = cfg.eval.calibration_bins
     sums = torch.zeros(3, device=accelerator.device, dtype=torch.float64)
     token = torch.zeros(len(metrics.TOKEN_SUMS) + 3 * bins, device=accelerator.device, dtype=torch.float64)
-    batches = data_lib.eval_batches(
+    batches = eval_batches(
         val_ds, cfg.train.micro_batch_size, accelerator.num_processes, accelerator.process_index, cfg.train.eval_batches
     )
     positions, seconds = 0, 0.0
@@ -88,7 +95,7 @@ def evaluate(
             targets,
             bins,
             teacher_temperature=cfg.distill.temperature if targets is not None and targets.sparse else 1.0,
-            ignore_index=data_lib.IGNORE_INDEX,
+            ignore_index=IGNORE_INDEX,
         )
         del targets, logits
     ce, kd, n = accelerator.reduce(sums, reduction="sum").tolist()
@@ -130,34 +137,32 @@ class Prompt:
 class HeldOut:
     prompts: list[Prompt]
     tokenizer: object
-    stop_ids: list[int]  # end of sequence, and end of turn for chat data
     task: str | None  # "python-parses" for the built-in code conversations, else None
-    sampling: Sampling  # greedy, eval.max_new_tokens
+    sampling: Sampling  # greedy, eval.max_new_tokens; ends at end of sequence, and end of turn for chat data
 
 
-def held_out_prompts(cfg: Config, tokenizer, count: int) -> HeldOut:
-    """The first `count` validation documents as prompts with references: prompt/completion and chat data give their
-    own (the prompt up to the first learned token; the reference the first learned span); plain text is cut after
-    eval.prompt_tokens tokens, the next eval.max_new_tokens being the reference."""
+def held_out_prompts(cfg: Config, held: Documents, tokenizer, count: int) -> HeldOut:
+    """The first `count` validation documents of `held` as prompts with references: prompt/completion and chat data
+    give their own (the prompt up to the first learned token; the reference the first learned span); plain text is
+    cut after eval.prompt_tokens tokens, the next eval.max_new_tokens being the reference."""
     dcfg, ecfg = cfg.data, cfg.eval
-    _, val_docs = data_lib.split_documents(data_lib.load_documents(dcfg), dcfg)
-    docs = val_docs.select(range(min(len(val_docs), 4 * count)))
-    rows, counts = data_lib.tokenize(docs, tokenizer, dcfg, "held-out prompts")
-    chat_task = dcfg.source == data_lib.BUILTIN_CHAT
+    docs = held.val.select(range(min(len(held.val), 4 * count)))
+    rows, _ = tokenize(docs, held.kind, tokenizer, dcfg, "held-out prompts")
+    chat_task = dcfg.source == BUILTIN_CHAT
     prompts = []
     for i, row in enumerate(rows):
         ids, labels = list(row["input_ids"]), list(row["labels"])
-        if counts["kind"] == "text":
+        if held.kind is DocKind.TEXT:
             cut = 1 + ecfg.prompt_tokens  # bos + the prompt
             prompt, reference = (
                 ids[:cut],
                 [t for t in ids[cut : cut + ecfg.max_new_tokens] if t != tokenizer.eos_token_id],
             )
         else:
-            first = next((j for j, y in enumerate(labels) if y != data_lib.IGNORE_INDEX), None)
+            first = next((j for j, y in enumerate(labels) if y != IGNORE_INDEX), None)
             if first is None:
                 continue
-            end = next((j for j in range(first, len(labels)) if labels[j] == data_lib.IGNORE_INDEX), len(labels))
+            end = next((j for j in range(first, len(labels)) if labels[j] == IGNORE_INDEX), len(labels))
             prompt, reference = ids[:first], ids[first:end]
         if not prompt or not reference:
             continue
@@ -167,8 +172,8 @@ def held_out_prompts(cfg: Config, tokenizer, count: int) -> HeldOut:
             break
     # Greedy, ending where generate and on-policy sampling end: end of sequence, and for chat the end of the turn.
     greedy = SamplingConfig(temperature=0.0, max_new_tokens=ecfg.max_new_tokens)
-    sampling, stop = sampling_setup(greedy, tokenizer, counts["kind"], "eval")
-    return HeldOut(prompts, tokenizer, stop, "python-parses" if chat_task else None, sampling)
+    sampling = sampling_setup(greedy, tokenizer, held.kind.is_chat, "eval")
+    return HeldOut(prompts, tokenizer, "python-parses" if chat_task else None, sampling)
 
 
 GEN_SUMS = ("samples", "tokens", "teacher_nll", "nll_tokens", "rouge_l", "repeated", "ngrams", "parsed", "checked")
@@ -193,18 +198,13 @@ def generate_metrics(
     scorer = teacher if teacher is not None and getattr(teacher, "top_k", 1) is None else None
     # This rank's prompts, greedy, batch_size at a time (a row's tokens do not depend on its batch: generation.py).
     mine = list(range(rank, n, world))
-    pad = held_out.tokenizer.pad_token_id
+    pad = held_out.sampling.pad_id
     samples: dict[int, list[int]] = {}
     started = time.perf_counter()
     for start in range(0, len(mine), batch_size):
         chunk = mine[start : start + batch_size]
         out = generate(
-            model,
-            [held_out.prompts[i].ids for i in chunk],
-            [torch.Generator() for _ in chunk],
-            held_out.sampling,
-            pad_id=pad,
-            eos_ids=held_out.stop_ids,
+            model, [held_out.prompts[i].ids for i in chunk], [torch.Generator() for _ in chunk], held_out.sampling
         )
         samples.update(zip(chunk, out.completions))
     seconds = time.perf_counter() - started
@@ -212,10 +212,10 @@ def generate_metrics(
     for index in range(rank, -(-n // world) * world, world):  # the same number of teacher calls on every rank
         prompt = held_out.prompts[index] if index < n else held_out.prompts[0]
         sample = samples.get(index, [pad])
-        nll, nll_tokens = _teacher_nll(scorer, prompt.ids, sample, accelerator.device) if scorer else (0.0, 0)
+        nll, nll_tokens = teacher_nll(scorer, prompt.ids, sample, accelerator.device) if scorer else (0.0, 0)
         if index >= n:  # a filler round: the teacher was called (lockstep), nothing counts
             continue
-        text_ids = [t for t in sample if t not in held_out.stop_ids]
+        text_ids = [t for t in sample if t not in held_out.sampling.eos_ids]
         text = held_out.tokenizer.decode(text_ids, skip_special_tokens=True)
         repeated, ngrams = metrics.repeated_ngrams(text_ids, ecfg.repetition_ngram)
         checked = held_out.task is not None and prompt.request is not None
@@ -252,14 +252,42 @@ def generate_metrics(
     return result, sorted(gather_object(done), key=lambda c: c["prompt"])
 
 
-def _teacher_nll(teacher: TeacherSource, prompt: list[int], sample: list[int], device) -> tuple[float, int]:
-    """The teacher's summed negative log-likelihood of the sample's tokens given the prompt, and their count."""
+def teacher_nll(teacher: TeacherSource, prompt: list[int], sample: list[int], device) -> tuple[float, int]:
+    """The teacher's summed negative log-likelihood of the sample's tokens given the prompt, and their count (the
+    one place this is computed: the generation metrics, and `teacher_nll_of_samples` below)."""
     ids = torch.tensor([prompt + sample], device=device)
-    labels = torch.full_like(ids, data_lib.IGNORE_INDEX)
+    labels = torch.full_like(ids, IGNORE_INDEX)
     labels[0, len(prompt) :] = ids[0, len(prompt) :]
     targets = teacher.targets({"input_ids": ids, "labels": labels})
     y = labels[0, 1:]
-    return -float(label_logprob_sum(targets.dense_logits(), y)), int((y != data_lib.IGNORE_INDEX).sum())
+    return -float(label_logprob_sum(targets.dense_logits(), y)), int((y != IGNORE_INDEX).sum())
+
+
+@torch.no_grad()
+def teacher_nll_of_samples(
+    model: torch.nn.Module,
+    teacher: torch.nn.Module,
+    prompts: list[list[int]],
+    sampler: StudentSampler,
+    batch_size: int = 16,
+) -> dict:
+    """Sample one completion per prompt from `model` as an on-policy step does (`sampler`'s settings, row seeds by
+    prompt index) and score it with the `teacher` model: the teacher's per-token negative log-likelihood of the
+    model's own samples (lower: the model writes what the teacher would), and the mean sample length."""
+    was_training = model.training
+    model.eval()
+    scorer = OnlineTeacher(teacher, identity={})
+    device = next(teacher.parameters()).device
+    nll, tokens = 0.0, 0
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
+        generators = [torch.Generator().manual_seed(row_seed(sampler.seed, start + i)) for i in range(len(chunk))]
+        samples = generate(model, chunk, generators, sampler.sampling)
+        for prompt, completion in zip(chunk, samples.completions):
+            row_nll, row_tokens = teacher_nll(scorer, prompt, completion, device)
+            nll, tokens = nll + row_nll, tokens + row_tokens
+    model.train(was_training)
+    return {"teacher_nll": nll / max(tokens, 1), "mean_sample_length": tokens / max(len(prompts), 1)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -293,7 +321,9 @@ def evaluate_models(cfg: Config, named: dict[str, str]) -> list[dict]:
     if not named:
         raise DistillError("nothing to evaluate: give --model NAME=PATH or a config whose student/teacher has a path")
     accelerator = setup_accelerator(cfg)
-    tokenizer = setup_tokenizer(cfg, accelerator)
+    docs = functools.cache(lambda: documents(cfg.data))
+    stored = training_store(cfg)
+    tokenizer = run_tokenizer(cfg, accelerator, docs, stored / TOKENIZER if stored is not None else None)
     mcfgs = {name: ModelConfig(path=path) for name, path in named.items()}
     configs = {name: models.model_config(m, len(tokenizer), name) for name, m in mcfgs.items()}
     teacher_config = None
@@ -302,13 +332,20 @@ def evaluate_models(cfg: Config, named: dict[str, str]) -> list[dict]:
     for mc in configs.values():
         models.check_models(cfg, mc, teacher_config, len(tokenizer))
     with accelerator.main_process_first():
-        _, val_ds = data_lib.build_datasets(cfg.data, tokenizer)
-        held_out = held_out_prompts(cfg, tokenizer, cfg.eval.prompts) if cfg.eval.prompts else None
+        _, val_ds, _ = build_datasets(docs(), tokenizer, cfg.data)
+        held_out = held_out_prompts(cfg, docs(), tokenizer, cfg.eval.prompts) if cfg.eval.prompts else None
     teacher = None
     if teacher_config is not None:
-        # Dense targets at temperature 1 whatever the training used: the metrics compare whole distributions.
-        dense = dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, top_k=None))
-        teacher = setup_teacher(dense, teacher_config, accelerator.device, len(tokenizer))
+        # Dense targets whatever the training used: the metrics compare whole distributions.
+        teacher = setup_teacher(
+            cfg.teacher,
+            teacher_config,
+            accelerator.device,
+            seed=cfg.train.seed,
+            vocab=len(tokenizer),
+            temperature=cfg.distill.temperature,
+            chunk_size=cfg.distill.chunk_size,
+        )
     rows = []
     for name, mcfg in mcfgs.items():
         model = models.load_model(mcfg, configs[name], seed=cfg.train.seed).to(accelerator.device)

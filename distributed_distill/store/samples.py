@@ -5,7 +5,7 @@
     distill train --config configs/generate.yaml data.source=stores/samples teacher=null distill.alpha=0  # seq-KD
     distill train --config ... distill.signal=offline distill.store=stores/samples      # + the stored top-k
 
-Same layout and guarantees as the logit store (store.py, docs/store.md): manifest.json written last (teacher
+Same layout and guarantees as the logit store (format.py, docs/store.md): manifest.json written last (teacher
 identity, sampling settings, prompt-set fingerprint, per-shard sha256 and row hashes), plan.json, train/ and
 validation/ Parquet shards with sidecars, plus `tokenizer/` (the tokenizer the ids belong to). One row per sample:
 
@@ -20,7 +20,7 @@ validation/ Parquet shards with sidecars, plus `tokenizer/` (the tokenizer the i
 
 Plain `datasets.load_dataset("parquet", data_files="stores/samples/train/*.parquet")` reads it.
 
-Training (`build_datasets`, `open_offline`): each sample becomes one document, prompt_ids + completion_ids, with
+Training (`sample_data`, `open_sample_targets`): each sample becomes one document, prompt_ids + completion_ids, with
 only the completion learned; documents are packed into data.seq_len blocks (never split; a longer one is cut at
 seq_len) exactly as prompt/completion data is, and a per-token `target` column says which stored top-k row
 predicts each token, so offline KD reads the targets of exactly the tokens it learns.
@@ -35,40 +35,50 @@ import datasets
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import torch
 
-from . import data as data_lib
-from . import store as store_lib
-from .config import Config
-from .errors import DistillError
-from .integrity import read_checked
-from .models import load_tokenizer, tokenizer_hash
+from ..config import Config
+from ..data import batching
+from ..data.documents import DocKind
+from ..errors import DistillError
+from ..tokenizer import load_tokenizer, tokenizer_hash
+from .format import (
+    SPLITS,
+    check_against_run,
+    check_tokenizer,
+    flat,
+    id_dtype,
+    read_manifest,
+    read_split,
+    read_verified_table,
+    row_hash,
+    store_format,
+    verify_shards,
+)
+from .offline import OfflineSource, OfflineTeacher
 
-FORMAT = "distributed_distill.sample_store"
-VERSION = 1
+SAMPLE_FORMAT = "distributed_distill.sample_store"
+SAMPLE_VERSION = 1
 TOKENIZER = "tokenizer"
-COLUMNS = (
+SAMPLE_COLUMNS = (
     "index", "sample", "row_hash", "prompt_ids", "prompt", "completion_ids", "completion", "finish_reason",
     "logprob", "token_logprobs",
 )  # fmt: skip
+
+
 TARGET_COLUMNS = ("teacher_ids", "teacher_logprobs", "teacher_tail")
-PARQUET_OPTIONS = dict(
-    store_lib.PARQUET_OPTIONS,
-    column_encoding={f"{c}.list.element": "BYTE_STREAM_SPLIT" for c in ("teacher_logprobs", "teacher_tail")},
-)
 
 
 def sample_hash(prompt_ids, completion_ids) -> str:
-    return store_lib.row_hash(np.concatenate([np.asarray(prompt_ids), [-1], np.asarray(completion_ids)]))
+    return row_hash(np.concatenate([np.asarray(prompt_ids), [-1], np.asarray(completion_ids)]))
 
 
 def is_sample_store(path: str | Path | None) -> bool:
-    return path is not None and store_lib.store_format(Path(path).expanduser()) == FORMAT
+    return path is not None and store_format(Path(path).expanduser()) == SAMPLE_FORMAT
 
 
-def read_manifest(root: str | Path) -> dict:
-    return store_lib.read_manifest(root, FORMAT, VERSION, command="generate")
+def read_sample_manifest(root: str | Path) -> dict:
+    return read_manifest(root, SAMPLE_FORMAT, SAMPLE_VERSION, "generate")
 
 
 def training_store(cfg: Config) -> Path | None:
@@ -82,10 +92,10 @@ def training_store(cfg: Config) -> Path | None:
 # Writing (generate.py produces the rows)
 
 
-def encode_rows(rows: list[dict], vocab_size: int, k: int | None) -> pa.Table:
+def encode_sample_rows(rows: list[dict], vocab_size: int, k: int | None) -> pa.Table:
     """One Arrow row per sample: dicts with index, sample, prompt_ids, prompt, completion_ids, completion,
     finish_reason, token_logprobs and, with k, teacher_ids [n, k], teacher_logprobs [n, k], teacher_tail [n]."""
-    ids_type = pa.from_numpy_dtype(store_lib.id_dtype(vocab_size))
+    ids_type = pa.from_numpy_dtype(id_dtype(vocab_size))
     columns = {
         "index": pa.array([r["index"] for r in rows], pa.int64()),
         "sample": pa.array([r["sample"] for r in rows], pa.int32()),
@@ -102,14 +112,14 @@ def encode_rows(rows: list[dict], vocab_size: int, k: int | None) -> pa.Table:
         for name, dtype in (("teacher_ids", ids_type), ("teacher_logprobs", pa.float16()), ("teacher_tail", None)):
             values = [np.asarray(r[name]).reshape(-1) for r in rows]
             if name == "teacher_ids":
-                values = [v.astype(store_lib.id_dtype(vocab_size)) for v in values]
+                values = [v.astype(id_dtype(vocab_size)) for v in values]
             else:
                 values = [v.astype(np.float16) for v in values]
             columns[name] = pa.array(values, pa.list_(dtype or pa.float16()))
     return pa.table(columns)
 
 
-def shard_counts(table: pa.Table) -> dict:
+def sample_counts(table: pa.Table) -> dict:
     """The sidecar's token counts: every token of the shard, and the completion tokens (those a student learns)."""
     completion = int(pc.sum(pc.list_value_length(table["completion_ids"])).as_py() or 0)
     prompt = int(pc.sum(pc.list_value_length(table["prompt_ids"])).as_py() or 0)
@@ -120,20 +130,20 @@ def shard_counts(table: pa.Table) -> dict:
 # Verification
 
 
-def verify_samples(root: str | Path) -> str:
+def verify_sample_store(root: str | Path) -> str:
     """`distill verify-store` on a sample store: manifest, every shard's size and sha256, rows, row hashes, list
     lengths, ids inside the vocabulary, valid log-probs, the tokenizer the ids belong to."""
     root = Path(root)
     if not root.is_dir():
         raise DistillError(f"store {root}: no such directory")
-    manifest = read_manifest(root)
+    manifest = read_sample_manifest(root)
     k, vocab = manifest["top_k"], manifest["vocab_size"]
     if tokenizer_hash(load_tokenizer(str(root / TOKENIZER))) != manifest["tokenizer_sha256"]:
         raise DistillError(f"store {root}: {TOKENIZER}/ is not the tokenizer the samples were made with")
-    shards, rows = store_lib.verify_shards(
-        root, manifest, lambda path, where, shard: _check_rows(path, where, shard, k, vocab), lambda path: ""
+    shards, rows = verify_shards(
+        root, manifest, lambda path, where, shard: _check_sample_rows(path, where, shard, k, vocab), lambda path: ""
     )
-    tokens = sum(s["tokens"] for split in store_lib.SPLITS for s in manifest["splits"][split]["shards"])
+    tokens = sum(s["tokens"] for split in SPLITS for s in manifest["splits"][split]["shards"])
     if tokens != manifest["tokens"]:
         raise DistillError(f"store {root}: its shards hold {tokens} tokens, the manifest says {manifest['tokens']}")
     return (
@@ -142,8 +152,8 @@ def verify_samples(root: str | Path) -> str:
     )
 
 
-def _check_rows(path: Path, where: str, shard: dict, k: int | None, vocab: int) -> None:
-    table = store_lib.read_verified_table(path, where, shard, COLUMNS + (TARGET_COLUMNS if k else ()))
+def _check_sample_rows(path: Path, where: str, shard: dict, k: int | None, vocab: int) -> None:
+    table = read_verified_table(path, where, shard, SAMPLE_COLUMNS + (TARGET_COLUMNS if k else ()))
     lengths = pc.list_value_length(table["completion_ids"]).to_numpy(zero_copy_only=False)
     expected = {"token_logprobs": lengths}
     if k:
@@ -165,7 +175,7 @@ def _check_rows(path: Path, where: str, shard: dict, k: int | None, vocab: int) 
         checks.append(("teacher_ids", "a teacher id is outside the vocabulary", lambda v: v >= vocab))
         checks.append(("teacher_logprobs", "teacher log-probs are not valid", lambda v: np.isnan(v) | (v > 0)))
     for column, what, bad_values in checks:
-        bad = np.flatnonzero(bad_values(store_lib.flat(table[column])))
+        bad = np.flatnonzero(bad_values(flat(table[column])))
         if bad.size:
             owner = np.searchsorted(table[column].combine_chunks().offsets.to_numpy()[1:], bad[0], side="right")
             raise DistillError(f"{where} row {int(owner)}: {what}")
@@ -175,17 +185,6 @@ def _check_rows(path: Path, where: str, shard: dict, k: int | None, vocab: int) 
 
 # ----------------------------------------------------------------------------------------------
 # Reading for training
-
-
-def read_split(root: Path, manifest: dict, split: str) -> pa.Table:
-    """A whole split, each shard checked against its recorded size and sha256 as it is read."""
-    tables = []
-    for shard in manifest["splits"][split]["shards"]:
-        data, problem = read_checked(root / shard["path"], shard)
-        if problem is not None:
-            raise DistillError(f"store {root}: shard {shard['path']} {problem}; run `distill verify-store {root}`")
-        tables.append(pq.read_table(pa.BufferReader(data)))
-    return pa.concat_tables(tables)
 
 
 class SampleSplit:
@@ -203,24 +202,24 @@ class SampleSplit:
         for prompt, completion in zip(prompts, completions):
             ids = (prompt + completion)[: dcfg.seq_len]
             kept = len(ids) - len(prompt)
-            status = data_lib.KEPT if kept == len(completion) else data_lib.TRUNCATED if kept > 0 else data_lib.DROPPED
-            self.counts["truncated" if status == data_lib.TRUNCATED else "dropped"] += status != data_lib.KEPT
+            status = batching.KEPT if kept == len(completion) else batching.TRUNCATED if kept > 0 else batching.DROPPED
+            self.counts["truncated" if status == batching.TRUNCATED else "dropped"] += status != batching.KEPT
             docs["input_ids"].append(ids)
-            docs["labels"].append([data_lib.IGNORE_INDEX] * len(prompt) + completion[: max(kept, 0)])
+            docs["labels"].append([batching.IGNORE_INDEX] * len(prompt) + completion[: max(kept, 0)])
             docs["status"].append(status)
             docs["target"].append([-1] * len(prompt) + list(range(offset, offset + max(kept, 0))))
             offset += len(completion)  # the flat top-k rows hold every completion token, kept or not
-        packed = data_lib.pack_documents(docs, dcfg, pad_id, whole=True)
+        packed = batching.pack_documents(docs, dcfg, pad_id, whole=True)
         self.ds = datasets.Dataset.from_dict(packed).with_format("torch")
         self.targets = None
         if k:
-            column = {name: store_lib.flat(table[name]) for name in TARGET_COLUMNS}
+            column = {name: flat(table[name]) for name in TARGET_COLUMNS}
             self.targets = {
                 "teacher_ids": torch.from_numpy(column["teacher_ids"].astype(np.int64)).view(-1, k),
                 "teacher_logprobs": torch.from_numpy(column["teacher_logprobs"].astype(np.float32)).view(-1, k),
                 "teacher_tail": torch.from_numpy(column["teacher_tail"].astype(np.float32)),
             }
-            self.by_hash = {store_lib.row_hash(r.numpy()): i for i, r in enumerate(self.ds["input_ids"])}
+            self.by_hash = {row_hash(r.numpy()): i for i, r in enumerate(self.ds["input_ids"])}
 
     def __len__(self) -> int:
         return len(self.ds)
@@ -237,30 +236,27 @@ class SampleSplit:
 
     def micro_batches(self, micro_batch: int, world: int, rank: int, skip: int = 0):
         for step in range(skip, 1 << 62):
-            idx = data_lib.train_indices(len(self), micro_batch, world, rank, self.seed, step)
+            idx = batching.train_indices(len(self), micro_batch, world, rank, self.seed, step)
             yield {**self[idx], "index": torch.tensor(idx)}
 
 
-def open_splits(cfg: Config, tokenizer, root: Path, with_targets: bool) -> tuple[dict, SampleSplit, SampleSplit]:
+def open_sample_splits(cfg: Config, tokenizer, root: Path, with_targets: bool) -> tuple[dict, SampleSplit, SampleSplit]:
     """(manifest, train, validation) of a sample store, after checking it was made with this run's tokenizer."""
-    manifest = read_manifest(root)
-    if manifest["tokenizer_sha256"] != tokenizer_hash(tokenizer):
-        raise DistillError(
-            f"sample store {root} was made with another tokenizer (sha256 {manifest['tokenizer_sha256'][:12]}, this "
-            f"run's is {tokenizer_hash(tokenizer)[:12]}); train with the store's tokenizer ({root / TOKENIZER})"
-        )
+    manifest = read_sample_manifest(root)
+    fix = f"train with the store's tokenizer ({root / TOKENIZER})"
+    check_tokenizer(manifest, tokenizer_hash(tokenizer), f"sample store {root}", fix)
     k = manifest["top_k"] if with_targets else None
     splits = [
         SampleSplit(read_split(root, manifest, split), cfg.data, tokenizer.pad_token_id, k, cfg.train.seed)
-        for split in store_lib.SPLITS
+        for split in SPLITS
     ]
-    for split, name in zip(splits, store_lib.SPLITS):
+    for split, name in zip(splits, SPLITS):
         if len(split) == 0:
             raise DistillError(f"sample store {root}: the {name} split has no completion tokens to learn from")
     return manifest, splits[0], splits[1]
 
 
-def describe(train: SampleSplit, val: SampleSplit, root: Path) -> str:
+def describe_sample_splits(train: SampleSplit, val: SampleSplit, root: Path) -> str:
     parts = [
         f"{name}: {s.counts['samples']} samples ({s.counts['truncated']} cut at data.seq_len, {s.counts['dropped']} "
         f"dropped: prompt >= seq_len) -> {len(s)} rows"
@@ -269,34 +265,30 @@ def describe(train: SampleSplit, val: SampleSplit, root: Path) -> str:
     return f"data from sample store {root}: " + "; ".join(parts)
 
 
-def build_datasets(cfg: Config, tokenizer, root: Path, summary: dict) -> tuple[SampleSplit, SampleSplit]:
-    """Training on the samples as prompt/completion data (seq-KD CE, or KD from an online teacher). Fills `summary`
-    as `data.build_datasets` does: the startup line, and the kind of the training data (prompt/completion; its
-    prompts rendered conversations when the store's were, so that on-policy samples also end at the chat
-    template's end of turn: generation.sampling_setup)."""
-    manifest, train, val = open_splits(cfg, tokenizer, root, with_targets=False)
-    summary["line"] = describe(train, val, root)
-    summary["train"] = {"kind": "chat_prompt" if manifest["prompts"]["kind"].startswith("chat") else "prompt"}
-    return train, val
+def sample_data(cfg: Config, tokenizer, root: Path) -> tuple[SampleSplit, SampleSplit, DocKind, str]:
+    """Training on the samples as prompt/completion data (seq-KD CE, or KD from an online teacher): the splits, the
+    kind of the training data (prompt/completion; its prompts rendered conversations when the store's were, so that
+    on-policy samples also end at the chat template's end of turn: generation.sampling_setup), and the startup
+    summary's data line."""
+    manifest, train, val = open_sample_splits(cfg, tokenizer, root, with_targets=False)
+    kind = DocKind.CHAT_PROMPT if DocKind(manifest["prompts"]["kind"]).is_chat else DocKind.PROMPT
+    return train, val, kind, describe_sample_splits(train, val, root)
 
 
-def open_offline(cfg: Config, tokenizer, root: Path) -> tuple[store_lib.OfflineSource, str]:
+def open_sample_targets(cfg: Config, tokenizer, root: Path) -> OfflineSource:
     """An offline run on a sample store's stored top-k, checked against this run before any model loads (the
-    teacher source is the logit store's `OfflineTeacher`: training batches carry their targets, validation batches
-    are found by the content hash of their token ids); and the data line of the startup summary."""
-    manifest = read_manifest(root)
+    teacher source is the `OfflineTeacher`: training batches carry their targets, validation batches are found by
+    the content hash of their token ids)."""
+    manifest = read_sample_manifest(root)
     where = f"distill.store={root}"
     if not manifest["top_k"]:
         raise DistillError(
             f"{where} holds no teacher top-k (made without generate.top_k): train on it with data.source={root} "
             "(sequence-level KD), or generate again with generate.top_k"
         )
-    checks = [("top-k temperature", manifest["temperature"], cfg.distill.temperature, "distill.temperature")]
+    checks = [("top-k temperature", "temperature", cfg.distill.temperature, "distill.temperature")]
     if cfg.distill.top_k is not None:
-        checks.append(("top_k", manifest["top_k"], cfg.distill.top_k, "distill.top_k"))
-    for what, stored, ours, key in checks:
-        if stored != ours:
-            raise DistillError(f"{where} has {what} {stored} but {key} is {ours}")
-    manifest, train, val = open_splits(cfg, tokenizer, root, with_targets=True)
-    source = store_lib.OfflineSource(train, val, store_lib.OfflineTeacher(manifest, val), manifest)
-    return source, describe(train, val, root)
+        checks.append(("top_k", "top_k", cfg.distill.top_k, "distill.top_k"))
+    check_against_run(manifest, where, checks)
+    manifest, train, val = open_sample_splits(cfg, tokenizer, root, with_targets=True)
+    return OfflineSource(train, val, OfflineTeacher(manifest, val), manifest, describe_sample_splits(train, val, root))

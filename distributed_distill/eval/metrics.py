@@ -18,7 +18,7 @@ import re
 import torch
 import torch.nn.functional as F
 
-from .losses import TeacherTargets, kd_loss, sparse_kd_loss
+from ..losses import TeacherTargets, kd_loss, sparse_kd_loss
 
 # The per-token sums kept for every validation token, in this order, then 3 x bins calibration sums (count,
 # confidence, correct per bin). `teacher_tokens` counts the tokens the KL sums cover (0 without a teacher, or for

@@ -1,0 +1,101 @@
+"""The run directory, the contract code outside the package relies on (docs/design.md):
+
+    output_dir/config.yaml       the recorded config: `distill train --config output_dir/config.yaml` repeats the run
+    output_dir/metrics.jsonl     one JSON object per logged step (appended; a torn last line is skipped on reading)
+    output_dir/teacher.json      the teacher's identity (never its weights)
+    output_dir/ranks/rank-K.json the first sample indices each rank trained on
+    output_dir/step-NNNNNNN/     checkpoints (checkpoint.py writes them)
+    output_dir/final/            the exported student: `from_pretrained` loads it without this package
+
+Every file here is written through the atomic rules (integrity.py: a temporary name, flushed, renamed), except the
+appends to metrics.jsonl, whose torn last line a reader skips (`read_records`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from pathlib import Path
+
+from .config import Config, save_config
+from .integrity import atomic_write_text, write_json_atomic
+from .tokenizer import tokenizer_source
+
+CONFIG = "config.yaml"
+METRICS = "metrics.jsonl"
+TEACHER = "teacher.json"
+RANKS = "ranks"
+FINAL = "final"
+STEP_DIR = re.compile(r"^step-(\d{7,})$")
+
+
+def step_name(step: int) -> str:
+    return f"step-{step:07d}"
+
+
+def recorded_config(cfg: Config) -> Config:
+    """The config a run records, in config.yaml and in every checkpoint, and what a resume is compared by: the
+    resolved config, except that an offline run records no teacher (the store replaced it; its content hash is
+    compared instead) and the tokenizer it used. Recording a recorded config changes nothing, so a run restarted
+    from its own config.yaml is the same run."""
+    if cfg.distill.signal != "offline":
+        return cfg
+    path, revision = tokenizer_source(cfg) or (None, None)
+    tokenizer = dataclasses.replace(cfg.tokenizer, path=path, revision=revision)
+    return dataclasses.replace(cfg, teacher=None, tokenizer=tokenizer)
+
+
+def read_records(path: Path) -> tuple[list[dict], list[str]]:
+    """The records of an append-only JSONL file, and a note for each line that is not a complete record: a crash
+    or a full disk in the middle of an append leaves a torn last line, which is skipped (never a reason to stop)."""
+    records, notes = [], []
+    lines = path.read_bytes().split(b"\n")
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+            where = "its last line" if number >= len(lines) - 1 else f"line {number}"
+            notes.append(f"{path}: skipped {where} ({len(line)} bytes), not a complete record (a write cut short?)")
+            continue
+        records.append(record)
+    return records, notes
+
+
+def prepare(recorded: Config, accelerator, resume_step: int | None) -> Path:
+    """The run directory, ready for this run (the main process writes, every rank waits): config.yaml, and
+    metrics.jsonl restarted (a new run) or cut back to the checkpoint's step (a resumed one)."""
+    out = Path(recorded.output_dir)
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        metrics = out / METRICS
+        if resume_step is None:
+            # Metrics restart with the run; earlier runs' records would make the curve ambiguous.
+            metrics.unlink(missing_ok=True)
+        elif metrics.is_file():
+            # Records written after the checkpoint (before a kill) are replaced by the resumed run's own; a torn
+            # line (a kill or a full disk in the middle of an append) is dropped, and said so.
+            records, notes = read_records(metrics)
+            for note in notes:
+                accelerator.print(f"resume: {note}")
+            kept = [r for r in records if r["step"] <= resume_step]
+            atomic_write_text(metrics, "".join(json.dumps(r) + "\n" for r in kept))
+        save_config(recorded, out / CONFIG)
+    accelerator.wait_for_everyone()
+    return out
+
+
+def write_teacher(out: Path, identity: dict) -> None:
+    """teacher.json (the main process): what the run records about its teacher."""
+    atomic_write_text(out / TEACHER, json.dumps(identity, indent=2))
+
+
+def write_rank_record(out: Path, rank: int, world: int, first_sample_indices: list[int]) -> None:
+    """ranks/rank-K.json (every rank its own): the first sample indices it trained on."""
+    path = out / RANKS / f"rank-{rank}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, {"rank": rank, "world_size": world, "first_sample_indices": first_sample_indices})

@@ -1,0 +1,22 @@
+"""Stores: what a teacher produced, kept on disk, verifiable, and read back into training (docs/store.md).
+
+format.py   the format core both stores share: names, id dtypes, the row hash, shard write with its sidecar,
+            manifest read and checks against a run, checked shard reads, the verification of every shard
+logits.py   the logit store (`distill precompute`): top-k targets of every packed sequence, streamed offline
+samples.py  the sample store (`distill generate`): the teacher's completions (+ its top-k at every sampled token)
+offline.py  the offline teacher: a teacher source that reads targets instead of computing them
+writer.py   the sharded writer job both commands share (plan, lock, parts, resume, lockstep, manifest)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .logits import verify_logit_store
+from .samples import is_sample_store, verify_sample_store
+
+
+def verify_store(root: str | Path) -> str:
+    """`distill verify-store`: a logit store or a sample store, checked completely; a one-line verdict, or a
+    DistillError naming the first faulty shard (and row, where one can be found)."""
+    return verify_sample_store(root) if is_sample_store(root) else verify_logit_store(root)

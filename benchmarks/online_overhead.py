@@ -10,8 +10,9 @@ Three timings on the same batch, each through the project's own code (`trainer.t
             models' hidden states, student backward, optimizer step (distill.alpha=0.5, forward_kl, T=1)
   ce:       a plain CE step of the same student (distill.alpha=0, no teacher): same chunked path, CE only
   teacher:  the teacher's forward alone, logits included (`model(input_ids).logits`, no_grad)
-ratio = kd / (ce + teacher); target <= 1.10 (DESIGN.md). The three alternate, `--repeats` rounds after one
-warm-up round; medians of wall and CPU time are reported (the machine is shared; the spread is printed too).
+ratio = kd / (ce + teacher); target <= 1.10 (docs/design.md, performance targets). The three alternate,
+`--repeats` rounds after one warm-up round; medians of wall and CPU time are reported (the machine is shared; the
+spread is printed too).
 """
 
 from __future__ import annotations

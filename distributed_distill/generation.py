@@ -145,7 +145,7 @@ def left_pad(prompts: list[list[int]], pad_id: int, device: torch.device) -> tup
     return ids.to(device), mask.to(device)
 
 
-def positions(mask: torch.Tensor) -> torch.Tensor:
+def padded_positions(mask: torch.Tensor) -> torch.Tensor:
     """Position ids from a left-padded mask: 0 at each row's first real token (padding gets 1, never attended)."""
     return (mask.cumsum(-1) - 1).masked_fill_(mask == 0, 1)
 
@@ -249,8 +249,10 @@ def generate(
     lengths = [0] * b
     texts = [""] * b  # decoded completions so far (stop strings only)
 
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=True, logits_to_keep=1)
-    last_pos = positions(mask)[:, -1]
+    out = model(
+        input_ids=ids, attention_mask=mask, position_ids=padded_positions(mask), use_cache=True, logits_to_keep=1
+    )
+    last_pos = padded_positions(mask)[:, -1]
     for step in range(sampling.max_new_tokens):
         logits = out.logits[:, -1, :vocab]
         scores = logits.float()

@@ -112,7 +112,7 @@ def resolve_configs(cfg: Config, tokenizer_len: int) -> tuple[PretrainedConfig, 
         vocab = model_config(partner, tokenizer_len, "teacher" if partner is cfg.teacher else "student").vocab_size
     student = model_config(cfg.student, vocab, "student")
     teacher = model_config(cfg.teacher, vocab, "teacher") if cfg.teacher is not None else None
-    check_models(cfg, student, teacher, tokenizer_len)
+    check_model_configs(cfg, student, teacher, tokenizer_len)
     return student, teacher
 
 
@@ -124,7 +124,9 @@ def max_positions(config: PretrainedConfig) -> int | None:
     return None
 
 
-def check_models(cfg: Config, student: PretrainedConfig, teacher: PretrainedConfig | None, tokenizer_len: int) -> None:
+def check_model_configs(
+    cfg: Config, student: PretrainedConfig, teacher: PretrainedConfig | None, tokenizer_len: int
+) -> None:
     """Startup checks on configs only, before any weights load: vocabulary rows and sequence length.
 
     Teacher and student may have different embedding row counts (one family, padded to different multiples, e.g.

@@ -7,12 +7,14 @@ optimizer step, or of the whole validation split).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
 from .config import DistillConfig
 from .data.batching import IGNORE_INDEX
-from .losses import LossOutput, chunked_distill_loss, kd_loss, sparse_kd_loss
+from .losses import LossOutput, TeacherTargets, chunked_distill_loss, kd_loss, sparse_kd_loss
 from .models import AlignedHead, final_hidden, model_inputs
 from .teacher import TeacherSource
 
@@ -24,6 +26,7 @@ def forward_losses(
     dcfg: DistillConfig,
     head: AlignedHead,
     ce_weight: float | None = None,
+    on_logits: Callable[[torch.Tensor, torch.Tensor, TeacherTargets | None], None] | None = None,
 ) -> LossOutput:
     """Summed KD and CE losses of one micro-batch (next-token aligned), not yet normalised.
 
@@ -32,9 +35,13 @@ def forward_losses(
     (online or offline) or None. The student and the teacher get the same inputs (`models.model_inputs`).
     `ce_weight` is the weight the caller gives ce_sum (default 1 - alpha; 0 on an on-policy step): the chunked
     loss computes the gradient of that combination during the forward.
+
+    `on_logits(logits, labels, targets)` (validation, under no_grad) sees the student's logits of the counted rows
+    with their labels and the teacher's targets: chunk by chunk on the chunked path, all at once on the naive one;
+    so validation's metrics come from this one forward. With it the teacher's targets are taken whatever alpha is.
     """
     labels = batch["labels"][:, 1:].reshape(-1)
-    want_kd = teacher is not None and dcfg.alpha > 0
+    want_kd = teacher is not None and (dcfg.alpha > 0 or on_logits is not None)
     targets = teacher.targets(batch) if want_kd else None
     kd_args = dict(kind=dcfg.loss, temperature=dcfg.temperature, beta=dcfg.beta, skew=dcfg.skew)
     sparse_args = dict(tail=dcfg.top_k_tail) if want_kd and targets.sparse else {}
@@ -50,6 +57,7 @@ def forward_losses(
             chunk_size=dcfg.chunk_size,
             kd_weight=dcfg.alpha if want_kd else 0.0,
             ce_weight=1 - dcfg.alpha if ce_weight is None else ce_weight,
+            on_chunk=on_logits,
             **kd_args,
             **sparse_args,
             **(targets.loss_kwargs() if want_kd else {}),
@@ -57,6 +65,8 @@ def forward_losses(
     # Naive path: full [tokens, V] logits; for models or strategies where the head cannot be used directly.
     logits = student(**model_inputs(student, batch)).logits[:, :-1, : head.vocab]
     logits = logits.reshape(-1, logits.shape[-1])  # not head.weight.shape: a ZeRO-3 student holds only a shard
+    if on_logits is not None:
+        on_logits(logits, labels, targets)
     ce_sum = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
     kd_sum = logits.new_zeros((), dtype=torch.float32)
     stats = {}

@@ -116,7 +116,7 @@ class OnlineTeacher:
         vocab: int | None = None,
     ):
         self.model = model.eval().requires_grad_(False)
-        # Only the tokenizer's rows of the output layer are compared (models.check_models); None = all rows.
+        # Only the tokenizer's rows of the output layer are compared (models.check_model_configs); None = all rows.
         self.vocab = vocab
         self.runner = self.model  # what the forward calls: the model itself, or an engine wrapping it
         self.identity = identity

@@ -34,7 +34,6 @@ from ..errors import DistillError
 from ..generation import Sampling, generate, sampling_setup
 from ..integrity import atomic_write_text
 from ..losses import TeacherTargets
-from ..models import model_inputs
 from ..objective import forward_losses, label_logprob_sum
 from ..on_policy import StudentSampler, row_seed
 from ..setup import resolve_loss_chunks, setup_accelerator
@@ -77,27 +76,26 @@ def evaluate(
         val_ds, cfg.train.micro_batch_size, accelerator.num_processes, accelerator.process_index, cfg.train.eval_batches
     )
     positions, seconds = 0, 0.0
+
+    def add_token_sums(temperature: float, logits, labels, rows: TeacherTargets | None) -> None:
+        nonlocal token  # the logits the loss sees, chunk by chunk: one forward for the loss and the metrics
+        token += metrics.token_sums(
+            logits, labels, rows, bins, teacher_temperature=temperature, ignore_index=IGNORE_INDEX
+        )
+
     for mb in batches:
         mb = {k: v.to(accelerator.device) for k, v in mb.items()}
         targets = teacher.targets(mb) if teacher is not None else None
         given = _Given(targets) if targets is not None else None
+        # Sparse targets compare at the temperature they were taken at (the metrics' KL is at T = 1).
+        on_logits = functools.partial(add_token_sums, cfg.distill.temperature if given and targets.sparse else 1.0)
+        started = time.perf_counter()
         with accelerator.autocast():
-            out = forward_losses(model, given, mb, cfg.distill, head=head)
-            started = time.perf_counter()
-            logits = model(**model_inputs(model, mb)).logits[:, :-1, : head.vocab]
-            seconds += time.perf_counter() - started
+            out = forward_losses(model, given, mb, cfg.distill, head=head, on_logits=on_logits)
+        seconds += time.perf_counter() - started
         positions += mb["input_ids"].numel()
         sums += torch.stack([out.ce_sum.double(), out.kd_sum.double(), out.num_tokens.double()])
-        labels = mb["labels"][:, 1:].reshape(-1)
-        token += metrics.token_sums(
-            logits.reshape(-1, logits.shape[-1]),
-            labels,
-            targets,
-            bins,
-            teacher_temperature=cfg.distill.temperature if targets is not None and targets.sparse else 1.0,
-            ignore_index=IGNORE_INDEX,
-        )
-        del targets, logits
+        del targets
     ce, kd, n = accelerator.reduce(sums, reduction="sum").tolist()
     token_totals = accelerator.reduce(token, reduction="sum").tolist()
     n = max(n, 1.0)
@@ -330,7 +328,7 @@ def evaluate_models(cfg: Config, named: dict[str, str]) -> list[dict]:
     if cfg.teacher is not None:
         teacher_config = models.model_config(cfg.teacher, len(tokenizer), "teacher")
     for mc in configs.values():
-        models.check_models(cfg, mc, teacher_config, len(tokenizer))
+        models.check_model_configs(cfg, mc, teacher_config, len(tokenizer))
     with accelerator.main_process_first():
         _, val_ds, _ = build_datasets(docs(), tokenizer, cfg.data)
         held_out = held_out_prompts(cfg, docs(), tokenizer, cfg.eval.prompts) if cfg.eval.prompts else None

@@ -18,6 +18,7 @@ import re
 import torch
 import torch.nn.functional as F
 
+from ..data.batching import IGNORE_INDEX
 from ..losses import TeacherTargets, kd_loss, sparse_kd_loss
 
 # The per-token sums kept for every validation token, in this order, then 3 x bins calibration sums (count,
@@ -34,9 +35,9 @@ def token_sums(
     bins: int,
     *,
     teacher_temperature: float = 1.0,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
 ) -> torch.Tensor:
-    """float64 sums over the counted rows of [N, V] student logits (labels [N], -100 = not counted).
+    """float64 sums over the counted rows of [N, V] student logits (labels [N], IGNORE_INDEX = not counted).
 
     Against the teacher, at temperature 1: KL(p_T || p_S), KL(p_S || p_T) and whether both rank the same token first.
     Calibration of the student's next-token probabilities: per equal-width confidence bin, the number of tokens, the

@@ -19,6 +19,7 @@ float64) and in log space, which keeps logits of magnitude 1e4 finite.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -601,9 +602,12 @@ def _chunk_loop(
     kd_scale: float,
     ce_scale: float,
     needs_grad: tuple[bool, bool, bool],
+    on_chunk: Callable[[torch.Tensor, torch.Tensor, TeacherTargets], None] | None = None,
 ) -> tuple[_ChunkSums, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Run the objective over counted rows, chunk_size at a time; accumulate the gradient of
     kd_scale * kd_sum + ce_scale * ce_sum w.r.t. (hidden [N, H], weight [V, H], bias [V]).
+    `on_chunk(logits [c, V] float32, labels [c], teacher rows)` sees each chunk's student logits before the
+    objective consumes them (evaluation's metrics: no second forward, no [N, V] tensor).
 
     Peak extra memory: a few [chunk_size, V] float32 buffers, plus the gradients themselves.
     """
@@ -628,6 +632,8 @@ def _chunk_loop(
     for rows in chunks:
         h = _rows(hidden, rows)
         z = _linear_fp32(h, w_mm, bias, spec.mm_dtype)
+        if on_chunk is not None:
+            on_chunk(z, _rows(labels, rows), _chunk_targets(teacher, rows))
         kd, ce, dz, chunk_stats = _chunk_objective(
             z, _rows(labels, rows), teacher, rows, spec, kd_scale, ce_scale, want_grad
         )
@@ -657,6 +663,19 @@ def _chunk_loop(
     if grad_b is not None and bias is not None:
         grad_b = grad_b.to(bias.dtype)
     return _ChunkSums(kd_total, ce_total, count, stats), grad_h, grad_w, grad_b
+
+
+def _chunk_targets(teacher: TeacherTargets, rows: slice | torch.Tensor) -> TeacherTargets:
+    """The teacher's signal of a chunk's rows (the output layer, if any, whole)."""
+    return TeacherTargets(
+        hidden=_rows(teacher.hidden, rows),
+        weight=teacher.weight,
+        bias=teacher.bias,
+        logits=_rows(teacher.logits, rows),
+        ids=_rows(teacher.ids, rows),
+        logprobs=_rows(teacher.logprobs, rows),
+        tail_logmass=_rows(teacher.tail_logmass, rows),
+    )
 
 
 def _common_scale(a: float, b: float, wa: float, wb: float, rtol: float = 1e-6) -> float | None:
@@ -771,6 +790,7 @@ def chunked_distill_loss(
     chunk_size: int = 1024,
     kd_weight: float = 1.0,
     ce_weight: float = 1.0,
+    on_chunk: Callable[[torch.Tensor, torch.Tensor, TeacherTargets], None] | None = None,
 ) -> LossOutput:
     """KD and CE sums from the student's final hidden states, chunk_size positions at a time.
 
@@ -790,6 +810,10 @@ def chunked_distill_loss(
     (a * kd_sum + b * ce_sum).backward() is exact for any a, b; it is cheapest (no recomputation)
     when (a, b) is proportional to (kd_weight, ce_weight), so pass the weights you will use.
     Memory: no [N, V] tensor is created in either pass; see _ChunkedDistill.
+
+    on_chunk (evaluation only, under torch.no_grad): called as on_chunk(logits, labels, teacher) for each chunk of
+    counted rows, with its [c, V] float32 student logits (read-only: copy what you keep), labels [c] and the teacher's
+    TeacherTargets of those rows: metrics over the same logits the loss sees, without a second forward.
     """
     _check_args(kind, temperature, beta, skew)
     if chunk_size < 1:
@@ -843,9 +867,11 @@ def chunked_distill_loss(
         # Evaluation: values only. (Inside autograd.Function.forward grad mode is always off, so the
         # function itself cannot tell; computing the fused gradients here would double the cost.)
         with torch.autocast(device, enabled=False):
-            sums, *_ = _chunk_loop(*args, (False, False, False))
+            sums, *_ = _chunk_loop(*args, (False, False, False), on_chunk)
         num_tokens = torch.tensor(sums.count, dtype=torch.int64, device=student_hidden.device)
         return LossOutput(sums.kd, sums.ce, num_tokens, {name: sums.stats[name] for name in _stat_names(teacher)})
+    if on_chunk is not None:
+        raise ValueError("on_chunk is for evaluation: call chunked_distill_loss under torch.no_grad()")
     with torch.autocast(device, enabled=False):  # dtypes are chosen explicitly above
         kd_sum, ce_sum, num_tokens, *stats = _ChunkedDistill.apply(*args)
     return LossOutput(kd_sum, ce_sum, num_tokens, dict(zip(_stat_names(teacher), stats)))

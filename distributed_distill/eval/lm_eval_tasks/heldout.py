@@ -11,7 +11,7 @@ from distributed_distill.config import DataConfig
 from distributed_distill.data.documents import document_fields, documents
 
 
-def load(
+def load_heldout(
     source: str = "python-stdlib", max_documents: int | None = 500, val_fraction: float = 0.05, **_
 ) -> dict[str, datasets.Dataset]:
     """{"test": the held-out documents as one `text` column} (prompt/completion rows joined, chats flattened)."""

@@ -1,0 +1,65 @@
+"""The run directory's config.yaml repeats the run (docs/design.md, the run directory): `distill train --config
+RUN/config.yaml` on an interrupted run resumes it, online, offline (whose recorded config has no teacher: the store
+replaced it) and with on-policy steps, and ends bit-identical to the uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from distributed_distill import cli
+
+from .helpers import SMOKE, STORE_OVERRIDES, precomputed_store
+from .test_resume import assert_same_student
+
+RUN = ["train.max_steps=4", "train.save_every=2", "train.keep_last=0", "train.eval_every=0", "logging.progress=false"]
+
+
+@pytest.fixture(scope="module")
+def prompt_pairs(tmp_path_factory) -> Path:
+    """Prompt/completion rows for on-policy steps: a line of stdlib code, then the next line."""
+    from distributed_distill.data.documents import stdlib_files
+
+    rows = []
+    for path in stdlib_files()[::60]:
+        lines = [line.strip() for line in path.read_text(errors="replace").splitlines() if 8 < len(line.strip()) < 24]
+        rows += [{"prompt": a, "completion": " " + b} for a, b in zip(lines[:12:2], lines[1:12:2])]
+    out = tmp_path_factory.mktemp("pairs") / "pairs.jsonl"
+    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return out
+
+
+def overrides(kind: str, prompt_pairs: Path, tokenizer: Path) -> list[str]:
+    if kind == "offline":
+        return ["distill.signal=offline", f"distill.store={precomputed_store(*STORE_OVERRIDES)}"]
+    if kind == "on_policy":
+        return [
+            f"data.source={prompt_pairs}", "data.prompt_field=prompt", "data.completion_field=completion",
+            "data.max_documents=null", f"tokenizer.path={tokenizer}", "data.packing=false", "distill.on_policy=0.5",
+            "distill.sampling.max_new_tokens=8",
+        ]  # fmt: skip
+    return []
+
+
+@pytest.mark.parametrize(
+    "kind",
+    ["online", pytest.param("offline", marks=pytest.mark.slow), pytest.param("on_policy", marks=pytest.mark.slow)],
+)
+def test_an_interrupted_run_resumes_from_its_own_config_yaml(kind, prompt_pairs, smoke_tokenizer, tmp_path, capsys):
+    ref = tmp_path / "ref"
+    assert cli.main(["train", "--config", str(SMOKE), f"output_dir={ref}", *RUN, *overrides(kind, prompt_pairs, smoke_tokenizer)]) == 0
+    recorded = (ref / "config.yaml").read_text()
+    if kind == "offline":
+        assert "teacher: null" in recorded  # the store replaced the teacher; config.yaml says so
+    # The run as a kill after step 2's checkpoint leaves it: no step-4 checkpoint, no export.
+    out = tmp_path / "out"
+    shutil.copytree(ref, out, ignore=shutil.ignore_patterns("step-0000004", "final"))
+    (out / "config.yaml").write_text(recorded.replace(str(ref), str(out)))
+    capsys.readouterr()
+    assert cli.main(["train", "--config", str(out / "config.yaml")]) == 0
+    assert f"resume: continuing from {out / 'step-0000002'} (step 2)" in capsys.readouterr().out
+    assert_same_student(ref, out)
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]

@@ -12,8 +12,8 @@ Three timings (wall and CPU time, `online_overhead.alternate`) over the same pro
 top-p filter, exactly --max-new-tokens tokens per sample: no EOS), alternating, --repeats rounds after a warm-up
 round, medians reported:
   hf:      `model.generate(do_sample=True)` over each batch (left padding, its own KV cache)
-  ours:    what `distill generate` runs per batch (`generate.Sampler.sample`: one generator per sample, the KV-cached
-           loop of generation.generate, the row dicts with decoded text), without top-k
+  ours:    what `distill generate` runs per batch (`generate.TeacherSampling.sample`: one generator per sample, the
+           KV-cached loop of generation.generate, the row dicts with decoded text), without top-k
   topk:    the same with generate.top_k=--top-k kept at every sampled token (at T=2, from the sampler's logits)
 Figures: tokens/s of each, ours / hf (target >= 0.9) and topk / ours time (target <= 1.10), each also in CPU time
 (what a part needs moves less than its wall time when other jobs share the machine).
@@ -35,17 +35,22 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing the pack
 
 
 def build(args: argparse.Namespace):
+    import dataclasses
+
     import torch
 
-    from distributed_distill import data, models
+    from distributed_distill import models
     from distributed_distill.config import load_config
-    from distributed_distill.generate import Sampler
+    from distributed_distill.data.documents import stdlib_files
+    from distributed_distill.generate import TeacherSampling
     from distributed_distill.generation import sampling_setup
+    from distributed_distill.setup import RunPlan
     from distributed_distill.teacher import OnlineTeacher
+    from distributed_distill.tokenizer import train_bpe_tokenizer
 
-    files = data.stdlib_files()[:: max(1, len(data.stdlib_files()) // 200)]
+    files = stdlib_files()[:: max(1, len(stdlib_files()) // 200)]
     texts = [f.read_text(encoding="utf-8", errors="replace") for f in files]
-    tokenizer = models.train_bpe_tokenizer(iter(texts), args.vocab, Path(tempfile.mkdtemp()) / "tok")
+    tokenizer = train_bpe_tokenizer(iter(texts), args.vocab, Path(tempfile.mkdtemp()) / "tok")
     arch = "{{family: llama, hidden_size: {h}, num_layers: {n}, num_heads: {a}, max_position_embeddings: {p}}}"
     cfg = load_config(
         None,
@@ -64,12 +69,25 @@ def build(args: argparse.Namespace):
     for text in texts[: args.prompts]:
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         prompts.append([tokenizer.bos_token_id] + ids[: int(torch.randint(8, 65, (), generator=gen))])
-    # No end token (eos=[]): every sample runs to max_new_tokens, as model.generate(min_new_tokens=...) below does.
-    sampling, _ = sampling_setup(cfg.generate.sampling, tokenizer, "text", "generate.sampling")
+    # No end token (eos_ids=()): every sample runs to max_new_tokens, as model.generate(min_new_tokens=...) below does.
+    sampling = sampling_setup(cfg.generate.sampling, tokenizer, False, "generate.sampling")
+    sampling = dataclasses.replace(sampling, eos_ids=())
+    # The run plan's parts the sampling work reads: the config and the tokenizer (no accelerator, no data: the
+    # teacher is set here instead of loaded).
+    plan = RunPlan(
+        given=cfg,
+        cfg=cfg,
+        recorded=cfg,
+        accelerator=None,
+        tokenizer=tokenizer,
+        student_config=None,
+        teacher_config=config,
+        documents=lambda: None,
+    )
     samplers = {}
     for name, k in (("ours", None), ("topk", args.top_k)):
-        plan = {"top_k": k, "temperature": 2.0, "vocab_size": len(tokenizer)}
-        samplers[name] = Sampler(cfg, tokenizer, plan, sampling, eos=[])
+        content = {"top_k": k, "temperature": 2.0, "vocab_size": len(tokenizer)}
+        samplers[name] = TeacherSampling(plan, content, sampling, {"train": prompts})
         samplers[name].teacher = OnlineTeacher(model, identity={})
     return model, tokenizer, prompts, samplers
 

@@ -6,7 +6,7 @@ Small smoke run:
     .venv/bin/python benchmarks/on_policy.py --vocab 2048 --prompt-len 32 --new-tokens 32 --repeats 2
 
 The batch holds `--batch` rows of a `--prompt-len`-token prompt and a `--new-tokens`-token completion. Each round
-times, through the project's own code (`trainer.train_step`, `on_policy.Sampler`, float32, CPU):
+times, through the project's own code (`trainer.train_step`, `on_policy.StudentSampler`, float32, CPU):
   off-policy: the online KD step on the data's completions (distill.alpha=0.5, forward_kl, T=1)
   on-policy:  the student samples the completions (`generation.generate`, KV cache, temperature 1, exactly
               --new-tokens each: no stop token, so both steps train on the same number of tokens), then the KD step
@@ -44,7 +44,7 @@ def main() -> None:
     accelerator, cfg, _, teacher, students, batch = build(args, "auto")
     student, head, optimizer = students["kd"]
     batch["labels"][:, : args.prompt_len] = -100  # the prompt is never a target
-    sampler = on_policy.Sampler(Sampling(max_new_tokens=args.new_tokens), 0, 0, [], False, None)
+    sampler = on_policy.StudentSampler(Sampling(max_new_tokens=args.new_tokens, eos_ids=(), pad_id=0), 0, False)
     rows = [on_policy.positions(0, 1, 0, args.batch)]
 
     def timed(fn, *fn_args, **kwargs):

@@ -46,7 +46,7 @@ def distill(run: Path, *args: str) -> None:
 
 
 def last_val_loss(run: Path) -> float:
-    from distributed_distill.tracking import read_records
+    from distributed_distill.rundir import read_records
 
     records, _ = read_records(run / "metrics.jsonl")
     return [r for r in records if "val_loss" in r][-1]["val_loss"]
@@ -57,24 +57,27 @@ def score(out: Path, runs: dict[str, Path], teacher_dir: Path, prompts_n: int, o
     import torch
     from transformers import AutoModelForCausalLM
 
-    from distributed_distill import data as data_lib
-    from distributed_distill import models, on_policy
+    from distributed_distill import on_policy
     from distributed_distill.config import load_config
+    from distributed_distill.data.documents import documents
+    from distributed_distill.data.packed import build_datasets
+    from distributed_distill.eval.evaluate import teacher_nll_of_samples
+    from distributed_distill.tokenizer import load_tokenizer
 
     cfg = load_config(CONFIG, [f"teacher.path={teacher_dir}", *overrides])
-    tokenizer = models.load_tokenizer(str(teacher_dir))
-    summary: dict = {}
-    _, val = data_lib.build_datasets(cfg.data, tokenizer, summary)
+    tokenizer = load_tokenizer(str(teacher_dir))
+    docs = documents(cfg.data)
+    _, val, _ = build_datasets(docs, tokenizer, cfg.data)
     rows = val[: min(prompts_n, len(val))]
     lengths = on_policy.prompt_lengths(rows["labels"].long())
     prompts = [rows["input_ids"][i, :n].tolist() for i, n in enumerate(lengths)]
-    sampler = on_policy.Sampler.build(cfg, tokenizer, summary["train"]["kind"], synced=False)
+    sampler = on_policy.StudentSampler.build(cfg, tokenizer, docs.kind, synced=False)
     teacher = AutoModelForCausalLM.from_pretrained(teacher_dir).eval()
     table = []
     for name, run in runs.items():
         model = AutoModelForCausalLM.from_pretrained(run / "final").eval()
         torch.manual_seed(0)
-        result = on_policy.teacher_nll_of_samples(model, teacher, prompts, sampler)
+        result = teacher_nll_of_samples(model, teacher, prompts, sampler)
         table.append({"model": name, **result, "val_loss": last_val_loss(run), "prompts": len(prompts)})
     (out / "results.json").write_text(json.dumps(table, indent=2))
     return table

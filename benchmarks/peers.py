@@ -73,17 +73,20 @@ def prepare(args, work: Path) -> dict:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from distributed_distill import data as data_lib
-    from distributed_distill import models
+    from distributed_distill.data.batching import collate, train_indices
+    from distributed_distill.data.documents import documents, texts_for_tokenizer
+    from distributed_distill.data.packed import build_datasets
+    from distributed_distill.tokenizer import load_tokenizer, train_bpe_tokenizer
 
     dcfg = data_config(args, work / "cache")
+    docs = documents(dcfg)
     tok_dir = work / "tokenizer"
     if not tok_dir.is_dir():
-        models.train_bpe_tokenizer(data_lib.texts_for_tokenizer(dcfg), args.vocab, tok_dir)
-    tokenizer = models.load_tokenizer(str(tok_dir))
-    train_ds, _ = data_lib.build_datasets(dcfg, tokenizer)
-    order = [data_lib.train_indices(len(train_ds), args.batch, 1, 0, args.seed, s) for s in range(args.steps)]
-    sequences = torch.stack([data_lib.collate(train_ds, idx)["input_ids"] for idx in order])  # [steps, B, S]
+        train_bpe_tokenizer(texts_for_tokenizer(docs), args.vocab, tok_dir)
+    tokenizer = load_tokenizer(str(tok_dir))
+    train_ds, _, _ = build_datasets(docs, tokenizer, dcfg)
+    order = [train_indices(len(train_ds), args.batch, 1, 0, args.seed, s) for s in range(args.steps)]
+    sequences = torch.stack([collate(train_ds, idx)["input_ids"] for idx in order])  # [steps, B, S]
     torch.save(sequences, work / "sequences.pt")
     vocab = len(tokenizer)
     for role in ("teacher", "student"):
@@ -194,13 +197,13 @@ def run_distributed_distill(args, work: Path, sequences) -> dict:
     )
     clock, captured, step_fn = StepClock(), {}, trainer.train_step
 
-    def timed_step(accelerator, student, head, teacher, optimizer, micro_batches, cfg):
+    def timed_step(accelerator, student, head, teacher, optimizer, micro_batches, cfg, *rest):
         step = len(clock.ends)
         if step in (0, args.steps - 1):
             ids = micro_batches[0]["input_ids"]
             assert bool((ids == sequences[step]).all()), "this project trained on other sequences than the peers"
             captured["first" if step == 0 else "last"] = (snapshot(accelerator.unwrap_model(student)), ids.clone())
-        res = step_fn(accelerator, student, head, teacher, optimizer, micro_batches, cfg)
+        res = step_fn(accelerator, student, head, teacher, optimizer, micro_batches, cfg, *rest)
         clock.tick()
         return res
 

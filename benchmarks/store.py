@@ -7,19 +7,20 @@ Smaller and faster:
 On a GPU node the precompute and step figures use the GPU:  python benchmarks/store.py --device cuda
 
 Prints one JSON object, then a table. What is measured:
-- bytes/token: real shards (`store.encode_rows` + `store.write_shard`, the precompute writer) of k=64 targets
+- bytes/token: real shards (`store.logits.encode_logit_rows` + `store.format.write_shard`, the precompute writer) of
+  k=64 targets
   for V=32k and V=128k, file bytes / tokens, everything included (ids, labels, hashes, Parquet metadata).
   There are no pretrained teachers on this machine, so the teacher's distribution is synthetic: logits with a
   Zipf-like prior over the ids (frequent tokens have small BPE ids) plus noise, from `teacher.topk_targets`
   as precompute calls it. "flat" is the worst case: near-uniform logits, so the top-k ids are random.
-- reader: tokens/s of `store.TrainStream.micro_batches` (datasets streaming, split, hash check, decode to
+- reader: tokens/s of `store.logits.TrainStream.micro_batches` (datasets streaming, split, hash check, decode to
   tensors) on one core (torch and Arrow limited to one thread); and how fast a resumed run fast-forwards its
   stream to the checkpoint's position (`skip=`: rows read and shuffled, not decoded).
-- precompute vs teacher forward: the precompute loop (`OnlineTeacher.targets` with top-k + `encode_rows` +
+- precompute vs teacher forward: the precompute loop (`OnlineTeacher.targets` with top-k + `encode_logit_rows` +
   the background shard writer) against `model(input_ids).logits` alone, on the same batches, same teacher.
 - offline KD step vs CE step: `objective.forward_losses` + backward + AdamW step of the same student: the
   offline step includes reading its batch from the store; the CE step gets ready tensors.
-- shard check: the sha256 an offline run computes over every shard it reads (`store.read_shard`), per token
+- shard check: the sha256 an offline run computes over every shard it reads (`store.format.read_shard`), per token
   (best of repeats over one shard's bytes, in memory), times the tokens of that offline KD step, as a share of
   the step's time (target < 2 %).
 Each timing is the minimum over repeats, alternating the two sides.
@@ -43,10 +44,19 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing the pack
 import pyarrow as pa  # noqa: E402
 import torch  # noqa: E402
 
-from distributed_distill import store as store_lib  # noqa: E402
 from distributed_distill.config import DistillConfig  # noqa: E402
 from distributed_distill.models import AlignedHead  # noqa: E402
 from distributed_distill.objective import forward_losses  # noqa: E402
+from distributed_distill.store.format import shard_name, write_shard  # noqa: E402
+from distributed_distill.store.logits import (  # noqa: E402
+    LOGIT_FORMAT,
+    LOGIT_VERSION,
+    TrainStream,
+    encode_logit_rows,
+    logit_counts,
+)
+from distributed_distill.store.offline import OfflineTeacher  # noqa: E402
+from distributed_distill.store.writer import write_manifest  # noqa: E402
 from distributed_distill.teacher import OnlineTeacher, topk_targets  # noqa: E402
 
 
@@ -58,6 +68,11 @@ def synthetic_targets(n: int, vocab: int, k: int, flat: bool, seed: int = 0):
     return topk_targets(hidden, weight, bias, k, 1.0, chunk_size=256, store_dtype=torch.float16)
 
 
+def write_logit_shard(root: Path, name: str, table: pa.Table) -> dict:
+    """A shard and its sidecar, as the precompute writer writes them (its counts computed with the rows)."""
+    return write_shard(root, name, table, "bench", logit_counts(table))
+
+
 def write_store(root: Path, vocab: int, k: int, seq_len: int, rows: int, flat: bool, shard_rows: int = 16) -> dict:
     """A complete store (manifest included) of synthetic targets; returns the manifest."""
     g = torch.Generator().manual_seed(1)
@@ -66,18 +81,17 @@ def write_store(root: Path, vocab: int, k: int, seq_len: int, rows: int, flat: b
         b = min(shard_rows, rows - start)
         ids = torch.randint(0, vocab, (b, seq_len), generator=g)
         targets = synthetic_targets(b * (seq_len - 1), vocab, k, flat, seed=number)
-        name = store_lib.shard_name("train", number)
+        name = shard_name("train", number)
         idx = list(range(start, start + b))
-        store_lib.write_shard(root, name, store_lib.encode_rows(idx, ids, ids.clone(), targets, vocab), "bench")
+        write_logit_shard(root, name, encode_logit_rows(idx, ids, ids.clone(), targets, vocab))
         layout.append((name, idx))
     ids = torch.randint(0, vocab, (1, seq_len), generator=g)
     targets = synthetic_targets(seq_len - 1, vocab, k, flat)
-    name = store_lib.shard_name("validation", 0)
-    store_lib.write_shard(root, name, store_lib.encode_rows([0], ids, ids.clone(), targets, vocab), "bench")
+    name = shard_name("validation", 0)
+    write_logit_shard(root, name, encode_logit_rows([0], ids, ids.clone(), targets, vocab))
     layout.append((name, [0]))
-    from distributed_distill.precompute import write_manifest
 
-    plan = {"format": store_lib.FORMAT, "version": store_lib.VERSION, "top_k": k, "vocab_size": vocab}
+    plan = {"format": LOGIT_FORMAT, "version": LOGIT_VERSION, "top_k": k, "vocab_size": vocab}
     return write_manifest(root, {**plan, "seq_len": seq_len, "teacher": {}}, "bench", layout)
 
 
@@ -99,16 +113,14 @@ def reader_tokens_per_second(
     batches = 2 * rows // mb  # two epochs
     best = skip_best = 0.0
     for _ in range(repeats):
-        stream = store_lib.TrainStream(root, manifest, seed=0, shuffle_buffer=64).micro_batches(mb, 1, 0)
+        stream = TrainStream(root, manifest, seed=0, shuffle_buffer=64).micro_batches(mb, 1, 0)
         next(stream)  # opening the dataset is a one-off cost, not decode throughput
         started, n = time.perf_counter(), 0
         for _ in range(batches):
             n += next(stream)["input_ids"].numel()
         best = max(best, n / (time.perf_counter() - started))
         started = time.perf_counter()
-        skipping = store_lib.TrainStream(root, manifest, seed=0, shuffle_buffer=64).micro_batches(
-            mb, 1, 0, skip=batches
-        )
+        skipping = TrainStream(root, manifest, seed=0, shuffle_buffer=64).micro_batches(mb, 1, 0, skip=batches)
         next(skipping)  # the first batch after the skipped ones (includes opening the dataset)
         skip_best = max(skip_best, batches * mb * seq_len / (time.perf_counter() - started))
     shutil.rmtree(root)
@@ -160,11 +172,12 @@ def precompute_ratio(tmp: Path, args, device: str) -> tuple[float, float, float]
         started = time.perf_counter()
         for number, ids in enumerate(batches):
             targets = teacher.targets({"input_ids": ids})
-            table = store_lib.encode_rows(list(range(4)), ids, ids, targets, args.vocab_small)
+            table = pa.concat_tables([encode_logit_rows(list(range(4)), ids, ids, targets, args.vocab_small)])
+            counts = logit_counts(table)  # (with the rows, as precompute's TopKWork.shard counts them)
             if in_flight is not None:
                 in_flight.result()
-            name = store_lib.shard_name("train", number)
-            in_flight = writer.submit(store_lib.write_shard, root, name, pa.concat_tables([table]), "bench")
+            name = shard_name("train", number)
+            in_flight = writer.submit(write_shard, root, name, table, "bench", counts)
         in_flight.result()
         writer.shutdown()
         return time.perf_counter() - started
@@ -203,9 +216,9 @@ def step_ratio(tmp: Path, args, device: str) -> tuple[float, float, float]:
     opt = torch.optim.AdamW(student.parameters(), lr=1e-4)
     kd_cfg = DistillConfig(alpha=0.5, chunk_size=1024)
     ce_cfg = DistillConfig(alpha=0.0, chunk_size=1024)
-    stream = store_lib.TrainStream(root, manifest, seed=0, shuffle_buffer=0).micro_batches(STEP_MICRO_BATCH, 1, 0)
+    stream = TrainStream(root, manifest, seed=0, shuffle_buffer=0).micro_batches(STEP_MICRO_BATCH, 1, 0)
     ce_batch = {key: v.to(device) for key, v in next(stream).items() if key in ("input_ids", "labels")}
-    offline = store_lib.OfflineTeacher.__new__(store_lib.OfflineTeacher)
+    offline = OfflineTeacher.__new__(OfflineTeacher)
     offline.k = k
 
     def step(batch, teacher, dcfg) -> None:

@@ -56,7 +56,15 @@ def worker(args) -> None:
     tconfig = models.model_config(cfg.teacher, 0, "teacher")
     base_rss, base_anon = status_kib("VmRSS"), status_kib("RssAnon")
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current resident set
-    teacher = setup_teacher(cfg, tconfig, accelerator.device)
+    teacher = setup_teacher(
+        cfg.teacher,
+        tconfig,
+        accelerator.device,
+        seed=cfg.train.seed,
+        top_k=cfg.distill.top_k,
+        temperature=cfg.distill.temperature,
+        chunk_size=cfg.distill.chunk_size,
+    )
     ids = torch.randint(0, tconfig.vocab_size, (2, 128), generator=torch.Generator().manual_seed(0))
     for _ in range(2):
         targets = teacher.targets({"input_ids": ids})

@@ -59,9 +59,11 @@ def smoke_tokenizer(isolated_env) -> Path:
     from accelerate import Accelerator
 
     from distributed_distill.config import load_config
-    from distributed_distill.setup import setup_tokenizer
+    from distributed_distill.data.documents import documents
+    from distributed_distill.tokenizer import run_tokenizer
 
-    return Path(setup_tokenizer(load_config(SMOKE), Accelerator(cpu=True)).name_or_path)
+    cfg = load_config(SMOKE)
+    return Path(run_tokenizer(cfg, Accelerator(cpu=True), lambda: documents(cfg.data)).name_or_path)
 
 
 @pytest.fixture(scope="session")
@@ -82,12 +84,13 @@ def student_dir(tmp_path_factory, smoke_tokenizer) -> Path:
     built from `arch`, so strategies are compared from the same starting weights."""
     from distributed_distill import models
     from distributed_distill.config import load_config
+    from distributed_distill.tokenizer import load_tokenizer
 
     cfg = load_config(SMOKE)
     out = tmp_path_factory.mktemp("student") / "tiny-llama"
     # A pretrained student brings its tokenizer: the BPE tokenizer the smoke config trains (the same files).
     shutil.copytree(smoke_tokenizer, out)
-    vocab = len(models.load_tokenizer(str(out)))
+    vocab = len(load_tokenizer(str(out)))
     models.load_model(cfg.student, models.model_config(cfg.student, vocab, "student"), seed=0).save_pretrained(out)
     return out
 

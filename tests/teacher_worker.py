@@ -42,7 +42,16 @@ ENGINES = (
 def build(overrides: list[str], device):
     cfg = load_config(SMOKE, overrides)
     tcfg = models.model_config(cfg.teacher, 512, "teacher")  # 512: the smoke tokenizer (ignored for a path)
-    return cfg, setup_teacher(cfg, tcfg, device), tcfg
+    teacher = setup_teacher(
+        cfg.teacher,
+        tcfg,
+        device,
+        seed=cfg.train.seed,
+        top_k=cfg.distill.top_k,
+        temperature=cfg.distill.temperature,
+        chunk_size=cfg.distill.chunk_size,
+    )
+    return cfg, teacher, tcfg
 
 
 def inputs(rank: int, vocab: int, batch: int, seq: int, device) -> torch.Tensor:

@@ -5,21 +5,23 @@ from __future__ import annotations
 
 import pytest
 
-from distributed_distill import data as data_lib
-from distributed_distill import models
 from distributed_distill.config import DataConfig
+from distributed_distill.data.batching import DROPPED, TRUNCATED
+from distributed_distill.data.documents import DocKind, documents, stdlib_files
+from distributed_distill.data.packed import build_datasets, tokenize_batch
 from distributed_distill.errors import DistillError
+from distributed_distill.tokenizer import CHAT_TOKENS, CHATML_TEMPLATE, train_bpe_tokenizer
 
 from .helpers import ROOT, read_metrics, run_cli, torchrun
 
 CHAT = ROOT / "configs" / "chat.yaml"
 
 TEMPLATES = {
-    "chatml": models.CHATML_TEMPLATE,
+    "chatml": CHATML_TEMPLATE,
     # Qwen2.5's shape: a default system turn when the conversation has none
     "default_system": (
         "{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are helpful.<|im_end|>\n{% endif %}"
-        + models.CHATML_TEMPLATE
+        + CHATML_TEMPLATE
     ),
     # Llama 3's shape: bos, header tokens, trimmed content, end-of-turn token, no newline after it
     "llama3": (
@@ -54,10 +56,10 @@ CONVERSATIONS = [
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-    texts = [p.read_text(errors="replace") for p in data_lib.stdlib_files()[:20]]
-    tok = models.train_bpe_tokenizer(iter(texts), 400, tmp_path_factory.mktemp("tok") / "t", chat=True)
+    texts = [p.read_text(errors="replace") for p in stdlib_files()[:20]]
+    tok = train_bpe_tokenizer(iter(texts), 400, tmp_path_factory.mktemp("tok") / "t", chat=True)
     tok.add_special_tokens(
-        {"additional_special_tokens": [*models.CHAT_TOKENS, "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]}
+        {"additional_special_tokens": [*CHAT_TOKENS, "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]}
     )
     return tok
 
@@ -85,18 +87,18 @@ def test_assistant_labels_equal_the_prefix_by_prefix_reference(tokenizer, templa
     tokenizer.chat_template = TEMPLATES[template]
     dcfg = DataConfig(seq_len=512)
     batch = {"id": ["a", "b"], "messages": CONVERSATIONS}
-    out = data_lib._tokenize(batch, tokenizer, dcfg, "chat")
+    out = tokenize_batch(batch, tokenizer, dcfg, DocKind.CHAT)
     for i, messages in enumerate(CONVERSATIONS):
         want_ids, want_labels = reference_labels(messages, tokenizer)
         assert out["input_ids"][i] == want_ids and out["labels"][i] == want_labels, template
         learned = tokenizer.decode([t for t in out["labels"][i] if t != -100])
         assert "Add two" not in learned and "trailing" not in learned and "Answer in" not in learned
     # prompt/completion given as message lists: the same conversation split in two
-    pc = data_lib._tokenize(
+    pc = tokenize_batch(
         {"id": ["a"], "p": [CONVERSATIONS[0][:4]], "c": [CONVERSATIONS[0][4:]]},
         tokenizer,
         DataConfig(seq_len=512, prompt_field="p", completion_field="c"),
-        "chat_prompt",
+        DocKind.CHAT_PROMPT,
     )
     assert pc["labels"][0] == reference_labels(CONVERSATIONS[0], tokenizer)[1]
 
@@ -106,11 +108,11 @@ def test_long_conversations_are_cut_at_a_turn_boundary_or_dropped(tokenizer):
     ids, labels = reference_labels(CONVERSATIONS[0], tokenizer)
     first_turn_end = len(reference_labels(CONVERSATIONS[0][:3], tokenizer)[0])
     batch = {"id": ["a"], "messages": [CONVERSATIONS[0]]}
-    cut = data_lib._tokenize(batch, tokenizer, DataConfig(seq_len=len(ids) - 1), "chat")
-    assert cut["status"] == [data_lib.TRUNCATED]
+    cut = tokenize_batch(batch, tokenizer, DataConfig(seq_len=len(ids) - 1), DocKind.CHAT)
+    assert cut["status"] == [TRUNCATED]
     assert cut["input_ids"][0] == ids[:first_turn_end] and cut["labels"][0] == labels[:first_turn_end]
-    dropped = data_lib._tokenize(batch, tokenizer, DataConfig(seq_len=first_turn_end - 1), "chat")
-    assert dropped["status"] == [data_lib.DROPPED]
+    dropped = tokenize_batch(batch, tokenizer, DataConfig(seq_len=first_turn_end - 1), DocKind.CHAT)
+    assert dropped["status"] == [DROPPED]
 
 
 def test_conversational_data_without_a_chat_template_names_the_key(tmp_path, tokenizer):
@@ -121,7 +123,7 @@ def test_conversational_data_without_a_chat_template_names_the_key(tmp_path, tok
     tokenizer.chat_template = None
     dcfg = DataConfig(source=str(path), seq_len=256, cache_dir=str(tmp_path / "cache"), val_fraction=0.3)
     with pytest.raises(DistillError, match=r"has no chat template; set tokenizer.chat_template: PATH"):
-        data_lib.build_datasets(dcfg, tokenizer)
+        build_datasets(documents(dcfg), tokenizer, dcfg)
 
 
 def test_a_run_on_the_built_in_conversations(tmp_path):
@@ -132,7 +134,7 @@ def test_a_run_on_the_built_in_conversations(tmp_path):
     assert records[-1]["step"] == 4 and "val_loss" in records[-1]
     from transformers import AutoTokenizer
 
-    assert AutoTokenizer.from_pretrained(out / "final").chat_template == models.CHATML_TEMPLATE
+    assert AutoTokenizer.from_pretrained(out / "final").chat_template == CHATML_TEMPLATE
 
 
 @pytest.mark.slow

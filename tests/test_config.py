@@ -127,15 +127,15 @@ def test_every_shipped_config_loads(path):
 def test_a_pinned_model_pins_its_tokenizer(tmp_path):
     """The tokenizer is loaded at the revision of the model it comes from (a pinned teacher never pairs with an
     unpinned tokenizer), and an offline run records that pin with the tokenizer it resolved to."""
-    from distributed_distill.models import tokenizer_source
-    from distributed_distill.store import offline_config
+    from distributed_distill.rundir import recorded_config
+    from distributed_distill.tokenizer import tokenizer_source
 
     pinned = ["teacher.arch=null", "teacher.path=org/teacher", "teacher.revision=abc123"]
     assert tokenizer_source(load_config(SMOKE, pinned)) == ("org/teacher", "abc123")
     explicit = [*pinned, "tokenizer.path=org/tok", "tokenizer.revision=v2"]
     assert tokenizer_source(load_config(SMOKE, explicit)) == ("org/tok", "v2")
     assert tokenizer_source(load_config(SMOKE)) is None  # both built from arch: a tokenizer is trained
-    offline = offline_config(load_config(SMOKE, [*pinned, "distill.signal=offline", f"distill.store={tmp_path}"]))
+    offline = recorded_config(load_config(SMOKE, [*pinned, "distill.signal=offline", f"distill.store={tmp_path}"]))
     assert offline.teacher is None and (offline.tokenizer.path, offline.tokenizer.revision) == ("org/teacher", "abc123")
 
 
@@ -146,7 +146,7 @@ def test_the_distill_your_own_models_config_is_what_the_readme_says():
     assert cfg.teacher.dtype == "bfloat16" and cfg.train.precision == "bf16"
     assert cfg.student.path == "Qwen/Qwen2.5-0.5B-Instruct" and cfg.student.gradient_checkpointing
     assert cfg.data.source == "HuggingFaceH4/ultrachat_200k" and cfg.data.streaming
-    from distributed_distill.data import source_kind
+    from distributed_distill.data.documents import source_kind
 
     assert source_kind(cfg.data) == "repository"
     readme = (ROOT / "README.md").read_text()

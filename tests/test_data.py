@@ -5,30 +5,41 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from distributed_distill import data, models
 from distributed_distill.config import DataConfig
+from distributed_distill.data.batching import IGNORE_INDEX, eval_batches, train_indices
+from distributed_distill.data.documents import DocKind, documents, stdlib_files
+from distributed_distill.data.documents import _load as load_documents
+from distributed_distill.data.packed import build_datasets, tokenize_batch
 from distributed_distill.errors import DistillError
+from distributed_distill.tokenizer import train_bpe_tokenizer
 
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
     texts = ["def f(x):\n    return x + 1\n", "the quick brown fox jumps over the lazy dog\n"] * 50
-    return models.train_bpe_tokenizer(iter(texts), 300, tmp_path_factory.mktemp("tok") / "bpe")
+    return train_bpe_tokenizer(iter(texts), 300, tmp_path_factory.mktemp("tok") / "bpe")
 
 
 def _cfg(tmp_path, source, **kw) -> DataConfig:
     return DataConfig(source=str(source), cache_dir=str(tmp_path / "cache"), **kw)
 
 
+def _build(dcfg: DataConfig, tokenizer):
+    """The packed train and validation splits of data.source."""
+    train, val, _ = build_datasets(documents(dcfg), tokenizer, dcfg)
+    return train, val
+
+
 def test_builtin_corpus_is_the_stdlib_split_by_file(tmp_path):
-    files = data.stdlib_files()
+    files = stdlib_files()
     assert len(files) > 500 and all(f.suffix == ".py" for f in files)
     assert not any("site-packages" in f.parts for f in files)
     cfg = _cfg(tmp_path, "python-stdlib", max_documents=60, val_fraction=0.2)
-    docs = data.load_documents(cfg)
-    assert len(docs) == 60 and len(set(docs["id"])) == 60
-    train, val = data.split_documents(docs, cfg)
-    train2, val2 = data.split_documents(data.load_documents(cfg), cfg)
+    docs = documents(cfg)
+    train, val = docs.train, docs.val
+    assert len(train) + len(val) == 60 and len(set(train["id"]) | set(val["id"])) == 60
+    again = documents(cfg)
+    train2, val2 = again.train, again.val
     assert train["id"] == train2["id"] and val["id"] == val2["id"]  # deterministic
     assert not set(train["id"]) & set(val["id"])  # split by file: no file on both sides
     assert 0 < len(val) < len(train)
@@ -42,7 +53,7 @@ def test_text_jsonl_and_parquet_give_the_same_blocks(tmp_path, tokenizer):
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "a.parquet")
     packed = {}
     for name, src in {"text": tmp_path / "t", "json": tmp_path / "a.jsonl", "parquet": tmp_path / "a.parquet"}.items():
-        train, val = data.build_datasets(_cfg(tmp_path, src, seq_len=16, val_fraction=0.25), tokenizer)
+        train, val = _build(_cfg(tmp_path, src, seq_len=16, val_fraction=0.25), tokenizer)
         packed[name] = (train[:]["input_ids"].tolist(), val[:]["input_ids"].tolist())
     assert packed["text"] == packed["json"] == packed["parquet"]
 
@@ -50,14 +61,14 @@ def test_text_jsonl_and_parquet_give_the_same_blocks(tmp_path, tokenizer):
 def test_packing_labels_and_padding(tmp_path, tokenizer):
     path = tmp_path / "d.jsonl"
     path.write_text("\n".join(json.dumps({"text": "the quick brown fox " * (i + 1)}) for i in range(30)))
-    train, _ = data.build_datasets(_cfg(tmp_path, path, seq_len=32, val_fraction=0.2), tokenizer)
+    train, _ = _build(_cfg(tmp_path, path, seq_len=32, val_fraction=0.2), tokenizer)
     ids, labels = train[:]["input_ids"], train[:]["labels"]
     assert ids.shape[1] == 32 and labels.shape == ids.shape
-    real = labels != data.IGNORE_INDEX
+    real = labels != IGNORE_INDEX
     assert (ids[real] == labels[real]).all()
     # every document starts with bos, which is never a target; padding only at the end of a block
-    assert (labels[ids == tokenizer.bos_token_id] == data.IGNORE_INDEX).all()
-    pad_rows = (ids[:, -1] == tokenizer.pad_token_id) & (labels[:, -1] == data.IGNORE_INDEX)
+    assert (labels[ids == tokenizer.bos_token_id] == IGNORE_INDEX).all()
+    pad_rows = (ids[:, -1] == tokenizer.pad_token_id) & (labels[:, -1] == IGNORE_INDEX)
     assert pad_rows.any()
 
 
@@ -66,39 +77,39 @@ def test_prompt_tokens_never_count(tmp_path, tokenizer):
     rows = [{"q": "the lazy dog " * 3, "a": "def f(x): return x"} for _ in range(40)]
     path.write_text("\n".join(json.dumps(r) for r in rows))
     cfg = _cfg(tmp_path, path, seq_len=64, prompt_field="q", completion_field="a", val_fraction=0.3)
-    docs = data.load_documents(cfg)
-    batch = data._tokenize(docs[:1], tokenizer, cfg, "prompt")
+    docs = load_documents(cfg)  # every document is the same: all land on one side of the split
+    batch = tokenize_batch(docs[:1], tokenizer, cfg, DocKind.PROMPT)
     n_prompt = len(tokenizer(rows[0]["q"], add_special_tokens=False)["input_ids"])
     n_body = len(tokenizer(rows[0]["a"], add_special_tokens=False)["input_ids"])
     labels = batch["labels"][0]
-    assert labels[: 1 + n_prompt] == [data.IGNORE_INDEX] * (1 + n_prompt)
+    assert labels[: 1 + n_prompt] == [IGNORE_INDEX] * (1 + n_prompt)
     assert (
         labels[1 + n_prompt : 1 + n_prompt + n_body + 1] == batch["input_ids"][0][1 + n_prompt : 2 + n_prompt + n_body]
     )
-    assert sum(label != data.IGNORE_INDEX for label in labels) == n_body + 1  # completion + eos
+    assert sum(label != IGNORE_INDEX for label in labels) == n_body + 1  # completion + eos
 
 
 def test_batches_are_disjoint_across_ranks_and_match_one_process():
     n, seed = 50, 3
-    one = [data.train_indices(n, 4, 1, 0, seed, m) for m in range(5)]
+    one = [train_indices(n, 4, 1, 0, seed, m) for m in range(5)]
     for m in range(5):
-        r0 = data.train_indices(n, 2, 2, 0, seed, m)
-        r1 = data.train_indices(n, 2, 2, 1, seed, m)
+        r0 = train_indices(n, 2, 2, 0, seed, m)
+        r1 = train_indices(n, 2, 2, 1, seed, m)
         assert r0 + r1 == one[m]
         assert not set(r0) & set(r1)
     # one epoch visits every sample exactly once
-    epoch = [i for m in range(10) for i in data.train_indices(n, 5, 1, 0, seed, m)]
+    epoch = [i for m in range(10) for i in train_indices(n, 5, 1, 0, seed, m)]
     assert sorted(epoch) == list(range(n))
 
 
 def test_eval_batches_keep_ranks_in_lockstep(tmp_path, tokenizer):
     path = tmp_path / "d.jsonl"
     path.write_text("\n".join(json.dumps({"text": f"doc {i} " + "the quick brown fox " * 20}) for i in range(9)))
-    _, val = data.build_datasets(_cfg(tmp_path, path, seq_len=8, val_fraction=0.5), tokenizer)
-    counts = [list(data.eval_batches(val, 3, 2, rank)) for rank in (0, 1)]
+    _, val = _build(_cfg(tmp_path, path, seq_len=8, val_fraction=0.5), tokenizer)
+    counts = [list(eval_batches(val, 3, 2, rank)) for rank in (0, 1)]
     assert len(counts[0]) == len(counts[1])
-    counted = sum(int((b["labels"] != data.IGNORE_INDEX).sum()) for c in counts for b in c)
-    assert counted == int((val[:]["labels"] != data.IGNORE_INDEX).sum())  # nothing counted twice or lost
+    counted = sum(int((b["labels"] != IGNORE_INDEX).sum()) for c in counts for b in c)
+    assert counted == int((val[:]["labels"] != IGNORE_INDEX).sum())  # nothing counted twice or lost
 
 
 @pytest.mark.parametrize(
@@ -118,7 +129,7 @@ def test_eval_batches_keep_ranks_in_lockstep(tmp_path, tokenizer):
 )
 def test_bad_data_is_one_clear_line(tmp_path, tokenizer, make, message):
     with pytest.raises(DistillError) as info:
-        data.build_datasets(_cfg(tmp_path, make(tmp_path)), tokenizer)
+        _build(_cfg(tmp_path, make(tmp_path)), tokenizer)
     assert message in str(info.value) and "\n" not in str(info.value)
 
 
@@ -131,21 +142,21 @@ def test_unreadable_file(tmp_path, tokenizer):
     if os.access(path, os.R_OK):
         pytest.skip("running as a user who can read any file (root); permission errors cannot be provoked")
     with pytest.raises(DistillError, match="permission denied"):
-        data.build_datasets(_cfg(tmp_path, path), tokenizer)
+        _build(_cfg(tmp_path, path), tokenizer)
 
 
 def test_too_few_documents_for_a_validation_split(tmp_path, tokenizer):
     path = tmp_path / "one.jsonl"
     path.write_text(json.dumps({"text": "only one document"}) + "\n")
     with pytest.raises(DistillError, match="split is empty"):
-        data.build_datasets(_cfg(tmp_path, path), tokenizer)
+        _build(_cfg(tmp_path, path), tokenizer)
 
 
 def test_tokenization_is_cached(tmp_path, tokenizer):
     path = tmp_path / "d.jsonl"
     path.write_text("\n".join(json.dumps({"text": f"doc {i} the quick brown fox"}) for i in range(40)))
     cfg = _cfg(tmp_path, path, seq_len=8, val_fraction=0.2)
-    first, _ = data.build_datasets(cfg, tokenizer)
-    second, _ = data.build_datasets(cfg, tokenizer)
+    first, _ = _build(cfg, tokenizer)
+    second, _ = _build(cfg, tokenizer)
     assert first.cache_files and first.cache_files == second.cache_files
     assert Path(first.cache_files[0]["filename"]).is_relative_to(tmp_path / "cache")

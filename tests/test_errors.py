@@ -17,9 +17,10 @@ def pretrained(tmp_path_factory):
 
     from distributed_distill import models
     from distributed_distill.config import ArchConfig
+    from distributed_distill.tokenizer import train_bpe_tokenizer
 
     base = tmp_path_factory.mktemp("pretrained")
-    tok = models.train_bpe_tokenizer(iter(["def f(x): return x\n"] * 20), 300, base / "tok")
+    tok = train_bpe_tokenizer(iter(["def f(x): return x\n"] * 20), 300, base / "tok")
     assert len(tok) > 256
     for name, vocab in (("v600", 600), ("v512", 512), ("v256", 256)):
         cfg = models.arch_config(

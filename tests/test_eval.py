@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distributed_distill import metrics
+from distributed_distill.eval import metrics
 from distributed_distill.losses import TeacherTargets
 
 from .helpers import run_cli, torchrun
@@ -100,7 +100,7 @@ EVAL = [
 @pytest.fixture(scope="module")
 def small_corpus(tmp_path_factory) -> str:
     """24 short standard-library files as a text corpus (a validation split of a few hundred rows)."""
-    from distributed_distill.data import stdlib_files
+    from distributed_distill.data.documents import stdlib_files
 
     root = tmp_path_factory.mktemp("corpus")
     files = [f for f in stdlib_files() if 1500 < f.stat().st_size < 3000][:24]
@@ -126,10 +126,11 @@ def exported(tmp_path_factory, teacher_dir, student_dir):
 def test_eval_one_and_two_processes_agree_and_match_a_float64_reference(tmp_path, exported, small_corpus):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from distributed_distill import data
     from distributed_distill.config import load_config
-    from distributed_distill.evaluate import held_out_prompts
-    from distributed_distill.teacher import model_inputs
+    from distributed_distill.data.documents import documents
+    from distributed_distill.data.packed import build_datasets
+    from distributed_distill.eval.evaluate import held_out_prompts
+    from distributed_distill.models import model_inputs
 
     teacher_dir, student_dir = exported
     models = ["--model", f"teacher={teacher_dir}", "--model", f"student={student_dir}"]
@@ -155,7 +156,8 @@ def test_eval_one_and_two_processes_agree_and_match_a_float64_reference(tmp_path
     vocab = len(tokenizer)
     student = AutoModelForCausalLM.from_pretrained(student_dir).double().eval()
     teacher = AutoModelForCausalLM.from_pretrained(teacher_dir).double().eval()
-    _, val = data.build_datasets(cfg.data, tokenizer)
+    docs = documents(cfg.data)
+    _, val, _ = build_datasets(docs, tokenizer, cfg.data)
     assert len(val) % 6 and len(val) > 6  # rounds of 2 ranks x 3 rows: the last one is uneven
     s_all, t_all, y_all = [], [], []
     with torch.no_grad():
@@ -173,7 +175,7 @@ def test_eval_one_and_two_processes_agree_and_match_a_float64_reference(tmp_path
         assert student_row[key] == pytest.approx(value, abs=1e-5), key
 
     # Generation: the teacher's NLL of the student's completions, and the text metrics of each.
-    prompts = held_out_prompts(cfg, tokenizer, 5).prompts
+    prompts = held_out_prompts(cfg, docs, tokenizer, 5).prompts
     nll, count, rouge, repeated, ngrams = 0.0, 0, 0.0, 0, 0
     with torch.no_grad():
         for c in student_row["completions"]:

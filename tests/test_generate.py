@@ -18,7 +18,9 @@ import torch
 
 from distributed_distill import models, on_policy
 from distributed_distill.config import load_config
+from distributed_distill.data.documents import DocKind
 from distributed_distill.errors import DistillError
+from distributed_distill.tokenizer import load_tokenizer
 
 from .helpers import (
     ROOT,
@@ -55,7 +57,7 @@ def test_generate_writes_a_verified_store_whose_topk_is_a_fresh_teacher_forward(
     distill.temperature, within float16 rounding (and the ids are that forward's top-k); the log-prob of each
     sampled token is the forward's at temperature 1."""
     from distributed_distill.generate import generate_store
-    from distributed_distill.samples import verify_samples
+    from distributed_distill.store.samples import verify_sample_store
 
     root = tmp_path / "samples"
     cfg = load_config(
@@ -63,20 +65,22 @@ def test_generate_writes_a_verified_store_whose_topk_is_a_fresh_teacher_forward(
     )
     result = generate_store(cfg)
     assert result["complete"] and result["shards_written"] == result["shards"]
-    assert verify_samples(root).startswith("ok: ")
+    assert verify_sample_store(root).startswith("ok: ")
     manifest = json.loads((root / "manifest.json").read_text())
     assert manifest["sampling"]["temperature"] == 1.0 and manifest["temperature"] == 2.0 and manifest["top_k"] == 8
     rows = datasets.load_dataset("parquet", data_files=str(root / "train" / "*.parquet"), split="train")
     assert len(rows) == 6 * 2 and set(rows["finish_reason"]) <= {"eos", "stop", "length"}
 
-    tokenizer = models.load_tokenizer(str(root / "tokenizer"))
+    tokenizer = load_tokenizer(str(root / "tokenizer"))
     # One end-token rule (generation.sampling_setup) for the teacher here and the student on-policy: eos, and for
     # conversations the chat template's end of turn.
     chat_ends = sorted({tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")})
     assert manifest["sampling"]["eos_ids"] == chat_ends and len(chat_ends) == 2
     on_policy_cfg = load_config(CONFIG, ["distill.on_policy=1", "data.packing=false"])
-    assert on_policy.Sampler.build(on_policy_cfg, tokenizer, "chat", synced=False).eos_ids == chat_ends
-    assert on_policy.Sampler.build(on_policy_cfg, tokenizer, "prompt", synced=False).eos_ids == [tokenizer.eos_token_id]
+    chat = on_policy.StudentSampler.build(on_policy_cfg, tokenizer, DocKind.CHAT, synced=False)
+    assert list(chat.sampling.eos_ids) == chat_ends
+    prompt = on_policy.StudentSampler.build(on_policy_cfg, tokenizer, DocKind.PROMPT, synced=False)
+    assert list(prompt.sampling.eos_ids) == [tokenizer.eos_token_id]
     teacher = models.load_model(cfg.teacher, models.model_config(cfg.teacher, len(tokenizer), "teacher"), seed=1)
     worst = 0.0
     for row in rows:

@@ -4,6 +4,8 @@ equal a fresh forward over the sampled sequence (float64), and the filters draw 
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -48,19 +50,21 @@ def test_greedy_equals_hf_generate_and_rows_are_independent():
     """Default tier. Greedy: transformers' own greedy generate on the same left-padded batch, token for token.
     Sampled (float64, so padding changes nothing): each row alone equals that row inside a padded batch."""
     model = tiny_llama()
-    greedy = generate(model, PROMPTS, gens(0, 4), Sampling(temperature=0, max_new_tokens=12), pad_id=PAD, eos_ids=[EOS])
+    greedy = generate(
+        model, PROMPTS, gens(0, 4), Sampling(temperature=0, max_new_tokens=12, eos_ids=(EOS,), pad_id=PAD)
+    )
     assert greedy.completions == hf_greedy(model, PROMPTS, 12)
     assert all(r in ("eos", "length") for r in greedy.finish_reasons)
 
     model64 = tiny_llama(torch.float64)
-    sampling = Sampling(temperature=1.3, top_p=0.9, top_k=50, max_new_tokens=10)
-    batch = generate(model64, PROMPTS, gens(7, 4), sampling, pad_id=PAD, eos_ids=[EOS])
+    sampling = Sampling(temperature=1.3, top_p=0.9, top_k=50, max_new_tokens=10, eos_ids=(EOS,), pad_id=PAD)
+    batch = generate(model64, PROMPTS, gens(7, 4), sampling)
     for i, prompt in enumerate(PROMPTS):
-        alone = generate(model64, [prompt], gens(7, 4)[i : i + 1], sampling, pad_id=PAD, eos_ids=[EOS])
+        alone = generate(model64, [prompt], gens(7, 4)[i : i + 1], sampling)
         assert alone.completions[0] == batch.completions[i]
         assert alone.logprobs[0] == pytest.approx(batch.logprobs[i], abs=1e-9)
     # Another seed gives other samples (the generators are what is random).
-    other = generate(model64, PROMPTS, gens(8, 4), sampling, pad_id=PAD, eos_ids=[EOS])
+    other = generate(model64, PROMPTS, gens(8, 4), sampling)
     assert other.completions != batch.completions
 
 
@@ -74,9 +78,7 @@ def test_logprobs_and_on_step_equal_a_fresh_forward():
         model,
         PROMPTS,
         gens(3, 4),
-        Sampling(temperature=0.8, max_new_tokens=9),
-        pad_id=PAD,
-        eos_ids=[EOS],
+        Sampling(temperature=0.8, max_new_tokens=9, eos_ids=(EOS,), pad_id=PAD),
         on_step=lambda logits, tokens: seen.append((logits.clone(), tokens.clone())),
     )
     for i, (prompt, completion) in enumerate(zip(PROMPTS, samples.completions)):
@@ -93,16 +95,16 @@ def test_logprobs_and_on_step_equal_a_fresh_forward():
 @pytest.mark.slow
 def test_finish_reasons_eos_stop_token_stop_string_length():
     model = tiny_llama()
-    greedy = Sampling(temperature=0, max_new_tokens=8)
-    free = generate(model, PROMPTS, gens(0, 4), greedy, pad_id=PAD, eos_ids=[EOS])
+    greedy = Sampling(temperature=0, max_new_tokens=8, eos_ids=(EOS,), pad_id=PAD)
+    free = generate(model, PROMPTS, gens(0, 4), greedy)
     # Stop on the third greedy token of row 0, as an EOS id, as a stop token, and as a stop string.
     stop = free.completions[0][2]
-    as_eos = generate(model, PROMPTS[:1], gens(0, 1), greedy, pad_id=PAD, eos_ids=[stop])
+    as_eos = generate(model, PROMPTS[:1], gens(0, 1), dataclasses.replace(greedy, eos_ids=(stop,)))
     assert as_eos.completions[0] == free.completions[0][: free.completions[0].index(stop) + 1]
     assert as_eos.finish_reasons == ["eos"]
     as_stop = generate(
-        model, PROMPTS[:1], gens(0, 1), Sampling(temperature=0, max_new_tokens=8, stop_token_ids=(stop,)),
-        pad_id=PAD, eos_ids=[EOS],
+        model, PROMPTS[:1], gens(0, 1),
+        Sampling(temperature=0, max_new_tokens=8, stop_token_ids=(stop,), eos_ids=(EOS,), pad_id=PAD),
     )  # fmt: skip
     assert as_stop.completions == as_eos.completions and as_stop.finish_reasons == ["stop"]
 
@@ -111,17 +113,17 @@ def test_finish_reasons_eos_stop_token_stop_string_length():
 
     text = decode(free.completions[0])
     stopped = generate(
-        model, PROMPTS[:1], gens(0, 1), Sampling(temperature=0, max_new_tokens=8, stop_strings=(text[1:3],)),
-        pad_id=PAD, eos_ids=[EOS], decode=decode,
+        model, PROMPTS[:1], gens(0, 1),
+        Sampling(temperature=0, max_new_tokens=8, stop_strings=(text[1:3],), eos_ids=(EOS,), pad_id=PAD, decode=decode),
     )  # fmt: skip
     assert stopped.finish_reasons == ["stop"]
     assert stopped.completions[0] == free.completions[0][: text.index(text[1:3]) + 2]
-    short = generate(model, PROMPTS, gens(0, 4), Sampling(temperature=0, max_new_tokens=3), pad_id=PAD, eos_ids=[])
+    short = generate(model, PROMPTS, gens(0, 4), Sampling(temperature=0, max_new_tokens=3, eos_ids=(), pad_id=PAD))
     assert short.finish_reasons == ["length"] * 4 and all(len(c) == 3 for c in short.completions)
-    with pytest.raises(ValueError, match="decode"):
-        generate(model, PROMPTS, gens(0, 4), Sampling(stop_strings=("x",)), pad_id=PAD, eos_ids=[EOS])
+    with pytest.raises(ValueError, match="decode"):  # (raised as the Sampling is made)
+        generate(model, PROMPTS, gens(0, 4), Sampling(stop_strings=("x",), eos_ids=(EOS,), pad_id=PAD))
     with pytest.raises(ValueError, match="generator"):
-        generate(model, PROMPTS, gens(0, 3), greedy, pad_id=PAD, eos_ids=[EOS])
+        generate(model, PROMPTS, gens(0, 3), greedy)
 
 
 @pytest.mark.slow

@@ -88,7 +88,7 @@ def test_bf16_training_and_validation_compute_the_same_loss(chunk):
     the active autocast)."""
     from datasets import Dataset
 
-    from distributed_distill.evaluate import evaluate
+    from distributed_distill.eval.evaluate import evaluate
 
     cfg = load_config(
         SMOKE, ["train.precision=bf16", "train.micro_batch_size=4", f"distill.chunk_size={chunk}", "train.device=cpu"]

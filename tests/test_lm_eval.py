@@ -1,5 +1,5 @@
-"""lm-evaluation-harness runs the shipped local task (`distributed_distill/lm_eval_tasks/distill_heldout.yaml`) on an
-exported student as it is (`lm_eval --model hf`), on CPU, with no download (docs/eval.md)."""
+"""lm-evaluation-harness runs the shipped local task (`distributed_distill/eval/lm_eval_tasks/distill_heldout.yaml`)
+on an exported student as it is (`lm_eval --model hf`), on CPU, with no download (docs/eval.md)."""
 
 import json
 import math
@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 def test_lm_eval_scores_an_exported_student_on_the_local_task(tmp_path, student_dir):
     lm_eval = shutil.which("lm_eval", path=str(Path(sys.executable).parent))
     assert lm_eval, "lm_eval is not installed next to this interpreter: pip install -e '.[eval]'"
-    from distributed_distill.data import stdlib_files
+    from distributed_distill.data.documents import stdlib_files
 
     corpus = tmp_path / "corpus"
     corpus.mkdir()
@@ -29,7 +29,7 @@ def test_lm_eval_scores_an_exported_student_on_the_local_task(tmp_path, student_
             "--model", "hf",
             "--model_args", f"pretrained={student_dir},dtype=float32",
             "--device", "cpu",
-            "--include_path", str(ROOT / "distributed_distill" / "lm_eval_tasks"),
+            "--include_path", str(ROOT / "distributed_distill" / "eval" / "lm_eval_tasks"),
             "--tasks", "distill_heldout",
             "--metadata", json.dumps({"source": str(corpus), "val_fraction": 0.3}),
             "--output_path", str(out),

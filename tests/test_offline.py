@@ -122,12 +122,12 @@ def test_offline_startup_errors(smoke_store, tmp_path):
 
 
 def test_shuffle_buffer_is_seeded(smoke_store):
-    from distributed_distill import store as store_lib
+    from distributed_distill.store.logits import TrainStream, read_logit_manifest
 
-    manifest = store_lib.read_manifest(smoke_store)
+    manifest = read_logit_manifest(smoke_store)
 
     def order(seed: int, buffer: int, rank: int = 0, world: int = 1) -> list[int]:
-        stream = store_lib.TrainStream(smoke_store, manifest, seed, buffer).micro_batches(4, world, rank)
+        stream = TrainStream(smoke_store, manifest, seed, buffer).micro_batches(4, world, rank)
         return [i for _ in range(40) for i in next(stream)["index"].tolist()]
 
     in_store_order = order(0, 0)
@@ -143,12 +143,12 @@ def test_shuffle_buffer_is_seeded(smoke_store):
 def test_stream_position_is_global(smoke_store):
     """The store's order does not depend on the number of ranks: 2 ranks' micro-batches interleaved are the one
     rank's stream, and a stream started at a position (a resume, on any number of ranks) continues that order."""
-    from distributed_distill import store as store_lib
+    from distributed_distill.store.logits import TrainStream, read_logit_manifest
 
-    manifest = store_lib.read_manifest(smoke_store)
+    manifest = read_logit_manifest(smoke_store)
 
     def rows(world: int, rank: int, skip: int, n: int) -> list[list[int]]:
-        stream = store_lib.TrainStream(smoke_store, manifest, 0, 16).micro_batches(2, world, rank, skip=skip)
+        stream = TrainStream(smoke_store, manifest, 0, 16).micro_batches(2, world, rank, skip=skip)
         return [next(stream)["index"].tolist() for _ in range(n)]
 
     one = rows(1, 0, 0, 24)

@@ -34,7 +34,7 @@ NEW = 6
 
 
 def data_rows(prompts: list[list[int]], completion: list[int]) -> dict:
-    """Prompt/completion rows as data.py pads them (packing off): bos + prompt + completion + eos, labels on the
+    """Prompt/completion rows as data/packed.py pads them (packing off): bos + prompt + completion + eos, labels on the
     completion and eos."""
     rows = [[BOS, *p, *completion, EOS] for p in prompts]
     width = max(map(len, rows)) + 2
@@ -66,7 +66,8 @@ def test_greedy_on_policy_step_samples_generate_output_and_optimises_the_float64
     rows = [on_policy.positions(0, 1, 0, len(PROMPTS))]
 
     def sampler(stops):
-        return on_policy.Sampler(Sampling(temperature=0, max_new_tokens=NEW), 0, PAD, stops, False, None)
+        sampling = Sampling(temperature=0, max_new_tokens=NEW, eos_ids=tuple(stops), pad_id=PAD)
+        return on_policy.StudentSampler(sampling, 0, False)
 
     # An end token the first row writes third: its sample ends there, the others run to NEW tokens.
     first, _ = sampler([EOS]).sample(student, [batch], rows)
@@ -163,7 +164,7 @@ ON_POLICY = ["data.packing=false", "distill.sampling.max_new_tokens=32", 'distil
 @pytest.fixture(scope="module")
 def prompt_data(tmp_path_factory) -> Path:
     """Prompt/completion rows: a line of stdlib code as the prompt, the next line as the completion."""
-    from distributed_distill.data import stdlib_files
+    from distributed_distill.data.documents import stdlib_files
 
     rows = []
     for path in stdlib_files()[::40]:

@@ -8,18 +8,23 @@ import json
 import pytest
 import torch
 
-from distributed_distill import data as data_lib
 from distributed_distill import models, objective
 from distributed_distill.config import ArchConfig, DataConfig, DistillConfig
-from distributed_distill.teacher import OnlineTeacher, model_inputs
+from distributed_distill.data.batching import collate
+from distributed_distill.data.documents import documents as read_documents
+from distributed_distill.data.documents import stdlib_files
+from distributed_distill.data.packed import build_datasets
+from distributed_distill.models import model_inputs
+from distributed_distill.teacher import OnlineTeacher
+from distributed_distill.tokenizer import train_bpe_tokenizer
 
 VOCAB = 300
 
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-    texts = [p.read_text(errors="replace") for p in data_lib.stdlib_files()[:20]]
-    return models.train_bpe_tokenizer(iter(texts), VOCAB, tmp_path_factory.mktemp("tok") / "t")
+    texts = [p.read_text(errors="replace") for p in stdlib_files()[:20]]
+    return train_bpe_tokenizer(iter(texts), VOCAB, tmp_path_factory.mktemp("tok") / "t")
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +39,8 @@ def documents(tmp_path_factory):
 
 def datasets_for(documents, tokenizer, tmp_path, packing: bool):
     dcfg = DataConfig(source=str(documents), seq_len=64, packing=packing, cache_dir=str(tmp_path), val_fraction=0.2)
-    return data_lib.build_datasets(dcfg, tokenizer)
+    train, val, _ = build_datasets(read_documents(dcfg), tokenizer, dcfg)
+    return train, val
 
 
 def model(family: str, seed: int = 0):
@@ -47,7 +53,7 @@ def model(family: str, seed: int = 0):
 
 def test_packing_off_each_example_has_its_batch_of_one_loss(documents, tokenizer, tmp_path):
     train, _ = datasets_for(documents, tokenizer, tmp_path, packing=False)
-    batch = data_lib.collate(train, [0, 1, 2, 3])
+    batch = collate(train, [0, 1, 2, 3])
     lengths = (batch["labels"] != -100).sum(1)
     assert len(set(lengths.tolist())) > 1 and (batch["input_ids"][:, -1] == tokenizer.pad_token_id).any()
     student, teacher = model("llama", 0), OnlineTeacher(model("llama", 1), {})

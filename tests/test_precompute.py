@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from distributed_distill.errors import DistillError
-from distributed_distill.precompute import PART_ENV, parse_part, part_of
+from distributed_distill.store.writer import PART_ENV, parse_part, part_of
 
 from .helpers import SMOKE, STORE_OVERRIDES, kill_after_shards, precomputed_store, run_cli, store_files
 

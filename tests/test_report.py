@@ -10,7 +10,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from distributed_distill.report import DPI, SIZE_INCHES, report
+from distributed_distill.eval.report import DPI, SIZE_INCHES, report
 
 from .helpers import ROOT, run_cli
 

@@ -17,7 +17,7 @@ import psutil
 import pytest
 
 from distributed_distill import checkpoint
-from distributed_distill.report import report
+from distributed_distill.eval.report import report
 
 from .helpers import (
     ROOT,

@@ -8,8 +8,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from distributed_distill import data as data_lib
 from distributed_distill.config import DataConfig
+from distributed_distill.data.documents import _load as load_documents
+from distributed_distill.data.documents import document_kind, source_kind, stdlib_files
+from distributed_distill.data.stream import DocumentStream, streaming_validation
 from distributed_distill.errors import DistillError
 
 from .helpers import SMOKE, run_cli, training_records
@@ -30,7 +32,7 @@ configs:
 
 
 def texts(n: int, seed: int = 0) -> list[dict]:
-    files = data_lib.stdlib_files()
+    files = stdlib_files()
     return [{"text": files[(seed + 37 * i) % len(files)].read_text(errors="replace")[:3000]} for i in range(n)]
 
 
@@ -61,36 +63,36 @@ def saved(tmp_path_factory):
 
 def test_repository_and_save_to_disk_directories(repository, saved, tmp_path):
     cache = str(tmp_path / "cache")
-    plain = data_lib.load_documents(DataConfig(source=str(repository), subset="plain", cache_dir=cache))
-    assert data_lib.source_kind(DataConfig(source=str(repository))) == "repository"
+    plain = load_documents(DataConfig(source=str(repository), subset="plain", cache_dir=cache))
+    assert source_kind(DataConfig(source=str(repository))) == "repository"
     assert len(plain) == 60 and plain[0]["text"] == texts(1)[0]["text"]
-    chat = data_lib.load_documents(DataConfig(source=str(repository), subset="chat", cache_dir=cache))
-    assert data_lib.document_kind(chat.column_names, DataConfig(), chat.features) == "chat" and len(chat) == 40
-    held = data_lib.load_documents(DataConfig(source=str(saved), split="held", cache_dir=cache))
-    assert data_lib.source_kind(DataConfig(source=str(saved))) == "saved"
+    chat = load_documents(DataConfig(source=str(repository), subset="chat", cache_dir=cache))
+    assert document_kind(chat.column_names, DataConfig(), chat.features) == "chat" and len(chat) == 40
+    held = load_documents(DataConfig(source=str(saved), split="held", cache_dir=cache))
+    assert source_kind(DataConfig(source=str(saved))) == "saved"
     assert len(held) == 30 and held[0]["text"] == texts(1, seed=5)[0]["text"]
     with pytest.raises(DistillError, match=r"no split 'nope' \(data.split\); it has \['held', 'train'\]"):
-        data_lib.load_documents(DataConfig(source=str(saved), split="nope", cache_dir=cache))
-    assert data_lib.source_kind(DataConfig(source="HuggingFaceH4/ultrachat_200k")) == "repository"
+        load_documents(DataConfig(source=str(saved), split="nope", cache_dir=cache))
+    assert source_kind(DataConfig(source="HuggingFaceH4/ultrachat_200k")) == "repository"
 
 
 def test_a_stream_skips_exactly_and_splits_across_ranks(saved, tmp_path):
     from transformers import AutoTokenizer
 
-    from distributed_distill import models
+    from distributed_distill.tokenizer import train_bpe_tokenizer
 
     out = tmp_path / "tok"
-    tokenizer = models.train_bpe_tokenizer((r["text"] for r in texts(20)), 300, out)
+    tokenizer = train_bpe_tokenizer((r["text"] for r in texts(20)), 300, out)
     tokenizer = AutoTokenizer.from_pretrained(out)
     dcfg = DataConfig(source=str(saved), streaming=True, seq_len=32, shuffle_buffer=8, cache_dir=str(tmp_path))
-    stream = data_lib.DocumentStream(dcfg, tokenizer, seed=3)
+    stream = DocumentStream(dcfg, tokenizer, seed=3)
     first = [b["input_ids"] for _, b in zip(range(6), stream.micro_batches(2, 1, 0))]
     resumed = [b["input_ids"] for _, b in zip(range(2), stream.micro_batches(2, 1, 0, skip=4))]
     assert all(torch.equal(a, b) for a, b in zip(first[4:], resumed))
     r0 = torch.cat([b["input_ids"] for _, b in zip(range(3), stream.micro_batches(2, 2, 0))])
     r1 = torch.cat([b["input_ids"] for _, b in zip(range(3), stream.micro_batches(2, 2, 1))])
     assert not {tuple(r) for r in r0.tolist()} & {tuple(r) for r in r1.tolist()}
-    val = data_lib.streaming_validation(dcfg, tokenizer)
+    val, _ = streaming_validation(dcfg, tokenizer)
     assert len(val) > 0
 
 

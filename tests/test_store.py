@@ -13,8 +13,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from distributed_distill import store as store_lib
 from distributed_distill.integrity import sha256_file
+from distributed_distill.store.format import PARQUET_OPTIONS, row_hash, shard_name
+from distributed_distill.store.logits import LOGIT_FORMAT, LOGIT_VERSION
 
 from .helpers import TOP_K, precomputed_store, run_cli
 
@@ -40,7 +41,7 @@ def test_store_verifies_and_manifest_describes_it(smoke_store):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().startswith("ok: store") and len(proc.stdout.strip().splitlines()) == 1
     m = json.loads((smoke_store / "manifest.json").read_text())
-    assert m["format"] == store_lib.FORMAT and m["version"] == store_lib.VERSION
+    assert m["format"] == LOGIT_FORMAT and m["version"] == LOGIT_VERSION
     assert m["top_k"] == TOP_K and m["temperature"] == 2.0 and m["seq_len"] == 64 and m["vocab_size"] == 512
     assert len(m["config_hash"]) == 64 and len(m["tokenizer_sha256"]) == 64 and len(m["dataset_fingerprint"]) == 64
     assert m["teacher"]["arch"]["hidden_size"] == 64 and len(m["teacher"]["config_sha256"]) == 64
@@ -63,7 +64,7 @@ def test_store_reads_with_plain_datasets(smoke_store):
     ds = datasets.load_dataset("parquet", data_files=files, split="train", streaming=True)
     row = next(iter(ds))
     assert len(row["input_ids"]) == 64 and len(row["teacher_ids"]) == 63 * TOP_K and len(row["teacher_tail"]) == 63
-    assert store_lib.row_hash(np.asarray(row["input_ids"])) == row["row_hash"]
+    assert row_hash(np.asarray(row["input_ids"])) == row["row_hash"]
     logprobs = np.asarray(row["teacher_logprobs"], dtype=np.float32).reshape(63, TOP_K)
     tail = np.asarray(row["teacher_tail"], dtype=np.float32)
     # Each position: the top-k in descending order, and with the tail they hold all the probability.
@@ -73,7 +74,7 @@ def test_store_reads_with_plain_datasets(smoke_store):
 
 
 def _shard(root: Path, number: int = 3) -> Path:
-    return root / store_lib.shard_name("train", number)
+    return root / shard_name("train", number)
 
 
 def test_corrupted_shard_is_named(store_copy):
@@ -113,7 +114,7 @@ def test_row_whose_ids_do_not_match_its_hash_is_named(store_copy):
     ids[7][5] = (ids[7][5] + 1) % 512
     column = pa.array(ids, type=pa.list_(pa.uint16()))
     table = table.set_column(table.column_names.index("input_ids"), "input_ids", column)
-    pq.write_table(table, path, **store_lib.PARQUET_OPTIONS)
+    pq.write_table(table, path, **PARQUET_OPTIONS)
     manifest = json.loads((store_copy / "manifest.json").read_text())
     entry = next(s for s in manifest["splits"]["train"]["shards"] if s["path"] == "train/shard-00003.parquet")
     entry["bytes"], entry["sha256"] = path.stat().st_size, sha256_file(path)

@@ -246,7 +246,9 @@ def test_teacher_deepspeed_config_must_be_zero_stage_3(tmp_path):
     bad.write_text(json.dumps({"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 2}}))
     cfg = load_config(SMOKE, ["teacher.engine=zero3", f"teacher.deepspeed_config={bad}"])
     with pytest.raises(DistillError, match=r"stage2.json: zero_optimization.stage=2, need 3"):
-        setup_teacher(cfg, models.model_config(cfg.teacher, 512, "teacher"), torch.device("cpu"))
+        setup_teacher(
+            cfg.teacher, models.model_config(cfg.teacher, 512, "teacher"), torch.device("cpu"), seed=cfg.train.seed
+        )
 
 
 @pytest.mark.multiprocess

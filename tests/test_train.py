@@ -56,14 +56,15 @@ def test_export_loads_with_plain_transformers_and_matches_training(smoke_runs):
     training process computed from its live student (same logits)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from distributed_distill import data
-    from distributed_distill.teacher import model_inputs
+    from distributed_distill.data.documents import documents
+    from distributed_distill.data.packed import build_datasets
+    from distributed_distill.models import model_inputs
 
     run, _ = smoke_runs
     cfg = load_config(run / "config.yaml")
     model = AutoModelForCausalLM.from_pretrained(run / "final").eval()
     tokenizer = AutoTokenizer.from_pretrained(run / "final")
-    _, val = data.build_datasets(cfg.data, tokenizer)
+    _, val, _ = build_datasets(documents(cfg.data), tokenizer, cfg.data)
     total, count = 0.0, 0
     with torch.no_grad():
         for start in range(0, len(val), 16):

@@ -10,11 +10,14 @@ import pytest
 import torch
 import yaml
 
-from distributed_distill import data as data_lib
 from distributed_distill import models, objective, setup
 from distributed_distill.config import load_config
+from distributed_distill.data.batching import collate, train_indices
+from distributed_distill.data.documents import stdlib_files
+from distributed_distill.data.packed import build_datasets
 from distributed_distill.errors import DistillError
 from distributed_distill.teacher import setup_teacher
+from distributed_distill.tokenizer import train_bpe_tokenizer
 
 from .helpers import SMOKE, read_metrics, run_cli
 
@@ -23,8 +26,8 @@ TEMPERATURE = 2.0
 
 
 def make_tokenizer(out):
-    texts = [p.read_text(errors="replace") for p in data_lib.stdlib_files()[:30]]
-    return models.train_bpe_tokenizer(iter(texts), TOKENS, out)
+    texts = [p.read_text(errors="replace") for p in stdlib_files()[:30]]
+    return train_bpe_tokenizer(iter(texts), TOKENS, out)
 
 
 def save_model(out, rows: int, hidden: int, layers: int, seed: int, tokenizer) -> str:
@@ -132,16 +135,25 @@ def test_padded_vocabularies_kd_equals_float64_reference(pair):
     """One batch through the training step's loss, every online path, against the float64 reference."""
     teacher_path, student_path, _ = pair
     cfg = pair_config(teacher_path, student_path)
-    accelerator, tokenizer, student_config, teacher_config = setup.setup_run(cfg)
+    plan = setup.plan_run(cfg, setup.setup_accelerator(cfg))
+    tokenizer, student_config, teacher_config = plan.tokenizer, plan.student_config, plan.teacher_config
     assert len(tokenizer) == TOKENS and {student_config.vocab_size, teacher_config.vocab_size} == {320, 384}
-    train_ds, _ = data_lib.build_datasets(cfg.data, tokenizer)
-    batch = data_lib.collate(train_ds, [0, 1, 2])
+    train_ds, _, _ = build_datasets(plan.documents(), tokenizer, cfg.data)
+    batch = collate(train_ds, [0, 1, 2])
     student = models.load_model(cfg.student, student_config, seed=0)
     head = models.AlignedHead(student.get_output_embeddings(), len(tokenizer))
     for name, (chunk, top_k) in MODES.items():
         d = cfg.distill.__class__(**{**vars(cfg.distill), "chunk_size": chunk, "top_k": top_k, "alpha": 1.0})
-        run_cfg = cfg.__class__(**{**vars(cfg), "distill": d})
-        teacher = setup_teacher(run_cfg, teacher_config, torch.device("cpu"), len(tokenizer))
+        teacher = setup_teacher(
+            cfg.teacher,
+            teacher_config,
+            torch.device("cpu"),
+            seed=cfg.train.seed,
+            vocab=len(tokenizer),
+            top_k=d.top_k,
+            temperature=d.temperature,
+            chunk_size=d.chunk_size,
+        )
         out = objective.forward_losses(student, teacher, batch, d, head)
         got = out.kd_sum.item() / int(out.num_tokens)
         want = reference_for_batch(teacher_path, student_path, batch, top_k)
@@ -158,9 +170,9 @@ def test_padded_vocabularies_train_online_and_offline(pair, tmp_path):
     records the aligned vocabulary."""
     teacher_path, student_path, teacher_rows = pair
     cfg = pair_config(teacher_path, student_path)
-    _, tokenizer, _, _ = setup.setup_run(cfg)
-    train_ds, _ = data_lib.build_datasets(cfg.data, tokenizer)
-    first = data_lib.collate(train_ds, data_lib.train_indices(len(train_ds), 4, 1, 0, 0, 0))
+    plan = setup.plan_run(cfg, setup.setup_accelerator(cfg))
+    train_ds, _, _ = build_datasets(plan.documents(), plan.tokenizer, cfg.data)
+    first = collate(train_ds, train_indices(len(train_ds), 4, 1, 0, 0, 0))
     config = tmp_path / "pair.yaml"
     raw = yaml.safe_load(SMOKE.read_text())
     raw.update(teacher={"path": teacher_path}, student={"path": student_path}, tokenizer={})
@@ -193,7 +205,7 @@ def test_a_model_with_fewer_rows_than_the_tokenizer_is_refused(tmp_path, tokeniz
     wide = save_model(tmp_path / "wide", 320, 32, 1, 0, tokenizer)
     cfg = pair_config(wide, short)
     with pytest.raises(DistillError, match=rf"the tokenizer has {TOKENS} tokens but the student has only vocab_size="):
-        setup.setup_run(cfg)
+        setup.plan_run(cfg, setup.setup_accelerator(cfg))
 
 
 def test_different_tokenizers_are_refused_naming_the_token(tmp_path, tokenizer):
@@ -208,7 +220,7 @@ def test_different_tokenizers_are_refused_naming_the_token(tmp_path, tokenizer):
     cfg = pair_config(paths["teacher"], paths["student"])
     want = rf"student.path={paths['student']}: tokenizers differ: token id {TOKENS} is '<\|student_only\|>' in the "
     with pytest.raises(DistillError, match=want + r"student's and '<\|teacher_only\|>' in the run's"):
-        setup.setup_run(cfg)
+        setup.plan_run(cfg, setup.setup_accelerator(cfg))
     # The CLI: one line, exit 2, before any model loads.
     proc = run_cli(
         ["train", "--config", str(SMOKE), *[f"{r}.path={p}" for r, p in paths.items()], "teacher.arch=null"]

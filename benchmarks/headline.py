@@ -29,10 +29,10 @@ from pathlib import Path
 
 from distributed_distill.demo import (
     CONFIGS,
-    generate_store,
     offline_overrides,
     precompute_store,
     run_distill,
+    sample_store,
     samples_overrides,
 )
 
@@ -51,7 +51,7 @@ def _offline_store(student_cfg: str, teacher: str, work: Path, overrides: list[s
 
 def _samples_store(student_cfg: str, teacher: str, work: Path, overrides: list[str]) -> None:
     # One sample store per seed: the sampling seed follows train.seed, so each seed is its own draw of samples.
-    generate_store(student_cfg, teacher, work / "samples", overrides)
+    sample_store(student_cfg, teacher, work / "samples", overrides)
 
 
 # name -> recipe. The rows of the README's headline table, in order; a new student recipe is one more entry.

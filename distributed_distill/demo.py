@@ -45,7 +45,7 @@ def precompute_store(student_cfg: str, teacher: str, store_dir: Path, overrides:
     run_distill(["verify-store", str(store_dir)])
 
 
-def generate_store(student_cfg: str, teacher: str, store_dir: Path, overrides: list[str]) -> None:
+def sample_store(student_cfg: str, teacher: str, store_dir: Path, overrides: list[str]) -> None:
     """The teacher's samples (configs/demo.yaml, section `generate`: continuations of corpus windows, with its
     top-64 at every sampled token), written once and verified."""
     run_distill(["generate", "--config", student_cfg, teacher, f"generate.store={store_dir}", *overrides])
@@ -73,7 +73,7 @@ def run_demo(out: Path, overrides: list[str]) -> list[dict]:
     # Teacher samples: continuations of the corpus, with the teacher's top-64 at every sampled token (sequence-level
     # KD on the sampled tokens plus word-level KD from the stored top-64, without the teacher in memory).
     samples_dir, sampled_dir = out / "samples", out / "student_samples"
-    generate_store(student_cfg, teacher, samples_dir, overrides)
+    sample_store(student_cfg, teacher, samples_dir, overrides)
     sampled = samples_overrides(samples_dir)
     run_distill(["train", "--config", student_cfg, f"output_dir={sampled_dir}", teacher, *sampled, *overrides])
     run_distill(

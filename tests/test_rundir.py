@@ -50,7 +50,19 @@ def overrides(kind: str, prompt_pairs: Path, tokenizer: Path) -> list[str]:
 )
 def test_an_interrupted_run_resumes_from_its_own_config_yaml(kind, prompt_pairs, smoke_tokenizer, tmp_path, capsys):
     ref = tmp_path / "ref"
-    assert cli.main(["train", "--config", str(SMOKE), f"output_dir={ref}", *RUN, *overrides(kind, prompt_pairs, smoke_tokenizer)]) == 0
+    assert (
+        cli.main(
+            [
+                "train",
+                "--config",
+                str(SMOKE),
+                f"output_dir={ref}",
+                *RUN,
+                *overrides(kind, prompt_pairs, smoke_tokenizer),
+            ]
+        )
+        == 0
+    )
     recorded = (ref / "config.yaml").read_text()
     if kind == "offline":
         assert "teacher: null" in recorded  # the store replaced the teacher; config.yaml says so

@@ -40,7 +40,7 @@ from .config import Config, to_dict
 from .errors import DistillError, WriteError, on_main, write_failure
 from .integrity import atomic_write_text, file_problem, publish_dir, record
 from .lock import launch_rank
-from .rundir import STEP_DIR, recorded_config, step_name
+from .rundir import STEP_DIR, FinishedRun, finished_run, recorded_config, step_name
 
 FORMAT = "distributed_distill-checkpoint"
 VERSION = 1
@@ -126,20 +126,64 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 SPLIT = ("train.micro_batch_size", "train.grad_accum_steps")
 
 
+def first_difference(recorded: dict, cfg: Config) -> str | None:
+    """The first config key that matters (not one of MAY_CHANGE, not the split of the global batch) on which a
+    recorded config (a checkpoint's, or a finished run's config.yaml) and `cfg` in its recorded form differ."""
+    old, new = _flatten(recorded), _flatten(to_dict(recorded_config(cfg)))
+    for key in sorted(old.keys() | new.keys()):
+        if not (key.startswith(MAY_CHANGE) or key in SPLIT or old.get(key) == new.get(key)):
+            return key
+    return None
+
+
+def _show(config: dict | Config, key: str):
+    return _flatten(config if isinstance(config, dict) else to_dict(recorded_config(config))).get(key)
+
+
 def check_compatible(meta: dict, cfg: Config, world_size: int, where: Path) -> None:
     """Refuse a checkpoint of a different run: the first differing config key that matters is named. The checkpoint
     holds the run's recorded config (`rundir.recorded_config`), and `cfg` is compared in that form too, so a run
     restarted from its own config.yaml resumes."""
-    old, new = _flatten(meta["config"]), _flatten(to_dict(recorded_config(cfg)))
-    for key in sorted(old.keys() | new.keys()):
-        if key.startswith(MAY_CHANGE) or key in SPLIT or old.get(key) == new.get(key):
-            continue
+    key = first_difference(meta["config"], cfg)
+    if key is not None:
         raise CheckpointError(
-            f"checkpoint {where} was written with {key}={old.get(key)!r} but this run has {key}={new.get(key)!r}; "
-            "only logging, evaluation, checkpointing and the step budget may change on resume "
-            "(use another output_dir to start a different run)"
+            f"checkpoint {where} was written with {key}={_show(meta['config'], key)!r} but this run has "
+            f"{key}={_show(cfg, key)!r}; only logging, evaluation, checkpointing and the step budget may change on "
+            "resume (use another output_dir to start a different run)"
         )
     resume_config(cfg, meta, world_size, where)
+
+
+class AlreadyFinished(Exception):
+    """`distill train` on the output_dir of the same run, already finished: nothing to do; `result` is what the run
+    printed when it finished (its last evaluation)."""
+
+    def __init__(self, result: dict):
+        super().__init__("finished")
+        self.result = result
+
+
+def _check_finished(done: FinishedRun, cfg: Config, existing: list) -> None:
+    """A finished run in output_dir is never restarted silently: the same run again is a no-op that reports its result
+    (AlreadyFinished), a longer one resumes from its newest checkpoint (or is refused without one), another config
+    is refused naming the first key that differs. Starting over is the user's choice: another output_dir, or this
+    one deleted."""
+    out = Path(cfg.output_dir)
+    over = f"choose another output_dir, or delete {out} to start over"
+    key = first_difference(done.config, cfg)
+    if key is not None:
+        raise CheckpointError(
+            f"output_dir {out} holds a finished run written with {key}={_show(done.config, key)!r} but this run has "
+            f"{key}={_show(cfg, key)!r}; {over}"
+        )
+    if cfg.train.max_steps <= done.step:
+        raise AlreadyFinished(done.result)
+    if not existing:
+        raise CheckpointError(
+            f"output_dir {out} holds a finished run of {done.step} steps without a checkpoint to continue from "
+            f"(it saved every train.save_every={done.config['train']['save_every']} steps), so train.max_steps="
+            f"{cfg.train.max_steps} cannot continue it; {over}"
+        )
 
 
 def global_batch(meta: dict) -> int:
@@ -189,6 +233,9 @@ def _choose(cfg: Config, world_size: int) -> tuple[Path | None, dict | None, lis
     out = Path(cfg.output_dir)
     resume = cfg.train.resume
     existing = list_checkpoints(out)
+    done = finished_run(out) if resume in (False, "auto") else None
+    if done is not None:
+        _check_finished(done, cfg, existing)  # returns when a longer run continues from a checkpoint
     if resume is False:
         if existing:
             names = ", ".join(p.name for _, p in existing[:3])
@@ -228,7 +275,14 @@ def choose_resume(cfg: Config, accelerator: Accelerator) -> Resume | None:
     model is loaded. Damaged newer checkpoints are renamed `step-NNNNNNN.damaged` (kept, never resumed)."""
 
     def choose() -> tuple[str | None, dict | None]:
-        path, meta, notes = _choose(cfg, accelerator.num_processes)
+        try:
+            path, meta, notes = _choose(cfg, accelerator.num_processes)
+        except AlreadyFinished as e:
+            accelerator.print(
+                f"output_dir {cfg.output_dir} holds this run, finished at step {cfg.train.max_steps}: nothing to do "
+                "(to train it again, delete the directory or choose another output_dir)"
+            )
+            return "finished", e.result
         for note in notes:
             accelerator.print(f"resume: {note}")
         if path is None:
@@ -240,6 +294,8 @@ def choose_resume(cfg: Config, accelerator: Accelerator) -> Resume | None:
         return str(path), meta
 
     path, meta = on_main(accelerator, choose)
+    if path == "finished":
+        raise AlreadyFinished(meta)
     return Resume(Path(path), meta) if path else None
 
 

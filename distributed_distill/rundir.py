@@ -16,9 +16,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
-from .config import Config, save_config
+import yaml
+
+from .config import Config, load_yaml, save_config
 from .integrity import atomic_write_text, write_json_atomic
 from .tokenizer import tokenizer_source
 
@@ -64,6 +67,33 @@ def read_records(path: Path) -> tuple[list[dict], list[str]]:
             continue
         records.append(record)
     return records, notes
+
+
+@dataclass(frozen=True)
+class FinishedRun:
+    """A run directory whose run completed: its student exported and its last record at its train.max_steps."""
+
+    config: dict  # config.yaml, as written
+    step: int  # the last step trained
+    result: dict  # the last evaluation (val_* and gen_* metrics), as `distill train` printed it
+
+
+def finished_run(out: Path) -> FinishedRun | None:
+    """The finished run `out` holds, or None (nothing there, or a run that stopped before its max_steps: a resumed
+    run trains past an earlier export, so final/ alone does not make a run finished)."""
+    if not ((out / FINAL).is_dir() and (out / CONFIG).is_file() and (out / METRICS).is_file()):
+        return None
+    try:
+        config = load_yaml((out / CONFIG).read_text())
+        max_steps = config["train"]["max_steps"]
+    except (OSError, ValueError, TypeError, KeyError, yaml.YAMLError):
+        return None
+    records, _ = read_records(out / METRICS)
+    if not records or records[-1]["step"] != max_steps:
+        return None
+    evals = [r for r in records if r.get("val_loss") is not None]
+    result = {k: v for k, v in evals[-1].items() if k.startswith(("val_", "gen_"))} if evals else {}
+    return FinishedRun(config, max_steps, result)
 
 
 def prepare(recorded: Config, accelerator, resume_step: int | None) -> Path:

@@ -46,6 +46,8 @@ def train(cfg: Config) -> dict:
     with checkpoint.StopRequest(Path(cfg.output_dir)) as stop:
         try:
             return _train(cfg, stop)
+        except checkpoint.AlreadyFinished as e:  # the same run, finished before: nothing changed
+            return e.result
         finally:
             lock.release(cfg.output_dir)
 

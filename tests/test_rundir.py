@@ -4,6 +4,7 @@ replaced it) and with on-policy steps, and ends bit-identical to the uninterrupt
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -15,7 +16,10 @@ from distributed_distill import cli
 from .helpers import SMOKE, STORE_OVERRIDES, precomputed_store
 from .test_resume import assert_same_student
 
-RUN = ["train.max_steps=4", "train.save_every=2", "train.keep_last=0", "train.eval_every=0", "logging.progress=false"]
+RUN = [
+    "train.max_steps=4", "train.save_every=2", "train.keep_last=0", "train.eval_every=0", "train.eval_batches=2",
+    "logging.progress=false",
+]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -75,3 +79,59 @@ def test_an_interrupted_run_resumes_from_its_own_config_yaml(kind, prompt_pairs,
     assert f"resume: continuing from {out / 'step-0000002'} (step 2)" in capsys.readouterr().out
     assert_same_student(ref, out)
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+    if kind == "online":  # then finished: the same command is a no-op, a longer run continues from step 4
+        before = sha256_tree(out)
+        assert cli.main(["train", "--config", str(out / "config.yaml")]) == 0
+        assert sha256_tree(out) == before
+        assert cli.main(["train", "--config", str(out / "config.yaml"), "train.max_steps=5"]) == 0
+        assert f"resume: continuing from {out / 'step-0000004'} (step 4)" in capsys.readouterr().out
+        assert json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 5
+
+
+# ----------------------------------------------------------------------------------------------
+# A finished run is never restarted silently (issue 23)
+
+
+def sha256_tree(root: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.fixture
+def finished(smoke_run, tmp_path) -> Path:
+    """A copy of the session's finished smoke run (5 steps, no checkpoint: train.save_every is larger)."""
+    out = tmp_path / "finished"
+    shutil.copytree(smoke_run, out)
+    return out
+
+
+def test_the_same_command_on_a_finished_run_reports_it_and_changes_nothing(finished, capsys):
+    before = sha256_tree(finished)
+    assert cli.main(["train", "--config", str(SMOKE), f"output_dir={finished}", "logging.progress=false"]) == 0
+    out = capsys.readouterr().out
+    assert f"output_dir {finished} holds this run, finished at step 5: nothing to do" in out
+    result = json.loads(out.strip().splitlines()[-1])
+    last = [json.loads(line) for line in (finished / "metrics.jsonl").read_text().splitlines()][-1]
+    assert result["output_dir"] == str(finished) and result["val_loss"] == last["val_loss"]
+    assert sha256_tree(finished) == before  # metrics.jsonl, final/, config.yaml: byte for byte
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["distill.alpha=0.7"],
+            "holds a finished run written with distill.alpha=0.5 but this run has distill.alpha=0.7",
+        ),
+        (["train.max_steps=7"], "holds a finished run of 5 steps without a checkpoint to continue from"),
+    ],
+)
+def test_another_config_or_more_steps_without_a_checkpoint_are_refused(finished, capsys, overrides, message):
+    before = sha256_tree(finished)
+    assert cli.main(["train", "--config", str(SMOKE), f"output_dir={finished}", *overrides]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0] and "delete" in err[0], err
+    assert sha256_tree(finished) == before

@@ -69,22 +69,54 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if name in named:
             raise DistillError(f"--model {name}=... is given twice; give each model its own name")
         named[name] = path
+    out = Path(args.json)
+    check_output_file(out, "--json")  # before the evaluation, not after it
     from .eval.evaluate import eval_config, evaluate_models, format_table, write_rows
 
     cfg = eval_config(args.config, args.overrides, named)
     rows = evaluate_models(cfg, named)
     if _main_process():
         print(format_table(rows))
-        write_rows(rows, Path(args.json))
-        print(f"wrote {args.json}")
+        try:
+            write_rows(rows, out)
+        except OSError as e:  # checked before, but the disk may have filled up since: the rows are not lost
+            print(json.dumps(rows, indent=2))
+            print(f"could not write --json {out} ({(e.strerror or str(e)).lower()}): the rows are printed above")
+            return 2
+        print(f"wrote {out}")
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .eval.report import report
+    from .eval.report import default_out, report
 
-    print(report([Path(d) for d in args.run_dir], Path(args.out) if args.out else None, wandb=not args.no_wandb))
+    run_dirs = [Path(d) for d in args.run_dir]
+    out = Path(args.out) if args.out else default_out(run_dirs)
+    check_output_dir(out, "--out" if args.out else "the report directory (--out)")
+    print(report(run_dirs, out, wandb=not args.no_wandb))
     return 0
+
+
+def check_output_file(path: Path, what: str) -> None:
+    """A file a command writes when its work is done (its directory created if missing): refused now, before the
+    work, if it cannot be written."""
+    if path.is_dir():
+        raise DistillError(f"{what} {path} is a directory; give a file name")
+    check_output_dir(path.parent, what, path)
+
+
+def check_output_dir(path: Path, what: str, target: Path | None = None) -> None:
+    """A directory a command writes into (created if missing): refused now if a file stands in its way or it cannot
+    be written. `target`: the file to be written there (named in the message instead)."""
+    named = f"{what} {target or path}"
+    for p in (path, *path.parents):
+        if not p.exists():
+            continue
+        if not p.is_dir():
+            raise DistillError(f"{named} cannot be written: {p} is a file, not a directory")
+        if not os.access(p, os.W_OK | os.X_OK):
+            raise DistillError(f"{named} cannot be written: {p} is not writable")
+        return
 
 
 def cmd_precompute(args: argparse.Namespace) -> int:

@@ -137,6 +137,29 @@ class DirLock:
         self.created = []
 
 
+def holder(root: str | Path, name: str = NAME) -> dict | None:
+    """The job holding `root`'s lock ({"host", "pid", "started", "command"}), or None when no job holds it. A probe
+    for readers (`distill report`): a shared lock taken and dropped at once, so a holder's exclusive lock is seen
+    and nothing is created."""
+    path = Path(root) / name
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None  # no lock file: released (a release unlinks it) or never taken
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        try:
+            return json.loads(path.read_text() or "{}") or {"pid": None}
+        except (OSError, ValueError):
+            return {"pid": None}
+    except OSError:
+        return None
+    finally:
+        os.close(fd)  # (closing drops the shared lock, if it was taken)
+    return None
+
+
 def acquire(root: str | Path, what: str, name: str = NAME) -> DirLock:
     """This process's lock `name` in `root` (taken now, or already held)."""
     key = os.path.join(os.path.abspath(root), name)

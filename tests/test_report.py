@@ -10,7 +10,8 @@ import pytest
 import yaml
 from PIL import Image
 
-from distributed_distill.eval.report import DPI, SIZE_INCHES, report
+from distributed_distill import lock
+from distributed_distill.eval.report import DPI, SIZE_INCHES, report, run_status
 
 from .helpers import ROOT, run_cli
 
@@ -34,11 +35,15 @@ def _in_progress(finished, tmp_path):
 def test_report_plots_finished_and_in_progress_runs(smoke_run, tmp_path):
     running = _in_progress(smoke_run, tmp_path)
     out = tmp_path / "report"
-    text = report([smoke_run, running], out, wandb=False)
-    assert f"run: {smoke_run} (finished)" in text and f"run: {running} (in progress)" in text
+    lock.acquire(running, "output_dir")  # a job holds the run directory, as a training run does
+    try:
+        text = report([smoke_run, running], out, wandb=False)
+    finally:
+        lock.release(running)
+    assert f"run: {smoke_run} (finished)" in text and f"run: {running} (running)" in text
     assert "steps: 5 of 5" in text and "steps: 3 of 5" in text and "skipped its last line" in text
     md = (out / "report.md").read_text()
-    assert "| finished | 5 / 5 |" in md and "| in progress | 3 / 5 |" in md and "![loss](loss.png)" in md
+    assert "| finished | 5 / 5 |" in md and "| running | 3 / 5 |" in md and "![loss](loss.png)" in md
     for name, panels in (("loss", 2), ("components", 2), ("diagnostics", 3), ("throughput", 1), ("lr", 1)):
         image = Image.open(out / f"{name}.png")
         assert image.format == "PNG"
@@ -95,3 +100,21 @@ def test_headline_command_at_reduced_size(tmp_path):
     assert f"| teacher (reference) | {teacher['val_loss']:.4f} | " in table
     image = Image.open(out / "headline.png")
     assert image.format == "PNG" and (np.asarray(image.convert("RGB")) < 250).any(-1).mean() > 0.02
+
+
+def test_a_resumed_run_is_not_finished_by_an_earlier_export(smoke_run, tmp_path):
+    """A finished run resumed with a larger train.max_steps keeps its earlier final/ while it trains on: running while
+    its job holds the directory, stopped (resumable) once it does not; finished only at its max_steps (issue 23)."""
+    resumed = tmp_path / "resumed"
+    shutil.copytree(smoke_run, resumed, ignore=shutil.ignore_patterns("report"))
+    config = resumed / "config.yaml"
+    config.write_text(config.read_text().replace("max_steps: 5", "max_steps: 8"))
+    assert (resumed / "final").is_dir() and run_status(resumed) == "stopped"
+    lock.acquire(resumed, "output_dir")
+    try:
+        assert run_status(resumed) == "running"
+        text = report([resumed], tmp_path / "report", wandb=False)
+    finally:
+        lock.release(resumed)
+    assert f"run: {resumed} (running)" in text and "steps: 5 of 8" in text
+    assert run_status(resumed) == "stopped" and run_status(smoke_run) == "finished"

@@ -387,5 +387,7 @@ def format_table(rows: list[dict]) -> str:
 
 
 def write_rows(rows: list[dict], path: Path) -> None:
-    """eval.json: the rows, written atomically (a partial file never replaces a complete one)."""
+    """eval.json: the rows, written atomically (a partial file never replaces a complete one); its directory is
+    created if missing."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(rows, indent=2) + "\n")

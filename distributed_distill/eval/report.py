@@ -4,9 +4,9 @@
 
 Writes into `--out` (default `RUN_DIR/report` for one run, `./report` for several): `loss.png` (train and validation
 loss vs tokens, one colour per run), `components.png` (KD and CE terms), `diagnostics.png` (teacher entropy and
-top-1 agreement), `throughput.png` (tokens/s), `lr.png` (learning rate) and `report.md`. A run still in progress
-(no `final/` yet) reports what it has logged so far. A run whose config has wandb on gets the plots logged to its
-wandb run as images. matplotlib comes with the `[eval]` extra.
+top-1 agreement), `throughput.png` (tokens/s), `lr.png` (learning rate) and `report.md`. A run not yet finished
+(`run_status`: running, or stopped and resumable) reports what it has logged so far. A run whose config has wandb on
+gets the plots logged to its wandb run as images. matplotlib comes with the `[eval]` extra.
 """
 
 from __future__ import annotations
@@ -14,11 +14,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .. import lock
 from ..checkpoint import MARKER, complete_checkpoints
 from ..config import load_config
 from ..errors import DistillError
 from ..integrity import atomic_write_text
-from ..rundir import CONFIG, FINAL, METRICS, read_records
+from ..rundir import CONFIG, METRICS, finished_run, read_records
 from ..tracking import wandb_kwargs
 
 # The figures: file name -> [(panel title, metric key), ...]; one panel per key, one line per run.
@@ -95,10 +96,9 @@ def summary_row(run_dir: Path, records: list[dict]) -> dict:
     max_steps = None
     if (run_dir / CONFIG).is_file():
         max_steps = load_config(run_dir / CONFIG).train.max_steps
-    done = (run_dir / FINAL).is_dir()
     row = {
         "run": str(run_dir),
-        "status": "finished" if done else "in progress",
+        "status": run_status(run_dir),
         "step": last["step"],
         "max_steps": max_steps,
         "first_loss": records[0].get("loss"),
@@ -111,6 +111,14 @@ def summary_row(run_dir: Path, records: list[dict]) -> dict:
         e = evals[-1]
         row.update({k: v for k, v in e.items() if k.startswith(("val_", "gen_"))}, eval_step=e["step"])
     return row
+
+
+def run_status(run_dir: Path) -> str:
+    """finished (exported at its max_steps: an earlier final/ of a run resumed to train longer does not count),
+    running (a job holds the run directory's lock), or stopped (resumable by the same command)."""
+    if finished_run(run_dir) is not None:
+        return "finished"
+    return "running" if lock.holder(run_dir) is not None else "stopped"
 
 
 def _fmt(value, spec: str = ".4f") -> str:
@@ -155,6 +163,11 @@ def text(rows: list[dict], notes: list[str], out: Path, images: list[Path]) -> s
     return "\n".join(lines)
 
 
+def default_out(run_dirs: list[Path]) -> Path:
+    """Where the report goes without --out: RUN_DIR/report for one run, ./report for several."""
+    return run_dirs[0] / "report" if len(run_dirs) == 1 else Path("report")
+
+
 def report(run_dirs: list[Path], out: Path | None = None, wandb: bool = True) -> str:
     """Plots and report.md for the runs; returns the console summary."""
     runs, rows, notes = {}, [], []
@@ -166,7 +179,7 @@ def report(run_dirs: list[Path], out: Path | None = None, wandb: bool = True) ->
         label = run_dir.name if run_dir.name not in runs else str(run_dir)
         runs[label] = records
         rows.append(summary_row(run_dir, records))
-    out = out or (run_dirs[0] / "report" if len(run_dirs) == 1 else Path("report"))
+    out = out or default_out(run_dirs)
     out.mkdir(parents=True, exist_ok=True)
     images = plot(runs, out)
     atomic_write_text(out / "report.md", markdown(rows, images, notes))

@@ -125,31 +125,36 @@ def max_positions(config: PretrainedConfig) -> int | None:
 
 
 def check_model_configs(
-    cfg: Config, student: PretrainedConfig, teacher: PretrainedConfig | None, tokenizer_len: int
+    cfg: Config,
+    student: PretrainedConfig,
+    teacher: PretrainedConfig | None,
+    tokenizer_len: int,
+    student_name: str = "the student",
 ) -> None:
     """Startup checks on configs only, before any weights load: vocabulary rows and sequence length.
 
     Teacher and student may have different embedding row counts (one family, padded to different multiples, e.g.
     Qwen2.5-7B 152,064 rows and Qwen2.5-0.5B 151,936 with one tokenizer): logits are compared over the first
     `len(tokenizer)` rows (`aligned_vocab`), the padding rows of either model are ignored. A model with fewer
-    rows than the tokenizer has tokens it cannot predict and is refused.
+    rows than the tokenizer has tokens it cannot predict and is refused. `student_name` names the student in errors
+    (`distill eval`: `--model NAME=DIR`).
     """
-    for role, mc in (("student", student), ("teacher", teacher)):
+    for role, name, mc in (("student", student_name, student), ("teacher", "the teacher", teacher)):
         if mc is None:
             continue
         if tokenizer_len > mc.vocab_size:
             raise DistillError(
-                f"the tokenizer has {tokenizer_len} tokens but the {role} has only vocab_size={mc.vocab_size} "
+                f"the tokenizer has {tokenizer_len} tokens but {name} has only vocab_size={mc.vocab_size} "
                 f"embedding rows; a {role} must have a row for every token (use the {role}'s own tokenizer)"
             )
         limit = max_positions(mc)
         if limit is not None and cfg.data.seq_len > limit:
-            raise DistillError(f"data.seq_len={cfg.data.seq_len} exceeds the {role}'s maximum positions ({limit})")
+            raise DistillError(f"data.seq_len={cfg.data.seq_len} exceeds {name}'s maximum positions ({limit})")
         new = cfg.distill.sampling.max_new_tokens if cfg.distill.on_policy > 0 else 0
         if limit is not None and cfg.data.seq_len + new > limit:
             raise DistillError(
                 f"data.seq_len={cfg.data.seq_len} + distill.sampling.max_new_tokens={new} (an on-policy row: its "
-                f"prompt and the sampled completion) exceeds the {role}'s maximum positions ({limit})"
+                f"prompt and the sampled completion) exceeds {name}'s maximum positions ({limit})"
             )
     check_packages(cfg)
 

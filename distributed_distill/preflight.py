@@ -27,11 +27,12 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from . import models
-from .config import Config, ModelConfig, no_prompts
+from .config import Config, DataConfig, ModelConfig, no_prompts
 from .data.documents import DocKind
 from .errors import DistillError, on_main
 from .lock import launcher_world_size
 from .models import transformers_zero3
+from .store import offline_data_source
 
 # A checkpoint of an AdamW-trained student holds fp32 weights (4 bytes/parameter) and the two fp32 moments (8):
 # Accelerate's save_state for one process or DDP writes exactly that; DeepSpeed and FSDP write at least as much.
@@ -261,6 +262,29 @@ def check_data(cfg: Config, kind: DocKind, sequences: int | None, world: int) ->
             f"batch ({train.micro_batch_size} micro_batch_size x {train.grad_accum_steps} grad_accum_steps x {world} "
             f"process(es) = {batch}); add data, or lower train.micro_batch_size or data.seq_len"
         )
+
+
+def check_offline_source(cfg: Config) -> None:
+    """An offline run trains on its store's rows: a data.source naming other data (another file or store) would be
+    ignored without a word, so it is refused. The default data.source says nothing and is let be."""
+    if cfg.distill.signal != "offline":
+        return
+    source = offline_data_source(cfg)
+    given = cfg.data.source
+    if source is None or given == DataConfig.source or _same_source(given, source):
+        return
+    raise DistillError(
+        f"distill.signal=offline trains on the rows of distill.store={cfg.distill.store} (made from data.source="
+        f"{source}), but data.source={given} names other data; set data.source={source}, or leave it unset"
+    )
+
+
+def _same_source(a: str, b: str) -> bool:
+    """Two data.source values naming the same thing: equal, or paths to the same file or directory."""
+    if a == b:
+        return True
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
 
 
 def check_store_writer(cfg: Config, store: str | None, key: str, command: str) -> None:

@@ -23,6 +23,7 @@ import yaml
 
 from .config import Config, load_yaml, save_config
 from .integrity import atomic_write_text, write_json_atomic
+from .store import offline_data_source
 from .tokenizer import tokenizer_source
 
 CONFIG = "config.yaml"
@@ -40,13 +41,15 @@ def step_name(step: int) -> str:
 def recorded_config(cfg: Config) -> Config:
     """The config a run records, in config.yaml and in every checkpoint, and what a resume is compared by: the
     resolved config, except that an offline run records no teacher (the store replaced it; its content hash is
-    compared instead) and the tokenizer it used. Recording a recorded config changes nothing, so a run restarted
-    from its own config.yaml is the same run."""
+    compared instead), the tokenizer it used and, as data.source, what it trained on (the store's source:
+    store.offline_data_source). Recording a recorded config changes nothing, so a run restarted from its own
+    config.yaml is the same run."""
     if cfg.distill.signal != "offline":
         return cfg
     path, revision = tokenizer_source(cfg) or (None, None)
     tokenizer = dataclasses.replace(cfg.tokenizer, path=path, revision=revision)
-    return dataclasses.replace(cfg, teacher=None, tokenizer=tokenizer)
+    data = dataclasses.replace(cfg.data, source=offline_data_source(cfg) or cfg.data.source)
+    return dataclasses.replace(cfg, teacher=None, tokenizer=tokenizer, data=data)
 
 
 def read_records(path: Path) -> tuple[list[dict], list[str]]:

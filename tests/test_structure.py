@@ -30,6 +30,7 @@ MAY_IMPORT = {
         "errors",
         "generation",
         "integrity",
+        "lock",
         "losses",
         "models",
         "objective",

@@ -39,7 +39,7 @@ from ..on_policy import StudentSampler, row_seed
 from ..setup import resolve_loss_chunks, setup_accelerator
 from ..store.samples import TOKENIZER, training_store
 from ..teacher import OnlineTeacher, TeacherSource, setup_teacher
-from ..tokenizer import run_tokenizer
+from ..tokenizer import load_tokenizer, run_tokenizer, tokenizer_difference
 from . import metrics
 
 
@@ -327,8 +327,9 @@ def evaluate_models(cfg: Config, named: dict[str, str]) -> list[dict]:
     teacher_config = None
     if cfg.teacher is not None:
         teacher_config = models.model_config(cfg.teacher, len(tokenizer), "teacher")
-    for mc in configs.values():
-        models.check_model_configs(cfg, mc, teacher_config, len(tokenizer))
+    for name, mc in configs.items():
+        models.check_model_configs(cfg, mc, teacher_config, len(tokenizer), f"--model {name}={named[name]}")
+        check_model_tokenizer(name, named[name], tokenizer)
     with accelerator.main_process_first():
         _, val_ds, _ = build_datasets(docs(), tokenizer, cfg.data)
         held_out = held_out_prompts(cfg, docs(), tokenizer, cfg.eval.prompts) if cfg.eval.prompts else None
@@ -354,6 +355,21 @@ def evaluate_models(cfg: Config, named: dict[str, str]) -> list[dict]:
         rows.append({"model": name, "path": mcfg.path, **result, "completions": completions})
         del model
     return rows
+
+
+def check_model_tokenizer(name: str, path: str, tokenizer) -> None:
+    """A model is scored on the run's tokens: one that was trained with another tokenizer (an exported final/ keeps
+    its own) would be compared on tokens it never saw; refused, naming the model and the first token that differs."""
+    try:
+        own = load_tokenizer(path)
+    except DistillError:
+        return  # a weights-only directory: nothing to compare
+    diff = tokenizer_difference(own, tokenizer, (f"model {name}", "run"), specials=False)
+    if diff is not None:
+        raise DistillError(
+            f"--model {name}={path} was trained with another tokenizer than this evaluation's ({diff}); evaluate it "
+            "with the config of its own run (--config RUN/config.yaml), where its tokens are the run's"
+        )
 
 
 # (column title, row key, format) of the `distill eval` table; a metric a row lacks is shown as "-".

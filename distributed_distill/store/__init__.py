@@ -10,13 +10,31 @@ writer.py   the sharded writer job both commands share (plan, lock, parts, resum
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+from ..config import Config
+from .format import MANIFEST
 from .logits import verify_logit_store
-from .samples import is_sample_store, verify_sample_store
+from .samples import SAMPLE_FORMAT, is_sample_store, verify_sample_store
 
 
 def verify_store(root: str | Path) -> str:
     """`distill verify-store`: a logit store or a sample store, checked completely; a one-line verdict, or a
     DistillError naming the first faulty shard (and row, where one can be found)."""
     return verify_sample_store(root) if is_sample_store(root) else verify_logit_store(root)
+
+
+def offline_data_source(cfg: Config) -> str | None:
+    """What an offline run trains on, as data.source names it: a sample store is its own source (its samples are the
+    documents), a logit store the source it was precomputed from. None when distill.store holds no readable manifest
+    (opening the store says why)."""
+    try:
+        manifest = json.loads((Path(cfg.distill.store).expanduser() / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(manifest, dict):
+        return None
+    if manifest.get("format") == SAMPLE_FORMAT:
+        return cfg.distill.store
+    return (manifest.get("data") or {}).get("source")

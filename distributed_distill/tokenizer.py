@@ -21,6 +21,7 @@ from pathlib import Path
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from .config import Config
+from .data.chat import template_problem
 from .data.documents import Documents, cache_root, texts_for_tokenizer
 from .errors import DistillError
 from .integrity import publish_dir
@@ -162,6 +163,9 @@ def run_tokenizer(cfg: Config, accelerator, documents: Callable[[], Documents], 
         tokenizer = _trained(cfg, accelerator, documents)
     if cfg.tokenizer.chat_template is not None:
         tokenizer.chat_template = Path(cfg.tokenizer.chat_template).expanduser().read_text()
+        problem = template_problem(tokenizer)  # a Jinja syntax error is named now, not mid-tokenization
+        if problem is not None:
+            raise DistillError(f"tokenizer.chat_template={cfg.tokenizer.chat_template} {problem}")
     return tokenizer
 
 

@@ -8,11 +8,50 @@ from .batching import IGNORE_INDEX
 
 
 def check_chat_template(tokenizer, dcfg: DataConfig) -> None:
+    """Conversational data needs a chat template that renders a user and an assistant turn."""
     if not getattr(tokenizer, "chat_template", None):
         raise DistillError(
             f"data.source={dcfg.source} is conversational but the tokenizer has no chat template; "
             "set tokenizer.chat_template: PATH (a Jinja template file)"
         )
+    problem = template_problem(tokenizer)
+    if problem is not None:
+        raise DistillError(f"the tokenizer's chat template {problem}; fix it, or set tokenizer.chat_template: PATH")
+
+
+def template_problem(tokenizer) -> str | None:
+    """Why the tokenizer's chat template cannot render a user turn and an assistant turn (a Jinja syntax error: its
+    line and message), as the end of a sentence naming the template; None when it can."""
+    import jinja2  # transformers' own dependency for chat templates
+
+    turns = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    try:
+        tokenizer.apply_chat_template(turns, tokenize=False)
+    except jinja2.TemplateSyntaxError as e:
+        return f"is not valid Jinja: line {e.lineno}: {e.message}"
+    except (jinja2.TemplateError, ValueError, TypeError, KeyError) as e:
+        return f"cannot render a user and an assistant turn: {' '.join(str(e).split())[:200]}"
+    return None
+
+
+def conversation_problem(messages) -> str | None:
+    """What is wrong with one conversation (a list of {role, content} turns, a user turn before any assistant
+    turn, text content), or None. Checked for every conversation before anything is tokenized."""
+    if not isinstance(messages, list):
+        return f"the conversation is a {type(messages).__name__}, not a list of {{role, content}} turns"
+    user_seen = False
+    for i, turn in enumerate(messages):
+        if not isinstance(turn, dict) or "role" not in turn or "content" not in turn:
+            return f"turn {i} is not a {{role, content}} mapping ({str(turn)[:60]!r})"
+        role, content = turn["role"], turn["content"]
+        if not isinstance(role, str):
+            return f"turn {i} has role {role!r}, not a string"
+        if not isinstance(content, str):
+            return f"turn {i} ({role}) has content {content!r}, not text"
+        if role == "assistant" and not user_seen:
+            return f"turn {i} is an assistant turn before any user turn"
+        user_seen = user_seen or role == "user"
+    return None
 
 
 def render_chat(messages: list[dict], tokenizer) -> tuple[list[int], list[int], list[int]]:

@@ -28,6 +28,7 @@ import datasets
 
 from ..config import DataConfig
 from ..errors import DistillError
+from .chat import conversation_problem
 
 BUILTIN_CORPUS = "python-stdlib"
 BUILTIN_CHAT = "python-stdlib-chat"
@@ -74,6 +75,8 @@ def documents(dcfg: DataConfig) -> Documents:
     """data.source's documents, split into training and validation by document hash, with their kind."""
     docs = _load(dcfg)
     kind = document_kind(docs.column_names, dcfg, docs.features)
+    if kind.is_chat and dcfg.source != BUILTIN_CHAT:  # (the built-in conversations are made well-formed)
+        check_conversations(docs, kind, dcfg)
     is_val = [is_validation(row, dcfg.val_fraction) for row in docs.select_columns(["id"])]
     train = docs.select([i for i, v in enumerate(is_val) if not v])
     val = docs.select([i for i, v in enumerate(is_val) if v])
@@ -84,6 +87,52 @@ def documents(dcfg: DataConfig) -> Documents:
             f"data.val_fraction={dcfg.val_fraction}); add documents or change data.val_fraction"
         )
     return Documents(train, val, kind)
+
+
+def conversation_of(row: dict, kind: DocKind, dcfg: DataConfig):
+    """A conversational document's turns: its messages, or its prompt and completion turns together."""
+    if kind is DocKind.CHAT:
+        return row[dcfg.messages_field]
+    prompt, completion = row[dcfg.prompt_field], row[dcfg.completion_field]
+    return prompt + completion if isinstance(prompt, list) and isinstance(completion, list) else prompt
+
+
+def check_conversations(docs: datasets.Dataset, kind: DocKind, dcfg: DataConfig) -> None:
+    """Every conversation well-formed (chat.conversation_problem), or one line naming the first bad one (its file and
+    line for files), what is wrong with it, and how many are bad: a corpus with bad rows is refused, never trained
+    on with some rows silently broken."""
+    fields = document_fields(kind, dcfg)
+    bad = [
+        (i, problem)
+        for i, row in enumerate(docs.select_columns(fields))
+        if (problem := conversation_problem(conversation_of(row, kind, dcfg))) is not None
+    ]
+    if not bad:
+        return
+    index, problem = bad[0]
+    where = f"row {index}"
+    if source_kind(dcfg) == "files":
+        where = _row_location(_source_files(dcfg), kind, dcfg) or where
+    raise DistillError(
+        f"data.source={dcfg.source}: {where}: {problem}; {len(bad)} of {len(docs)} conversations are malformed "
+        "(fix or remove them)"
+    )
+
+
+def _row_location(files: list[Path], kind: DocKind, dcfg: DataConfig) -> str | None:
+    """`file:line` of the first JSON Lines record whose conversation is malformed (None for other formats)."""
+    for f in files:
+        if f.suffix != ".jsonl":
+            continue
+        for number, line in enumerate(f.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+            try:
+                row = json.loads(line) if line.strip() else None
+            except ValueError:
+                continue
+            if isinstance(row, dict) and all(k in row for k in document_fields(kind, dcfg)):
+                if conversation_problem(conversation_of(row, kind, dcfg)) is not None:
+                    return f"{f}:{number}"
+    return None
 
 
 # ----------------------------------------------------------------------------------------------

@@ -2,11 +2,13 @@
 mistake is one line (`error: ...`, exit 2) with nothing written (docs/robustness.md lists every case):
 
     config   every key, type and combination, at load (config.py; the CLI, before any heavy import)
-    launch   the process count the launcher started, and the strategies that cannot go together   check_launch
-    models   paths, model files against their configs, room for a checkpoint                          check_models
-    data     enough sequences for one global batch; prompts for on-policy steps                        check_data
-    store    a store writer's settings (check_store_writer); a store read for training is checked against the run
-             as it is opened (store/logits.py, store/samples.py), and against a resumed checkpoint (checkpoint.py)
+    launch   the process count the launcher started, the strategies that cannot go together    check_launch
+    models   paths, model files against their configs, room for a checkpoint                  check_models
+             LoRA targets that match modules of the student (in the run plan, before the tokenizer)  check_lora
+    data     enough sequences for one global batch; prompts for on-policy steps                 check_data
+    store    an offline run's data.source (check_offline_source), a store writer's settings (check_store_writer);
+             a store read for training is checked against the run as it is opened (store/logits.py,
+             store/samples.py), and against a resumed checkpoint (checkpoint.py)
 
 Whether a directory can be written at all is settled by taking its lock (`lock.py`), which creates a file there.
 
@@ -209,6 +211,30 @@ def _check_model_files(cfg: Config, say) -> None:
             exact,
             say,
         )
+
+
+def check_lora(cfg: Config) -> None:
+    """student.lora's target_modules match modules of the student: peft applies the adapters to a copy of the student
+    built on the meta device (no memory, no weights; module names do not depend on the vocabulary, so before the
+    tokenizer), and a name that matches nothing is refused before any data work or anything written, naming the
+    student's linear layers."""
+    lora = cfg.student.lora
+    if lora is None or lora.target_modules == "all-linear":
+        return
+    from peft import LoraConfig, get_peft_model
+
+    with transformers_zero3(None), torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(models.model_config(cfg.student, 256, "student"))
+    try:
+        get_peft_model(model, LoraConfig(r=lora.r, target_modules=lora.target_modules, task_type="CAUSAL_LM"))
+    except ValueError as e:  # peft's NoMatchingPeftModuleError (a ValueError), or a malformed pattern
+        linear = sorted(
+            {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+        )
+        raise DistillError(
+            f"student.lora.target_modules={lora.target_modules!r} matches no module of the student "
+            f"({' '.join(str(e).split())[:160]}); its linear layers are {', '.join(linear)} (or use all-linear)"
+        ) from None
 
 
 def check_launch(cfg: Config, accelerator) -> None:

@@ -114,6 +114,7 @@ def plan_run(cfg: Config, accelerator: Accelerator, resume: checkpoint.Resume | 
     set_seed(cfg.train.seed)
     models.check_paths(cfg)  # a typo in a path fails now, not after a tokenizer has been trained
     preflight.check_offline_source(cfg)
+    preflight.check_lora(cfg)
     docs = functools.cache(lambda: documents(cfg.data))
     store = training_store(cfg)  # a sample store: its tokenizer, kept in it, is the one its ids belong to
     tokenizer = run_tokenizer(cfg, accelerator, docs, store / TOKENIZER if store is not None else None)

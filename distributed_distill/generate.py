@@ -113,7 +113,17 @@ def read_prompts(cfg: Config, docs: Documents, tokenizer, teacher_config) -> tup
         dropped[split] = len(ids) - len(kept)
         out[split] = kept[: gen.max_prompts]
         if not out[split]:
-            raise DistillError(f"data.source={dcfg.source}: no usable prompt in the {split} split")
+            no_user = sum(not p for p in ids)
+            too_long = len(ids) - len(kept) - no_user
+            raise DistillError(
+                f"data.source={dcfg.source}: no usable prompt in the {split} split: of {len(ids)} prompts, {too_long} "
+                f"are longer than the {room} tokens the teacher's {limit} positions leave beside generate.sampling."
+                f"max_new_tokens={new}, {no_user} have no user turn; lower generate.sampling.max_new_tokens or use "
+                "shorter prompts"
+                if room is not None
+                else f"data.source={dcfg.source}: no usable prompt in the {split} split: of {len(ids)} prompts, "
+                f"{no_user} have no user turn"
+            )
     return out, dropped
 
 

@@ -13,6 +13,7 @@ tokenizer trainer, tokenization and packing, the held-out prompts, `distill gene
 
 from __future__ import annotations
 
+import difflib
 import enum
 import glob
 import hashlib
@@ -241,19 +242,37 @@ def _load(dcfg: DataConfig) -> datasets.Dataset:
             gen_kwargs={"files": [str(f) for f in files], "root": root, "stamp": stamp},
             cache_dir=cache,
         )
+    check_not_a_store(dcfg)
     ds = read_source(dcfg, cache, streaming=False)
     if dcfg.max_documents is not None:
         ds = ds.select(range(min(dcfg.max_documents, len(ds))))
     return _with_ids(ds, dcfg)
 
 
+def check_not_a_store(dcfg: DataConfig) -> None:
+    """data.source naming a store this project wrote (its manifest.json or plan.json says which format) is told which
+    keys read it, instead of its Parquet shards being read as documents."""
+    root = Path(dcfg.source).expanduser()
+    for name in ("manifest.json", "plan.json"):
+        try:
+            fmt = json.loads((root / name).read_text()).get("format", "")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(fmt, str) and fmt.startswith("distributed_distill."):
+            kind = fmt.split(".", 1)[1].replace("_", " ")
+            raise DistillError(
+                f"data.source={dcfg.source} is a {kind}, not documents: a logit store is read with "
+                f"distill.signal=offline distill.store={dcfg.source}; a sample store by distill train, as data "
+                f"(data.source={dcfg.source}) or with its top-k (distill.signal=offline distill.store={dcfg.source})"
+            )
+
+
 def _with_ids(ds, dcfg: DataConfig):
     """Keep the document's fields and add `id`, a hash of its content (documents without a natural id are
     identified by their content: duplicates land on the same side of the split)."""
-    needed = document_fields(document_kind(ds.column_names, dcfg, ds.features), dcfg)
-    missing = [c for c in needed if c not in ds.column_names]
-    if missing:
-        raise DistillError(f"data.source={dcfg.source}: field {missing[0]!r} not found; columns are {ds.column_names}")
+    kind = document_kind(ds.column_names, dcfg, ds.features)
+    check_fields(dcfg, kind, ds.column_names)
+    needed = document_fields(kind, dcfg)
     ds = ds.select_columns(needed)
     kwargs = {} if isinstance(ds, datasets.IterableDataset) else {"desc": "hashing documents"}
     return ds.map(content_id, fn_kwargs={"fields": needed}, **kwargs)
@@ -368,6 +387,27 @@ def document_kind(columns: list[str], dcfg: DataConfig, features=None) -> DocKin
     if dcfg.messages_field in columns and dcfg.text_field not in columns:
         return DocKind.CHAT
     return DocKind.TEXT
+
+
+def check_fields(dcfg: DataConfig, kind: DocKind, columns: list[str]) -> None:
+    """The documents have the fields their kind reads; else one line naming the setting that names the missing field
+    (for plain text both: the text field is missing, and no conversation column was found under messages_field),
+    the columns there are, and the closest one."""
+    missing = [c for c in document_fields(kind, dcfg) if c not in columns]
+    if not missing:
+        return
+    field = missing[0]
+    close = difflib.get_close_matches(field, columns, n=1) or difflib.get_close_matches(
+        dcfg.messages_field, columns, n=1
+    )
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    if kind is DocKind.TEXT:
+        raise DistillError(
+            f"data.source={dcfg.source}: no text field {field!r} (data.text_field) and no conversation field "
+            f"{dcfg.messages_field!r} (data.messages_field); columns are {columns}{hint}"
+        )
+    key = "data.prompt_field" if field == dcfg.prompt_field else "data.completion_field"
+    raise DistillError(f"data.source={dcfg.source}: field {field!r} ({key}) not found; columns are {columns}{hint}")
 
 
 def document_fields(kind: DocKind, dcfg: DataConfig) -> list[str]:

@@ -115,10 +115,24 @@ def build_datasets(docs: Documents, tokenizer, dcfg: DataConfig) -> tuple[datase
         rows, counts = tokenize(split, docs.kind, tokenizer, dcfg, name)
         packed = pack_rows(rows, tokenizer, dcfg, name, whole=docs.kind.is_chat)
         if len(packed) == 0:
-            raise DistillError(f"data.source={dcfg.source}: the {name} split has no tokens to learn from")
+            raise DistillError(
+                f"data.source={dcfg.source}: the {name} split has no tokens to learn from: {why_empty(counts, dcfg)}"
+            )
         summary[name] = {**counts, "rows": len(packed)}
         out.append(packed)
     return out[0], out[1], describe_counts(summary)
+
+
+def why_empty(counts: dict, dcfg: DataConfig) -> str:
+    """Why a split of `counts` (tokenize's) packed into no row with anything to learn: the cause and the counts."""
+    n, dropped = counts["documents"], counts["dropped"]
+    if counts["kind"].is_chat and dropped:
+        return (
+            f"{dropped} of {n} conversations were dropped because their first assistant turn ends beyond data.seq_len="
+            f"{dcfg.seq_len} tokens (a conversation is cut only at the end of a turn); raise data.seq_len"
+        )
+    what = "conversations" if counts["kind"].is_chat else "documents"
+    return f"its {n} {what} hold no learned token (nothing after a prompt, no assistant turn); check the data's fields"
 
 
 def describe_counts(summary: dict) -> str:

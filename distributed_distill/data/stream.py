@@ -14,7 +14,17 @@ from ..config import DataConfig
 from ..errors import DistillError
 from .batching import pack_documents
 from .chat import check_chat_template
-from .documents import DocKind, cache_root, content_id, document_fields, document_kind, is_validation, read_source
+from .documents import (
+    DocKind,
+    cache_root,
+    check_fields,
+    check_not_a_store,
+    content_id,
+    document_fields,
+    document_kind,
+    is_validation,
+    read_source,
+)
 from .packed import describe_counts, pack_rows, tokenize, tokenize_batch
 
 
@@ -31,12 +41,11 @@ def _peek_kind(ds, dcfg: DataConfig) -> tuple[DocKind, list[str]]:
 
 def _document_stream(dcfg: DataConfig):
     """data.source as an IterableDataset of documents with their `id`, and their kind."""
+    check_not_a_store(dcfg)
     ds = read_source(dcfg, str(cache_root(dcfg) / "datasets"), streaming=True)
     kind, columns = _peek_kind(ds, dcfg)
+    check_fields(dcfg, kind, columns)
     needed = document_fields(kind, dcfg)
-    missing = [c for c in needed if c not in columns]
-    if missing:
-        raise DistillError(f"data.source={dcfg.source}: field {missing[0]!r} not found; columns are {columns}")
     return ds.select_columns(needed).map(content_id, fn_kwargs={"fields": needed}), kind
 
 

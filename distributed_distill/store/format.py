@@ -24,6 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .. import lock
 from ..errors import DistillError, WriteError, write_failure
 from ..integrity import file_problem, fsync_path, read_checked, record, write_json_atomic
 
@@ -126,8 +127,14 @@ def read_manifest(root: str | Path, fmt: str, version: int, command: str) -> dic
     root = Path(root)
     path = root / MANIFEST
     if not path.is_file():
-        unfinished = f"{command} is unfinished: rerun it to resume"
-        hint = unfinished if (root / PLAN).is_file() else f"run `distill {command}`"
+        writer = next((h for p in sorted(root.glob(f"{lock.NAME}*")) if (h := lock.holder(root, p.name))), None)
+        if writer is not None:  # (a rerun would be refused by the writer's lock: say what is going on)
+            who = f"host {writer.get('host')}, pid {writer.get('pid')}, started {writer.get('started')}"
+            hint = f"`distill {command}` is writing it now ({who}): wait for it to finish"
+        elif (root / PLAN).is_file():
+            hint = f"{command} is unfinished: rerun it to resume"
+        else:
+            hint = f"run `distill {command}`"
         raise DistillError(f"store {root}: no {MANIFEST} ({hint})")
     try:
         manifest = json.loads(path.read_text())

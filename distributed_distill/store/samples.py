@@ -243,8 +243,16 @@ class SampleSplit:
 def open_sample_splits(cfg: Config, tokenizer, root: Path, with_targets: bool) -> tuple[dict, SampleSplit, SampleSplit]:
     """(manifest, train, validation) of a sample store, after checking it was made with this run's tokenizer."""
     manifest = read_sample_manifest(root)
-    fix = f"train with the store's tokenizer ({root / TOKENIZER})"
-    check_tokenizer(manifest, tokenizer_hash(tokenizer), f"sample store {root}", fix)
+    if tokenizer_hash(tokenizer) != manifest["tokenizer_sha256"]:
+        kept = tokenizer_hash(load_tokenizer(str(root / TOKENIZER)))
+        if kept != manifest["tokenizer_sha256"]:  # the store's own tokenizer/ is not the one its ids belong to
+            raise DistillError(
+                f"sample store {root}: its {TOKENIZER}/ is not the tokenizer the samples were made with (sha256 "
+                f"{kept[:12]}, the manifest records {manifest['tokenizer_sha256'][:12]}): it was changed after "
+                "`distill generate`; restore it, or generate the store again"
+            )
+        fix = f"train with the store's tokenizer ({root / TOKENIZER})"
+        check_tokenizer(manifest, tokenizer_hash(tokenizer), f"sample store {root}", fix)
     k = manifest["top_k"] if with_targets else None
     splits = [
         SampleSplit(read_split(root, manifest, split), cfg.data, tokenizer.pad_token_id, k, cfg.train.seed)
@@ -252,7 +260,11 @@ def open_sample_splits(cfg: Config, tokenizer, root: Path, with_targets: bool) -
     ]
     for split, name in zip(splits, SPLITS):
         if len(split) == 0:
-            raise DistillError(f"sample store {root}: the {name} split has no completion tokens to learn from")
+            raise DistillError(
+                f"sample store {root}: the {name} split has no completion tokens to learn from: "
+                f"{split.counts['dropped']} of {split.counts['samples']} samples were dropped, their prompts at least "
+                f"data.seq_len={cfg.data.seq_len} tokens long (no room for a completion token); raise data.seq_len"
+            )
     return manifest, splits[0], splits[1]
 
 

@@ -273,11 +273,18 @@ def check_launch(cfg: Config, accelerator) -> None:
         )
 
 
-def check_data(cfg: Config, kind: DocKind, sequences: int | None, world: int) -> None:
-    """What a run trains on: prompts for on-policy steps (plain text has none), and a training split of at least one
-    global batch (`sequences` None: a stream, whose length is unknown until read); before any model loads."""
+def check_data(cfg: Config, kind: DocKind, sequences: int | None, world: int, unprompted: int = 0) -> None:
+    """What a run trains on: prompts for on-policy steps (plain text has none; `unprompted` rows, continuations of
+    long documents, start mid-completion), and a training split of at least one global batch (`sequences` None: a
+    stream, whose length is unknown until read); before any model loads."""
     if cfg.distill.on_policy > 0 and kind is DocKind.TEXT:
         raise no_prompts(cfg)
+    if cfg.distill.on_policy > 0 and unprompted:
+        raise DistillError(
+            f"distill.on_policy={cfg.distill.on_policy} continues each row's prompt, but {unprompted} of {sequences} "
+            f"training rows start mid-completion: their documents are longer than data.seq_len={cfg.data.seq_len} "
+            "tokens and go on in further rows; raise data.seq_len, or leave the long documents out"
+        )
     train = cfg.train
     batch = train.micro_batch_size * train.grad_accum_steps * world
     if sequences is not None and sequences < batch:

@@ -94,9 +94,17 @@ def finished_run(out: Path) -> FinishedRun | None:
     records, _ = read_records(out / METRICS)
     if not records or records[-1]["step"] != max_steps:
         return None
+    return FinishedRun(config, max_steps, _evaluation(records))
+
+
+def _evaluation(records: list[dict]) -> dict:
     evals = [r for r in records if r.get("val_loss") is not None]
-    result = {k: v for k, v in evals[-1].items() if k.startswith(("val_", "gen_"))} if evals else {}
-    return FinishedRun(config, max_steps, result)
+    return {k: v for k, v in evals[-1].items() if k.startswith(("val_", "gen_"))} if evals else {}
+
+
+def last_evaluation(out: Path) -> dict:
+    """The metrics of the last evaluation metrics.jsonl holds ({} if none): a run's result line."""
+    return _evaluation(read_records(out / METRICS)[0]) if (out / METRICS).is_file() else {}
 
 
 def prepare(recorded: Config, accelerator, resume_step: int | None) -> Path:

@@ -63,7 +63,7 @@ def _train(cfg: Config, stop: checkpoint.StopRequest) -> dict:
     plan = plan_run(cfg, accelerator, resume)
     data = training_data(plan)
     checkpoint.check_store(resume, data.store_hash, cfg.distill.store)
-    preflight.check_data(plan.cfg, data.kind, data.sequences, accelerator.num_processes)
+    preflight.check_data(plan.cfg, data.kind, data.sequences, accelerator.num_processes, data.unprompted)
     out_dir = rundir.prepare(plan.recorded, accelerator, resume.step if resume else None)
     student, optimizer, scheduler, head = setup_student(plan)
     teacher = data.teacher or setup_online_teacher(plan)
@@ -270,12 +270,15 @@ def fit(loop: Loop, data: TrainingData) -> dict:
         if cfg.train.save_every and progress.step % cfg.train.save_every == 0 and not res.skipped:
             save_checkpoint(loop)  # checkpoints hold good steps only
             saved_at = progress.step
-    if progress.step < cfg.train.max_steps:
+    # A signal during the last step (its final evaluation, say) still stops the run with a checkpoint, as any
+    # other step's does; the rerun then exports. (One more all-reduce: every rank asks, as in the loop.)
+    if progress.step < cfg.train.max_steps or loop.stop.agreed(accelerator):
         stop_preempted(loop, tracker, saved_at)
     tracker.close()
     out = Path(cfg.output_dir)
     rundir.write_rank_record(out, accelerator.process_index, accelerator.num_processes, progress.first_sample_indices)
-    return result
+    # A run resumed at its last step trains nothing more: its result is the evaluation it logged then.
+    return result or rundir.last_evaluation(out)
 
 
 def data_stream(loop: Loop, data: TrainingData) -> Iterator[dict] | None:

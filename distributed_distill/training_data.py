@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .data.documents import DocKind
-from .data.packed import build_datasets
+from .data.packed import build_datasets, rows_without_prompt
 from .data.stream import DocumentStream, streaming_validation
 from .setup import RunPlan
 from .store.logits import open_logit_store
@@ -33,6 +33,7 @@ class TrainingData:
     store_hash: str | None  # the store's content hash (a resumed offline run must train from the same store)
     line: str  # the startup summary's data line
     streamed: bool  # the training rows come as a stream (offline stores, data.streaming), from a data position
+    unprompted: int = 0  # on-policy runs: training rows that start mid-completion (data/packed.rows_without_prompt)
 
     @property
     def sequences(self) -> int | None:
@@ -50,6 +51,7 @@ def training_data(plan: RunPlan) -> TrainingData:
             source, kind = open_logit_store(cfg, tokenizer, accelerator), None
         hash_ = source.manifest["config_hash"]
         return TrainingData(source.train, source.val, kind, source.teacher, hash_, source.line, streamed=True)
+    unprompted = 0
     with accelerator.main_process_first():
         if samples is not None:  # prompt/completion documents, only the completions learned
             train, val, kind, line = sample_data(cfg, tokenizer, samples)
@@ -59,4 +61,6 @@ def training_data(plan: RunPlan) -> TrainingData:
         else:
             docs = plan.documents()
             (train, val, line), kind = build_datasets(docs, tokenizer, cfg.data), docs.kind
-    return TrainingData(train, val, kind, None, None, line, streamed=cfg.data.streaming)
+            # (a sample store's documents and conversations are never split across rows; a stream is not known yet)
+            unprompted = rows_without_prompt(train) if cfg.distill.on_policy > 0 and not kind.is_chat else 0
+    return TrainingData(train, val, kind, None, None, line, cfg.data.streaming, unprompted)

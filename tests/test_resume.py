@@ -4,6 +4,7 @@ offline (the streamed store, shuffle buffer included), with 1 and with 2 process
 
 from __future__ import annotations
 
+import json
 import random
 import signal
 import subprocess
@@ -226,3 +227,36 @@ def test_a_second_ctrl_c_exits_130_wherever_it_lands(phase):
         )
     else:
         assert "interrupted at step 1: checkpoint written" in proc.stderr
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_the_last_steps_final_validation_checkpoints_and_exits_130(tmp_path, monkeypatch, capsys):
+    """Ctrl-C while the last step evaluates: the step is finished, checkpointed, and the run exits 130, as on any other
+    step (it used to export and exit 0 as if nothing happened); the rerun exports the same student an uninterrupted
+    run does, and reports that step's evaluation. The signal is raised from inside the real evaluation (issue 23)."""
+    import signal as signals
+
+    from distributed_distill import cli, trainer
+
+    common = ["--config", str(SMOKE), "train.max_steps=2", "train.eval_batches=2", "logging.progress=false"]
+    assert cli.main(["train", *common, f"output_dir={tmp_path / 'plain'}"]) == 0
+    real = trainer.evaluate
+
+    def interrupted_evaluation(*args, **kwargs):
+        signals.raise_signal(signals.SIGINT)  # the handler records it; the evaluation goes on, as with a real Ctrl-C
+        return real(*args, **kwargs)
+
+    out = tmp_path / "run"
+    handler = signals.getsignal(signals.SIGINT)
+    monkeypatch.setattr(trainer, "evaluate", interrupted_evaluation)
+    try:
+        assert cli.main(["train", *common, f"output_dir={out}"]) == 130
+    finally:
+        signals.signal(signals.SIGINT, handler)  # (the CLI leaves a Ctrl-C ignored while the process ends)
+    assert "interrupted at step 2: checkpoint" in capsys.readouterr().err
+    assert (out / "step-0000002" / "checkpoint.json").is_file() and not (out / "final").exists()
+    monkeypatch.setattr(trainer, "evaluate", real)
+    assert cli.main(["train", *common, f"output_dir={out}"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["val_loss"] == read_metrics(out)[-1]["val_loss"]
+    assert_same_student(tmp_path / "plain", out)

@@ -12,6 +12,7 @@ Labels are aligned with `input_ids` (Hugging Face convention); the loss shifts t
 from __future__ import annotations
 
 import datasets
+import pyarrow.compute as pc
 
 from ..config import DataConfig
 from ..errors import DistillError
@@ -121,6 +122,13 @@ def build_datasets(docs: Documents, tokenizer, dcfg: DataConfig) -> tuple[datase
         summary[name] = {**counts, "rows": len(packed)}
         out.append(packed)
     return out[0], out[1], describe_counts(summary)
+
+
+def rows_without_prompt(ds: datasets.Dataset) -> int:
+    """Packed rows whose first token is already learned: the continuation of a document longer than data.seq_len
+    (without packing a document goes on in further rows). They have no prompt for an on-policy step to continue."""
+    first = pc.list_element(ds.with_format("arrow")["labels"], 0)
+    return int(pc.sum(pc.not_equal(first, IGNORE_INDEX)).as_py() or 0)
 
 
 def why_empty(counts: dict, dcfg: DataConfig) -> str:

@@ -37,7 +37,7 @@ from accelerate.utils import DistributedType, gather_object
 from safetensors import SafetensorError
 
 from .config import Config, to_dict
-from .errors import DistillError, WriteError, on_main, write_failure
+from .errors import DistillError, RankError, WriteError, on_main, write_failure
 from .integrity import atomic_write_text, file_problem, publish_dir, record
 from .lock import launch_rank
 from .rundir import STEP_DIR, FinishedRun, finished_run, recorded_config, step_name
@@ -441,7 +441,7 @@ def load(accelerator: Accelerator, path: Path, meta: dict) -> None:
     # Accelerate skips a missing RNG file silently, and the run would not be exact. A rank the checkpoint had no
     # process for (resumed on more processes) keeps the seeded state it started with.
     if rank < written_by and not (path / f"random_states_{rank}.pkl").is_file():
-        raise CheckpointError(f"checkpoint {path} has no RNG state for rank {rank}")
+        raise RankError(f"checkpoint {path} has no RNG state for rank {rank}")
     source = path
     if deepspeed and written_by != accelerator.num_processes:
         source = _universal_checkpoint(accelerator, path)

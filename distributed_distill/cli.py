@@ -27,7 +27,7 @@ from typing import NoReturn
 
 from . import lock
 from .config import describe, load_config
-from .errors import DistillError, Preempted, ReportedElsewhere
+from .errors import DistillError, Preempted, RankError, ReportedElsewhere
 
 # Each command imports its module when it runs: the trainer, evaluation and precompute pull in transformers,
 # datasets, Accelerate and DeepSpeed (seconds), which a config mistake or `--help` never needs.
@@ -262,7 +262,10 @@ def main(argv: list[str] | None = None) -> int:
     except ReportedElsewhere:
         return 2  # the main process prints it
     except DistillError as e:
-        print(f"error: {e}", file=sys.stderr)
+        # One line per job: every rank checks the same config, data and models and meets the same refusal; rank 0
+        # says it. A rank that fails on its own (RankError) says so itself.
+        if lock.launch_rank() == 0 or isinstance(e, RankError):
+            print(f"error: {e}", file=sys.stderr)
         return 2
     except Preempted as e:
         end_process_group()  # every rank agreed to stop at this step (checkpoint.py), so none is left in a collective

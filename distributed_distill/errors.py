@@ -29,6 +29,11 @@ class Interrupted(Preempted):
     verb = "interrupted"
 
 
+class RankError(DistillError):
+    """A problem one rank meets on its own (its share of a stream, its collective, its state in a checkpoint): printed
+    by that rank, naming it. Every other DistillError is met by all ranks alike and printed once, by rank 0."""
+
+
 class ReportedElsewhere(DistillError):
     """Raised on the other ranks for an error the main process found and prints: the CLI exits with status 2
     without printing it again (one line per job, not one per rank)."""

@@ -27,6 +27,7 @@ class Heartbeat:
 
     def __init__(self, rank: int, world: int) -> None:
         self.rank, self.world = rank, world
+        self.reporter = False  # set by `lost`: whether this rank reports the loss
         self.address = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
         self.node = os.environ.get("GROUP_RANK", "?")  # torchrun's node rank (accelerate launch sets it too)
         self._stop = threading.Event()
@@ -58,7 +59,8 @@ class Heartbeat:
 
     def lost(self) -> str | None:
         """After a failed collective: who is gone, in words ("rank 1 (node 1, host gpu07)"), or None if every
-        rank is still beating (the failure was something else)."""
+        rank is still beating (the failure was something else). `reporter` then says whether this rank is the one
+        to say so: the lowest rank still beating (every survivor, when the store itself is gone)."""
         try:
             store = self._store()
             before = [store.add(f"distill/beat/{r}", 0) for r in range(self.world)]
@@ -67,9 +69,11 @@ class Heartbeat:
             stopped = [r for r in range(self.world) if r != self.rank and after[r] == before[r]]
             where = {r: store.get(f"distill/where/{r}").decode() for r in stopped}
         except Exception:  # no answer from the store: the first node, which hosts it, is gone
+            self.reporter = True
             return f"the rendezvous store at {self.address} (hosted by node 0, with rank 0) no longer answers"
         if not stopped:
             return None
+        self.reporter = self.rank == min(r for r in range(self.world) if r not in stopped)
         return ", ".join(f"rank {r} ({where[r]})" for r in stopped)
 
     def close(self) -> None:

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from . import models
 from .config import TeacherConfig
-from .errors import DistillError
+from .errors import DistillError, RankError
 from .losses import TeacherTargets, resolve_chunk_size
 from .models import final_hidden, parameter_bytes, transformers_zero3
 
@@ -178,7 +178,7 @@ class Zero3Teacher(OnlineTeacher):
                 raise  # a bug or an out-of-memory on this rank: its own traceback
             rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
             first = str(e).strip().splitlines()[0][:300]
-            raise DistillError(
+            raise RankError(
                 f"zero3 teacher on rank {rank}: a collective failed or passed teacher.collective_timeout="
                 f"{self.timeout}s ({first}); another rank failed or stopped calling the teacher (every rank must "
                 "call it once per micro-batch): see that rank's error"

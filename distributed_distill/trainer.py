@@ -28,7 +28,7 @@ from accelerate.utils import gather_object
 from . import checkpoint, lock, models, on_policy, preflight, rundir
 from .config import Config, to_dict
 from .data.batching import collate, train_indices
-from .errors import DistillError, Interrupted, Preempted, WriteError
+from .errors import DistillError, Interrupted, Preempted, RankError, WriteError
 from .eval.evaluate import HeldOut, evaluate, held_out_prompts
 from .heartbeat import Heartbeat
 from .objective import STATS, count_tokens, forward_losses
@@ -159,7 +159,8 @@ def fit_naming_lost_ranks(loop: Loop, data: TrainingData) -> dict:
         if lost is None:
             raise
         newest = next(iter(checkpoint.complete_checkpoints(Path(loop.cfg.output_dir))), None)
-        raise DistillError(
+        said_by = RankError if heartbeat.reporter else DistillError  # one survivor says it (cli.main)
+        raise said_by(
             f"lost {lost} during step {loop.progress.step + 1}: that process stopped (its node or launcher died, or "
             f"it failed: see its own error), so this job ends; newest complete checkpoint: {newest or 'none'}; "
             "submit the job again to resume (on fewer nodes if one is down: docs/cluster.md)"

@@ -11,7 +11,7 @@ import datasets
 import torch
 
 from ..config import DataConfig
-from ..errors import DistillError
+from ..errors import DistillError, RankError
 from .batching import pack_documents
 from .chat import check_chat_template
 from .documents import (
@@ -98,7 +98,7 @@ class DocumentStream:
                     empty = False
                     yield row
             if empty:
-                raise DistillError(f"data.source={d.source}: rank {rank} has no training rows in the stream")
+                raise RankError(f"data.source={d.source}: rank {rank} has no training rows in the stream")
 
     def micro_batches(self, micro_batch: int, world: int, rank: int, skip: int = 0) -> Iterator[dict]:
         batch, index = [], 0

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import datasets
+import numpy as np
 import pytest
 import torch
 
@@ -134,6 +135,25 @@ def test_two_processes_write_the_store_one_process_writes(reference, tmp_path, l
         run_cli(args, launcher=accelerate_launch("cpu.yaml", 29901), env={"ACCELERATE_USE_CPU": "true"}, timeout=600)
     assert run_cli(["verify-store", str(out)]).stdout.startswith("ok: ")
     assert store_files(out) == store_files(reference)
+
+
+@pytest.mark.slow
+def test_another_thread_count_samples_the_same_tokens_with_log_probs_close(reference, tmp_path):
+    """docs/generate.md's condition, both halves: byte-identical stores need the same threads per process (the
+    reference runs with 1, like every torchrun worker); one process on 2 threads samples the same tokens (ids, text,
+    finish reasons, row hashes and top-k ids identical), and its float log-probs differ at most in the last bits."""
+    out = tmp_path / "two_threads"
+    run_cli(["generate", "--config", str(CONFIG), f"generate.store={out}"], env={"OMP_NUM_THREADS": "2"}, timeout=300)
+    a, b = (
+        datasets.load_dataset("parquet", data_files=str(r / "*" / "*.parquet"), split="train") for r in (reference, out)
+    )
+    for column in ("row_hash", "prompt_ids", "completion_ids", "completion", "finish_reason", "teacher_ids"):
+        assert a[column] == b[column], column
+    for column in ("token_logprobs", "teacher_logprobs", "teacher_tail"):
+        x, y = (np.concatenate([np.asarray(r, dtype=np.float64) for r in d[column]]) for d in (a, b))
+        fp16 = column != "token_logprobs"  # (stored as float16: a last-bit change may move one float16 step)
+        assert np.allclose(x, y, rtol=2**-10 if fp16 else 0, atol=1e-5), column
+    assert b["logprob"] == pytest.approx(a["logprob"], abs=1e-4)
 
 
 @pytest.mark.slow

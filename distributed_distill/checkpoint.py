@@ -171,19 +171,20 @@ def _check_finished(done: FinishedRun, cfg: Config, existing: list) -> None:
     out = Path(cfg.output_dir)
     over = f"choose another output_dir, or delete {out} to start over"
     key = first_difference(done.config, cfg)
+    if key is None and cfg.train.max_steps <= done.step:
+        raise AlreadyFinished(done.result)
+    if existing:
+        return  # the checkpoint then decides, as for any resume: whose run it is, the global batch, the store
     if key is not None:
         raise CheckpointError(
             f"output_dir {out} holds a finished run written with {key}={_show(done.config, key)!r} but this run has "
             f"{key}={_show(cfg, key)!r}; {over}"
         )
-    if cfg.train.max_steps <= done.step:
-        raise AlreadyFinished(done.result)
-    if not existing:
-        raise CheckpointError(
-            f"output_dir {out} holds a finished run of {done.step} steps without a checkpoint to continue from "
-            f"(it saved every train.save_every={done.config['train']['save_every']} steps), so train.max_steps="
-            f"{cfg.train.max_steps} cannot continue it; {over}"
-        )
+    raise CheckpointError(
+        f"output_dir {out} holds a finished run of {done.step} steps without a checkpoint to continue from "
+        f"(it saved every train.save_every={done.config['train']['save_every']} steps), so train.max_steps="
+        f"{cfg.train.max_steps} cannot continue it; {over}"
+    )
 
 
 def global_batch(meta: dict) -> int:
@@ -234,16 +235,21 @@ def _choose(cfg: Config, world_size: int) -> tuple[Path | None, dict | None, lis
     resume = cfg.train.resume
     existing = list_checkpoints(out)
     done = finished_run(out) if resume in (False, "auto") else None
-    if done is not None:
-        _check_finished(done, cfg, existing)  # returns when a longer run continues from a checkpoint
-    if resume is False:
+    if resume is False:  # a fresh start: never over an earlier run
         if existing:
             names = ", ".join(p.name for _, p in existing[:3])
             raise CheckpointError(
                 f"output_dir {out} holds checkpoints of an earlier run ({names}); set train.resume=auto to "
                 "continue it, or choose another output_dir"
             )
+        if done is not None:
+            raise CheckpointError(
+                f"output_dir {out} holds an earlier run, finished at step {done.step}; choose another output_dir, or "
+                f"delete {out} to start over"
+            )
         return None, None, []
+    if done is not None:
+        _check_finished(done, cfg, existing)  # returns when a longer run continues from a checkpoint
     notes = []
     if resume == "auto":
         for _, path in existing:

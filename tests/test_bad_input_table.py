@@ -3,11 +3,17 @@
 Each row has a recipe here (what to set up, what to run) and the message fragment to look for; the fragment must
 appear in the row's message column and in what the command printed. A row without a recipe, or a recipe whose
 fragment the table does not show, fails: the table and the program cannot drift apart. Errors must be one line
-(`error: ...`), exit status 2, no traceback; rows that are "not an error" must end with status 0."""
+(`error: ...`), exit status 2, no traceback; rows that are "not an error" must end with status 0.
+
+The command runs in-process (`cli.main`, its output captured) unless it needs a launcher (torchrun: a real
+multi-process job); the rows that cost well under a second run in the default tier (`Row.default`), the rest in
+the slow tier."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import os
 import pickle
@@ -20,9 +26,9 @@ from pathlib import Path
 
 import pytest
 
-from .helpers import ROOT, SMOKE, TOP_K, error_line, precomputed_store, run_cli, tmpfs, torchrun
+from distributed_distill import cli
 
-pytestmark = pytest.mark.slow
+from .helpers import ROOT, SMOKE, TOP_K, error_line, precomputed_store, run_cli, tmpfs, torchrun
 
 DOC = ROOT / "docs" / "robustness.md"
 
@@ -50,13 +56,29 @@ class Row:
     ok: bool = False  # "not an error": the command succeeds
     status: int = 2  # a launcher (torchrun) reports a worker's error as its own status 1
     covered_by: str | None = None  # "file::test": a row whose harness another test owns (two node launchers, ...)
+    default: bool = False  # in the default tier: refused at config load or before the tokenizer (well under a second)
+
+
+def _cli(args: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`distill ARGS` in this process (`cli.main`, as the console script runs it), its output captured; `env` set for
+    the call only."""
+    out, err = io.StringIO(), io.StringIO()
+    saved = {k: os.environ.get(k) for k in env or {}}
+    os.environ.update(env or {})
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = cli.main(args)
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
 def _train(out: Path, *overrides: str, config=SMOKE, env=None, launcher=None) -> subprocess.CompletedProcess:
     args = ["--config", str(config), f"output_dir={out}", *overrides]
-    if launcher is None:
-        args = ["train", *args]
-    return run_cli(args, check=False, env=env, launcher=launcher, timeout=600)
+    if launcher is not None:  # a real multi-process job
+        return run_cli(args, check=False, env=env, launcher=launcher, timeout=600)
+    return _cli(["train", *args], env)
 
 
 def _finished(fx, tmp: Path) -> Path:
@@ -199,13 +221,14 @@ def _torn_metrics(fx, tmp: Path) -> subprocess.CompletedProcess:
 
 
 def _torchrun_on_finished(fx, tmp: Path) -> subprocess.CompletedProcess:
-    return _train(_finished(fx, tmp), *RUN, launcher=torchrun(29661, "train.py"))
+    # (a longer run: the same one again would have nothing to do)
+    return _train(_finished(fx, tmp), *RUN, "train.max_steps=8", launcher=torchrun(29661, "train.py"))
 
 
 def _generate(tmp: Path, *overrides: str) -> subprocess.CompletedProcess:
     """`distill generate` on configs/generate.yaml into tmp/s."""
     config = str(ROOT / "configs" / "generate.yaml")
-    return run_cli(["generate", "--config", config, f"generate.store={tmp / 's'}", *overrides], check=False)
+    return _cli(["generate", "--config", config, f"generate.store={tmp / 's'}", *overrides])
 
 
 def _with_pkl(fx, tmp: Path) -> subprocess.CompletedProcess:
@@ -214,28 +237,112 @@ def _with_pkl(fx, tmp: Path) -> subprocess.CompletedProcess:
     return _train(out, *RUN, "train.max_steps=8")
 
 
+# ----------------------------------------------------------------------------------------------
+# Issue 23's cases
+
+
+def _smoke_copy(fx, tmp: Path) -> Path:
+    """A copy of the session's finished smoke run: 5 steps, exported, no checkpoint."""
+    out = tmp / "run"
+    shutil.copytree(fx["smoke"], out)
+    return out
+
+
+def _chat(*conversations) -> bytes:
+    good = [[{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}] for i in range(30)]
+    rows = good[:7] + list(conversations) + good[7:]
+    return b"".join(json.dumps({"messages": m}).encode() + b"\n" for m in rows)
+
+
+ASSISTANT_FIRST = [{"role": "assistant", "content": "hi"}, {"role": "user", "content": "q"}]
+
+
+def _samples(fx, tmp: Path) -> Path:
+    """A small sample store of configs/generate.yaml (made once per module), copied."""
+    if "samples" not in fx:
+        made = fx.tmp_path_factory.mktemp("samples")
+        small = ["generate.max_prompts=4", "generate.sampling.max_new_tokens=8", f"generate.store={made / 's'}"]
+        run_cli(["generate", "--config", str(ROOT / "configs" / "generate.yaml"), *small])
+        fx["samples"] = made / "s"
+    shutil.copytree(fx["samples"], tmp / "samples")
+    return tmp / "samples"
+
+
+def _edit_tokenizer(store: Path) -> Path:
+    """The store's tokenizer/ changed after generate: one vocabulary entry renamed."""
+    path = store / "tokenizer" / "tokenizer.json"
+    tok = json.loads(path.read_text())
+    vocab = tok["model"]["vocab"]
+    name = next(t for t in vocab if t.isalpha() and len(t) > 2)
+    vocab[name + "x"] = vocab.pop(name)
+    path.write_text(json.dumps(tok))
+    return store
+
+
+def _other_tokenizer(fx, tmp: Path) -> Path:
+    """The tiny student with a tokenizer of its own (300 tokens, trained here), as an exported run of another data
+    set would be."""
+    from distributed_distill.tokenizer import train_bpe_tokenizer
+
+    model = _model(fx, tmp)
+    for f in model.glob("*token*"):
+        f.unlink()
+    train_bpe_tokenizer((f"text number {i} of another corpus" for i in range(200)), 300, tmp / "tok")
+    for f in (tmp / "tok").iterdir():
+        shutil.copy(f, model)
+    return model
+
+
+def _small_vocab_model(tmp: Path) -> Path:
+    from transformers import AutoModelForCausalLM
+
+    from distributed_distill import models
+    from distributed_distill.config import ArchConfig
+
+    model = tmp / "v256"
+    arch = ArchConfig(hidden_size=16, num_layers=1, num_heads=2, max_position_embeddings=64)
+    AutoModelForCausalLM.from_config(models.arch_config(arch, 256)).save_pretrained(model)
+    return model
+
+
+LONG_PAIRS = "".join(
+    json.dumps({"prompt": f"def function_number_{i}(argument):", "completion": " return argument * " + "7 + " * 20})
+    + "\n"
+    for i in range(40)
+).encode()
+
+
 ROWS: dict[str, Row] = {
     "unknown key / typo": Row(
         ["unknown config key 'train.max_stepz' (did you mean 'max_steps'?)"],
         lambda fx, tmp: _train(tmp / "run", "train.max_stepz=3"),
+        default=True,
     ),
-    "wrong type": Row(["train.lr='fast' must be of type float"], lambda fx, tmp: _train(tmp / "run", "train.lr=fast")),
+    "wrong type": Row(
+        ["train.lr='fast' must be of type float"], lambda fx, tmp: _train(tmp / "run", "train.lr=fast"), default=True
+    ),
     "a key that moved (distill generate's sampling keys)": Row(
         ["config key generate.temperature moved to generate.sampling.temperature"],
         lambda fx, tmp: _generate(tmp, "generate.temperature=0.5"),
+        default=True,
     ),
     "conflicting values": Row(
         ["distill.alpha=1.0 needs a teacher; set teacher.path / teacher.arch, or distill.alpha=0"],
         lambda fx, tmp: _train(tmp / "run", "distill.alpha=1.0", "teacher=null"),
+        default=True,
     ),
-    "missing config file": Row(["does not exist"], lambda fx, tmp: _train(tmp / "run", config=tmp / "nope.yaml")),
+    "missing config file": Row(
+        ["does not exist"], lambda fx, tmp: _train(tmp / "run", config=tmp / "nope.yaml"), default=True
+    ),
     "missing model path": Row(
         [": no such model directory"],
         lambda fx, tmp: _train(tmp / "run", "teacher.arch=null", f"teacher.path={tmp / 'no_such_model'}"),
+        default=True,
     ),
     "repository code without trust": Row(
         ["cannot load its config: it needs the repository's own code, which runs only with student.trust_remote_code"],
         lambda fx, tmp: _train(tmp / "run", *_as_student(_custom_code(fx, tmp))),
+        default=True,
     ),
     # Rows of the real-workloads features, each refused by the unit or CLI test that owns its harness.
     "LoRA with a sharded student": Row(
@@ -310,6 +417,7 @@ ROWS: dict[str, Row] = {
     "processes that would train alone": Row(
         ["Accelerate sees 1 process(es) but the launcher started SLURM_STEP_NUM_TASKS=2; "],
         lambda fx, tmp: _train(tmp / "run", env={"SLURM_STEP_NUM_TASKS": "2", "SLURM_PROCID": "0"}),
+        default=True,
     ),
     "output_dir holds another run's checkpoints (`resume: false`)": Row(
         ["holds checkpoints of an earlier run (step-0000006, step-0000004); set train.resume=auto to continue it"],
@@ -343,7 +451,7 @@ ROWS: dict[str, Row] = {
         ["holds no usable checkpoint (", "; delete the damaged step directories or choose another output_dir"],
         lambda fx, tmp: (
             [(p / "checkpoint.json").unlink() for p in _finished(fx, tmp).glob("step-*")],
-            _train(tmp / "run", *RUN),
+            _train(tmp / "run", *RUN, "train.max_steps=8"),  # (longer: the same run again has nothing to do)
         )[1],
     ),
     "damaged checkpoint given as `resume: <path>`": Row(
@@ -379,12 +487,13 @@ ROWS: dict[str, Row] = {
         lambda fx, tmp: _holding(
             tmp / "s",
             "distill.store",
-            lambda: run_cli(["precompute", "--config", str(SMOKE), f"distill.store={tmp / 's'}"], check=False),
+            lambda: _cli(["precompute", "--config", str(SMOKE), f"distill.store={tmp / 's'}"]),
         ),  # fmt: skip
     ),
     "`output_dir` that cannot be written": Row(
         ["cannot be written: not a directory; choose a writable directory"],
         lambda fx, tmp: _train(_write(tmp, "file", b"x") / "run"),
+        default=True,
     ),
     "no room for one checkpoint": Row(
         ["but one checkpoint of the student (49,248 parameters x 12 bytes: fp32 weights and AdamW's two moments)"],
@@ -413,30 +522,37 @@ ROWS: dict[str, Row] = {
             (tmp / "empty").mkdir(),
             _train(tmp / "run", "teacher.arch=null", f"teacher.path={tmp / 'empty'}"),
         )[1],
+        default=True,
     ),
     "NaN or infinity": Row(
         ["train.lr=nan: NaN and infinity are not allowed here; give a finite number (e.g. 1e-3)"],
         lambda fx, tmp: _train(tmp / "run", "train.lr=nan"),
+        default=True,
     ),
     "`--config` given a directory": Row(
         ["is a directory; give a YAML file (this looks like a run directory: --config "],
-        lambda fx, tmp: run_cli(["train", "--config", str(fx["finished"])], check=False),
+        lambda fx, tmp: _cli(["train", "--config", str(fx["smoke"])]),
+        default=True,
     ),
     "no `--config`": Row(
         ["no --config given and no student set: give --config FILE (e.g. configs/smoke.yaml), "],
-        lambda fx, tmp: run_cli(["train", f"output_dir={tmp / 'run'}"], check=False),
+        lambda fx, tmp: _cli(["train", f"output_dir={tmp / 'run'}"]),
+        default=True,
     ),
     "a path where an override goes (`distill eval runs/x`)": Row(
         ["is a run directory, not a section.key=value override; its config is --config "],
-        lambda fx, tmp: run_cli(["eval", str(fx["finished"])], check=False),
+        lambda fx, tmp: _cli(["eval", str(fx["smoke"])]),
+        default=True,
     ),
     "`distill eval --model` not NAME=DIR": Row(
         ["must look like NAME=DIR"],
-        lambda fx, tmp: run_cli(["eval", "--model", str(fx["finished"] / "final")], check=False),
+        lambda fx, tmp: _cli(["eval", "--model", str(fx["smoke"] / "final")]),
+        default=True,
     ),
     "`distill eval --model` of a missing directory": Row(
         [": no such model directory"],
-        lambda fx, tmp: run_cli(["eval", "--model", f"kd={tmp / 'none' / 'final'}"], check=False),
+        lambda fx, tmp: _cli(["eval", "--model", f"kd={tmp / 'none' / 'final'}"]),
+        default=True,
     ),
     "bad JSON line": Row(
         [":3: not a JSON value (Expecting property name enclosed in double quotes at column 2); one JSON object per"],
@@ -468,6 +584,138 @@ ROWS: dict[str, Row] = {
         None,
         covered_by="tests/test_multinode.py::test_a_node_lost_mid_step_ends_the_job_naming_the_rank",
     ),
+    "a finished run, the same command again": Row(
+        ["holds this run, finished at step 5: nothing to do"],
+        lambda fx, tmp: _train(_smoke_copy(fx, tmp)),
+        ok=True,
+        default=True,
+    ),
+    "a finished run, another config": Row(
+        ["holds a finished run written with distill.alpha=0.5 but this run has distill.alpha=0.7; choose another"],
+        lambda fx, tmp: _train(_smoke_copy(fx, tmp), "distill.alpha=0.7"),
+        default=True,
+    ),
+    "a finished run, more steps without a checkpoint": Row(
+        ["holds a finished run of 5 steps without a checkpoint to continue from (it saved every train.save_every="],
+        lambda fx, tmp: _train(_smoke_copy(fx, tmp), "train.max_steps=7"),
+        default=True,
+    ),
+    "`train.resume: false` on a finished run": Row(
+        ["holds an earlier run, finished at step 5; choose another output_dir, or delete"],
+        lambda fx, tmp: _train(_smoke_copy(fx, tmp), "train.resume=false"),
+        default=True,
+    ),
+    "`distill eval --json` that cannot be written": Row(
+        ["cannot be written: ", "is a file, not a directory"],
+        lambda fx, tmp: _cli(
+            ["eval", "--model", f"s={fx['smoke'] / 'final'}", "--json", str(_write(tmp, "file", b"x") / "eval.json")]
+        ),
+        default=True,
+    ),
+    "`distill report --out` onto a file": Row(
+        ["--out ", "cannot be written: ", "is a file, not a directory"],
+        lambda fx, tmp: _cli(["report", str(fx["smoke"]), "--out", str(_write(tmp, "file", b"x"))]),
+        default=True,
+    ),
+    "`distill eval --model` trained with another tokenizer": Row(
+        ["was trained with another tokenizer than this evaluation's (token id "],
+        lambda fx, tmp: _cli(["eval", "--config", str(SMOKE), "--model", f"other={_other_tokenizer(fx, tmp)}"]),
+    ),
+    "`distill eval --model` whose vocabulary is too small": Row(
+        ["tokens but --model ce=", "has only vocab_size=256 embedding rows"],
+        lambda fx, tmp: _cli(["eval", "--config", str(SMOKE), "--model", f"ce={_small_vocab_model(tmp)}"]),
+    ),
+    "an offline run with a `data.source` naming other data": Row(
+        ["distill.signal=offline trains on the rows of distill.store=", "names other data; set data.source="],
+        lambda fx, tmp: _train(
+            tmp / "run",
+            "distill.signal=offline",
+            f"distill.store={precomputed_store(f'distill.store_top_k={TOP_K}')}",
+            f"data.source={_write(tmp, 't.jsonl', TEXT_ROWS)}",
+        ),  # fmt: skip
+    ),
+    "a malformed conversation": Row(
+        [":8: turn 0 is an assistant turn before any user turn; 1 of 31 conversations are malformed"],
+        lambda fx, tmp: _on_data(tmp, "chat.jsonl", _chat(ASSISTANT_FIRST)),
+    ),
+    "a conversation that is not a list of turns": Row(
+        [":8: turn 0 (user) has content None, not text; 1 of 31 conversations are malformed"],
+        lambda fx, tmp: _on_data(tmp, "chat.jsonl", _chat([{"role": "user", "content": None}])),
+        default=True,
+    ),
+    "a chat template that does not parse": Row(
+        ["is not valid Jinja: line 1: "],
+        lambda fx, tmp: _train(
+            tmp / "run",
+            f"tokenizer.chat_template={_write(tmp, 'bad.jinja', b'{% for m in messages %}{{ m.content }')}",
+            f"tokenizer.path={fx['student_dir']}",
+        ),
+    ),
+    "LoRA target modules that match nothing": Row(
+        ["student.lora.target_modules=['qq_proj'] matches no module of the student (", "its linear layers are"],
+        lambda fx, tmp: _train(tmp / "run", "student.lora.target_modules=[qq_proj]"),
+        default=True,
+    ),
+    "conversations all cut at `data.seq_len`": Row(
+        ["has no tokens to learn from: ", "conversations were dropped because their first assistant turn ends beyond"],
+        lambda fx, tmp: _train(tmp / "run", "data.source=python-stdlib-chat", "data.seq_len=8"),
+    ),
+    "prompts with no room for `max_new_tokens` (`distill generate`)": Row(
+        ["no usable prompt in the train split: of ", "generate.sampling.max_new_tokens=255"],
+        lambda fx, tmp: _generate(tmp, "generate.sampling.max_new_tokens=255"),
+    ),
+    "a sample store emptied by a small `data.seq_len`": Row(
+        ["has no completion tokens to learn from: ", "samples were dropped, their prompts at least data.seq_len=4"],
+        lambda fx, tmp: _train(
+            tmp / "run", f"data.source={_samples(fx, tmp)}", "data.seq_len=4", "teacher=null", "distill.alpha=0"
+        ),
+    ),
+    "a mistyped `data.messages_field`": Row(
+        ["no conversation field 'mesages' (data.messages_field); columns are ['messages'] (did you mean 'messages'?)"],
+        lambda fx, tmp: _on_data(tmp, "chat.jsonl", _chat(), "data.messages_field=mesages"),
+        default=True,
+    ),
+    "a store given as `data.source`": Row(
+        ["is a logit store, not documents: a logit store is read with distill.signal=offline distill.store="],
+        lambda fx, tmp: _train(tmp / "run", f"data.source={precomputed_store(f'distill.store_top_k={TOP_K}')}"),
+    ),
+    "a store another job is writing": Row(
+        ["(`distill precompute` is writing it now (host"],
+        lambda fx, tmp: _holding(
+            tmp / "s",
+            "distill.store",
+            lambda: _train(tmp / "run", "distill.signal=offline", f"distill.store={tmp / 's'}"),
+        ),  # fmt: skip
+    ),
+    "a sample store whose tokenizer was edited": Row(
+        ["tokenizer/ is not the tokenizer the samples were made with", "it was changed after `distill generate`"],
+        lambda fx, tmp: _train(
+            tmp / "run", f"data.source={_edit_tokenizer(_samples(fx, tmp))}", "teacher=null", "distill.alpha=0"
+        ),
+    ),
+    "on-policy rows that start mid-completion": Row(
+        ["training rows start mid-completion: their documents are longer than data.seq_len=64 tokens"],
+        lambda fx, tmp: _on_data(
+            tmp,
+            "long.jsonl",
+            LONG_PAIRS,
+            "data.prompt_field=prompt",
+            "data.completion_field=completion",
+            "data.packing=false",
+            "distill.on_policy=0.5",
+            "distill.sampling.max_new_tokens=8",
+        ),  # fmt: skip
+    ),
+    "a refusal on 2 processes": Row(
+        ["fewer than one global batch"],  # error_line: one `error:` line for the whole job
+        lambda fx, tmp: _train(tmp / "run", "train.micro_batch_size=5000", launcher=torchrun(29662, "train.py")),
+        status=1,
+    ),
+    "Ctrl-C during the last step's final validation": Row(
+        ["interrupted at step 2: checkpoint"],
+        None,
+        covered_by="tests/test_resume.py::test_ctrl_c_during_the_last_steps_final_validation_checkpoints_and_exits_130",
+    ),
     "torn last line in `metrics.jsonl`": Row(
         ["metrics.jsonl: skipped its last line (", "), not a complete record (a write cut short?)"],
         _torn_metrics,
@@ -476,18 +724,37 @@ ROWS: dict[str, Row] = {
 }
 
 
+class Fixtures(dict):
+    """What the recipes build on, each made the first time a row asks for it: `finished` (a finished 6-step run with
+    checkpoints step-0000004 and step-0000006), `smoke` (the session's finished 5-step smoke run, no checkpoint),
+    `student_dir` (a tiny pretrained student with its tokenizer)."""
+
+    def __init__(self, request, tmp_path_factory):
+        super().__init__()
+        self.request, self.tmp_path_factory = request, tmp_path_factory
+
+    def __missing__(self, key: str):
+        if key == "finished":
+            out = self.tmp_path_factory.mktemp("finished") / "run"
+            run_cli(["train", "--config", str(SMOKE), f"output_dir={out}", *RUN])
+            self[key] = out
+        else:
+            self[key] = self.request.getfixturevalue({"smoke": "smoke_run"}.get(key, key))
+        return self[key]
+
+
 @pytest.fixture(scope="module")
-def fx(tmp_path_factory, student_dir) -> dict:
-    finished = tmp_path_factory.mktemp("finished") / "run"
-    run_cli(["train", "--config", str(SMOKE), f"output_dir={finished}", *RUN])
-    return {"finished": finished, "student_dir": student_dir}
+def fx(request, tmp_path_factory) -> Fixtures:
+    return Fixtures(request, tmp_path_factory)
 
 
 def test_every_row_has_a_recipe_and_every_recipe_a_row():
     assert set(table_rows()) == set(ROWS)
 
 
-@pytest.mark.parametrize("case", list(ROWS))
+@pytest.mark.parametrize(
+    "case", [pytest.param(case, marks=() if row.default else pytest.mark.slow) for case, row in ROWS.items()]
+)
 def test_row(case, fx, tmp_path):
     message = table_rows()[case]
     row = ROWS[case]

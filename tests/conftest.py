@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import shutil
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -116,12 +115,3 @@ def two_process_run(tmp_path_factory) -> tuple[Path, str]:
         ["--config", str(SMOKE), f"output_dir={out}", *TWO_PROCESS], launcher=torchrun(29530, "train.py"), timeout=600
     )
     return out, proc.stdout
-
-
-def pytest_runtest_setup(item):
-    """CI's wall-clock budget: once the time in DISTILL_TEST_DEADLINE (seconds since the epoch, set by .ci/run for the
-    slow tier) has passed, every test not yet started is skipped, saying so, rather than letting the whole run overrun
-    CI's limit; `make test-slow` without the variable runs everything."""
-    deadline = os.environ.get("DISTILL_TEST_DEADLINE")
-    if deadline and time.time() > float(deadline):
-        pytest.skip("CI's time budget was spent before this test started (DISTILL_TEST_DEADLINE); run make test-slow")

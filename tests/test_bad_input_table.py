@@ -269,12 +269,10 @@ def _samples(fx, tmp: Path) -> Path:
 
 
 def _edit_tokenizer(store: Path) -> Path:
-    """The store's tokenizer/ changed after generate: one vocabulary entry renamed."""
+    """The store's tokenizer/ changed after generate (its BPE model told to ignore merges: it still loads)."""
     path = store / "tokenizer" / "tokenizer.json"
     tok = json.loads(path.read_text())
-    vocab = tok["model"]["vocab"]
-    name = next(t for t in vocab if t.isalpha() and len(t) > 2)
-    vocab[name + "x"] = vocab.pop(name)
+    tok["model"]["ignore_merges"] = not tok["model"].get("ignore_merges", False)
     path.write_text(json.dumps(tok))
     return store
 
@@ -306,7 +304,7 @@ def _small_vocab_model(tmp: Path) -> Path:
 
 
 LONG_PAIRS = "".join(
-    json.dumps({"prompt": f"def function_number_{i}(argument):", "completion": " return argument * " + "7 + " * 20})
+    json.dumps({"prompt": f"def function_number_{i}(argument):", "completion": " return argument * " + "7 + " * 60})
     + "\n"
     for i in range(40)
 ).encode()
@@ -658,7 +656,7 @@ ROWS: dict[str, Row] = {
     ),
     "conversations all cut at `data.seq_len`": Row(
         ["has no tokens to learn from: ", "conversations were dropped because their first assistant turn ends beyond"],
-        lambda fx, tmp: _train(tmp / "run", "data.source=python-stdlib-chat", "data.seq_len=8"),
+        lambda fx, tmp: _on_data(tmp, "chat.jsonl", _chat(), "data.seq_len=8", "data.val_fraction=0.2"),
     ),
     "prompts with no room for `max_new_tokens` (`distill generate`)": Row(
         ["no usable prompt in the train split: of ", "generate.sampling.max_new_tokens=255"],

@@ -75,9 +75,8 @@ def generate_store(cfg: Config, part: tuple[int, int] | None = None) -> dict:
         gen = cfg.generate
         layout = sample_layout(content["prompts"]["counts"], gen.samples_per_prompt, gen.shard_prompts)
         work = TeacherSampling(plan, content, sampling, prompts)
-        root = Path(gen.store)
-        publish = lambda root: save_tokenizer(plan.tokenizer, root / TOKENIZER)  # noqa: E731
-        return writer.write_store(accelerator, root, "generate.store", content, layout, part, work, started, publish)
+        job = writer.StoreJob(accelerator, Path(gen.store), "generate.store", content, layout, part, started)
+        return job.run(work, publish=lambda root: save_tokenizer(plan.tokenizer, root / TOKENIZER))
 
 
 # ----------------------------------------------------------------------------------------------

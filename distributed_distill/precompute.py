@@ -51,8 +51,8 @@ def precompute(cfg: Config, part: tuple[int, int] | None = None) -> dict:
             len(train_ds), len(val_ds), cfg.train.seed, distill.store_shard_rows, distill.store_max_rows
         )
         work = TopKWork(plan, {"train": train_ds, "validation": val_ds}, content["top_k"])
-        root = Path(distill.store)
-        return writer.write_store(accelerator, root, "distill.store", content, layout, part, work, started)
+        job = writer.StoreJob(accelerator, Path(distill.store), "distill.store", content, layout, part, started)
+        return job.run(work)
 
 
 def logit_store_plan(plan: RunPlan, n_train: int, n_val: int) -> dict:

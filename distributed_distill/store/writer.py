@@ -27,6 +27,7 @@ import socket
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -137,93 +138,108 @@ def locked(store: str, key: str, accelerator, part: tuple[int, int] | None) -> I
         lock.release(store, name)
 
 
-def write_store(
-    accelerator,
-    root: Path,
-    key: str,
-    plan: dict,
-    layout: list[tuple[str, list]],
-    part: tuple[int, int] | None,
-    work: ShardWork,
-    started: float,
-    publish: Callable[[Path], None] | None = None,
-) -> dict:
-    """Write (or finish, or find complete) the store `plan` describes at `root` (`key` names the setting that chose
-    it); `layout` is every shard of the store as (name, items), `publish(root)` writes what the store holds beside
-    its shards (the main process, after plan.json: the sample store's tokenizer). Returns the command's result."""
-    config_hash = plan_hash(plan)
-    what = "store" if plan["format"].endswith("logit_store") else "sample store"
-    complete = check_store_dir(root, config_hash, key, plan["format"])
-    accelerator.wait_for_everyone()  # every rank has looked before anything is written
-    if complete:
-        accelerator.print(f"{what} {root} is already complete (config hash {config_hash[:12]})")
-        return {"store": str(root), "complete": True, "shards_written": 0}
-    if accelerator.is_main_process:
-        root.mkdir(parents=True, exist_ok=True)
-        # The plan first: a run killed before anything else is written then finds a store to resume, not foreign files.
-        publish_json(root / PLAN, {"config_hash": config_hash, **plan})
-        if publish is not None:
-            publish(root)
-    accelerator.wait_for_everyone()
+@dataclass
+class StoreJob:
+    """One run of a store writer (`distill precompute`, `distill generate`): the store `plan` describes, at `root`
+    (`key` names the setting that chose it), laid out as `layout` (every shard's name and items), this run's `part`
+    of it (None: all), timed from `started`."""
 
-    mine = part_of(layout, part)
-    world, rank = accelerator.num_processes, accelerator.process_index
-    todo = [
-        (name, items)
-        for name, items in mine[rank::world]
-        if finished_shard(root, name, config_hash, len(items)) is None
-    ]
-    my_calls = sum(work.calls(name, items) for name, items in todo)
-    # A sharded (ZeRO-3) teacher needs every rank in every forward: ranks with less (or no) work left run filler
-    # calls until all have made the same number.
-    all_calls = int(accelerator.gather(torch.tensor([my_calls], device=accelerator.device)).max())
-    if all_calls:  # (a part, or a rerun, with nothing left to compute does not load the teacher)
-        work.load()
-    tokens = 0
-    writer = ThreadPoolExecutor(max_workers=1)  # a shard's Parquet encoding and write overlap the next one's work
-    in_flight: Future | None = None
-    for name, items in todo:
-        table, counts = work.shard(name, items)
-        tokens += counts[work.counted]
+    accelerator: object
+    root: Path
+    key: str
+    plan: dict
+    layout: list[tuple[str, list]]
+    part: tuple[int, int] | None
+    started: float
+    config_hash: str = field(init=False)
+    what: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.config_hash = plan_hash(self.plan)
+        self.what = "sample store" if self.plan["format"].endswith("sample_store") else "store"
+
+    def run(self, work: ShardWork, publish: Callable[[Path], None] | None = None) -> dict:
+        """Write (or finish, or find complete) the store; `publish(root)` writes what the store holds beside its
+        shards (the main process, after plan.json: the sample store's tokenizer). Returns the command's result."""
+        accelerator, root = self.accelerator, self.root
+        complete = check_store_dir(root, self.config_hash, self.key, self.plan["format"])
+        accelerator.wait_for_everyone()  # every rank has looked before anything is written
+        if complete:
+            accelerator.print(f"{self.what} {root} is already complete (config hash {self.config_hash[:12]})")
+            return {"store": str(root), "complete": True, "shards_written": 0}
+        if accelerator.is_main_process:
+            root.mkdir(parents=True, exist_ok=True)
+            # The plan first: a run killed before anything else is written finds a store to resume, not foreign files.
+            publish_json(root / PLAN, {"config_hash": self.config_hash, **self.plan})
+            if publish is not None:
+                publish(root)
+        accelerator.wait_for_everyone()
+        todo = self.todo()
+        my_calls = sum(work.calls(name, items) for name, items in todo)
+        # A sharded (ZeRO-3) teacher needs every rank in every forward: ranks with less (or no) work left run filler
+        # calls until all have made the same number.
+        all_calls = int(accelerator.gather(torch.tensor([my_calls], device=accelerator.device)).max())
+        if all_calls:  # (a part, or a rerun, with nothing left to compute does not load the teacher)
+            work.load()
+        tokens = 0
+        writer = ThreadPoolExecutor(max_workers=1)  # a shard's Parquet encoding and write overlap the next one's work
+        in_flight: Future | None = None
+        for name, items in todo:
+            table, counts = work.shard(name, items)
+            tokens += counts[work.counted]
+            if in_flight is not None:
+                in_flight.result()
+            in_flight = writer.submit(write_shard, root, name, table, self.config_hash, counts)
+        for _ in range(all_calls - my_calls):
+            work.filler()
         if in_flight is not None:
             in_flight.result()
-        in_flight = writer.submit(write_shard, root, name, table, config_hash, counts)
-    for _ in range(all_calls - my_calls):
-        work.filler()
-    if in_flight is not None:
-        in_flight.result()
-    writer.shutdown()
-    return _finish(accelerator, root, plan, config_hash, layout, part, mine, tokens, len(todo), started, what)
+        writer.shutdown()
+        return self.finish(tokens, len(todo))
 
+    @property
+    def mine(self) -> list[tuple[str, list]]:
+        """This part's shards (all of them without parts)."""
+        return part_of(self.layout, self.part)
 
-def _finish(
-    accelerator, root: Path, plan: dict, config_hash: str, layout: list, part, mine: list, tokens: int, written: int,
-    started: float, what: str,
-) -> dict:  # fmt: skip
-    """After every rank wrote its shards: the manifest, once every shard of the plan is there, and the summary line
-    and result of the run (`tokens` and `written` shards of this rank, summed over the ranks)."""
-    seconds = time.perf_counter() - started
-    accelerator.wait_for_everyone()
-    # Without parts every shard is this run's and done now. With parts, the other parts' shards count once their
-    # sidecars are there (each was checksummed when written; verify-store checks them all again).
-    left = 0
-    if part is not None:
-        left = sum(not sidecar_done(root, name, config_hash, len(idx)) for name, idx in layout)
-    if accelerator.is_main_process and not left:
-        write_manifest(root, plan, config_hash, layout)
-    accelerator.wait_for_everyone()
-    local = torch.tensor([tokens, written], device=accelerator.device)
-    tokens_all, written = (int(x) for x in accelerator.reduce(local, reduction="sum").tolist())
-    where = "" if part is None else f" (part {part[0]}/{part[1]}: {len(mine)} shards)"
-    done = f"{what} complete" if not left else f"{left} shard(s) of other parts still to do, manifest not written"
-    accelerator.print(
-        f"{what} {root}: wrote {written} of {len(layout)} shards{where} ({tokens_all:,} tokens) in {seconds:.1f} s; "
-        + done
-    )
-    result = {"store": str(root), "complete": not left, "shards_written": written, "shards": len(layout)}
-    if part is not None:
-        result.update(part=f"{part[0]}/{part[1]}", part_shards=len(mine))
-    return result
+    def todo(self) -> list[tuple[str, list]]:
+        """This rank's shards of this part (dealt round-robin) that no earlier run finished."""
+        world, rank = self.accelerator.num_processes, self.accelerator.process_index
+        return [
+            (name, items)
+            for name, items in self.mine[rank::world]
+            if finished_shard(self.root, name, self.config_hash, len(items)) is None
+        ]
+
+    def finish(self, tokens: int, written: int) -> dict:
+        """After every rank wrote its shards: the manifest, once every shard of the plan is there, and the summary
+        line and result of the run (`tokens` and `written` shards of this rank, summed over the ranks)."""
+        accelerator, root, part = self.accelerator, self.root, self.part
+        seconds = time.perf_counter() - self.started
+        accelerator.wait_for_everyone()
+        # Without parts every shard is this run's and done now. With parts, the other parts' shards count once their
+        # sidecars are there (each was checksummed when written; verify-store checks them all again).
+        left = 0
+        if part is not None:
+            left = sum(not sidecar_done(root, name, self.config_hash, len(idx)) for name, idx in self.layout)
+        if accelerator.is_main_process and not left:
+            write_manifest(root, self.plan, self.config_hash, self.layout)
+        accelerator.wait_for_everyone()
+        local = torch.tensor([tokens, written], device=accelerator.device)
+        tokens_all, written = (int(x) for x in accelerator.reduce(local, reduction="sum").tolist())
+        mine = self.mine
+        where = "" if part is None else f" (part {part[0]}/{part[1]}: {len(mine)} shards)"
+        done = (
+            f"{self.what} complete" if not left else f"{left} shard(s) of other parts still to do, manifest not written"
+        )
+        accelerator.print(
+            f"{self.what} {root}: wrote {written} of {len(self.layout)} shards{where} ({tokens_all:,} tokens) in "
+            f"{seconds:.1f} s; " + done
+        )
+        result = {"store": str(root), "complete": not left, "shards_written": written, "shards": len(self.layout)}
+        if part is not None:
+            result.update(part=f"{part[0]}/{part[1]}", part_shards=len(mine))
+        return result
 
 
 def sidecar_done(root: Path, name: str, config_hash: str, rows: int) -> bool:

@@ -28,7 +28,7 @@ import yaml
 
 from .errors import ConfigError
 from .integrity import atomic_write_text
-from .losses import LossKind
+from .losses import HintKind, LossKind
 
 
 def option(default: Any, help: str, **kwargs: Any) -> Any:
@@ -283,6 +283,65 @@ class SamplingConfig:
 
 
 @dataclass
+class HiddenConfig:
+    """Hidden-state distillation ("hints", FitNets; docs/hints.md): chosen student layers, each through a learned
+    bias-free projection to the teacher's width, regress onto chosen teacher layers at the positions the KD loss
+    counts. A layer is an index into the model's hidden states as transformers numbers them: 0 = the embedding
+    output, k = the output of block k, and the last (the number of blocks, or `final`) = the final norm's output."""
+
+    layers: list[list[int | str]] | str = option(
+        "uniform",
+        "uniform = student layer k of S onto teacher layer round(k * T / S) for k = 1..S (the last onto the last: the "
+        "final norms' outputs); or a list of [student_layer, teacher_layer] pairs, each an index (0 = embeddings) or "
+        "final",
+    )
+    loss: HintKind = option(
+        "mse",
+        "per position: mse = mean squared difference over the teacher's width; cosine = 1 - cosine similarity; "
+        "normalized_mse = mse between the layer-normalised states",
+    )
+    weight: float = option(
+        1.0, "the hint term's weight: loss = KD/CE terms + weight * mean over pairs of the hint loss"
+    )
+    balance: Literal["fixed", "kd"] = option(
+        "fixed",
+        "fixed = the weight as given; kd = rescaled every step so the hint term is weight x the KD loss (the ratio of "
+        "the previous step's KD and hint losses; the first step uses the weight as given)",
+    )
+    init: Literal["xavier", "orthogonal", "identity"] = option(
+        "xavier", "the projections' initialisation (seeded by train.seed); identity needs equal widths"
+    )
+    until_step: int | None = option(
+        None,
+        "FitNets' two stages: hints alone (no KD, no CE) for steps 1..N, then the KD objective alone; null = hints and "
+        "the KD objective together for the whole run",
+    )
+
+    def __post_init__(self) -> None:
+        if self.layers != "uniform":
+            if not isinstance(self.layers, list) or not self.layers:
+                raise ConfigError(f"layers={self.layers!r} must be uniform or a non-empty list of [student, teacher]")
+            seen = set()
+            for pair in self.layers:
+                if not (isinstance(pair, list) and len(pair) == 2 and all(_is_layer(x) for x in pair)):
+                    raise ConfigError(
+                        f"layers={self.layers!r}: {pair!r} is not a [student_layer, teacher_layer] pair (each an "
+                        "index >= 0 or final)"
+                    )
+                if tuple(pair) in seen:
+                    raise ConfigError(f"layers={self.layers!r}: the pair {pair!r} is given twice")
+                seen.add(tuple(pair))
+        if self.weight <= 0:
+            raise ConfigError(f"weight={self.weight} must be > 0")
+        if self.until_step is not None and self.until_step < 1:
+            raise ConfigError(f"until_step={self.until_step} must be >= 1 (or null: hints for the whole run)")
+
+
+def _is_layer(x: Any) -> bool:
+    return x == "final" or (isinstance(x, int) and not isinstance(x, bool) and x >= 0)
+
+
+@dataclass
 class DistillConfig:
     alpha: float = option(0.5, "loss = alpha * KD + (1 - alpha) * CE; 0 = plain CE training (no teacher needed)")
     loss: LossKind = option("forward_kl", "KD objective (docs/losses.md)")
@@ -330,6 +389,9 @@ class DistillConfig:
     sampling: SamplingConfig = option(
         SamplingConfig, "on-policy steps: how the student samples (distill.on_policy; max_new_tokens defaults to 64)"
     )
+    hidden: HiddenConfig | None = option(
+        None, "hidden-state distillation (hints) besides or before the KD objective; null = off (docs/hints.md)"
+    )
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.alpha <= 1.0:
@@ -369,6 +431,16 @@ class DistillConfig:
                 raise ConfigError(f"distill.{name}={getattr(self, name)} must be >= 1")
         if self.shuffle_buffer < 0:
             raise ConfigError(f"distill.shuffle_buffer={self.shuffle_buffer} must be >= 0")
+        if self.hidden is not None and self.signal == "offline":
+            raise ConfigError(
+                "distill.hidden with distill.signal=offline: a store holds the teacher's output distribution only, not "
+                "its hidden states; use distill.signal=online or distill.hidden=null"
+            )
+        if self.hidden is not None and self.hidden.balance == "kd" and self.alpha == 0:
+            raise ConfigError(
+                "distill.hidden.balance=kd rescales the hint term to the KD term, which distill.alpha=0 turns off; "
+                "use distill.hidden.balance=fixed or distill.alpha > 0"
+            )
 
 
 @dataclass
@@ -538,6 +610,8 @@ class Config:
             raise no_prompts(self)
         if self.data.streaming and self.distill.signal == "offline":
             raise ConfigError("data.streaming=true with distill.signal=offline: the store holds the data; unset one")
+        if self.teacher is None and self.distill.hidden is not None:
+            raise ConfigError("distill.hidden needs a teacher (its hidden states): set teacher.path / teacher.arch")
         if self.teacher is None and self.distill.alpha > 0 and self.distill.signal == "online":
             raise ConfigError(
                 f"distill.alpha={self.distill.alpha} needs a teacher; "

@@ -12,6 +12,7 @@ import contextlib
 import copy
 import hashlib
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -310,10 +311,23 @@ def model_inputs(model, batch: dict) -> dict:
     return inputs
 
 
-def final_hidden(model, batch: dict) -> torch.Tensor:
-    """The last hidden states [B, S, H] (after the final norm), without computing [B, S, V] logits."""
-    out = model(**model_inputs(model, batch), output_hidden_states=True, logits_to_keep=1)
-    return out.hidden_states[-1]
+def forward_states(
+    model, batch: dict, layers: Sequence[int] = (), logits: bool = False
+) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """One forward: the final hidden states [B, S, H] after the final norm (without [B, S, V] logits), or with
+    `logits` the logits [B, S, V]; and the hidden states [B, S, H] of `layers`, indices as transformers numbers
+    them (0 = the embedding output, k = the output of block k, the number of blocks = the final norm's output).
+
+    The model is asked for those indices only (`output_hidden_states` as a list: transformers keeps the selected
+    states and drops the others as the forward goes, so a deep teacher never holds every layer's states at once;
+    a transformers that predates the selection returns them all, and the same ones are picked)."""
+    wanted = sorted({*layers, -1}) if not logits else sorted(set(layers))
+    kwargs = {} if logits else {"logits_to_keep": 1}
+    if wanted:
+        kwargs["output_hidden_states"] = wanted
+    out = model(**model_inputs(model, batch), **kwargs)
+    states = out.hidden_states or ()
+    return (out.logits if logits else states[-1]), {k: states[k] for k in layers}
 
 
 def parameter_bytes(model: torch.nn.Module) -> tuple[int, int, int]:

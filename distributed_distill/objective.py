@@ -1,4 +1,5 @@
-"""The objective of one micro-batch: the student's forward, the teacher's targets, and the summed KD and CE losses.
+"""The objective of one micro-batch: the student's forward, the teacher's targets, and the summed KD and CE losses
+(and the hint losses of `distill.hidden`).
 
 Training (`trainer.train_step`) and validation (`evaluate.evaluate`) both call `forward_losses`, so the two
 compute the same quantity for the same batch; they normalise the sums differently (the global token count of an
@@ -14,8 +15,9 @@ import torch.nn.functional as F
 
 from .config import DistillConfig
 from .data.batching import IGNORE_INDEX
-from .losses import LossOutput, TeacherTargets, chunked_distill_loss, kd_loss, sparse_kd_loss
-from .models import AlignedHead, final_hidden, model_inputs
+from .hidden import StepHints
+from .losses import LossOutput, TeacherTargets, chunked_distill_loss, hint_loss, kd_loss, sparse_kd_loss
+from .models import AlignedHead, forward_states
 from .teacher import TeacherSource
 
 
@@ -27,43 +29,62 @@ def forward_losses(
     head: AlignedHead,
     ce_weight: float | None = None,
     on_logits: Callable[[torch.Tensor, torch.Tensor, TeacherTargets | None], None] | None = None,
+    kd_weight: float | None = None,
+    hints: StepHints | None = None,
 ) -> LossOutput:
-    """Summed KD and CE losses of one micro-batch (next-token aligned), not yet normalised.
+    """Summed KD and CE losses of one micro-batch (next-token aligned), not yet normalised; with `hints`, the hint
+    sums too (`LossOutput.hint_sums`, one per layer pair).
 
     `student` is the (possibly wrapped) module to call, `head` its output layer (unwrapped) restricted to the
     tokenizer's rows (padding rows of the embedding matrix never enter a softmax), `teacher` a teacher source
     (online or offline) or None. The student and the teacher get the same inputs (`models.model_inputs`).
-    `ce_weight` is the weight the caller gives ce_sum (default 1 - alpha; 0 on an on-policy step): the chunked
-    loss computes the gradient of that combination during the forward.
+    `kd_weight` and `ce_weight` are the weights the caller gives kd_sum and ce_sum (default alpha and 1 - alpha; CE
+    0 on an on-policy step, both 0 during FitNets' first stage): the chunked loss computes the gradient of that
+    combination during the forward.
 
     `on_logits(logits, labels, targets)` (validation, under no_grad) sees the student's logits of the counted rows
     with their labels and the teacher's targets: chunk by chunk on the chunked path, all at once on the naive one;
     so validation's metrics come from this one forward. With it the teacher's targets are taken whatever alpha is.
+
+    Hints (`hints.active`): the student's and the teacher's states of the paired layers come from the same forwards
+    (models.forward_states), at the positions the KD loss counts; a step without them (after FitNets' first stage)
+    still passes every projection a zero gradient (`HintProjections.untouched`).
     """
     labels = batch["labels"][:, 1:].reshape(-1)
-    want_kd = teacher is not None and (dcfg.alpha > 0 or on_logits is not None)
-    targets = teacher.targets(batch) if want_kd else None
+    kd_weight = dcfg.alpha if kd_weight is None else kd_weight
+    hinted = hints is not None and hints.active
+    want_kd = teacher is not None and (kd_weight > 0 or on_logits is not None or hinted)
+    layers = hints.projections.student_layers if hinted else ()
+    if want_kd and hinted:
+        targets = teacher.targets(batch, hints.projections.teacher_layers)
+    else:
+        targets = teacher.targets(batch) if want_kd else None
     kd_args = dict(kind=dcfg.loss, temperature=dcfg.temperature, beta=dcfg.beta, skew=dcfg.skew)
     sparse_args = dict(tail=dcfg.top_k_tail) if want_kd and targets.sparse else {}
     if dcfg.chunk_size > 0:
-        hidden = final_hidden(student, batch)[:, :-1]
+        final, states = forward_states(student, batch, layers)
+        hidden = final[:, :-1]
         # The weights tell the fused backward which combination will be differentiated, so the gradients it
         # computes during the forward pass are the ones needed (no recomputation).
-        return chunked_distill_loss(
+        out = chunked_distill_loss(
             hidden.reshape(-1, hidden.shape[-1]),
             head.weight,
             labels,
             student_bias=head.bias,
             chunk_size=dcfg.chunk_size,
-            kd_weight=dcfg.alpha if want_kd else 0.0,
+            kd_weight=kd_weight if want_kd else 0.0,
             ce_weight=1 - dcfg.alpha if ce_weight is None else ce_weight,
             on_chunk=on_logits,
             **kd_args,
             **sparse_args,
             **(targets.loss_kwargs() if want_kd else {}),
         )
+        out.hint_sums = hint_sums(hints, states, targets, labels, hidden)
+        return out
     # Naive path: full [tokens, V] logits; for models or strategies where the head cannot be used directly.
-    logits = student(**model_inputs(student, batch)).logits[:, :-1, : head.vocab]
+    logits, states = forward_states(student, batch, layers, logits=True)
+    out_hints = hint_sums(hints, states, targets, labels, logits)
+    logits = logits[:, :-1, : head.vocab]
     logits = logits.reshape(-1, logits.shape[-1])  # not head.weight.shape: a ZeRO-3 student holds only a shard
     if on_logits is not None:
         on_logits(logits, labels, targets)
@@ -88,7 +109,33 @@ def forward_losses(
         del dense
     del targets
     n = (labels != IGNORE_INDEX).sum()
-    return LossOutput(kd_sum=kd_sum, ce_sum=ce_sum, num_tokens=n, stats=stats)
+    return LossOutput(kd_sum=kd_sum, ce_sum=ce_sum, num_tokens=n, stats=stats, hint_sums=out_hints)
+
+
+def hint_sums(
+    hints: StepHints | None,
+    states: dict[int, torch.Tensor],
+    targets: TeacherTargets | None,
+    labels: torch.Tensor,
+    like: torch.Tensor,
+) -> torch.Tensor | None:
+    """[P] float32: per layer pair, the hint loss (losses.hint_loss, summed) between the projected student states
+    [B, S, Hs] and the teacher's rows [N, Ht], over the counted next-token positions (labels [N], as the KD loss
+    counts them: prompt, padding and the boundary of packed documents masked). Only counted rows are projected.
+    Without active hints: zeros that touch every projection (`untouched`), or None without hints at all."""
+    if hints is None:
+        return None
+    found = hints.projections
+    if not hints.active:
+        return found.untouched(like)
+    counted = (labels != IGNORE_INDEX).nonzero().squeeze(1)
+    sums = []
+    for pair, projection in zip(found.pairs, found.maps):
+        student = states[pair.student][:, :-1]
+        student = student.reshape(-1, student.shape[-1]).index_select(0, counted)
+        teacher = targets.hidden_states[pair.teacher].index_select(0, counted)
+        sums.append(hint_loss(projection(student), teacher, kind=found.kind, reduction="sum"))
+    return torch.stack(sums).float()
 
 
 @torch.no_grad()

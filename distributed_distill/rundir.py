@@ -6,6 +6,7 @@
     output_dir/ranks/rank-K.json the first sample indices each rank trained on
     output_dir/step-NNNNNNN/     checkpoints (checkpoint.py writes them)
     output_dir/final/            the exported student: `from_pretrained` loads it without this package
+    output_dir/hints/            distill.hidden's projections (projections.safetensors), beside final/, never in it
 
 Every file here is written through the atomic rules (integrity.py: a temporary name, flushed, renamed), except the
 appends to metrics.jsonl, whose torn last line a reader skips (`read_records`).
@@ -31,6 +32,7 @@ METRICS = "metrics.jsonl"
 TEACHER = "teacher.json"
 RANKS = "ranks"
 FINAL = "final"
+HINTS = "hints"
 STEP_DIR = re.compile(r"^step-(\d{7,})$")
 
 

@@ -25,7 +25,7 @@ from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, set_seed
 from transformers import PretrainedConfig
 
-from . import checkpoint, models, preflight
+from . import checkpoint, hidden, models, preflight
 from .config import Config
 from .data.documents import Documents, documents
 from .errors import DistillError
@@ -96,6 +96,7 @@ class RunPlan:
     teacher_config: PretrainedConfig | None
     documents: Callable[[], Documents]  # data.source's documents, read on the first call only
     resume: checkpoint.Resume | None = None
+    hint_pairs: tuple[hidden.Pair, ...] = ()  # distill.hidden's layer pairs, checked against both models; () = off
 
     @property
     def vocab(self) -> int:
@@ -105,7 +106,8 @@ class RunPlan:
 
 def plan_run(cfg: Config, accelerator: Accelerator, resume: checkpoint.Resume | None = None) -> RunPlan:
     """The run plan: the seed set, the resumed config (`resume`), the tokenizer (checked against the models' own),
-    the model configs (checked against each other and the tokenizer), the loss chunks resolved; no weights, no
+    the model configs (checked against each other and the tokenizer), distill.hidden's layer pairs, the loss chunks
+    resolved; no weights, no
     training data. The documents are read when first asked for (the tokenizer trainer, the data), by the caller
     inside `accelerator.main_process_first()`."""
     given = cfg
@@ -120,6 +122,8 @@ def plan_run(cfg: Config, accelerator: Accelerator, resume: checkpoint.Resume | 
     tokenizer = run_tokenizer(cfg, accelerator, docs, store / TOKENIZER if store is not None else None)
     check_tokenizers(cfg, tokenizer)
     student_config, teacher_config = models.resolve_configs(cfg, len(tokenizer))
+    hints = cfg.distill.hidden
+    pairs = hidden.resolve_pairs(hints, student_config, teacher_config) if hints is not None else ()
     resolved = resolve_loss_chunks(cfg, student_config, accelerator)
     return RunPlan(
         given=given,
@@ -131,6 +135,7 @@ def plan_run(cfg: Config, accelerator: Accelerator, resume: checkpoint.Resume | 
         teacher_config=teacher_config,
         documents=docs,
         resume=resume,
+        hint_pairs=pairs,
     )
 
 

@@ -19,6 +19,7 @@ import copy
 import json
 import os
 import socket
+from collections.abc import Sequence
 from typing import Protocol
 
 import torch
@@ -28,7 +29,7 @@ from . import models
 from .config import TeacherConfig
 from .errors import DistillError, RankError
 from .losses import TeacherTargets, resolve_chunk_size
-from .models import final_hidden, parameter_bytes, transformers_zero3
+from .models import forward_states, parameter_bytes, transformers_zero3
 
 
 class TeacherSource(Protocol):
@@ -41,7 +42,9 @@ class TeacherSource(Protocol):
 
     def targets(self, batch: dict) -> TeacherTargets:
         """The signal for the next-token positions of a micro-batch ([B, S] input_ids -> B * (S - 1) rows).
-        Online sources are collectives under a sharded engine: every rank calls them in lockstep."""
+        Online sources are collectives under a sharded engine: every rank calls them in lockstep. The online ones
+        also take `layers` (hidden-state indices) and then carry those states too (`TeacherTargets.hidden_states`,
+        for the hint loss); an offline store has none (distill.hidden needs distill.signal=online)."""
         ...
 
     def num_parameters(self) -> int:
@@ -123,15 +126,24 @@ class OnlineTeacher:
         self.top_k, self.temperature, self.chunk_size = top_k, temperature, chunk_size
 
     @torch.no_grad()
-    def targets(self, batch: dict) -> TeacherTargets:
-        hidden = final_hidden(self.runner, batch)[:, :-1]
-        hidden = hidden.reshape(-1, hidden.shape[-1])
+    def targets(self, batch: dict, layers: Sequence[int] = ()) -> TeacherTargets:
+        """The targets of a micro-batch; with `layers`, also the hidden states of those indices (models.forward_states:
+        only those are kept during the forward), as rows like the targets' own."""
+        final, states = forward_states(self.runner, batch, layers)
+
+        def rows(x: torch.Tensor) -> torch.Tensor:  # the next-token positions: B * (S - 1) rows
+            return x[:, :-1].reshape(-1, x.shape[-1])
+
+        hidden = rows(final)
+        hidden_states = {k: hidden if v is final else rows(v) for k, v in states.items()} if layers else None
         with self._head() as (weight, bias):
             if self.top_k:
-                return topk_targets(
+                found = topk_targets(
                     hidden, weight, bias, self.top_k, self.temperature, self.chunk_size, store_dtype=torch.float16
                 )
-            return TeacherTargets(hidden=hidden, weight=weight, bias=bias)
+                found.hidden_states = hidden_states
+                return found
+            return TeacherTargets(hidden=hidden, weight=weight, bias=bias, hidden_states=hidden_states)
 
     @contextlib.contextmanager
     def _head(self):
@@ -170,9 +182,9 @@ class Zero3Teacher(OnlineTeacher):
         self.runner, self.timeout = engine, timeout
 
     @torch.no_grad()
-    def targets(self, batch: dict) -> TeacherTargets:
+    def targets(self, batch: dict, layers: Sequence[int] = ()) -> TeacherTargets:
         try:
-            return super().targets(batch)
+            return super().targets(batch, layers)
         except RuntimeError as e:
             if not _is_collective_failure(e):
                 raise  # a bug or an out-of-memory on this rank: its own traceback

@@ -25,7 +25,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 
-from . import checkpoint, lock, models, on_policy, preflight, rundir
+from . import checkpoint, hidden, lock, models, on_policy, preflight, rundir
 from .config import Config, to_dict
 from .data.batching import collate, train_indices
 from .errors import DistillError, Interrupted, Preempted, RankError, WriteError
@@ -91,12 +91,16 @@ def _train(cfg: Config, stop: checkpoint.StopRequest) -> dict:
 
 
 def setup_student(plan: RunPlan):
-    """The student (gradient checkpointing, LoRA adapters), its optimizer and LR schedule, prepared by Accelerate;
-    and its output layer, unwrapped, restricted to the tokenizer's rows."""
+    """The student (gradient checkpointing, LoRA adapters, the hint projections), its optimizer and LR schedule,
+    prepared by Accelerate; and its output layer, unwrapped, restricted to the tokenizer's rows."""
     cfg, accelerator = plan.cfg, plan.accelerator
     student = models.load_model(cfg.student, plan.student_config, seed=cfg.train.seed)
     student = models.prepare_student(student, cfg.student)
-    trainable = [p for p in student.parameters() if p.requires_grad]  # with LoRA: the adapters only
+    if plan.hint_pairs:  # distill.hidden: the projections, part of the student from here on (hidden.py)
+        hidden.attach(
+            student, cfg.distill.hidden, plan.hint_pairs, plan.student_config, plan.teacher_config, cfg.train.seed
+        )
+    trainable = [p for p in student.parameters() if p.requires_grad]  # with LoRA: the adapters (and projections)
     optimizer = torch.optim.AdamW(
         trainable,
         lr=cfg.train.lr,
@@ -204,6 +208,7 @@ class Progress:
     store: str | None = None  # content hash of the offline store trained from
     first_sample_indices: list[int] = field(default_factory=list)  # this rank's first 256 samples (ranks/ record)
     config: dict | None = None  # the resolved config the run was started with
+    hint_scale: float | None = None  # distill.hidden.balance=kd: the KD / hint ratio the next step weights hints by
 
     def restore(self, meta: dict, scheduler: torch.optim.lr_scheduler.LRScheduler, accelerator: Accelerator) -> None:
         """The state of `meta` on this rank. The data position is global: the checkpoint's ranks consumed
@@ -212,6 +217,7 @@ class Progress:
         self.step, self.tokens_seen = meta["step"], meta["tokens_seen"]
         self.bad_steps, self.skipped_steps = meta["bad_steps"], meta["skipped_steps"]
         self.wandb_run_id = meta["wandb_run_id"]
+        self.hint_scale = meta.get("hint_scale")
         positions, rank = meta["data_position"], accelerator.process_index
         sequences = positions[0]["micro_batches"] * meta["world_size"] * meta["config"]["train"]["micro_batch_size"]
         micro = self.config["train"]["micro_batch_size"]  # this run's (config as resumed)
@@ -236,6 +242,11 @@ class Loop:
     sampler: on_policy.StudentSampler | None = None  # distill.on_policy > 0: the student's sampling on on-policy steps
     held_out: HeldOut | None = None  # held-out prompts for the generation metrics (eval.train_prompts)
 
+    def step_hints(self) -> hidden.StepHints | None:
+        """distill.hidden: the hint term of the next step (its weight after balancing, FitNets' stage), else None."""
+        found = hidden.projections(self.accelerator.unwrap_model(self.student))
+        return hidden.for_step(self.cfg.distill.hidden, found, self.progress.step + 1, self.progress.hint_scale)
+
 
 def fit(loop: Loop, data: TrainingData) -> dict:
     """Train from `loop.progress` to `train.max_steps`; returns the last evaluation."""
@@ -249,9 +260,17 @@ def fit(loop: Loop, data: TrainingData) -> dict:
     while progress.step < cfg.train.max_steps and not loop.stop.agreed(accelerator):
         started = time.perf_counter()
         micro_batches, sampled = sample_completions(loop, next_batches(loop, data.train, stream))
-        lr = loop.scheduler.get_last_lr()[0]
+        lr, hints = loop.scheduler.get_last_lr()[0], loop.step_hints()
         res = train_step(
-            accelerator, loop.student, loop.head, loop.teacher, loop.optimizer, micro_batches, cfg, sampled is None
+            accelerator,
+            loop.student,
+            loop.head,
+            loop.teacher,
+            loop.optimizer,
+            micro_batches,
+            cfg,
+            sampled is None,
+            hints,
         )
         loop.scheduler.step()
         record = advance(loop, res, lr, time.perf_counter() - started)
@@ -347,6 +366,12 @@ def advance(loop: Loop, res: StepResult, lr: float, seconds: float) -> dict:
         "tokens_per_second": tokens * cfg.data.seq_len / seconds,
         **res.stats,
     }
+    if res.hints is not None:
+        record.update(hidden.step_metrics(res.hints.projections.pairs, res.hints.weight, res.hint_losses))
+        if not res.skipped:
+            progress.hint_scale = hidden.next_scale(
+                cfg.distill.hidden, res.kd_loss, res.hint_losses, progress.hint_scale
+            )
     if res.skipped:
         progress.bad_steps += 1
         progress.skipped_steps += 1
@@ -403,6 +428,8 @@ class StepResult:
     grad_norm: float
     stats: dict[str, float]
     skipped: bool = False  # non-finite loss or gradient: the optimizer step was not applied
+    hints: hidden.StepHints | None = None  # the step's hint term (distill.hidden)
+    hint_losses: list[float] | None = None  # per layer pair, the hint loss (a mean over the step's tokens)
 
 
 def train_step(
@@ -414,22 +441,28 @@ def train_step(
     micro_batches: list[dict],
     cfg: Config,
     ce: bool = True,
+    hints: hidden.StepHints | None = None,
 ) -> StepResult:
     """One optimizer step over this rank's micro-batches; shared by 1- and N-process runs alike. `ce=False` (an
     on-policy step, whose completions the student sampled) trains on alpha * KD alone; ce_sum is still reported.
+    `hints` (distill.hidden): the hint term, weight x the mean over layer pairs of each pair's hint loss, normalised
+    by the same global token count; during FitNets' first stage (`hints.logits` False) it trains alone.
 
     A non-finite loss or gradient norm (the same verdict on every rank: both are global) skips the step: the
     gradients are dropped and the weights and optimizer state stay as they were. A DeepSpeed student steps
     inside `backward`; DeepSpeed skips such a step itself (an invalid gradient norm counts as an overflow).
     """
-    alpha = cfg.distill.alpha
-    ce_weight = 1 - alpha if ce else 0.0
+    logit_objective = hints is None or hints.logits
+    alpha = cfg.distill.alpha if logit_objective else 0.0
+    ce_weight = 1 - cfg.distill.alpha if ce and logit_objective else 0.0
+    pairs = len(hints.projections.pairs) if hints is not None else 0
+    hint_weight = hints.weight / pairs if hints is not None else 0.0  # weight x the mean over pairs
     local_tokens = count_tokens(micro_batches).to(accelerator.device)
     global_tokens = accelerator.reduce(local_tokens.clone(), reduction="sum").clamp(min=1).float()
     # accelerator.backward divides by the accumulation steps and DDP averages over processes; undo both so
     # each micro-batch contributes exactly (its summed loss) / (valid tokens in the global step).
     scale = accelerator.gradient_accumulation_steps * accelerator.num_processes / global_tokens
-    sums = torch.zeros(2 + len(STATS), device=accelerator.device)
+    sums = torch.zeros(2 + len(STATS) + pairs, device=accelerator.device)  # kd, ce, the stats, each pair's hints
     present: set[str] = set()
     engine = _deepspeed_engine(student)
     skipped_before = engine.skipped_steps if engine is not None else 0
@@ -439,17 +472,24 @@ def train_step(
             # The loss runs under the same autocast as validation: the chunked loss picks its matmul dtype from
             # the active autocast, so train and eval compute the same loss for the same batch (bf16 too).
             with accelerator.autocast():
-                out = forward_losses(student, teacher, mb, cfg.distill, head=head, ce_weight=ce_weight)
+                out = forward_losses(
+                    student, teacher, mb, cfg.distill, head=head, ce_weight=ce_weight, kd_weight=alpha, hints=hints
+                )
             loss = alpha * out.kd_sum + ce_weight * out.ce_sum
+            hint_sums = out.hint_sums if out.hint_sums is not None else sums.new_zeros(0)
+            if hints is not None:
+                loss = loss + hint_weight * hint_sums.sum()
             accelerator.backward(loss * scale)
             stats = [out.stats.get(name, torch.zeros((), device=sums.device)).float() for name in STATS]
-            sums += torch.stack([out.kd_sum.detach().float(), out.ce_sum.detach().float(), *stats])
+            detached = torch.stack([out.kd_sum.detach().float(), out.ce_sum.detach().float(), *stats])
+            sums += torch.cat([detached, hint_sums.detach()])
             present.update(out.stats)
             if accelerator.sync_gradients:
                 sums = accelerator.reduce(sums, reduction="sum")
                 max_norm = cfg.train.max_grad_norm or float("inf")
                 grad_norm = float(accelerator.clip_grad_norm_(student.parameters(), max_norm))
-                finite = bool(torch.isfinite(sums[:2]).all()) and math.isfinite(grad_norm)
+                losses = torch.cat([sums[:2], sums[2 + len(STATS) :]])
+                finite = bool(torch.isfinite(losses).all()) and math.isfinite(grad_norm)
                 if finite:
                     optimizer.step()
                 elif engine is not None and engine.skipped_steps == skipped_before:
@@ -458,15 +498,19 @@ def train_step(
                         "(bf16.check_grad_overflow: true, or gradient_clipping > 0 in fp32)"
                     )
             optimizer.zero_grad(set_to_none=True)
-    kd, ce, *stats = (sums / global_tokens).tolist()
+    kd, ce_loss, *rest = (sums / global_tokens).tolist()
+    stats, hint_losses = rest[: len(STATS)], rest[len(STATS) :]
+    active = hints is not None and hints.active
     return StepResult(
-        loss=alpha * kd + ce_weight * ce,
+        loss=alpha * kd + ce_weight * ce_loss + (hint_weight * sum(hint_losses) if active else 0.0),
         kd_loss=kd,
-        ce_loss=ce,
+        ce_loss=ce_loss,
         num_tokens=int(global_tokens.item()),
         grad_norm=grad_norm,
         stats={name: value for name, value in zip(STATS, stats) if name in present},
         skipped=not finite,
+        hints=hints,
+        hint_losses=hint_losses if active else None,
     )
 
 
@@ -502,6 +546,7 @@ def save_checkpoint(loop: Loop) -> Path:
         "scheduler": loop.scheduler.state_dict(),
         "data_position": sorted(positions, key=lambda p: p["rank"]),
         "wandb_run_id": progress.wandb_run_id,
+        "hint_scale": progress.hint_scale,
         "store": progress.store,
         "config": progress.config,
     }
@@ -512,10 +557,20 @@ def export(accelerator: Accelerator, model: torch.nn.Module, tokenizer, out: Pat
     """Save the student with `save_pretrained` (safetensors) and its tokenizer: loadable without this package.
 
     A LoRA student is saved twice: its adapter alone in `final/adapter` (peft), then merged into the base weights
-    in `final/` itself, which plain transformers loads. Written like a checkpoint (a temporary directory renamed
-    into place): a failed export leaves the old `final/` or none."""
+    in `final/` itself, which plain transformers loads. The hint projections (distill.hidden) are never in final/:
+    they go beside it, to `hints/` (first, so a finished run always has them). Written like a checkpoint (a
+    temporary directory renamed into place): a failed export leaves the old `final/` or none."""
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(model)
+    found = hidden.projections(unwrapped)
+    if found is not None:
+        projections = hidden.projection_state(found)  # every rank: gathered under ZeRO-3
+
+        def write_hints(tmp: Path) -> None:
+            if accelerator.is_main_process:
+                hidden.save_projections(tmp, projections, found)
+
+        checkpoint.write_atomically(accelerator, out.parent / rundir.HINTS, "the hint projections", write_hints)
 
     def write(tmp: Path) -> None:
         merged, merged_model = unwrapped, model
@@ -523,7 +578,7 @@ def export(accelerator: Accelerator, model: torch.nn.Module, tokenizer, out: Pat
             if accelerator.is_main_process:
                 unwrapped.save_pretrained(tmp / "adapter", safe_serialization=True)
             merged = merged_model = unwrapped.merge_and_unload()  # in place: the run is over
-        state = accelerator.get_state_dict(merged_model)  # gathers sharded (ZeRO-3 / FSDP) weights
+        state = hidden.student_state(accelerator.get_state_dict(merged_model))  # gathers sharded (ZeRO-3 / FSDP)
         merged.save_pretrained(
             tmp,
             is_main_process=accelerator.is_main_process,

@@ -399,6 +399,8 @@ class LossOutput:
     ce_sum: torch.Tensor  # scalar float32: sum of token cross-entropy at temperature 1
     num_tokens: torch.Tensor  # scalar int64: counted positions
     stats: dict[str, torch.Tensor] = field(default_factory=dict)  # detached float32 sums, see chunked_distill_loss
+    # [P] float32: per layer pair, the summed hint loss (hints.hint_loss) of the same positions; None without hints
+    hint_sums: torch.Tensor | None = None
 
 
 @dataclass
@@ -411,6 +413,9 @@ class TeacherTargets:
       dense, materialised: `logits` [N, V];
       sparse top-k: `ids` [N, k], `logprobs` [N, k] (log-softmax at the teacher temperature), optionally
         `tail_logmass` [N] (log of the probability outside the top k).
+
+    Besides any form, an online teacher asked for them carries `hidden_states`: hidden-state index -> [N, Ht], the
+    teacher's intermediate states at the same N positions (the hint loss's targets, hints.py).
     """
 
     hidden: torch.Tensor | None = None
@@ -420,6 +425,7 @@ class TeacherTargets:
     ids: torch.Tensor | None = None
     logprobs: torch.Tensor | None = None
     tail_logmass: torch.Tensor | None = None
+    hidden_states: dict[int, torch.Tensor] | None = None
 
     @property
     def present(self) -> bool:
@@ -721,7 +727,9 @@ class _ChunkedDistill(torch.autograd.Function):
         a, b = float(grad_kd), float(grad_ce)
         wa, wb = ctx.weights  # wa is 0 without a teacher: kd_sum is then constant and a is irrelevant
         scale = _common_scale(a if ctx.teacher.present else 0.0, b, wa, wb)
-        if scale is not None and ctx.grads is not None:
+        if scale == 0.0 and ctx.grads is None:  # both terms weighted 0 (hints alone train): nothing to recompute
+            grads = [torch.zeros_like(t) if need else None for t, need in zip(ctx.saved_tensors[:3], ctx.needs)]
+        elif scale is not None and ctx.grads is not None:
             grads, ctx.grads = ctx.grads, None  # scaled in place, so usable once; a retained graph recomputes
             for g in grads:
                 if g is not None and scale != 1.0:

@@ -5,6 +5,7 @@ checkpoints and beside final/, gradient checkpointing, LoRA, and the refusals.""
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -59,10 +60,13 @@ def build(overrides: list[str], seed_student: int = 0):
     return accelerator, cfg, student, teacher, optimizer, head
 
 
-def step(overrides: list[str], micro_batches: list[dict], step_number: int = 1, scale: float | None = None):
-    """One train_step with hints: its result and each parameter's change (minus the gradient), before-state kept."""
+def step(overrides: list[str], micro_batches: list[dict], step_number: int = 1, scale: float | None = None, hook=None):
+    """One train_step with hints: its result and each parameter's change (minus the gradient), before-state kept;
+    `hook(module, args)` sees each call of the attention of the student's first block."""
     accelerator, cfg, student, teacher, optimizer, head = build(overrides)
     unwrapped = accelerator.unwrap_model(student)
+    if hook is not None:
+        unwrapped.model.layers[0].self_attn.register_forward_pre_hook(hook)
     before = {k: v.detach().clone() for k, v in unwrapped.state_dict().items()}
     hints = hidden.for_step(cfg.distill.hidden, hidden.projections(unwrapped), step_number, scale)
     result = trainer.train_step(accelerator, student, head, teacher, optimizer, micro_batches, cfg, hints=hints)
@@ -116,3 +120,228 @@ def test_hint_step_equals_a_float64_reference():
         for name in (f"{hidden.SUBMODULE}.maps.1.weight", "model.layers.0.mlp.down_proj.weight"):
             assert delta[name].abs().max() > 1e-3, name  # a gradient large enough for the 1e-5 to mean something
         assert delta["lm_head.weight"].abs().max() == 0  # above the deepest hint (the final norm): untouched
+
+
+# ----------------------------------------------------------------------------------------------
+# The loss on its own
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["mse", "cosine", "normalized_mse"])
+def test_hint_loss_equals_a_float64_reference_with_masks(kind):
+    """losses.hint_loss against its formula in float64, on random states: values and gradients, sum and mean over
+    the counted positions, bf16 inputs upcast, nothing counted (0, still differentiable)."""
+    from distributed_distill.losses import hint_loss
+
+    g = torch.Generator().manual_seed(3)
+    s, t = torch.randn(6, 5, 12, generator=g) * 3, torch.randn(6, 5, 12, generator=g)
+    labels = torch.randint(0, 9, (6, 5), generator=g)
+    labels[labels < 3] = IGNORE_INDEX
+
+    def reference(s, t):
+        keep = labels.reshape(-1) != IGNORE_INDEX
+        s, t = s.reshape(-1, 12)[keep], t.reshape(-1, 12)[keep]
+        if kind == "cosine":
+            return (1 - (s * t).sum(-1) / (s.norm(dim=-1) * t.norm(dim=-1))).sum()
+        if kind == "normalized_mse":
+            s = (s - s.mean(-1, keepdim=True)) / (s.var(-1, unbiased=False, keepdim=True) + 1e-5).sqrt()
+            t = (t - t.mean(-1, keepdim=True)) / (t.var(-1, unbiased=False, keepdim=True) + 1e-5).sqrt()
+        return ((s - t) ** 2).mean(-1).sum()
+
+    s32, s64 = s.clone().requires_grad_(), s.double().requires_grad_()
+    value, expected = hint_loss(s32, t, labels, kind=kind), reference(s64, t.double())
+    value.backward(), expected.backward()
+    assert value.dtype == torch.float32 and value.item() == pytest.approx(expected.item(), rel=1e-6)
+    torch.testing.assert_close(s32.grad.double(), s64.grad, atol=1e-6, rtol=1e-5)
+    count = (labels != IGNORE_INDEX).sum()
+    mean = hint_loss(s, t, labels, kind=kind, reduction="mean")
+    assert mean.item() == pytest.approx(expected.item() / count.item(), rel=1e-6)
+    assert hint_loss(s.bfloat16(), t.bfloat16(), labels, kind=kind).dtype == torch.float32
+    nothing = s.clone().requires_grad_()
+    zero = hint_loss(nothing, t, torch.full_like(labels, IGNORE_INDEX), kind=kind)
+    zero.backward()
+    assert zero.item() == 0 and nothing.grad.abs().max() == 0
+
+
+@pytest.mark.slow
+def test_hint_loss_refuses_bad_arguments():
+    from distributed_distill.losses import hint_loss
+
+    s = torch.zeros(3, 4)
+    for kwargs, message in (
+        ({"kind": "l1"}, "unknown hint loss kind 'l1'"),
+        ({"reduction": "none"}, "reduction must be 'sum' or 'mean'"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            hint_loss(s, s, **kwargs)
+    with pytest.raises(ValueError, match=r"student states \(3, 4\) and teacher states \(3, 5\) differ"):
+        hint_loss(s, torch.zeros(3, 5))
+
+
+# ----------------------------------------------------------------------------------------------
+# Which positions count, and the ways a student is run
+
+
+@pytest.mark.slow
+def test_packed_documents_are_never_mixed():
+    """The hint sums of a row packing two documents equal those of the two documents in rows of their own: no state
+    sees the other document (the block-diagonal mask), and the position whose next token starts the second document
+    is not counted, for the student and the teacher alike."""
+    from distributed_distill.objective import forward_losses
+
+    accelerator, cfg, student, teacher, _, head = build([PAIRS, "distill.hidden.loss=mse"])
+    hints = hidden.for_step(cfg.distill.hidden, hidden.projections(accelerator.unwrap_model(student)), 1, None)
+    packed = {k: v[:1] for k, v in packed_batch().items()}
+    first, second = ({k: v[:, s] for k, v in packed.items()} for s in (slice(0, 7), slice(7, SEQ)))
+    with torch.no_grad():
+        together = forward_losses(student, teacher, packed, cfg.distill, head, hints=hints)
+        apart = [forward_losses(student, teacher, doc, cfg.distill, head, hints=hints) for doc in (first, second)]
+    assert together.num_tokens == apart[0].num_tokens + apart[1].num_tokens == 14
+    torch.testing.assert_close(together.hint_sums, apart[0].hint_sums + apart[1].hint_sums, atol=1e-4, rtol=1e-5)
+    assert together.hint_sums.min() > 0
+
+
+@pytest.mark.slow
+def test_gradient_checkpointing_gives_the_same_hint_step():
+    """The student's hidden states of a checkpointed layer (recomputed in the backward) train the projections and the
+    student exactly as the kept ones do."""
+    batch = packed_batch()
+    common = [PAIRS, "distill.hidden.loss=cosine", "distill.chunk_size=5"]
+    calls = {"plain": 0, "checkpointed": 0}
+
+    def counter(name):
+        return lambda *_: calls.__setitem__(name, calls[name] + 1)
+
+    plain, plain_delta, _ = step(common, [batch], hook=counter("plain"))
+    checkpointed, delta, _ = step(
+        [*common, "student.gradient_checkpointing=true"], [batch], hook=counter("checkpointed")
+    )
+    assert calls == {"plain": 1, "checkpointed": 2}  # checkpointed: the block ran again in the backward
+    assert checkpointed.hint_losses == pytest.approx(plain.hint_losses, abs=1e-6)
+    assert checkpointed.loss == pytest.approx(plain.loss, abs=1e-6)
+    for name, d in plain_delta.items():
+        torch.testing.assert_close(delta[name], d, atol=1e-6, rtol=0, msg=name)
+
+
+# ----------------------------------------------------------------------------------------------
+# The layer mapping and the refusals
+
+
+@pytest.mark.slow
+def test_uniform_mapping_and_the_layer_checks():
+    from distributed_distill.errors import DistillError
+
+    def pairs(student_blocks, teacher_blocks):
+        return [(p.student, p.teacher) for p in hidden.uniform_pairs(student_blocks, teacher_blocks)]
+
+    assert pairs(2, 4) == [(1, 2), (2, 4)]
+    assert pairs(4, 24) == [(1, 6), (2, 12), (3, 18), (4, 24)]
+    assert pairs(4, 6) == [(1, 2), (2, 3), (3, 5), (4, 6)]  # 1.5 -> 2, 4.5 -> 5: halves round up
+    assert pairs(3, 3) == [(1, 1), (2, 2), (3, 3)]
+    cfg = load_config(SMOKE, [*MODELS, PAIRS])
+    s_config, t_config = (models.arch_config(m.arch, VOCAB) for m in (cfg.student, cfg.teacher))
+    for layers, message in (
+        ("[[3,1]]", "distill.hidden.layers: student layer 3 does not exist: the student has 2 blocks, so its layers are "
+         "0 (embeddings) to 2 (final)"),
+        ("[[1,4]]", "teacher layer 4 does not exist: the teacher has 3 blocks"),
+        ("[[2,1],[final,1]]", "names one pair twice (final is layer 2 of the student and 3 of the teacher)"),
+    ):  # fmt: skip
+        hcfg = load_config(SMOKE, [*MODELS, f"distill.hidden.layers={layers}"]).distill.hidden
+        with pytest.raises(DistillError, match=re_escape(message)):
+            hidden.resolve_pairs(hcfg, s_config, t_config)
+    identity = load_config(SMOKE, [*MODELS, "distill.hidden.init=identity"]).distill.hidden
+    with pytest.raises(DistillError, match=r"init=identity needs the student's width \(32\) to equal the teacher's"):
+        hidden.resolve_pairs(identity, s_config, t_config)
+    same = models.arch_config(load_config(SMOKE, [f"student.arch={ARCH.format(h=48, n=2)}"]).student.arch, VOCAB)
+    projections = hidden.HintProjections(hidden.resolve_pairs(identity, same, t_config), 48, 48, "mse", "identity", 0)
+    assert all(torch.equal(m.weight, torch.eye(48)) for m in projections.maps)
+    orthogonal = hidden.HintProjections(hidden.uniform_pairs(2, 3), 32, 48, "mse", "orthogonal", 0)
+    w = orthogonal.maps[0].weight.detach()
+    torch.testing.assert_close(w.T @ w, torch.eye(32), atol=1e-5, rtol=0)  # orthonormal columns
+
+
+def re_escape(text: str) -> str:
+    import re
+
+    return re.escape(text)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["distill.hidden.loss=mse", "distill.signal=offline", "distill.store=/nowhere"],
+            "distill.hidden with distill.signal=offline: a store holds the teacher's output distribution only, not its "
+            "hidden states; use distill.signal=online or distill.hidden=null",
+        ),
+        (["distill.hidden.layers=[[1]]"], "distill.hidden.layers=[[1]]: [1] is not a [student_layer, teacher_layer]"),
+        (["distill.hidden.layers=[[1,-1]]"], "is not a [student_layer, teacher_layer] pair (each an index >= 0 or"),
+        (["distill.hidden.layers=[[1,1],[1,1]]"], "distill.hidden.layers=[[1, 1], [1, 1]]: the pair [1, 1] is given"),
+        (["distill.hidden.layers=every"], "distill.hidden.layers='every' must be uniform or a non-empty list"),
+        (["distill.hidden.loss=l1"], "distill.hidden.loss='l1' is not one of mse, cosine, normalized_mse"),
+        (["distill.hidden.weight=0"], "distill.hidden.weight=0.0 must be > 0"),
+        (["distill.hidden.until_step=0"], "distill.hidden.until_step=0 must be >= 1"),
+        (["distill.hidden.balance=kd", "distill.alpha=0"], "distill.hidden.balance=kd rescales the hint term to the"),
+        (["distill.hidden.loss=mse", "teacher=null", "distill.alpha=0"], "distill.hidden needs a teacher"),
+    ],
+)
+def test_hint_config_errors_name_the_key(overrides, message):
+    from distributed_distill.errors import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        load_config(SMOKE, overrides)
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+# ----------------------------------------------------------------------------------------------
+# A run: FitNets' stages, the KD balance, the run directory, the report
+
+
+@pytest.mark.slow
+def test_fitnets_stages_the_kd_balance_and_the_run_directory(tmp_path):
+    """`distill train` (in-process) with hints alone for 2 steps, then the KD objective: what each step optimised and
+    logged, the balance carried from step to step (and in the checkpoint), the projections in every checkpoint and
+    beside final/ (never in it), and the report's hints figure."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from distributed_distill import cli
+    from distributed_distill.eval.report import DPI, SIZE_INCHES, report
+
+    from .helpers import read_metrics
+
+    out = tmp_path / "run"
+    hints = ["distill.hidden.layers=[[0,1],[1,2]]", "distill.hidden.until_step=2", "distill.hidden.balance=kd"]
+    args = ["train", "--config", str(SMOKE), f"output_dir={out}", "train.max_steps=4", "train.save_every=2", *hints]
+    assert cli.main([*args, "distill.hidden.weight=0.5"]) == 0
+    records = read_metrics(out)
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    for r in records[:2]:  # hints alone: the loss is the hint term, the mean over pairs weighted
+        assert r["hint_loss"] == pytest.approx((r["hint_loss/0-1"] + r["hint_loss/1-2"]) / 2, rel=1e-6)
+        assert r["loss"] == pytest.approx(r["hint_weight"] * r["hint_loss"], rel=1e-6)
+    first, second = records[0], records[1]
+    assert first["hint_weight"] == 0.5  # no ratio before the first step: the weight as given
+    assert second["hint_weight"] == pytest.approx(0.5 * first["kd_loss"] / first["hint_loss"], rel=1e-6)
+    for r in records[2:]:  # then the KD objective alone (alpha 0.5)
+        assert r["hint_weight"] == 0 and not any(k.startswith("hint_loss") for k in r)
+        assert r["loss"] == pytest.approx(0.5 * r["kd_loss"] + 0.5 * r["ce_loss"], rel=1e-6)
+    marker = json.loads((out / "step-0000002" / "checkpoint.json").read_text())
+    assert marker["hint_scale"] == pytest.approx(second["kd_loss"] / second["hint_loss"], rel=1e-12)
+    checkpointed = load_file(out / "step-0000004" / "model.safetensors")
+    saved = load_file(out / "hints" / "projections.safetensors")
+    assert saved.keys() == {"maps.0.weight", "maps.1.weight"} and saved["maps.0.weight"].shape == (64, 32)
+    for key, weight in saved.items():  # the last step's projections, exactly
+        assert torch.equal(checkpointed[f"{hidden.SUBMODULE}.{key}"], weight)
+    with safe_open(out / "hints" / "projections.safetensors", "pt") as f:
+        assert f.metadata() == {"pairs": "[[0, 1], [1, 2]]", "loss": "mse"}
+    final = load_file(out / "final" / "model.safetensors")
+    assert not any(hidden.SUBMODULE in k for k in final)
+    assert final.keys() == {k for k in checkpointed if not k.startswith(hidden.SUBMODULE)}
+    AutoModelForCausalLM.from_pretrained(out / "final")  # a plain model directory
+    report([out], tmp_path / "report", wandb=False)
+    from PIL import Image
+
+    image = Image.open(tmp_path / "report" / "hints.png")
+    assert image.size == (int(SIZE_INCHES[0] * DPI * 3), int(SIZE_INCHES[1] * DPI))  # three panels

@@ -4,7 +4,8 @@
 
 Writes into `--out` (default `RUN_DIR/report` for one run, `./report` for several): `loss.png` (train and validation
 loss vs tokens, one colour per run), `components.png` (KD and CE terms), `diagnostics.png` (teacher entropy and
-top-1 agreement), `throughput.png` (tokens/s), `lr.png` (learning rate) and `report.md`. A run not yet finished
+top-1 agreement), `hints.png` (distill.hidden runs: the hint loss, per layer pair, and its weight after balancing),
+`throughput.png` (tokens/s), `lr.png` (learning rate) and `report.md`. A run not yet finished
 (`run_status`: running, or stopped and resumable) reports what it has logged so far. A run whose config has wandb on
 gets the plots logged to its wandb run as images. matplotlib comes with the `[eval]` extra.
 """
@@ -31,9 +32,16 @@ FIGURES = {
         ("top-1 agreement (train)", "top1_agreement"),
         ("top-1 agreement (validation)", "val_top1_agreement"),
     ],
+    # distill.hidden (docs/hints.md): a key ending in "/" is a family, one line per member (here per layer pair).
+    "hints": [
+        ("hint loss (mean over pairs)", "hint_loss"),
+        ("hint loss per layer pair", "hint_loss/"),
+        ("hint weight after balancing", "hint_weight"),
+    ],
     "throughput": [("tokens/s", "tokens_per_second")],
     "lr": [("learning rate", "lr")],
 }
+LINE_STYLES = ("-", "--", ":", "-.")  # the members of a family, within a run's colour
 # Plots against tokens trained on; throughput and the learning rate against the step.
 BY_STEP = {"throughput", "lr"}
 SIZE_INCHES, DPI = (6.0, 3.6), 100  # a panel's size: a figure of N panels is N panels wide
@@ -62,20 +70,27 @@ def plot(runs: dict[str, list[dict]], out: Path) -> list[Path]:
     colours = plt.get_cmap("tab10").colors
     written = []
     for name, panels in FIGURES.items():
-        panels = [(title, key) for title, key in panels if any(key in r for rs in runs.values() for r in rs)]
+        panels = [(title, _members(runs, key)) for title, key in panels]
+        panels = [
+            (title, keys) for title, keys in panels if any(k in r for rs in runs.values() for r in rs for k in keys)
+        ]
         if not panels:
             continue
         fig, axes = plt.subplots(
             1, len(panels), figsize=(SIZE_INCHES[0] * len(panels), SIZE_INCHES[1]), dpi=DPI, squeeze=False
         )
-        for ax, (title, key) in zip(axes[0], panels):
+        for ax, (title, keys) in zip(axes[0], panels):
             for i, (label, records) in enumerate(runs.items()):
-                have = [r for r in records if r.get(key) is not None]
-                if not have:
-                    continue
-                x = [r["step"] for r in have] if name in BY_STEP else _tokens(have)
-                style = "o-" if key.startswith("val_") else "-"
-                ax.plot(x, [r[key] for r in have], style, color=colours[i % len(colours)], label=label, markersize=3)
+                for j, key in enumerate(keys):
+                    have = [r for r in records if r.get(key) is not None]
+                    if not have:
+                        continue
+                    x = [r["step"] for r in have] if name in BY_STEP else _tokens(have)
+                    style = "o-" if key.startswith("val_") else LINE_STYLES[j % len(LINE_STYLES)]
+                    member = f"{label} {key.rsplit('/', 1)[1]}" if "/" in key else label
+                    ax.plot(
+                        x, [r[key] for r in have], style, color=colours[i % len(colours)], label=member, markersize=3
+                    )
             ax.set_title(title)
             ax.set_xlabel("step" if name in BY_STEP else "tokens")
             ax.grid(alpha=0.3)
@@ -86,6 +101,13 @@ def plot(runs: dict[str, list[dict]], out: Path) -> list[Path]:
         plt.close(fig)
         written.append(path)
     return written
+
+
+def _members(runs: dict[str, list[dict]], key: str) -> list[str]:
+    """The metric keys one panel draws: `key` itself, or for a family ("hint_loss/") every key any run logged in it."""
+    if not key.endswith("/"):
+        return [key]
+    return sorted({k for records in runs.values() for r in records for k in r if k.startswith(key)})
 
 
 def summary_row(run_dir: Path, records: list[dict]) -> dict:

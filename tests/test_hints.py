@@ -241,8 +241,8 @@ def test_uniform_mapping_and_the_layer_checks():
     cfg = load_config(SMOKE, [*MODELS, PAIRS])
     s_config, t_config = (models.arch_config(m.arch, VOCAB) for m in (cfg.student, cfg.teacher))
     for layers, message in (
-        ("[[3,1]]", "distill.hidden.layers: student layer 3 does not exist: the student has 2 blocks, so its layers are "
-         "0 (embeddings) to 2 (final)"),
+        ("[[3,1]]", "distill.hidden.layers: student layer 3 does not exist: the student has 2 blocks, so its "
+         "layers are 0 (embeddings) to 2 (final)"),
         ("[[1,4]]", "teacher layer 4 does not exist: the teacher has 3 blocks"),
         ("[[2,1],[final,1]]", "names one pair twice (final is layer 2 of the student and 3 of the teacher)"),
     ):  # fmt: skip
@@ -345,3 +345,30 @@ def test_fitnets_stages_the_kd_balance_and_the_run_directory(tmp_path):
 
     image = Image.open(tmp_path / "report" / "hints.png")
     assert image.size == (int(SIZE_INCHES[0] * DPI * 3), int(SIZE_INCHES[1] * DPI))  # three panels
+
+
+@pytest.mark.slow
+def test_lora_student_trains_its_projections_beside_the_adapters(student_dir, tmp_path):
+    """With LoRA only the adapters and the projections train (the embeddings, which the hint on layer 0 reaches,
+    stay frozen); final/ is the merged plain model, final/adapter the adapter, hints/ the trained projections."""
+    from safetensors.torch import load_file
+
+    from distributed_distill import cli
+
+    out = tmp_path / "lora"
+    pairs = "distill.hidden.layers=[[0,1],[final,final]]"
+    lora = ["student.arch=null", f"student.path={student_dir}", "student.lora={r: 4, alpha: 8}", pairs]
+    assert cli.main(["train", "--config", str(SMOKE), f"output_dir={out}", "train.max_steps=3", *lora]) == 0
+    base, merged = load_file(student_dir / "model.safetensors"), load_file(out / "final" / "model.safetensors")
+    assert merged.keys() == base.keys()
+    assert all(torch.equal(base[k], merged[k]) for k in base if "proj" not in k)  # embeddings, norms, head
+    assert any(not torch.equal(base[k], merged[k]) for k in base if "proj" in k)  # the adapters, merged
+    assert (out / "final" / "adapter" / "adapter_model.safetensors").is_file()
+    trained = load_file(out / "hints" / "projections.safetensors")
+    cfg = load_config(SMOKE, [*lora[:2], pairs])
+    s_config, t_config = models.model_config(cfg.student, 512, "student"), models.model_config(cfg.teacher, 512, "t")
+    initial = hidden.HintProjections(
+        hidden.resolve_pairs(cfg.distill.hidden, s_config, t_config), 32, 64, "mse", "xavier", cfg.train.seed
+    )
+    for key, weight in initial.state_dict().items():
+        assert not torch.equal(trained[key], weight), key  # trained, from the seeded initialisation

@@ -1,6 +1,7 @@
 """Exact resume: a run killed at a random step (SIGKILL, nothing flushed) or stopped by SIGTERM/SIGUSR1 and
 started again with the same command ends with student weights bit-identical to an uninterrupted run; online and
-offline (the streamed store, shuffle buffer included), with 1 and with 2 processes."""
+offline (the streamed store, shuffle buffer included), with hints (their projections), with 1 and with 2
+processes."""
 
 from __future__ import annotations
 
@@ -49,7 +50,13 @@ def _args(out: Path, procs: int, signal_source: str) -> list[str]:
     if signal_source == "offline":
         store = precomputed_store(f"distill.store_top_k={TOP_K}")
         args += ["distill.signal=offline", f"distill.store={store}", "distill.shuffle_buffer=16"]
+    if signal_source == "hints":  # distill.hidden: hints alone, then KD; the KD balance carried between steps
+        args += HINTS
     return args
+
+
+# Two layer pairs, FitNets' stages switching after the kill, balance=kd (its scale is in every checkpoint).
+HINTS = ["distill.hidden.layers=[[0,1],[final,final]]", "distill.hidden.until_step=22", "distill.hidden.balance=kd"]
 
 
 def assert_same_student(a: Path, b: Path) -> None:
@@ -86,12 +93,21 @@ def reference(tmp_path_factory, procs: int, source: str) -> Path:
         # The default run kills and resumes one process, online; `make test-slow` (CI) the rest of the matrix.
         (1, "online"),
         pytest.param(1, "offline", marks=pytest.mark.slow),
+        pytest.param(1, "hints", marks=pytest.mark.slow),
         pytest.param(2, "online", marks=[pytest.mark.multiprocess, pytest.mark.slow]),
         pytest.param(2, "offline", marks=[pytest.mark.multiprocess, pytest.mark.slow]),
         pytest.param("zero2", "online", marks=[pytest.mark.multiprocess, pytest.mark.slow]),
         pytest.param("zero3", "online", marks=[pytest.mark.multiprocess, pytest.mark.slow]),
     ],
-    ids=["online-1proc", "offline-1proc", "online-2proc", "offline-2proc", "online-zero2", "online-zero3"],
+    ids=[
+        "online-1proc",
+        "offline-1proc",
+        "hints-1proc",
+        "online-2proc",
+        "offline-2proc",
+        "online-zero2",
+        "online-zero3",
+    ],
 )
 def test_sigkill_at_a_random_step_then_resume_is_bit_identical(request, tmp_path_factory, tmp_path, procs, source):
     if procs == "zero3":
@@ -114,6 +130,12 @@ def test_sigkill_at_a_random_step_then_resume_is_bit_identical(request, tmp_path
     assert f"continuing from {out / f'step-{max(complete):07d}'}" in proc.stdout
     assert_same_student(ref, out)
     assert_same_curve(ref, out)  # the records after the checkpoint were replaced, not duplicated
+    if source == "hints":  # the projections were in the checkpoint: resumed exactly, exported beside final/
+        assert [r.get("hint_loss") for r in read_metrics(out)] == [r.get("hint_loss") for r in read_metrics(ref)]
+        assert [r["hint_weight"] for r in read_metrics(out)] == [r["hint_weight"] for r in read_metrics(ref)]
+        a, b = (load_file(run / "hints" / "projections.safetensors") for run in (ref, out))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        assert any(k.startswith("distill_hints.") for k in load_file(out / f"step-{STEPS:07d}" / "model.safetensors"))
     # keep_last=2: only the two newest complete checkpoints remain, and no temporary directory.
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(("step-", ".tmp"))) == [
         f"step-{STEPS - SAVE_EVERY:07d}",

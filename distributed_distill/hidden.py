@@ -199,9 +199,10 @@ def step_metrics(pairs: tuple[Pair, ...], weight: float, hint_losses: list[float
 # Export: beside final/, never in it
 
 
-def student_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A student's full state dict without its projections: what final/ holds."""
-    return {k: v for k, v in state.items() if not k.startswith(SUBMODULE + ".")}
+def student_state(state: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
+    """A student's full state dict without its projections: what final/ holds. (None, as a ZeRO-3 student's gathered
+    state is on every rank but the first, stays None.)"""
+    return None if state is None else {k: v for k, v in state.items() if not k.startswith(SUBMODULE + ".")}
 
 
 def projection_state(found: HintProjections) -> dict[str, torch.Tensor]:

@@ -372,3 +372,96 @@ def test_lora_student_trains_its_projections_beside_the_adapters(student_dir, tm
     )
     for key, weight in initial.state_dict().items():
         assert not torch.equal(trained[key], weight), key  # trained, from the seeded initialisation
+
+
+# ----------------------------------------------------------------------------------------------
+# Several processes: DDP, the sharded teacher, DeepSpeed students
+
+# The 2-process smoke run (4 steps, micro-batch 2 per rank) with two hinted pairs, from the pretrained student (its
+# logits from the forward, as a ZeRO-3 student needs: one reference for every strategy).
+MP_HINTS = ["distill.hidden.layers=[[0,1],[final,final]]", "distill.hidden.weight=2", "distill.chunk_size=0"]
+
+
+def hint_run(launcher: list[str], out, student_dir, *overrides: str):
+    from .helpers import TWO_PROCESS, run_cli
+
+    args = ["--config", str(SMOKE), f"output_dir={out}", *TWO_PROCESS, *MP_HINTS]
+    return run_cli(
+        [*args, "student.arch=null", f"student.path={student_dir}", *overrides], launcher=launcher, timeout=600
+    )
+
+
+def assert_same_run(reference, run, tol: float) -> None:
+    """The same curve (every loss term, each pair's hint loss, the validation), the same exported student and the same
+    projections, to `tol`."""
+    from safetensors.torch import load_file
+
+    from .helpers import read_metrics
+
+    a, b = read_metrics(reference), read_metrics(run)
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3, 4]
+    keys = ("loss", "kd_loss", "ce_loss", "hint_loss", "hint_loss/0-1", "hint_loss/1-2", "hint_weight", "val_loss")
+    for ra, rb in zip(a, b):
+        assert rb["num_tokens"] == ra["num_tokens"]
+        for key in keys:
+            if key in ra or key.startswith("hint"):
+                assert rb[key] == pytest.approx(ra[key], abs=tol), (key, ra["step"])
+    for name in ("final/model.safetensors", "hints/projections.safetensors"):
+        wa, wb = load_file(reference / name), load_file(run / name)
+        assert wa.keys() == wb.keys(), name
+        for key in wa:
+            torch.testing.assert_close(wb[key], wa[key], atol=tol, rtol=0, msg=f"{name}: {key}")
+
+
+@pytest.fixture(scope="module")
+def ddp_hints(student_dir, tmp_path_factory):
+    """The reference: 2 processes under torchrun (DDP, replicated teacher)."""
+    from .helpers import torchrun
+
+    out = tmp_path_factory.mktemp("hints") / "ddp"
+    stdout = hint_run(torchrun(29663, "train.py"), out, student_dir).stdout
+    assert "2 process(es)" in stdout and "teacher engine replicated" in stdout
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_one_process_equals_two_with_hints(ddp_hints, student_dir, tmp_path):
+    """The hint term is normalised by the global token count: 1 process x micro-batch 4 takes the same steps as 2
+    processes x 2 (DDP: the projections' gradients are all-reduced with the student's)."""
+    from distributed_distill import cli
+
+    out = tmp_path / "one"
+    args = ["train", "--config", str(SMOKE), f"output_dir={out}", *TWO_PROCESS_ONE, *MP_HINTS, "student.arch=null"]
+    assert cli.main([*args, f"student.path={student_dir}"]) == 0
+    assert_same_run(ddp_hints, out, tol=1e-5)
+
+
+TWO_PROCESS_ONE = ["train.max_steps=4", "train.eval_every=2", "train.micro_batch_size=4", "distill.alpha=0.5"]
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_zero3_teacher_equals_replicated_with_hints(ddp_hints, student_dir, tmp_path):
+    """The sharded teacher hands the mapped layers' states from the same lockstep forward."""
+    from .helpers import torchrun
+
+    out = tmp_path / "zero3-teacher"
+    stdout = hint_run(torchrun(29664, "train.py"), out, student_dir, "teacher.engine=zero3").stdout
+    assert "teacher engine zero3" in stdout
+    assert_same_run(ddp_hints, out, tol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("strategy", ["zero2", "zero3"])
+def test_deepspeed_students_train_their_projections(ddp_hints, student_dir, tmp_path, strategy):
+    """A DeepSpeed student (ZeRO-2: its gradients partitioned; ZeRO-3: its parameters too, the projections among them,
+    gathered by their module call) with a ZeRO-3 teacher takes the same steps as the DDP one."""
+    from .helpers import accelerate_launch
+
+    out = tmp_path / strategy
+    launcher = [*accelerate_launch(f"{strategy}.yaml", 29665 if strategy == "zero2" else 29666), "train.py"]
+    stdout = hint_run(launcher, out, student_dir, "teacher.engine=zero3").stdout
+    assert f"student strategy deepspeed {strategy}, teacher engine zero3" in stdout
+    assert_same_run(ddp_hints, out, tol=1e-4)

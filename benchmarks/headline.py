@@ -1,9 +1,9 @@
 """The headline experiment: what distillation buys over training the same student without a teacher.
 
-    python benchmarks/headline.py               # full size (the README table): 1 teacher + 18 students (docs/eval.md)
+    python benchmarks/headline.py               # full size (the README table): 1 teacher + 27 students (docs/eval.md)
     python benchmarks/headline.py --seeds 2 --student-steps 3 --teacher-steps 4 --max-documents 24 \
         --teacher-width 64 --student-width 32 --eval-prompts 2 \
-        data.seq_len=64 train.micro_batch_size=4 train.eval_batches=2      # reduced: the slow test (3 recipes)
+        data.seq_len=64 train.micro_batch_size=4 train.eval_batches=2      # reduced: the slow test (5 recipes)
 
 One teacher (configs/demo_teacher.yaml) trained once; then, for every recipe in RECIPES and every seed, the same
 student (configs/demo.yaml: one size, one step budget, one data order per seed) trained by a real `distill train`
@@ -13,7 +13,9 @@ and headline.png (validation loss per recipe, each seed a dot). Positional `sect
 every training run (e.g. train.micro_batch_size=8).
 
 A recipe is one entry of RECIPES: config overrides for `distill train`, and optionally a step that runs before its
-training (the offline store). `{teacher}` and `{work}` (the recipe's per-seed directory) are filled in.
+training (the offline store). `{teacher}`, `{work}` (the recipe's per-seed directory) and `{hint_steps}` (a quarter
+of the student's steps: FitNets' first stage) are filled in. Besides the loss, the table has each recipe's paired
+difference to the CE-only student and to the forward-KL student of the same seed.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from distributed_distill.config import load_config
 from distributed_distill.demo import (
     CONFIGS,
     offline_overrides,
@@ -54,6 +57,8 @@ def _samples_store(student_cfg: str, teacher: str, work: Path, overrides: list[s
     sample_store(student_cfg, teacher, work / "samples", overrides)
 
 
+HINTS = ["distill.hidden.layers=uniform", "distill.hidden.loss=cosine", "distill.hidden.weight=1"]
+
 # name -> recipe. The rows of the README's headline table, in order; a new student recipe is one more entry.
 RECIPES: dict[str, Recipe] = {
     "CE only (no teacher)": Recipe(["teacher=null", "distill.alpha=0", "tokenizer.path={teacher}"]),
@@ -66,9 +71,14 @@ RECIPES: dict[str, Recipe] = {
     # (On-policy needs prompts, which this plain-text corpus has not: benchmarks/on_policy_demo.py compares on- and
     # off-policy students on the built-in conversations, docs/on_policy.md.)
     "teacher samples, top-64": Recipe(samples_overrides(Path("{work}") / "samples"), prepare=_samples_store),
+    # Issue 24 (docs/hints.md): the student's 2 blocks onto the teacher's 2nd and 4th (uniform), cosine hints through a
+    # learned projection, with forward KL throughout, or alone for the first quarter of the steps (FitNets' stages).
+    "forward KL + hints": Recipe(["distill.loss=forward_kl", *HINTS]),
+    "hints, then forward KL": Recipe(["distill.loss=forward_kl", *HINTS, "distill.hidden.until_step={hint_steps}"]),
 }
 
 BASELINE = "CE only (no teacher)"  # the student without a teacher, which every other recipe is compared with
+KD = "forward KL"  # the logit-only student, which the recipes that add to it are compared with too
 
 # The columns of the table: (title, eval.json key, format); mean +- spread over seeds.
 METRICS = (
@@ -76,6 +86,7 @@ METRICS = (
     # Paired by seed: a seed fixes the student's initialisation and data order for every recipe, so the difference
     # to the CE-only student of the same seed removes most of the seed-to-seed spread of the loss itself.
     ("Δ val loss vs CE only, same seed", "val_loss_vs_ce", "+.4f"),
+    ("Δ val loss vs forward KL, same seed", "val_loss_vs_kd", "+.4f"),
     ("fwd KL to teacher", "val_forward_kl", ".4f"),
     ("top-1 agreement", "val_top1_agreement", ".3f"),
     ("ECE", "val_ece", ".4f"),
@@ -197,8 +208,10 @@ def run(out: Path, sizes: Sizes, recipes: list[str]) -> list[dict]:
         recipe = RECIPES[name]
         for seed in range(sizes.seeds):
             work = out / "students" / _slug(name) / f"seed{seed}"
-            fill = {"teacher": str(teacher_dir / "final"), "work": str(work)}
             overrides = [*student, *common, f"train.seed={seed}"]
+            # FitNets' first stage: hints alone for a quarter of the student's steps.
+            stage = max(1, load_config(student_cfg, overrides).train.max_steps // 4)
+            fill = {"teacher": str(teacher_dir / "final"), "work": str(work), "hint_steps": stage}
             if not (work / "final").is_dir():
                 t0 = time.perf_counter()
                 if recipe.prepare is not None:
@@ -220,10 +233,11 @@ def run(out: Path, sizes: Sizes, recipes: list[str]) -> list[dict]:
     for label, (name, seed, _) in models.items():
         row = {k: v for k, v in evaluated[label].items() if k != "completions"}
         rows.append({**row, "recipe": name, "seed": seed})
-    baseline = {r["seed"]: r["val_loss"] for r in rows if r["recipe"] == BASELINE}
-    for r in rows:
-        if r["recipe"] != BASELINE and r["seed"] in baseline:
-            r["val_loss_vs_ce"] = r["val_loss"] - baseline[r["seed"]]
+    for compared_with, key in ((BASELINE, "val_loss_vs_ce"), (KD, "val_loss_vs_kd")):
+        paired = {r["seed"]: r["val_loss"] for r in rows if r["recipe"] == compared_with}
+        for r in rows:
+            if r["recipe"] != compared_with and r["seed"] in paired:
+                r[key] = r["val_loss"] - paired[r["seed"]]
     summary = summarise(rows, recipes, sizes.seeds)
     md = table(summary, reference)
     plot(summary, out / "headline.png", reference["val_loss"])

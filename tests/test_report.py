@@ -1,5 +1,5 @@
 """`distill report`: PNG plots and report.md for finished and in-progress runs (read back as images), wandb images;
-and the headline experiment (benchmarks/headline.py) at a reduced size."""
+and the headline experiment (benchmarks/headline.py) at a reduced size (one of its hint recipes among them)."""
 
 import json
 import shutil
@@ -13,7 +13,7 @@ from PIL import Image
 from distributed_distill import lock
 from distributed_distill.eval.report import DPI, SIZE_INCHES, report, run_status
 
-from .helpers import ROOT, run_cli
+from .helpers import ROOT, read_metrics, run_cli
 
 TAB10 = [(31, 119, 180), (255, 127, 14), (44, 160, 44)]  # matplotlib's first three series colours
 
@@ -71,12 +71,18 @@ def test_report_logs_the_plots_to_wandb(smoke_run, tmp_path):
 @pytest.mark.slow
 def test_headline_command_at_reduced_size(tmp_path):
     out = tmp_path / "headline"
-    recipes = ["CE only (no teacher)", "forward KL", "offline top-64 (forward KL)", "teacher samples, top-64"]
+    recipes = [
+        "CE only (no teacher)",
+        "forward KL",
+        "offline top-64 (forward KL)",
+        "teacher samples, top-64",
+        "hints, then forward KL",
+    ]
     args = [
         str(ROOT / "benchmarks" / "headline.py"), "--output-dir", str(out), "--seeds", "2",
         "--teacher-steps", "4", "--student-steps", "3", "--max-documents", "24",
         "--teacher-width", "64", "--student-width", "32", "--eval-prompts", "2",
-        "data.seq_len=64", "train.micro_batch_size=4", "train.eval_batches=2",
+        "data.seq_len=64", "train.micro_batch_size=4", "train.eval_batches=2", "train.log_every=1",
         "generate.max_prompts=8", "generate.sampling.max_new_tokens=16", "generate.batch_size=8", "--recipes", *recipes,
     ]  # fmt: skip
     proc = run_cli(args, launcher=[sys.executable], timeout=900)
@@ -85,13 +91,19 @@ def test_headline_command_at_reduced_size(tmp_path):
     for s in record["summary"]:
         assert s["seeds"] == 2 and len(s["val_loss"]["values"]) == 2
         assert s["val_loss"]["min"] <= s["val_loss"]["mean"] <= s["val_loss"]["max"]
-    assert "val_forward_kl" in record["summary"][1] and len(record["rows"]) == 8
-    # The paired column: each recipe's loss minus the CE-only student's of the same seed (none for CE only itself).
+    assert "val_forward_kl" in record["summary"][1] and len(record["rows"]) == 10
+    # The paired columns: each recipe's loss minus the CE-only student's, and minus the forward-KL student's, of the
+    # same seed (none for the reference itself).
     loss = {(r["recipe"], r["seed"]): r["val_loss"] for r in record["rows"]}
-    assert "val_loss_vs_ce" not in record["summary"][0]
-    for s in record["summary"][1:]:
-        expected = [loss[(s["recipe"], seed)] - loss[(recipes[0], seed)] for seed in (0, 1)]
-        assert s["val_loss_vs_ce"]["values"] == pytest.approx(expected, abs=1e-12)
+    assert "val_loss_vs_ce" not in record["summary"][0] and "val_loss_vs_kd" not in record["summary"][1]
+    for s in record["summary"]:
+        for key, reference in (("val_loss_vs_ce", recipes[0]), ("val_loss_vs_kd", recipes[1])):
+            if s["recipe"] != reference:
+                expected = [loss[(s["recipe"], seed)] - loss[(reference, seed)] for seed in (0, 1)]
+                assert s[key]["values"] == pytest.approx(expected, abs=1e-12)
+    # FitNets' stages in 3 steps: hints alone for the first (a quarter, at least one), then forward KL alone.
+    stages = read_metrics(out / "students" / "hints__then_forward_kl" / "seed0")
+    assert [r["hint_weight"] for r in stages] == [1.0, 0.0, 0.0] and "hint_loss/1-2" in stages[0]
     table = (out / "headline.md").read_text()
     assert all(f"| {name} | " in table for name in recipes) and "±" in table and table in proc.stdout
     # The teacher evaluated beside its students, through the same path: its KL to itself is zero, agreement one.

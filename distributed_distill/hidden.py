@@ -65,8 +65,8 @@ def resolve_pairs(hcfg: HiddenConfig, student_config, teacher_config) -> tuple[P
             return depth[role]
         if layer > depth[role]:
             raise DistillError(
-                f"distill.hidden.layers: {role} layer {layer} does not exist: the {role} has {depth[role]} blocks, so "
-                f"its layers are 0 (embeddings) to {depth[role]} (final)"
+                f"distill.hidden.layers: {role} layer {layer} does not exist: the {role} has {depth[role]} "
+                f"block{'s' if depth[role] != 1 else ''}, so its layers are 0 (embeddings) to {depth[role]} (final)"
             )
         return layer
 

@@ -388,6 +388,14 @@ ROWS: dict[str, Row] = {
             f"data.source={_write(tmp, 't.jsonl', TEXT_ROWS)}",
         ),
     ),
+    "hints with an offline store": Row(
+        ["distill.hidden with distill.signal=offline: a store holds the teacher's output distribution only"],
+        lambda fx, tmp: _train(tmp / "run", "distill.hidden.loss=mse", "distill.signal=offline", "distill.store=/s"),
+    ),
+    "a hint layer the model does not have": Row(
+        ["distill.hidden.layers: student layer 3 does not exist: the student has 1 block, so its layers are 0"],
+        lambda fx, tmp: _train(tmp / "run", "distill.hidden.layers=[[3,1]]"),
+    ),
     "on-policy rows beyond the model": Row(
         ["data.seq_len=64 + distill.sampling.max_new_tokens=100", "exceeds the student's maximum positions (128)"],
         lambda fx, tmp: _train(

@@ -33,16 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing the package
 
 from benchmarks.loss_memory import _reset_peak, _status_bytes  # noqa: E402 (the same /proc measurement)
-
-SIZES = dict(
-    vocab=32000,
-    teacher_hidden=512,
-    teacher_layers=24,
-    student_hidden=256,
-    student_layers=4,
-    seq_len=256,
-    batch=4,
-)
+from benchmarks.online_overhead import add_size_args, model_overrides  # noqa: E402 (the same models)
 
 
 def build(args: argparse.Namespace, hints: bool):
@@ -54,15 +45,7 @@ def build(args: argparse.Namespace, hints: bool):
     from distributed_distill.setup import resolve_loss_chunks, setup_accelerator
     from distributed_distill.teacher import OnlineTeacher
 
-    arch = "{{family: llama, hidden_size: {h}, num_layers: {n}, num_heads: {a}, max_position_embeddings: {p}}}"
-    overrides = [
-        f"student.arch={arch.format(h=args.student_hidden, n=args.student_layers, a=4, p=args.seq_len)}",
-        f"teacher.arch={arch.format(h=args.teacher_hidden, n=args.teacher_layers, a=8, p=args.seq_len)}",
-        f"data.seq_len={args.seq_len}",
-        f"train.micro_batch_size={args.batch}",
-        "train.device=cpu",
-        "distill.alpha=0.5",
-    ]
+    overrides = [*model_overrides(args), "train.device=cpu", "distill.alpha=0.5"]
     if hints:
         overrides.append(f"distill.hidden.layers={args.pairs}")
     cfg = load_config(None, overrides)
@@ -125,8 +108,7 @@ def run_child(args: argparse.Namespace, kind: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    for key, default in SIZES.items():
-        parser.add_argument(f"--{key.replace('_', '-')}", type=int, default=default)
+    add_size_args(parser, teacher_layers=24)  # online_overhead.py's sizes, the teacher 24 layers deep
     parser.add_argument(
         "--pairs",
         default=None,

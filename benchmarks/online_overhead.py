@@ -39,12 +39,8 @@ def build(args: argparse.Namespace, chunk_size: str | int):
     from distributed_distill.setup import resolve_loss_chunks
     from distributed_distill.teacher import OnlineTeacher
 
-    arch = "{{family: llama, hidden_size: {h}, num_layers: {n}, num_heads: {a}, max_position_embeddings: {p}}}"
     overrides = [
-        f"student.arch={arch.format(h=args.student_hidden, n=args.student_layers, a=4, p=args.seq_len)}",
-        f"teacher.arch={arch.format(h=args.teacher_hidden, n=args.teacher_layers, a=8, p=args.seq_len)}",
-        f"data.seq_len={args.seq_len}",
-        f"train.micro_batch_size={args.batch}",
+        *model_overrides(args),
         f"distill.chunk_size={chunk_size}",
         "train.max_steps=1000",
         "train.warmup_steps=0",
@@ -68,6 +64,18 @@ def build(args: argparse.Namespace, chunk_size: str | int):
     ids = torch.randint(0, args.vocab, (args.batch, args.seq_len), generator=g)
     batch = {"input_ids": ids, "labels": ids.clone()}
     return accelerator, kd_cfg, ce_cfg, teacher, students, batch
+
+
+def model_overrides(args: argparse.Namespace) -> list[str]:
+    """The models, the sequence length and the batch of `--vocab ... --batch` (add_size_args) as config overrides
+    (the vocabulary goes to models.arch_config)."""
+    arch = "{{family: llama, hidden_size: {h}, num_layers: {n}, num_heads: {a}, max_position_embeddings: {p}}}"
+    return [
+        f"student.arch={arch.format(h=args.student_hidden, n=args.student_layers, a=4, p=args.seq_len)}",
+        f"teacher.arch={arch.format(h=args.teacher_hidden, n=args.teacher_layers, a=8, p=args.seq_len)}",
+        f"data.seq_len={args.seq_len}",
+        f"train.micro_batch_size={args.batch}",
+    ]
 
 
 MODEL_SIZES = dict(

@@ -313,8 +313,8 @@ class HiddenConfig:
     )
     until_step: int | None = option(
         None,
-        "FitNets' two stages: hints alone (no KD, no CE) for steps 1..N, then the KD objective alone; null = hints and "
-        "the KD objective together for the whole run",
+        "FitNets' two stages: hints alone (KD and CE weighted 0) for steps 1..N, then alpha * KD + (1 - alpha) * CE "
+        "without hints; null = hints and that objective together for the whole run",
     )
 
     def __post_init__(self) -> None:

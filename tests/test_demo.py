@@ -11,7 +11,8 @@ from .helpers import run_cli
 pytestmark = pytest.mark.slow
 
 TINY = [
-    "train.max_steps=3", "train.warmup_steps=1", "data.max_documents=30", "data.val_fraction=0.2", "tokenizer.vocab_size=512", "data.seq_len=64",
+    "train.max_steps=3", "train.warmup_steps=1", "data.max_documents=30", "data.val_fraction=0.2",
+    "tokenizer.vocab_size=512", "data.seq_len=64",
     "train.micro_batch_size=4", "train.eval_batches=2", "eval.prompts=2", "eval.max_new_tokens=8",
     "generate.max_prompts=8", "generate.sampling.max_new_tokens=16", "generate.batch_size=8",
 ]  # fmt: skip

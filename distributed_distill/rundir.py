@@ -79,6 +79,7 @@ class FinishedRun:
     config: dict  # config.yaml, as written
     step: int  # the last step trained
     result: dict  # the last evaluation (val_* and gen_* metrics), as `distill train` printed it
+    world_size: int | None  # the processes that trained it (ranks/rank-0.json), None where that record is missing
 
 
 def finished_run(out: Path) -> FinishedRun | None:
@@ -94,7 +95,11 @@ def finished_run(out: Path) -> FinishedRun | None:
     records, _ = read_records(out / METRICS)
     if not records or records[-1]["step"] != max_steps:
         return None
-    return FinishedRun(config, max_steps, _evaluation(records))
+    try:
+        world_size = int(json.loads((out / RANKS / "rank-0.json").read_text())["world_size"])
+    except (OSError, ValueError, TypeError, KeyError):
+        world_size = None
+    return FinishedRun(config, max_steps, _evaluation(records), world_size)
 
 
 def _evaluation(records: list[dict]) -> dict:

@@ -22,20 +22,6 @@ RUN = [
 ]  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def prompt_pairs(tmp_path_factory) -> Path:
-    """Prompt/completion rows for on-policy steps: a line of stdlib code, then the next line."""
-    from distributed_distill.data.documents import stdlib_files
-
-    rows = []
-    for path in stdlib_files()[::60]:
-        lines = [line.strip() for line in path.read_text(errors="replace").splitlines() if 8 < len(line.strip()) < 24]
-        rows += [{"prompt": a, "completion": " " + b} for a, b in zip(lines[:12:2], lines[1:12:2])]
-    out = tmp_path_factory.mktemp("pairs") / "pairs.jsonl"
-    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return out
-
-
 def overrides(kind: str, prompt_pairs: Path, tokenizer: Path) -> list[str]:
     if kind == "offline":
         return ["distill.signal=offline", f"distill.store={precomputed_store(*STORE_OVERRIDES)}"]

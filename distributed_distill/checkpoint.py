@@ -176,10 +176,10 @@ def _check_finished(done: FinishedRun, cfg: Config, world_size: int) -> None:
             f"output_dir {out} holds a finished run written with {key}={_show(done.config, key)!r} but this run has "
             f"{key}={_show(cfg, key)!r}; {over}"
         )
-    if done.world_size is not None:
-        change = _batch_change({"config": done.config, "world_size": done.world_size}, cfg, world_size)
-        if change is not None:
-            raise CheckpointError(f"output_dir {out} holds a finished run that {change}; {over}")
+    meta = {"config": done.config, "world_size": done.world_size}
+    if done.world_size is not None and _kept_accumulation(meta, cfg, world_size) is None:
+        change = _batch_change(meta, cfg, world_size)
+        raise CheckpointError(f"output_dir {out} holds a finished run that {change}; {over}")
     if cfg.train.max_steps <= done.step:
         raise AlreadyFinished(done.result)
     raise CheckpointError(
@@ -195,18 +195,27 @@ def global_batch(meta: dict) -> int:
     return train["micro_batch_size"] * train["grad_accum_steps"] * meta["world_size"]
 
 
-def _batch_change(meta: dict, cfg: Config, world_size: int) -> str | None:
-    """None when `cfg` on `world_size` processes keeps the global batch of the run `meta` describes (as it is, or
-    with the accumulation adjusted: resume_config), else why not, as 'trained with a global batch of ..., but ...'."""
+def _kept_accumulation(meta: dict, cfg: Config, world_size: int) -> int | None:
+    """The train.grad_accum_steps with which `cfg` on `world_size` processes keeps the global batch of the run `meta`
+    describes: cfg's own, or, with the micro-batch and accumulation the run was started with, the one adjusted to
+    this process count; None when neither can."""
     old = meta["config"]["train"]
     batch, micro, accum = global_batch(meta), cfg.train.micro_batch_size, cfg.train.grad_accum_steps
     if micro * accum * world_size == batch:
-        return None
+        return accum
     if (micro, accum) == (old["micro_batch_size"], old["grad_accum_steps"]) and batch % (micro * world_size) == 0:
-        return None
+        return batch // (micro * world_size)
+    return None
+
+
+def _batch_change(meta: dict, cfg: Config, world_size: int) -> str:
+    """Why `cfg` on `world_size` processes cannot keep the run's global batch (_kept_accumulation is None), as
+    'was trained with a global batch of ..., but KEY=VALUE on N process(es) gives M'."""
+    old = meta["config"]["train"]
+    micro, accum = cfg.train.micro_batch_size, cfg.train.grad_accum_steps
     key = "train.micro_batch_size" if micro != old["micro_batch_size"] else "train.grad_accum_steps"
     return (
-        f"was trained with a global batch of {batch} sequences ({old['micro_batch_size']} x "
+        f"was trained with a global batch of {global_batch(meta)} sequences ({old['micro_batch_size']} x "
         f"{old['grad_accum_steps']} x {meta['world_size']} process(es)), but {key}={getattr(cfg.train, key[6:])} "
         f"on {world_size} process(es) gives {micro * accum * world_size}"
     )
@@ -220,16 +229,15 @@ def resume_config(cfg: Config, meta: dict, world_size: int, where: Path | str = 
     -> 1 process x 2); a micro-batch or accumulation set anew must give the same global batch. Anything else
     would train a different run, and is refused naming the key.
     """
-    change = _batch_change(meta, cfg, world_size)
-    if change is not None:
+    accum = _kept_accumulation(meta, cfg, world_size)
+    if accum is None:
         raise CheckpointError(
-            f"checkpoint {where} {change}; the global batch cannot change on resume: set train.micro_batch_size and "
-            f"train.grad_accum_steps so that micro x accum x processes = {global_batch(meta)}"
+            f"checkpoint {where} {_batch_change(meta, cfg, world_size)}; the global batch cannot change on resume: "
+            "set train.micro_batch_size and train.grad_accum_steps so that micro x accum x processes = "
+            f"{global_batch(meta)}"
         )
-    micro, batch = cfg.train.micro_batch_size, global_batch(meta)
-    if micro * cfg.train.grad_accum_steps * world_size == batch:
+    if accum == cfg.train.grad_accum_steps:
         return cfg
-    accum = batch // (micro * world_size)
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, grad_accum_steps=accum))
 
 

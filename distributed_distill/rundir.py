@@ -96,7 +96,7 @@ def finished_run(out: Path) -> FinishedRun | None:
     if not records or records[-1]["step"] != max_steps:
         return None
     try:
-        world_size = int(json.loads((out / RANKS / "rank-0.json").read_text())["world_size"])
+        world_size = int(json.loads(rank_record(out, 0).read_text())["world_size"])
     except (OSError, ValueError, TypeError, KeyError):
         world_size = None
     return FinishedRun(config, max_steps, _evaluation(records), world_size)
@@ -140,8 +140,13 @@ def write_teacher(out: Path, identity: dict) -> None:
     atomic_write_text(out / TEACHER, json.dumps(identity, indent=2))
 
 
+def rank_record(out: Path, rank: int) -> Path:
+    """ranks/rank-K.json: what rank K of the run's latest job trained on, and the job's world size."""
+    return out / RANKS / f"rank-{rank}.json"
+
+
 def write_rank_record(out: Path, rank: int, world: int, first_sample_indices: list[int]) -> None:
     """ranks/rank-K.json (every rank its own): the first sample indices it trained on."""
-    path = out / RANKS / f"rank-{rank}.json"
+    path = rank_record(out, rank)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(path, {"rank": rank, "world_size": world, "first_sample_indices": first_sample_indices})

@@ -33,11 +33,7 @@ def _manifest(cfg: Config) -> dict | None:
     return manifest if isinstance(manifest, dict) else None
 
 
-def offline_data_source(cfg: Config) -> str | None:
-    """What an offline run trains on, as data.source names it: a sample store is its own source (its samples are the
-    documents), a logit store the source it was precomputed from. None when distill.store holds no readable manifest
-    (opening the store says why)."""
-    manifest = _manifest(cfg)
+def _source(manifest: dict | None, cfg: Config) -> str | None:
     if manifest is None:
         return None
     if manifest.get("format") == SAMPLE_FORMAT:
@@ -45,10 +41,18 @@ def offline_data_source(cfg: Config) -> str | None:
     return (manifest.get("data") or {}).get("source")
 
 
+def offline_data_source(cfg: Config) -> str | None:
+    """What an offline run trains on, as data.source names it: a sample store is its own source (its samples are the
+    documents), a logit store the source it was precomputed from. None when distill.store holds no readable manifest
+    (opening the store says why)."""
+    return _source(_manifest(cfg), cfg)
+
+
 def offline_sources(cfg: Config) -> list[str]:
     """Every data.source an offline run may name without contradiction: offline_data_source, and for a sample store
     also the source its prompts came from (the config that generated the samples, reused to train on them)."""
-    manifest, source = _manifest(cfg), offline_data_source(cfg)
+    manifest = _manifest(cfg)
+    source = _source(manifest, cfg)
     if source is None:
         return []
     prompts = ((manifest.get("prompts") or {}).get("data") or {}).get("source")

@@ -163,23 +163,25 @@ class AlreadyFinished(Exception):
         self.result = result
 
 
-def _check_finished(done: FinishedRun, cfg: Config, existing: list) -> None:
-    """A finished run in output_dir is never restarted silently: the same run again is a no-op that reports its result
-    (AlreadyFinished), a longer one resumes from its newest checkpoint (or is refused without one), another config
-    is refused naming the first key that differs. Starting over is the user's choice: another output_dir, or this
-    one deleted."""
+def _check_finished(done: FinishedRun, cfg: Config, world_size: int) -> None:
+    """A finished run without a checkpoint in output_dir is never restarted silently: the same run again (the same
+    config and global batch, a step budget it already reached) is a no-op that reports its result (AlreadyFinished);
+    another config, another global batch or more steps are refused, naming what differs. Starting over is the
+    user's choice: another output_dir, or this one deleted. (With checkpoints, the newest usable one decides.)"""
     out = Path(cfg.output_dir)
     over = f"choose another output_dir, or delete {out} to start over"
     key = first_difference(done.config, cfg)
-    if key is None and cfg.train.max_steps <= done.step:
-        raise AlreadyFinished(done.result)
-    if existing:
-        return  # the checkpoint then decides, as for any resume: whose run it is, the global batch, the store
     if key is not None:
         raise CheckpointError(
             f"output_dir {out} holds a finished run written with {key}={_show(done.config, key)!r} but this run has "
             f"{key}={_show(cfg, key)!r}; {over}"
         )
+    meta = {"config": done.config, "world_size": done.world_size}
+    if done.world_size is not None and _kept_accumulation(meta, cfg, world_size) is None:
+        change = _batch_change(meta, cfg, world_size)
+        raise CheckpointError(f"output_dir {out} holds a finished run that {change}; {over}")
+    if cfg.train.max_steps <= done.step:
+        raise AlreadyFinished(done.result)
     raise CheckpointError(
         f"output_dir {out} holds a finished run of {done.step} steps without a checkpoint to continue from "
         f"(it saved every train.save_every={done.config['train']['save_every']} steps), so train.max_steps="
@@ -193,6 +195,32 @@ def global_batch(meta: dict) -> int:
     return train["micro_batch_size"] * train["grad_accum_steps"] * meta["world_size"]
 
 
+def _kept_accumulation(meta: dict, cfg: Config, world_size: int) -> int | None:
+    """The train.grad_accum_steps with which `cfg` on `world_size` processes keeps the global batch of the run `meta`
+    describes: cfg's own, or, with the micro-batch and accumulation the run was started with, the one adjusted to
+    this process count; None when neither can."""
+    old = meta["config"]["train"]
+    batch, micro, accum = global_batch(meta), cfg.train.micro_batch_size, cfg.train.grad_accum_steps
+    if micro * accum * world_size == batch:
+        return accum
+    if (micro, accum) == (old["micro_batch_size"], old["grad_accum_steps"]) and batch % (micro * world_size) == 0:
+        return batch // (micro * world_size)
+    return None
+
+
+def _batch_change(meta: dict, cfg: Config, world_size: int) -> str:
+    """Why `cfg` on `world_size` processes cannot keep the run's global batch (_kept_accumulation is None), as
+    'was trained with a global batch of ..., but KEY=VALUE on N process(es) gives M'."""
+    old = meta["config"]["train"]
+    micro, accum = cfg.train.micro_batch_size, cfg.train.grad_accum_steps
+    key = "train.micro_batch_size" if micro != old["micro_batch_size"] else "train.grad_accum_steps"
+    return (
+        f"was trained with a global batch of {global_batch(meta)} sequences ({old['micro_batch_size']} x "
+        f"{old['grad_accum_steps']} x {meta['world_size']} process(es)), but {key}={getattr(cfg.train, key[6:])} "
+        f"on {world_size} process(es) gives {micro * accum * world_size}"
+    )
+
+
 def resume_config(cfg: Config, meta: dict, world_size: int, where: Path | str = "") -> Config:
     """`cfg` with the accumulation that keeps the checkpoint's global batch on `world_size` processes.
 
@@ -201,21 +229,16 @@ def resume_config(cfg: Config, meta: dict, world_size: int, where: Path | str = 
     -> 1 process x 2); a micro-batch or accumulation set anew must give the same global batch. Anything else
     would train a different run, and is refused naming the key.
     """
-    old = meta["config"]["train"]
-    batch, micro, accum = global_batch(meta), cfg.train.micro_batch_size, cfg.train.grad_accum_steps
-    if micro * accum * world_size == batch:
+    accum = _kept_accumulation(meta, cfg, world_size)
+    if accum is None:
+        raise CheckpointError(
+            f"checkpoint {where} {_batch_change(meta, cfg, world_size)}; the global batch cannot change on resume: "
+            "set train.micro_batch_size and train.grad_accum_steps so that micro x accum x processes = "
+            f"{global_batch(meta)}"
+        )
+    if accum == cfg.train.grad_accum_steps:
         return cfg
-    if (micro, accum) == (old["micro_batch_size"], old["grad_accum_steps"]) and batch % (micro * world_size) == 0:
-        accum = batch // (micro * world_size)
-        return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, grad_accum_steps=accum))
-    key = "train.micro_batch_size" if micro != old["micro_batch_size"] else "train.grad_accum_steps"
-    raise CheckpointError(
-        f"checkpoint {where} was trained with a global batch of {batch} sequences ({old['micro_batch_size']} x "
-        f"{old['grad_accum_steps']} x {meta['world_size']} process(es)), but {key}={getattr(cfg.train, key[6:])} "
-        f"on {world_size} process(es) gives {micro * accum * world_size}; the global batch cannot change on resume: "
-        "set train.micro_batch_size and train.grad_accum_steps so that micro x accum x processes = "
-        f"{batch}"
-    )
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, grad_accum_steps=accum))
 
 
 @dataclass(frozen=True)
@@ -248,8 +271,8 @@ def _choose(cfg: Config, world_size: int) -> tuple[Path | None, dict | None, lis
                 f"delete {out} to start over"
             )
         return None, None, []
-    if done is not None:
-        _check_finished(done, cfg, existing)  # returns when a longer run continues from a checkpoint
+    if done is not None and not existing:
+        _check_finished(done, cfg, world_size)  # always raises: nothing to do, or refused
     notes = []
     if resume == "auto":
         for _, path in existing:
@@ -259,6 +282,8 @@ def _choose(cfg: Config, world_size: int) -> tuple[Path | None, dict | None, lis
                 notes.append(f"skipping {e}")
                 continue
             check_compatible(meta, cfg, world_size, path)
+            if done is not None and cfg.train.max_steps <= done.step:
+                raise AlreadyFinished(done.result)  # the same run (its checkpoint says so), finished before
             return path, meta, notes
         if existing:
             raise CheckpointError(

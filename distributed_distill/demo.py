@@ -25,10 +25,13 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
 def run_distill(args: list[str]) -> None:
-    """`distill ARGS` as a user runs it: a fresh process, its output shown; a failure stops the experiment."""
+    """`distill ARGS` as a user runs it: a fresh process, its output shown; a failure stops the experiment with that
+    process's exit status (its own `error:` line says what went wrong; no traceback of the demo's on top)."""
     cmd = [sys.executable, "-m", "distributed_distill.cli", *args]
     print("$ distill " + " ".join(args), flush=True)
-    subprocess.run(cmd, check=True)
+    code = subprocess.run(cmd).returncode
+    if code:
+        raise SystemExit(code)
 
 
 def offline_overrides(store_dir: Path) -> list[str]:

@@ -30,20 +30,19 @@ import hashlib
 import json
 import os
 import socket
-import time
 from pathlib import Path
 
 import pyarrow as pa
 import torch
 
-from . import models, preflight
+from . import models
 from .config import Config
 from .data.chat import check_chat_template
 from .data.documents import BUILTIN_CHAT, DocKind, Documents
 from .errors import DistillError
 from .generation import Sampling, generate, sampling_setup
 from .integrity import publish_dir
-from .setup import RunPlan, plan_run, setup_accelerator
+from .setup import RunPlan, store_run
 from .store import format as store_format
 from .store import writer
 from .store.samples import SAMPLE_FORMAT, SAMPLE_VERSION, TOKENIZER, encode_sample_rows, sample_counts
@@ -56,12 +55,8 @@ from .tokenizer import tokenizer_hash
 
 def generate_store(cfg: Config, part: tuple[int, int] | None = None) -> dict:
     """Write (or finish) the sample store; `part` (default: DISTILL_STORE_PART) restricts this run to part I of N."""
-    part = part or writer.parse_part(writer.part_setting())
-    preflight.check_store_writer(cfg, cfg.generate.store, "generate.store", "generate")
-    started = time.perf_counter()
-    accelerator = setup_accelerator(cfg)
-    with writer.locked(cfg.generate.store, "generate.store", accelerator, part):
-        plan = plan_run(cfg, accelerator)
+    with store_run(cfg, cfg.generate.store, "generate.store", "generate", part) as (plan, part, started):
+        accelerator = plan.accelerator
         with accelerator.main_process_first():
             docs = plan.documents()
             prompts, dropped = read_prompts(cfg, docs, plan.tokenizer, plan.teacher_config)

@@ -18,16 +18,14 @@ so an offline run with the store and an online run with that top_k see the same 
 from __future__ import annotations
 
 import dataclasses
-import time
 from pathlib import Path
 
 import pyarrow as pa
 
-from . import preflight
 from .config import Config
 from .data.batching import collate, train_indices
 from .data.packed import build_datasets
-from .setup import RunPlan, plan_run, setup_accelerator
+from .setup import RunPlan, store_run
 from .store import format as store_format
 from .store import writer
 from .store.logits import LOGIT_FORMAT, LOGIT_VERSION, encode_logit_rows, logit_counts
@@ -37,12 +35,8 @@ from .tokenizer import tokenizer_hash
 
 def precompute(cfg: Config, part: tuple[int, int] | None = None) -> dict:
     """Write (or finish) the store; `part` (default: DISTILL_STORE_PART) restricts this run to part I of N."""
-    part = part or writer.parse_part(writer.part_setting())
-    preflight.check_store_writer(cfg, cfg.distill.store, "distill.store", "precompute")
-    started = time.perf_counter()
-    accelerator = setup_accelerator(cfg)
-    with writer.locked(cfg.distill.store, "distill.store", accelerator, part):
-        plan = plan_run(cfg, accelerator)
+    with store_run(cfg, cfg.distill.store, "distill.store", "precompute", part) as (plan, part, started):
+        accelerator = plan.accelerator
         with accelerator.main_process_first():
             train_ds, val_ds, _ = build_datasets(plan.documents(), plan.tokenizer, cfg.data)
         content = logit_store_plan(plan, len(train_ds), len(val_ds))

@@ -34,7 +34,7 @@ from .data.documents import DocKind
 from .errors import DistillError, on_main
 from .lock import launcher_world_size
 from .models import transformers_zero3
-from .store import offline_data_source
+from .store import offline_sources
 
 # A checkpoint of an AdamW-trained student holds fp32 weights (4 bytes/parameter) and the two fp32 moments (8):
 # Accelerate's save_state for one process or DDP writes exactly that; DeepSpeed and FSDP write at least as much.
@@ -299,13 +299,15 @@ def check_data(cfg: Config, kind: DocKind, sequences: int | None, world: int, un
 
 def check_offline_source(cfg: Config) -> None:
     """An offline run trains on its store's rows: a data.source naming other data (another file or store) would be
-    ignored without a word, so it is refused. The default data.source says nothing and is let be."""
+    ignored without a word, so it is refused. The default data.source says nothing and is let be, and a sample
+    store's prompt source (the generating config, reused) names the same data."""
     if cfg.distill.signal != "offline":
         return
-    source = offline_data_source(cfg)
+    sources = offline_sources(cfg)
     given = cfg.data.source
-    if source is None or given == DataConfig.source or _same_source(given, source):
+    if not sources or given == DataConfig.source or any(_same_source(given, s) for s in sources):
         return
+    source = sources[0]
     raise DistillError(
         f"distill.signal=offline trains on the rows of distill.store={cfg.distill.store} (made from data.source="
         f"{source}), but data.source={given} names other data; set data.source={source}, or leave it unset"

@@ -81,6 +81,7 @@ class FinishedRun:
     config: dict  # config.yaml, as written
     step: int  # the last step trained
     result: dict  # the last evaluation (val_* and gen_* metrics), as `distill train` printed it
+    world_size: int | None  # the processes that trained it (ranks/rank-0.json), None where that record is missing
 
 
 def finished_run(out: Path) -> FinishedRun | None:
@@ -96,7 +97,11 @@ def finished_run(out: Path) -> FinishedRun | None:
     records, _ = read_records(out / METRICS)
     if not records or records[-1]["step"] != max_steps:
         return None
-    return FinishedRun(config, max_steps, _evaluation(records))
+    try:
+        world_size = int(json.loads(rank_record(out, 0).read_text())["world_size"])
+    except (OSError, ValueError, TypeError, KeyError):
+        world_size = None
+    return FinishedRun(config, max_steps, _evaluation(records), world_size)
 
 
 def _evaluation(records: list[dict]) -> dict:
@@ -137,8 +142,13 @@ def write_teacher(out: Path, identity: dict) -> None:
     atomic_write_text(out / TEACHER, json.dumps(identity, indent=2))
 
 
+def rank_record(out: Path, rank: int) -> Path:
+    """ranks/rank-K.json: what rank K of the run's latest job trained on, and the job's world size."""
+    return out / RANKS / f"rank-{rank}.json"
+
+
 def write_rank_record(out: Path, rank: int, world: int, first_sample_indices: list[int]) -> None:
     """ranks/rank-K.json (every rank its own): the first sample indices it trained on."""
-    path = out / RANKS / f"rank-{rank}.json"
+    path = rank_record(out, rank)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(path, {"rank": rank, "world_size": world, "first_sample_indices": first_sample_indices})

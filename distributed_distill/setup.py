@@ -12,11 +12,13 @@ config, the paths or the launch is reported before any expensive work starts (pr
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
 import os
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -31,6 +33,7 @@ from .data.documents import Documents, documents
 from .errors import DistillError
 from .losses import resolve_chunk_size
 from .rundir import recorded_config
+from .store import writer
 from .store.samples import TOKENIZER, training_store
 from .tokenizer import check_tokenizers, run_tokenizer
 from .tracking import wandb_kwargs
@@ -137,6 +140,21 @@ def plan_run(cfg: Config, accelerator: Accelerator, resume: checkpoint.Resume | 
         resume=resume,
         hint_pairs=pairs,
     )
+
+
+@contextlib.contextmanager
+def store_run(
+    cfg: Config, store: str | None, key: str, command: str, part: tuple[int, int] | None
+) -> Iterator[tuple[RunPlan, tuple[int, int] | None, float]]:
+    """What `distill precompute` and `distill generate` start with, before their own plan and work: the part of the
+    store (`part`, else DISTILL_STORE_PART), the store writer's checks, the accelerator, the store's lock (held for
+    the block) and the run plan. Yields (plan, part, the start time)."""
+    part = part or writer.parse_part(writer.part_setting())
+    preflight.check_store_writer(cfg, store, key, command)
+    started = time.perf_counter()
+    accelerator = setup_accelerator(cfg)
+    with writer.locked(store, key, accelerator, part):
+        yield plan_run(cfg, accelerator), part, started
 
 
 def lr_lambda(cfg: Config):

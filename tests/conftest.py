@@ -7,6 +7,7 @@ builds only what it uses. Tests copy what they modify (`shutil.copytree`); the s
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -115,3 +116,20 @@ def two_process_run(tmp_path_factory) -> tuple[Path, str]:
         ["--config", str(SMOKE), f"output_dir={out}", *TWO_PROCESS], launcher=torchrun(29530, "train.py"), timeout=600
     )
     return out, proc.stdout
+
+
+@pytest.fixture(scope="session")
+def prompt_pairs(tmp_path_factory) -> Path:
+    """Prompt/completion rows for on-policy steps: a short ASCII line of stdlib code as the prompt, the next line as
+    the completion; each row fits the smoke config's data.seq_len=64 whole (on-policy steps refuse rows that start
+    mid-completion)."""
+    from distributed_distill.data.documents import stdlib_files
+
+    rows = []
+    for path in stdlib_files()[::40]:
+        text = path.read_text(errors="replace").splitlines()
+        lines = [line.strip() for line in text if 8 < len(line.strip()) < 40 and line.isascii()]
+        rows += [{"prompt": a, "completion": " " + b} for a, b in zip(lines[:12:2], lines[1:12:2])]
+    out = tmp_path_factory.mktemp("pairs") / "pairs.jsonl"
+    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return out

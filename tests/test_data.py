@@ -119,7 +119,7 @@ def test_eval_batches_keep_ranks_in_lockstep(tmp_path, tokenizer):
         (lambda p: (p / "e.jsonl").write_text("") and p / "e.jsonl" or p / "e.jsonl", "is empty"),
         (lambda p: (p / "empty_dir").mkdir() or p / "empty_dir", "no data files found"),
         (lambda p: (p / "bad.jsonl").write_text("{not json\n") and p / "bad.jsonl", "cannot read as json"),
-        (lambda p: (p / "f.jsonl").write_text('{"body": "x"}\n') and p / "f.jsonl", "field 'text' not found"),
+        (lambda p: (p / "f.jsonl").write_text('{"body": "x"}\n') and p / "f.jsonl", "no text field 'text'"),
         (
             lambda p: (p / "g.parquet").write_bytes(b"garbage, not parquet") and p / "g.parquet",
             "cannot read as parquet",

@@ -11,7 +11,8 @@ from .helpers import run_cli
 pytestmark = pytest.mark.slow
 
 TINY = [
-    "train.max_steps=3", "data.max_documents=30", "tokenizer.vocab_size=512", "data.seq_len=64",
+    "train.max_steps=3", "train.warmup_steps=1", "data.max_documents=30", "data.val_fraction=0.2",
+    "tokenizer.vocab_size=512", "data.seq_len=64",
     "train.micro_batch_size=4", "train.eval_batches=2", "eval.prompts=2", "eval.max_new_tokens=8",
     "generate.max_prompts=8", "generate.sampling.max_new_tokens=16", "generate.batch_size=8",
 ]  # fmt: skip
@@ -32,6 +33,18 @@ def test_the_demo_command_runs_every_phase_at_a_tiny_size(tmp_path):
     assert rows["teacher"]["val_forward_kl"] == pytest.approx(0, abs=1e-6)
     assert "ok: store" in proc.stdout and "ok: sample store" in proc.stdout
     assert (out / "results.md").read_text().strip() in proc.stdout
+
+
+def test_a_phase_that_fails_stops_the_demo_with_its_one_error_line(tmp_path):
+    """A phase refused by its own command (here the teacher's: more warmup than steps) stops the demo with that
+    command's exit status and its `error:` line, with no traceback of the demo's on top and no later phase run."""
+    out = tmp_path / "demo"
+    proc = run_cli(["demo", "--output-dir", str(out), "train.max_steps=3"], timeout=300, check=False)
+    assert proc.returncode == 2, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: train.warmup_steps=30 exceeds train.max_steps=3"], proc.stderr
+    assert "Traceback" not in proc.stderr and "$ distill precompute" not in proc.stdout
+    assert not (out / "results.json").exists()
 
 
 @pytest.mark.release

@@ -38,6 +38,17 @@ def previous_run(smoke_run):
     return smoke_run
 
 
+@pytest.fixture(scope="module")
+def stopped_run(smoke_run, tmp_path_factory):
+    """The smoke run as if stopped before its export (no final/, no checkpoint): not a finished run, so a start over
+    it meets the data and model checks (over a finished run, the finished-run rule answers first: another data.source
+    or model is another run, tests/test_rundir.py); a failed start must leave it exactly as it was."""
+    out = tmp_path_factory.mktemp("stopped") / "run"
+    shutil.copytree(smoke_run, out)
+    shutil.rmtree(out / "final")
+    return out
+
+
 def _fails(tmp_path, *overrides, config=SMOKE, env=None, previous=None):
     out = tmp_path / "run"
     if previous is not None:
@@ -86,7 +97,7 @@ def test_missing_model_path(previous_run, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_student_with_fewer_rows_than_the_tokenizer_is_refused(previous_run, tmp_path, pretrained):
+def test_a_student_with_fewer_rows_than_the_tokenizer_is_refused(stopped_run, tmp_path, pretrained):
     """Different row counts are fine (compared over the tokenizer's rows, tests/test_vocab.py); too few are not."""
     line = _fails(
         tmp_path,
@@ -94,35 +105,35 @@ def test_a_student_with_fewer_rows_than_the_tokenizer_is_refused(previous_run, t
         f"teacher.path={pretrained / 'v600'}",
         "student.arch=null",
         f"student.path={pretrained / 'v256'}",
-        previous=previous_run,
+        previous=stopped_run,
     )
     assert "tokens but the student has only vocab_size=256 embedding rows" in line
 
 
 @pytest.mark.slow
-def test_seq_len_beyond_the_pretrained_maximum(previous_run, tmp_path, pretrained):
+def test_seq_len_beyond_the_pretrained_maximum(stopped_run, tmp_path, pretrained):
     line = _fails_over(
-        previous_run, tmp_path, "teacher.arch=null", f"teacher.path={pretrained / 'v600'}", "data.seq_len=100"
+        stopped_run, tmp_path, "teacher.arch=null", f"teacher.path={pretrained / 'v600'}", "data.seq_len=100"
     )
     assert "data.seq_len=100 exceeds the teacher's maximum positions (64)" in line
 
 
 @pytest.mark.slow
-def test_empty_data(previous_run, tmp_path):
+def test_empty_data(stopped_run, tmp_path):
     (tmp_path / "empty.jsonl").write_text("")
-    assert "is empty" in _fails_over(previous_run, tmp_path, f"data.source={tmp_path / 'empty.jsonl'}")
+    assert "is empty" in _fails_over(stopped_run, tmp_path, f"data.source={tmp_path / 'empty.jsonl'}")
 
 
 @pytest.mark.slow
-def test_unreadable_data(previous_run, tmp_path):
+def test_unreadable_data(stopped_run, tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{broken\n')
-    assert "cannot read as json" in _fails_over(previous_run, tmp_path, f"data.source={tmp_path / 'bad.jsonl'}")
+    assert "cannot read as json" in _fails_over(stopped_run, tmp_path, f"data.source={tmp_path / 'bad.jsonl'}")
 
 
 @pytest.mark.slow
-def test_missing_data(previous_run, tmp_path):
+def test_missing_data(stopped_run, tmp_path):
     assert "no such file, directory or built-in corpus" in _fails_over(
-        previous_run, tmp_path, f"data.source={tmp_path / 'nothing'}"
+        stopped_run, tmp_path, f"data.source={tmp_path / 'nothing'}"
     )
 
 

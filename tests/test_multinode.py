@@ -117,6 +117,7 @@ def assert_same_run(one: Path, two: Path, tol: float) -> None:
         torch.testing.assert_close(wb[name], wa[name], atol=tol, rtol=0, msg=name)
 
 
+@pytest.mark.release  # CI's hour (docs/testing.md): two-node launches stay in CI in this file and SLURM
 def test_two_nodes_zero3_teacher_equal_one_node(tmp_path):
     """torchrun on each node (the block's default), the teacher ZeRO-3-sharded across both nodes."""
     args = ["train", "--config", str(SMOKE), *STEPS, "teacher.engine=zero3"]
@@ -128,6 +129,7 @@ def test_two_nodes_zero3_teacher_equal_one_node(tmp_path):
     assert_same_run(one, two, tol=0.0)  # the same reductions in the same order: bit-identical
 
 
+@pytest.mark.release  # CI's hour (docs/testing.md): two-node launches stay in CI in this file and SLURM
 def test_two_nodes_deepspeed_zero2_student_equal_one_node(tmp_path):
     """ACCELERATE_CONFIG=launch/accelerate/zero2.yaml: `accelerate launch` on each node, machine ranks 0 and 1."""
     args = ["train", "--config", str(SMOKE), *STEPS, "teacher.engine=zero3"]

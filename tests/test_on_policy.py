@@ -7,7 +7,6 @@ bit-identical; distill.on_policy=0 trains exactly as before."""
 from __future__ import annotations
 
 import copy
-import json
 import random
 import signal
 import sys
@@ -161,20 +160,6 @@ STEPS, SAVE_EVERY = 12, 4
 ON_POLICY = ["data.packing=false", "distill.sampling.max_new_tokens=32", 'distill.sampling.stop_strings=["e"]']
 
 
-@pytest.fixture(scope="module")
-def prompt_data(tmp_path_factory) -> Path:
-    """Prompt/completion rows: a line of stdlib code as the prompt, the next line as the completion."""
-    from distributed_distill.data.documents import stdlib_files
-
-    rows = []
-    for path in stdlib_files()[::40]:
-        lines = [line.strip() for line in path.read_text(errors="replace").splitlines() if 8 < len(line.strip()) < 60]
-        rows += [{"prompt": a, "completion": " " + b} for a, b in zip(lines[:12:2], lines[1:12:2])]
-    out = tmp_path_factory.mktemp("prompts") / "pairs.jsonl"
-    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return out
-
-
 def args(out: Path, data: Path, tokenizer: Path, *overrides: str) -> list[str]:
     return [
         "--config", str(SMOKE), f"output_dir={out}", f"data.source={data}", "data.prompt_field=prompt",
@@ -195,19 +180,19 @@ def on_policy_lengths(out: Path) -> list[float]:
 @pytest.mark.slow
 @pytest.mark.multiprocess
 def test_two_processes_with_zero3_teacher_and_deepspeed_zero3_student_complete(
-    prompt_data, smoke_tokenizer, student_dir, tmp_path
+    prompt_pairs, smoke_tokenizer, student_dir, tmp_path
 ):
     """Every step on-policy, samples stopped by "e" after very different lengths on the two ranks: a zero3 teacher
     (its forward a collective per micro-batch) with a DDP student, and a DeepSpeed ZeRO-3 student (its generation
     a collective per token: lockstep) with the zero3 teacher, both finish within the timeout."""
     common = ["distill.on_policy=1", "train.max_steps=3", "train.micro_batch_size=2", "teacher.engine=zero3"]
     ddp = tmp_path / "ddp"
-    proc = run_cli(args(ddp, prompt_data, smoke_tokenizer, *common), launcher=torchrun(29920, "train.py"))
+    proc = run_cli(args(ddp, prompt_pairs, smoke_tokenizer, *common), launcher=torchrun(29920, "train.py"))
     assert "student strategy multi_cpu, teacher engine zero3" in proc.stdout
     zero3 = tmp_path / "zero3"
     student = ["student.arch=null", f"student.path={student_dir}", "distill.chunk_size=auto"]
     launcher = [*accelerate_launch("zero3.yaml", 29921), "train.py"]
-    proc = run_cli(args(zero3, prompt_data, student_dir, *common, *student), launcher=launcher, timeout=400)
+    proc = run_cli(args(zero3, prompt_pairs, student_dir, *common, *student), launcher=launcher, timeout=400)
     assert "student strategy deepspeed zero3, teacher engine zero3" in proc.stdout
     for out in (ddp, zero3):
         lengths = on_policy_lengths(out)
@@ -216,25 +201,25 @@ def test_two_processes_with_zero3_teacher_and_deepspeed_zero3_student_complete(
 
 
 @pytest.mark.slow
-def test_kill_at_an_on_policy_step_then_resume_is_bit_identical(prompt_data, smoke_tokenizer, tmp_path):
+def test_kill_at_an_on_policy_step_then_resume_is_bit_identical(prompt_pairs, smoke_tokenizer, tmp_path):
     """distill.on_policy=0.5 with random sampling: SIGKILL at an on-policy step after a checkpoint, resume, and the
     final weights and every step's record equal the uninterrupted run's. Its off-policy steps before the first
     on-policy one equal a distill.on_policy=0 run's: those are today's prompt/completion training."""
     launcher = [sys.executable, "train.py"]
     ref, out, plain = tmp_path / "reference", tmp_path / "run", tmp_path / "plain"
-    run_cli(args(ref, prompt_data, smoke_tokenizer, "distill.on_policy=0.5"), launcher=launcher)
+    run_cli(args(ref, prompt_pairs, smoke_tokenizer, "distill.on_policy=0.5"), launcher=launcher)
     kinds = [r["on_policy"] for r in read_metrics(ref)]
     assert kinds == [on_policy.is_on_policy(0, s, 0.5) for s in range(1, STEPS + 1)]
     at_step = random.choice([s for s in range(SAVE_EVERY + 1, STEPS) if s % SAVE_EVERY and kinds[s - 1]])
     print(f"killing at on-policy step {at_step}")
-    cmd = launcher + args(out, prompt_data, smoke_tokenizer, "distill.on_policy=0.5")
+    cmd = launcher + args(out, prompt_pairs, smoke_tokenizer, "distill.on_policy=0.5")
     killed = interrupt(cmd, out, at_step, signal.SIGKILL)
     assert killed.returncode != 0 and not (out / "final").exists()
-    run_cli(args(out, prompt_data, smoke_tokenizer, "distill.on_policy=0.5"), launcher=launcher)
+    run_cli(args(out, prompt_pairs, smoke_tokenizer, "distill.on_policy=0.5"), launcher=launcher)
     assert_same_student(ref, out)
     assert records(out) == records(ref)
 
-    run_cli(args(plain, prompt_data, smoke_tokenizer, "distill.on_policy=0"), launcher=launcher)
+    run_cli(args(plain, prompt_pairs, smoke_tokenizer, "distill.on_policy=0"), launcher=launcher)
     first = kinds.index(True)
     assert first >= 1, "step 1 is on-policy under this seed: nothing to compare"
     strip = [{k: v for k, v in r.items() if k != "on_policy"} for r in records(ref)[:first]]

@@ -130,3 +130,30 @@ def test_a_resumed_run_is_not_finished_by_an_earlier_export(smoke_run, tmp_path)
         lock.release(resumed)
     assert f"run: {resumed} (running)" in text and "steps: 5 of 8" in text
     assert run_status(resumed) == "stopped" and run_status(smoke_run) == "finished"
+
+
+def test_output_paths_are_checked_before_the_work(smoke_run, tmp_path, capsys):
+    """`distill eval --json` and `distill report --out` that cannot be written are refused before any evaluation or
+    plot: nothing printed or made but the error line (issue 23)."""
+    from distributed_distill import cli
+
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    model = f"s={smoke_run / 'final'}"
+    assert cli.main(["eval", "--model", model, "--json", str(blocker / "eval.json")]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith(f"error: --json {blocker / 'eval.json'} cannot be written: {blocker} is a file")
+    assert cli.main(["report", str(smoke_run), "--out", str(blocker / "report")]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "cannot be written" in err and blocker.read_text() == "x"
+
+
+@pytest.mark.slow
+def test_eval_json_in_a_missing_directory_is_written_there(smoke_run, tmp_path):
+    from distributed_distill import cli
+
+    model = f"s={smoke_run / 'final'}"
+    target = tmp_path / "new" / "dir" / "eval.json"
+    overrides = ["eval.prompts=0", "train.eval_batches=1", "data.max_documents=40", "data.seq_len=64"]
+    assert cli.main(["eval", "--model", model, "--json", str(target), *overrides]) == 0
+    assert json.loads(target.read_text())[0]["model"] == "s"

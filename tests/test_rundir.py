@@ -22,20 +22,6 @@ RUN = [
 ]  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def prompt_pairs(tmp_path_factory) -> Path:
-    """Prompt/completion rows for on-policy steps: a line of stdlib code, then the next line."""
-    from distributed_distill.data.documents import stdlib_files
-
-    rows = []
-    for path in stdlib_files()[::60]:
-        lines = [line.strip() for line in path.read_text(errors="replace").splitlines() if 8 < len(line.strip()) < 24]
-        rows += [{"prompt": a, "completion": " " + b} for a, b in zip(lines[:12:2], lines[1:12:2])]
-    out = tmp_path_factory.mktemp("pairs") / "pairs.jsonl"
-    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return out
-
-
 def overrides(kind: str, prompt_pairs: Path, tokenizer: Path) -> list[str]:
     if kind == "offline":
         return ["distill.signal=offline", f"distill.store={precomputed_store(*STORE_OVERRIDES)}"]
@@ -108,9 +94,11 @@ def finished(smoke_run, tmp_path) -> Path:
     return out
 
 
-def test_the_same_command_on_a_finished_run_reports_it_and_changes_nothing(finished, capsys):
+# Another split of the same global batch (2 x 2 x 1 for 4 x 1 x 1) is the same run.
+@pytest.mark.parametrize("split", [[], ["train.micro_batch_size=2", "train.grad_accum_steps=2"]], ids=["same", "split"])
+def test_the_same_command_on_a_finished_run_reports_it_and_changes_nothing(finished, capsys, split):
     before = sha256_tree(finished)
-    assert cli.main(["train", "--config", str(SMOKE), f"output_dir={finished}", "logging.progress=false"]) == 0
+    assert cli.main(["train", "--config", str(SMOKE), f"output_dir={finished}", "logging.progress=false", *split]) == 0
     out = capsys.readouterr().out
     assert f"output_dir {finished} holds this run, finished at step 5: nothing to do" in out
     result = json.loads(out.strip().splitlines()[-1])
@@ -127,6 +115,12 @@ def test_the_same_command_on_a_finished_run_reports_it_and_changes_nothing(finis
             "holds a finished run written with distill.alpha=0.5 but this run has distill.alpha=0.7",
         ),
         (["train.max_steps=7"], "holds a finished run of 5 steps without a checkpoint to continue from"),
+        # The split of the global batch may change, the global batch may not (the smoke run: 4 x 1 x 1 process).
+        (
+            ["train.micro_batch_size=2"],
+            "holds a finished run that was trained with a global batch of 4 sequences (4 x 1 x 1 process(es)), but "
+            "train.micro_batch_size=2 on 1 process(es) gives 2",
+        ),
     ],
 )
 def test_another_config_or_more_steps_without_a_checkpoint_are_refused(finished, capsys, overrides, message):

@@ -164,7 +164,10 @@ def test_padded_vocabularies_kd_equals_float64_reference(pair):
         student.zero_grad(set_to_none=True)
 
 
+# The release tier (CI's hour: docs/testing.md); both pairs' KD loss and gradients against float64 through the
+# objective are in the default tier above.
 @pytest.mark.slow
+@pytest.mark.release
 def test_padded_vocabularies_train_online_and_offline(pair, tmp_path):
     """Real runs, every path: the first step's logged KD loss equals the float64 reference on its batch; the store
     records the aligned vocabulary."""

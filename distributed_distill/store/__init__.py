@@ -25,16 +25,35 @@ def verify_store(root: str | Path) -> str:
     return verify_sample_store(root) if is_sample_store(root) else verify_logit_store(root)
 
 
-def offline_data_source(cfg: Config) -> str | None:
-    """What an offline run trains on, as data.source names it: a sample store is its own source (its samples are the
-    documents), a logit store the source it was precomputed from. None when distill.store holds no readable manifest
-    (opening the store says why)."""
+def _manifest(cfg: Config) -> dict | None:
     try:
         manifest = json.loads((Path(cfg.distill.store).expanduser() / MANIFEST).read_text())
     except (OSError, ValueError):
         return None
-    if not isinstance(manifest, dict):
+    return manifest if isinstance(manifest, dict) else None
+
+
+def _source(manifest: dict | None, cfg: Config) -> str | None:
+    if manifest is None:
         return None
     if manifest.get("format") == SAMPLE_FORMAT:
         return cfg.distill.store
     return (manifest.get("data") or {}).get("source")
+
+
+def offline_data_source(cfg: Config) -> str | None:
+    """What an offline run trains on, as data.source names it: a sample store is its own source (its samples are the
+    documents), a logit store the source it was precomputed from. None when distill.store holds no readable manifest
+    (opening the store says why)."""
+    return _source(_manifest(cfg), cfg)
+
+
+def offline_sources(cfg: Config) -> list[str]:
+    """Every data.source an offline run may name without contradiction: offline_data_source, and for a sample store
+    also the source its prompts came from (the config that generated the samples, reused to train on them)."""
+    manifest = _manifest(cfg)
+    source = _source(manifest, cfg)
+    if source is None:
+        return []
+    prompts = ((manifest.get("prompts") or {}).get("data") or {}).get("source")
+    return [source, prompts] if manifest.get("format") == SAMPLE_FORMAT and isinstance(prompts, str) else [source]

@@ -16,7 +16,6 @@ from distributed_distill.data.batching import IGNORE_INDEX
 from distributed_distill.teacher import OnlineTeacher
 
 from .helpers import SMOKE
-from .test_on_policy import prompt_data  # noqa: F401 (a fixture: prompt/completion rows)
 
 VOCAB, SEQ = 97, 16
 # Tiny models of different depths and widths: student 2 blocks of 32, teacher 3 blocks of 48.
@@ -469,7 +468,7 @@ def test_deepspeed_students_train_their_projections(ddp_hints, student_dir, tmp_
 
 
 @pytest.mark.slow
-def test_on_policy_steps_take_the_hint_on_the_sampled_tokens(request, smoke_tokenizer, tmp_path):
+def test_on_policy_steps_take_the_hint_on_the_sampled_tokens(prompt_pairs, smoke_tokenizer, tmp_path):
     """On-policy steps (docs/hints.md: allowed): the teacher's states of the student's own samples, at the sampled
     positions the KD loss counts; the step optimises alpha x KD + the hint term (CE off, as on any on-policy step)."""
     from distributed_distill import cli
@@ -477,7 +476,7 @@ def test_on_policy_steps_take_the_hint_on_the_sampled_tokens(request, smoke_toke
     from .helpers import read_metrics
     from .test_on_policy import args as on_policy_args
 
-    out, data = tmp_path / "on-policy", request.getfixturevalue("prompt_data")
+    out, data = tmp_path / "on-policy", prompt_pairs
     overrides = ["distill.on_policy=1", "train.max_steps=2", "distill.hidden.layers=[[0,1],[final,final]]"]
     overrides += ["data.seq_len=96"]  # every prompt/completion row whole (96 + 32 new tokens: the models' 128)
     assert cli.main(["train", *on_policy_args(out, data, smoke_tokenizer, *overrides)]) == 0

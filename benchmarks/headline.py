@@ -21,7 +21,9 @@ difference to the CE-only student and to the forward-KL student of the same seed
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
+import os
 import statistics
 import sys
 import time
@@ -109,6 +111,10 @@ class Sizes:
     student_layers: int | None = None
     eval_prompts: int = 16
     overrides: list[str] = field(default_factory=list)
+    # Student runs at once. On a 2-core CPU two one-thread runs (OMP_NUM_THREADS=1, set by main) finish sooner than
+    # two-thread runs one after the other. The thread count can change a matmul's reduction order, so a run's last
+    # bits may differ from the same run with two threads; compare figures measured with the same --jobs.
+    jobs: int = 1
 
     def common(self) -> list[str]:
         """Overrides of every phase (the data: one tokenizer, one split)."""
@@ -204,23 +210,32 @@ def run(out: Path, sizes: Sizes, recipes: list[str]) -> list[dict]:
     models = {}
     previous = out / "headline.json"  # a rerun keeps the training times of the runs it does not repeat
     timings = json.loads(previous.read_text()).get("train_seconds", {}) if previous.is_file() else {}
-    for name in recipes:
+
+    def train(name: str, seed: int, work: Path) -> None:
         recipe = RECIPES[name]
-        for seed in range(sizes.seeds):
+        overrides = [*student, *common, f"train.seed={seed}"]
+        # FitNets' first stage: hints alone for a quarter of the student's steps.
+        stage = max(1, load_config(student_cfg, overrides).train.max_steps // 4)
+        fill = {"teacher": str(teacher_dir / "final"), "work": str(work), "hint_steps": stage}
+        t0 = time.perf_counter()
+        if recipe.prepare is not None:
+            recipe.prepare(student_cfg, teacher, work, overrides)
+        recipe_overrides = [o.format(**fill) for o in recipe.overrides]
+        run_distill(["train", "--config", student_cfg, f"output_dir={work}", teacher, *recipe_overrides, *overrides])
+        timings[f"{name}/seed{seed}"] = time.perf_counter() - t0
+
+    todo = []
+    for seed in range(sizes.seeds):  # seed by seed: an interrupted experiment has whole seeds done
+        for name in recipes:
             work = out / "students" / _slug(name) / f"seed{seed}"
-            overrides = [*student, *common, f"train.seed={seed}"]
-            # FitNets' first stage: hints alone for a quarter of the student's steps.
-            stage = max(1, load_config(student_cfg, overrides).train.max_steps // 4)
-            fill = {"teacher": str(teacher_dir / "final"), "work": str(work), "hint_steps": stage}
             if not (work / "final").is_dir():
-                t0 = time.perf_counter()
-                if recipe.prepare is not None:
-                    recipe.prepare(student_cfg, teacher, work, overrides)
-                recipe_overrides = [o.format(**fill) for o in recipe.overrides]
-                args = ["train", "--config", student_cfg, f"output_dir={work}", teacher, *recipe_overrides, *overrides]
-                run_distill(args)
-                timings[f"{name}/seed{seed}"] = time.perf_counter() - t0
-            models[f"{name}/seed{seed}"] = (name, seed, work / "final")
+                todo.append((name, seed, work))
+    with concurrent.futures.ThreadPoolExecutor(max(1, sizes.jobs)) as pool:
+        for done in [pool.submit(train, *job) for job in todo]:
+            done.result()  # the first failure stops the experiment with its exit status
+    for name in recipes:
+        for seed in range(sizes.seeds):
+            models[f"{name}/seed{seed}"] = (name, seed, out / "students" / _slug(name) / f"seed{seed}" / "final")
     results = out / "eval.json"
     eval_args = ["eval", "--config", student_cfg, teacher, *common, f"eval.prompts={sizes.eval_prompts}"]
     eval_args += ["--json", str(results), "--model", f"teacher={teacher_dir / 'final'}"]  # the reference row
@@ -267,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--student-layers", type=int)
     p.add_argument("--eval-prompts", type=int, default=16, help="held-out prompts for the generation metrics")
     p.add_argument("--recipes", nargs="+", choices=list(RECIPES), default=list(RECIPES), metavar="NAME")
+    p.add_argument("--jobs", type=int, default=1, help="student runs at once (each one thread when > 1)")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="applied to every run")
     a = p.parse_args(argv)
     sizes = Sizes(
@@ -280,7 +296,10 @@ def main(argv: list[str] | None = None) -> int:
         a.student_layers,
         a.eval_prompts,
         a.overrides,
+        a.jobs,
     )
+    if a.jobs > 1:
+        os.environ["OMP_NUM_THREADS"] = "1"  # inherited by every `distill` process
     run(Path(a.output_dir), sizes, a.recipes)
     return 0
 

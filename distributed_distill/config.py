@@ -358,6 +358,12 @@ class DistillConfig:
         None,
         "online teacher emits sparse top-k targets (ids, log-probs, tail mass) as an offline store holds; null = dense",
     )
+    samples: int | None = option(
+        None,
+        "online teacher emits sampled targets: N draws per position from its distribution at distill.temperature, kept "
+        "as unique ids with counts (an unbiased estimate of dense forward KL; forward_kl only), as a sampled store "
+        "holds; null = dense or top-k (docs/store.md)",
+    )
     top_k_tail: Literal["bucket", "renormalize"] = option(
         "bucket", "sparse targets: keep the mass outside the top-k as one bucket, or renormalise within the top-k"
     )
@@ -368,6 +374,16 @@ class DistillConfig:
         None, "logit store directory: written by `distill precompute`, read when distill.signal=offline"
     )
     store_top_k: int = option(64, "distill precompute: top-k kept per token when distill.top_k is null")
+    store_samples: int | None = option(
+        None,
+        "distill precompute: keep N sampled draws per token (unique ids with counts) instead of the top-k, when "
+        "distill.samples is null; null = top-k (docs/store.md)",
+    )
+    store_encoding: Literal["plain", "packed"] = option(
+        "plain",
+        "distill precompute: how targets are kept: plain (uint16/32 ids, float16 log-probs) or packed (ids bit-packed "
+        "at ceil(log2 V) bits, log-probs as 8-bit codes on a per-position scale, counts bit-packed; docs/store.md)",
+    )
     store_shard_rows: int = option(256, "distill precompute: packed sequences per Parquet shard (the unit of resume)")
     store_max_rows: int | None = option(
         None,
@@ -420,6 +436,21 @@ class DistillConfig:
             raise ConfigError(f"distill.top_k={self.top_k} must be >= 1 (or null for dense targets)")
         if self.top_k is not None and self.loss == "mse":
             raise ConfigError("distill.loss=mse compares logits and needs dense targets; unset distill.top_k")
+        for name in ("samples", "store_samples"):
+            n = getattr(self, name)
+            if n is not None and not 1 <= n <= 255:
+                raise ConfigError(f"distill.{name}={n} must be between 1 and 255 draws per position (or null)")
+        if self.samples is not None and self.top_k is not None:
+            raise ConfigError(
+                f"distill.samples={self.samples} and distill.top_k={self.top_k}: the teacher emits one kind of sparse "
+                "target; set one of them to null"
+            )
+        if self.samples is not None and self.loss != "forward_kl":
+            raise ConfigError(
+                f"distill.samples with distill.loss={self.loss}: sampled targets estimate forward KL only (the other "
+                "divergences need the teacher's probability of ids that were not drawn); use distill.loss=forward_kl "
+                "or top-k targets (distill.top_k)"
+            )
         if self.signal == "offline" and not self.store:
             raise ConfigError("distill.signal=offline needs distill.store (a directory made by `distill precompute`)")
         if self.signal == "offline" and self.loss == "mse":

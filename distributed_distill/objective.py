@@ -16,7 +16,15 @@ import torch.nn.functional as F
 from .config import DistillConfig
 from .data.batching import IGNORE_INDEX
 from .hidden import StepHints
-from .losses import LossOutput, TeacherTargets, chunked_distill_loss, hint_loss, kd_loss, sparse_kd_loss
+from .losses import (
+    LossOutput,
+    TeacherTargets,
+    chunked_distill_loss,
+    hint_loss,
+    kd_loss,
+    sampled_kd_loss,
+    sparse_kd_loss,
+)
 from .models import AlignedHead, forward_states
 from .teacher import TeacherSource
 
@@ -91,7 +99,18 @@ def forward_losses(
     ce_sum = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
     kd_sum = logits.new_zeros((), dtype=torch.float32)
     stats = {}
-    if want_kd and targets.sparse:
+    if want_kd and targets.sampled:
+        kd_sum = sampled_kd_loss(
+            logits,
+            targets.ids,
+            targets.counts,
+            labels,
+            teacher_entropy=targets.entropy,
+            kind=dcfg.loss,
+            temperature=dcfg.temperature,
+            reduction="sum",
+        )
+    elif want_kd and targets.sparse:
         kd_sum = sparse_kd_loss(
             logits,
             targets.ids,

@@ -1,6 +1,8 @@
-"""`distill precompute`: run the teacher once over the data and keep its top-k targets in a logit store.
+"""`distill precompute`: run the teacher once over the data and keep its targets (top-k, or sampled draws) in a
+logit store.
 
     distill precompute --config configs/smoke.yaml distill.store=stores/smoke [distill.store_top_k=64]
+    distill precompute --config ... distill.store_samples=16 distill.store_encoding=packed   # sampled, packed
     ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 -m distributed_distill.cli \\
         precompute --config configs/smoke.yaml distill.store=stores/smoke
     torchrun --nproc_per_node 8 -m distributed_distill.cli precompute --config ... # one per node under SLURM
@@ -11,8 +13,9 @@ validation rows), dealt round-robin to the ranks by the store writer (store/writ
 the manifest); this module holds only the plan (what determines the store's content) and the work of one shard.
 Each shard is computed from the same batches whatever the number of processes, so the store is byte-identical.
 
-The targets come from the same teacher source an online run uses (`teacher.setup_teacher` with `distill.top_k`),
-so an offline run with the store and an online run with that top_k see the same values.
+The targets come from the same teacher source an online run uses (`teacher.setup_teacher` with `distill.top_k` or
+`distill.samples`), so an offline run with a plain store and an online run with that top_k (or samples) see the
+same values; a packed store adds only its stated rounding (store/encoding.py).
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ def precompute(cfg: Config, part: tuple[int, int] | None = None) -> dict:
         layout = shard_layout(
             len(train_ds), len(val_ds), cfg.train.seed, distill.store_shard_rows, distill.store_max_rows
         )
-        work = TopKWork(plan, {"train": train_ds, "validation": val_ds}, content["top_k"])
+        work = TargetsWork(plan, {"train": train_ds, "validation": val_ds}, content)
         job = writer.StoreJob(accelerator, Path(distill.store), "distill.store", content, layout, part, started)
         return job.run(work)
 
@@ -61,7 +64,7 @@ def logit_store_plan(plan: RunPlan, n_train: int, n_val: int) -> dict:
         # padding rows beyond them never enter the top-k).
         "vocab_size": len(tokenizer),
         "teacher_vocab_rows": plan.teacher_config.vocab_size,
-        "top_k": min(distill.top_k or distill.store_top_k, len(tokenizer)),
+        **store_targets_plan(distill, len(tokenizer)),
         "temperature": distill.temperature,
         "seq_len": cfg.data.seq_len,
         "logprob_dtype": "float16",
@@ -72,6 +75,17 @@ def logit_store_plan(plan: RunPlan, n_train: int, n_val: int) -> dict:
         "shard_rows": distill.store_shard_rows,
         "split_rows": {"train": min(n_train, distill.store_max_rows or n_train), "validation": n_val},
     }
+
+
+def store_targets_plan(distill, vocab_size: int) -> dict:
+    """What the store keeps (format version 2, encoding.py): sampled draws when distill.samples (or, for precompute
+    alone, distill.store_samples) is set and distill.top_k is not, else the top-k; in distill.store_encoding. The
+    draws are seeded by train.seed and each row's token ids (teacher.row_seed)."""
+    draws = distill.samples or (None if distill.top_k else distill.store_samples)
+    if draws:
+        return {"targets": "sampled", "samples": draws, "top_k": None, "encoding": distill.store_encoding}
+    k = min(distill.top_k or distill.store_top_k, vocab_size)
+    return {"targets": "top_k", "top_k": k, "samples": None, "encoding": distill.store_encoding}
 
 
 def shard_layout(
@@ -90,13 +104,15 @@ def shard_layout(
     return layout
 
 
-class TopKWork:
-    """The work of one logit-store shard: the teacher's top-k targets of its packed rows, a micro-batch at a time."""
+class TargetsWork:
+    """The work of one logit-store shard: the teacher's targets (top-k or sampled) of its packed rows, a micro-batch
+    at a time."""
 
     counted = "tokens"
 
-    def __init__(self, plan: RunPlan, splits: dict, top_k: int):
-        self.plan, self.splits, self.top_k = plan, splits, top_k
+    def __init__(self, plan: RunPlan, splits: dict, content: dict):
+        self.plan, self.splits = plan, splits
+        self.top_k, self.samples, self.encoding = content["top_k"], content["samples"], content["encoding"]
         self.batch_size = plan.cfg.train.micro_batch_size
         self.device = plan.accelerator.device
         self.teacher = None
@@ -115,6 +131,7 @@ class TopKWork:
             top_k=self.top_k,
             temperature=cfg.distill.temperature,
             chunk_size=self.plan.given.distill.chunk_size,
+            samples=self.samples,
         )
 
     def shard(self, name: str, rows: list[int]) -> tuple[pa.Table, dict]:
@@ -126,7 +143,14 @@ class TopKWork:
             targets = self.teacher.targets({k: v.to(self.device) for k, v in batch.items()})
             tables.append(
                 encode_logit_rows(
-                    batch_rows, batch["input_ids"], batch["labels"], targets, self.plan.vocab, batch.get("position_ids")
+                    batch_rows,
+                    batch["input_ids"],
+                    batch["labels"],
+                    targets,
+                    self.plan.vocab,
+                    batch.get("position_ids"),
+                    self.encoding,
+                    self.samples,
                 )
             )
         table = pa.concat_tables(tables)

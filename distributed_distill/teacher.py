@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import json
 import os
 import socket
@@ -99,12 +100,86 @@ def topk_of_logits(logits: torch.Tensor, k: int, temperature: float) -> TeacherT
     return TeacherTargets(ids=idx, logprobs=top - lse[:, None], tail_logmass=tail)
 
 
+def row_seed(seed: int, input_ids: torch.Tensor) -> int:
+    """The draw seed of one sequence [S]: a pure function of the run's seed and the sequence's token ids (its store
+    row hash), so the draws do not depend on the batch, the rank, the process count or whether the row is read from a
+    store or scored online."""
+    from .store.format import row_hash  # (the format core: numpy and pyarrow only)
+
+    digest = hashlib.blake2b(f"{seed}:{row_hash(input_ids.cpu().numpy())}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+@torch.no_grad()
+def sampled_targets(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    draws: int,
+    temperature: float,
+    seeds: Sequence[int],
+    chunk_size: int = 1024,
+) -> TeacherTargets:
+    """Sampled targets (Sparse Logit Sampling, Anshumann et al. 2025) from final hidden states [N, H] of len(seeds)
+    sequences of N / len(seeds) positions each: per position `draws` ids drawn with replacement from softmax(logits
+    / T), kept as the unique ids (`ids` [N, draws], ascending, padded with the first id) with their normalised counts
+    (`counts` [N, draws], summing to 1, 0 for padding), and the distribution's entropy (`entropy` [N], nats).
+
+    Inverse-CDF sampling: the uniforms of a sequence come from a CPU generator seeded with its `seeds` entry
+    (`row_seed`), one row of `draws` per position, and are drawn before any logits exist, so the ids do not depend
+    on chunk_size, the batch or the device that computes the logits. Counts are exact; the entropy is rounded
+    through float16 as a store keeps it, so an online run trains on the values an offline run reads back."""
+    n = hidden.shape[0]
+    per_row = n // max(len(seeds), 1)
+    if per_row * len(seeds) != n:
+        raise ValueError(f"{n} positions are not {len(seeds)} sequences of equal length")
+    uniforms = torch.cat(
+        [torch.rand(per_row, draws, generator=torch.Generator().manual_seed(s), dtype=torch.float64) for s in seeds]
+    ).to(hidden.device)
+    w, b = weight.float(), None if bias is None else bias.float()
+    ids, counts, entropy = [], [], []
+    for start in range(0, n, max(1, chunk_size)):
+        logits = F.linear(hidden[start : start + chunk_size].float(), w, b)
+        if temperature != 1.0:
+            logits.div_(temperature)
+        logp = logits.log_softmax(-1)
+        p = logp.exp()
+        entropy.append(-(p * logp).sum(-1))
+        del logp
+        cdf = p.cumsum_(-1)  # float32: the last entry is 1 up to ~1e-6, so the uniforms are scaled by it
+        u = uniforms[start : start + chunk_size].to(cdf.dtype) * cdf[:, -1:]
+        drawn = torch.searchsorted(cdf, u).clamp_(max=cdf.shape[-1] - 1)
+        del cdf, p
+        chunk_ids, chunk_counts = unique_counts(drawn)
+        ids.append(chunk_ids)
+        counts.append(chunk_counts)
+    return TeacherTargets(
+        ids=torch.cat(ids), counts=torch.cat(counts), entropy=torch.cat(entropy).to(torch.float16).float()
+    )
+
+
+def unique_counts(drawn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of draws [N, d]: the unique ids ascending [N, d] (padded with the row's first id) and their counts / d
+    [N, d] float32 (0 for padding)."""
+    d = drawn.shape[-1]
+    srt = drawn.sort(-1).values
+    new = torch.ones_like(srt, dtype=torch.bool)
+    new[:, 1:] = srt[:, 1:] != srt[:, :-1]
+    slot = new.long().cumsum(-1) - 1  # which unique id each draw is
+    ids = srt[:, :1].expand(-1, d).clone()
+    ids.scatter_(1, slot, srt)  # every draw writes its id into its slot (equal ids, equal values)
+    counts = torch.zeros(srt.shape, dtype=torch.float32, device=srt.device)
+    counts.scatter_add_(1, slot, torch.full(srt.shape, 1.0 / d, device=srt.device))
+    return ids, counts
+
+
 class OnlineTeacher:
     """A frozen model run on every micro-batch: eval mode, no gradients, no optimizer, never passed to
     `accelerator.prepare` (so never part of a checkpoint). This is the `replicated` engine: every rank holds
     the whole teacher.
 
-    With `top_k`, it emits the same sparse targets an offline store holds (see `topk_targets`).
+    With `top_k` (or `samples`), it emits the same sparse targets an offline store holds (see `topk_targets`,
+    `sampled_targets`).
     """
 
     engine = "replicated"
@@ -117,6 +192,8 @@ class OnlineTeacher:
         temperature: float = 1.0,
         chunk_size: int = 1024,
         vocab: int | None = None,
+        samples: int | None = None,
+        sample_seed: int = 0,
     ):
         self.model = model.eval().requires_grad_(False)
         # Only the tokenizer's rows of the output layer are compared (models.check_model_configs); None = all rows.
@@ -124,6 +201,7 @@ class OnlineTeacher:
         self.runner = self.model  # what the forward calls: the model itself, or an engine wrapping it
         self.identity = identity
         self.top_k, self.temperature, self.chunk_size = top_k, temperature, chunk_size
+        self.samples, self.sample_seed = samples, sample_seed
 
     @torch.no_grad()
     def targets(self, batch: dict, layers: Sequence[int] = ()) -> TeacherTargets:
@@ -141,6 +219,11 @@ class OnlineTeacher:
                 found = topk_targets(
                     hidden, weight, bias, self.top_k, self.temperature, self.chunk_size, store_dtype=torch.float16
                 )
+                found.hidden_states = hidden_states
+                return found
+            if self.samples:
+                seeds = [row_seed(self.sample_seed, row) for row in batch["input_ids"]]
+                found = sampled_targets(hidden, weight, bias, self.samples, self.temperature, seeds, self.chunk_size)
                 found.hidden_states = hidden_states
                 return found
             return TeacherTargets(hidden=hidden, weight=weight, bias=bias, hidden_states=hidden_states)
@@ -204,7 +287,7 @@ class Zero3Teacher(OnlineTeacher):
         params = [p for p in (module.weight, getattr(module, "bias", None)) if p is not None]
         with deepspeed.zero.GatheredParameters(params):
             head = models.AlignedHead(module, self.vocab)
-            if self.top_k:
+            if self.top_k or self.samples:
                 yield head.weight, head.bias
             else:
                 # Copies: the gathered storage is freed when the context exits, before the loss runs.
@@ -332,16 +415,27 @@ def setup_teacher(
     top_k: int | None = None,
     temperature: float = 1.0,
     chunk_size: int | str = "auto",
+    samples: int | None = None,
 ) -> OnlineTeacher:
     """The frozen teacher: eval mode, no gradients, no optimizer, kept out of `accelerator.prepare` (never in a
     checkpoint; its identity goes to the run directory), and called by every rank once per micro-batch.
 
     `seed`: the run's (an `arch` teacher is built with `init_seed(seed)`); `vocab` (the tokenizer's length): how many
     rows of its output layer are compared with the student's, None = all; `top_k`: emit sparse top-k targets at
-    `temperature` (None = dense); `chunk_size`: distill.chunk_size, rows per chunk of its own top-k projection
-    (chunked even when the loss takes the naive path, 0)."""
+    `temperature` (None = dense); `samples`: emit sampled targets of that many draws per position instead (seeded
+    per sequence from `seed`, `sampled_targets`); `chunk_size`: distill.chunk_size, rows per chunk of its own
+    top-k or sampled projection (chunked even when the loss takes the naive path, 0)."""
     text = teacher_config.get_text_config()
     rows = resolve_chunk_size(chunk_size or "auto", text.vocab_size, text.hidden_size, device)
     return ENGINES[tcfg.engine](
-        tcfg, teacher_config, device, seed, top_k=top_k, temperature=temperature, chunk_size=rows, vocab=vocab
+        tcfg,
+        teacher_config,
+        device,
+        seed,
+        top_k=top_k,
+        temperature=temperature,
+        chunk_size=rows,
+        vocab=vocab,
+        samples=samples,
+        sample_seed=seed,
     )

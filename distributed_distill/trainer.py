@@ -129,6 +129,7 @@ def setup_online_teacher(plan: RunPlan) -> TeacherSource | None:
         top_k=cfg.distill.top_k,
         temperature=cfg.distill.temperature,
         chunk_size=cfg.distill.chunk_size,
+        samples=cfg.distill.samples,
     )
 
 

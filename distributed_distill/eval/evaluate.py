@@ -192,8 +192,10 @@ def generate_metrics(
     world, rank = accelerator.num_processes, accelerator.process_index
     n = len(held_out.prompts)
     sums = torch.zeros(len(GEN_SUMS), dtype=torch.float64, device=accelerator.device)
-    # An offline teacher (a store) has no targets for new text; a sparse one no probability outside its top k.
-    scorer = teacher if teacher is not None and getattr(teacher, "top_k", 1) is None else None
+    # An offline teacher (a store) has no targets for new text; a sparse one no probability outside its top k (or
+    # outside its draws).
+    dense = getattr(teacher, "top_k", 1) is None and getattr(teacher, "samples", None) is None
+    scorer = teacher if teacher is not None and dense else None
     # This rank's prompts, greedy, batch_size at a time (a row's tokens do not depend on its batch: generation.py).
     mine = list(range(rank, n, world))
     pad = held_out.sampling.pad_id

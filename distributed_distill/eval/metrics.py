@@ -19,12 +19,22 @@ import torch
 import torch.nn.functional as F
 
 from ..data.batching import IGNORE_INDEX
-from ..losses import TeacherTargets, kd_loss, sparse_kd_loss
+from ..losses import TeacherTargets, kd_loss, sampled_kd_loss, sparse_kd_loss
 
 # The per-token sums kept for every validation token, in this order, then 3 x bins calibration sums (count,
-# confidence, correct per bin). `teacher_tokens` counts the tokens the KL sums cover (0 without a teacher, or for
-# sparse targets at a temperature other than 1, whose KL at T=1 is unknown); `agreement_tokens` those with agreement.
-TOKEN_SUMS = ("tokens", "forward_kl", "reverse_kl", "kl_tokens", "top1_agreement", "agreement_tokens")
+# confidence, correct per bin). `kl_tokens` counts the tokens the forward-KL sum covers, `reverse_kl_tokens` those
+# the reverse-KL sum covers (both 0 without a teacher, or for sparse or sampled targets at a temperature other than
+# 1, whose KL at T=1 is unknown; sampled targets have no reverse KL, and a forward one only with their entropy);
+# `agreement_tokens` those with agreement.
+TOKEN_SUMS = (
+    "tokens",
+    "forward_kl",
+    "reverse_kl",
+    "kl_tokens",
+    "top1_agreement",
+    "agreement_tokens",
+    "reverse_kl_tokens",
+)
 
 
 @torch.no_grad()
@@ -43,6 +53,10 @@ def token_sums(
     Calibration of the student's next-token probabilities: per equal-width confidence bin, the number of tokens, the
     sum of the top-1 probability and the number whose top-1 token is the label. Sparse (top-k) targets give the KL
     of the k ids plus the tail bucket, as the loss compares them, and only at the temperature they were taken at 1.
+    Sampled targets (ids with counts) give forward KL only, as the loss's unbiased estimate -H - sum_i w_i log p_S
+    (sampled_kd_loss), and only when taken at temperature 1 and given with their entropy (without it the estimate
+    is of the cross-entropy, not of KL); reverse KL needs p_T at ids not drawn, so its tokens are not counted and
+    val_reverse_kl is not reported. Their top-1 agreement is with the most drawn id (ties: the first of the ids).
     """
     keep = labels != ignore_index
     s = student_logits[keep].float()
@@ -53,19 +67,25 @@ def token_sums(
     if n == 0:
         return out
     if teacher is not None and teacher.present:
-        if teacher.sparse:
+        if teacher.sampled:
+            ids, w = teacher.ids[keep], teacher.counts[keep]
+            if teacher_temperature == 1.0 and teacher.entropy is not None:
+                out[1] = sampled_kd_loss(s, ids, w, teacher_entropy=teacher.entropy[keep], reduction="sum")
+                out[3] = n
+            teacher_top = ids.gather(1, w.argmax(-1, keepdim=True)).squeeze(1)
+        elif teacher.sparse:
             ids, lp = teacher.ids[keep], teacher.logprobs[keep]
             tail = None if teacher.tail_logmass is None else teacher.tail_logmass[keep]
             if teacher_temperature == 1.0:
                 for i, kind in ((1, "forward_kl"), (2, "reverse_kl")):
                     out[i] = sparse_kd_loss(s, ids, lp, kind=kind, reduction="sum", teacher_tail_logmass=tail)
-                out[3] = n
+                out[3] = out[6] = n
             teacher_top = ids[:, 0]  # top-k ids are sorted: the first is the teacher's most likely token
         else:
             t = teacher.dense_logits()[keep].float()
             for i, kind in ((1, "forward_kl"), (2, "reverse_kl")):
                 out[i] = kd_loss(s, t, kind=kind, reduction="sum")
-            out[3] = n
+            out[3] = out[6] = n
             teacher_top = t.argmax(-1)
         out[4] = (s.argmax(-1) == teacher_top).sum()
         out[5] = n
@@ -89,7 +109,8 @@ def token_means(sums: list[float], bins: int) -> dict[str, float]:
     result["val_accuracy"] = sum(correct) / tokens
     if named["kl_tokens"]:
         result["val_forward_kl"] = named["forward_kl"] / named["kl_tokens"]
-        result["val_reverse_kl"] = named["reverse_kl"] / named["kl_tokens"]
+    if named["reverse_kl_tokens"]:
+        result["val_reverse_kl"] = named["reverse_kl"] / named["reverse_kl_tokens"]
     if named["agreement_tokens"]:
         result["val_top1_agreement"] = named["top1_agreement"] / named["agreement_tokens"]
     return result

@@ -1,10 +1,13 @@
-"""Knowledge-distillation objectives: dense, sparse (top-k) and chunked from hidden states.
+"""Knowledge-distillation objectives: dense, sparse (top-k), sampled and chunked from hidden states.
 
-Three entry points, one set of definitions (docs/losses.md has the formulas and figures):
+Four entry points, one set of definitions (docs/losses.md has the formulas and figures):
 
 - ``kd_loss(student_logits, teacher_logits, labels)``: both distributions materialised as logits.
 - ``sparse_kd_loss(student_logits, teacher_ids, teacher_logprobs, labels)``: the teacher is given as
   its top-k log-probabilities (offline store, or an online teacher that emits sparse targets).
+- ``sampled_kd_loss(student_logits, teacher_ids, teacher_counts, labels)``: the teacher is given as draws
+  from p_T, kept as unique ids with normalised counts (Sparse Logit Sampling, Anshumann et al., 2025): an
+  unbiased estimate of forward KL, in value and gradient.
 - ``chunked_distill_loss(student_hidden, student_weight, labels, ...)``: KD + cross-entropy straight
   from the student's final hidden states and lm_head weight, ``chunk_size`` tokens at a time, so no
   ``[N, V]`` float32 tensor is ever alive, in the forward or the backward pass.
@@ -58,6 +61,14 @@ def _check_tail(tail: str, kind: str) -> None:
         raise ValueError(f"tail must be one of {TAILS}, got {tail!r}")
     if kind == "mse":
         raise ValueError("kind 'mse' compares logits and is not defined for sparse (top-k) teacher targets")
+
+
+def _check_sampled(kind: str) -> None:
+    if kind != "forward_kl":
+        raise ValueError(
+            f"sampled teacher targets support kind 'forward_kl' only, got {kind!r}: the other divergences need p_T "
+            "at ids that were not drawn, which samples do not estimate without bias"
+        )
 
 
 def _check_labels(labels: torch.Tensor | None, leading_shape: torch.Size, what: str) -> None:
@@ -236,6 +247,21 @@ def _sparse_student_logits(s: torch.Tensor, ids: torch.Tensor, tail: str) -> tup
 
 
 # --------------------------------------------------------------------------------------------
+# sampled targets (unique drawn ids with normalised counts)
+
+
+def _sampled_rows(ls: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, entropy: torch.Tensor | None) -> torch.Tensor:
+    """Per-position forward-KL estimate -H - sum_i w_i ls[ids_i]: ls [n, V], ids/w [n, m], entropy [n] -> [n].
+
+    E[w] = p_T over the draws, so E[-sum w ls[ids]] = H(p_T, p_S) and the estimate of KL(p_T || p_S) is unbiased;
+    without the entropy it is the cross-entropy estimate (KL + H(p_T): the same gradient, a constant apart).
+    Padding entries (w = 0, any valid id) add 0: ls is clamped at _NEG, so 0 * ls is never NaN.
+    """
+    cross = -(ls.gather(-1, ids) * w).sum(-1)
+    return cross if entropy is None else cross - entropy
+
+
+# --------------------------------------------------------------------------------------------
 # public: materialised logits
 
 
@@ -347,6 +373,56 @@ def sparse_kd_loss(
     return _reduce(rows.sum(), count, temperature, reduction)
 
 
+def sampled_kd_loss(
+    student_logits: torch.Tensor,
+    teacher_ids: torch.Tensor,
+    teacher_counts: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    *,
+    teacher_entropy: torch.Tensor | None = None,
+    kind: str = "forward_kl",
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Forward KL against a teacher given as draws from p_T = softmax(teacher / T) (Sparse Logit Sampling).
+
+    student_logits: [..., V]. teacher_ids: int [..., m], the unique ids drawn per position; teacher_counts:
+    [..., m], their normalised counts w = count / draws (a row with fewer than m unique ids is padded with
+    w = 0 and any valid id). teacher_entropy: optional [...], H(p_T) in nats at the same temperature T.
+    Per position the value is -H - sum_i w_i log p_S(ids_i), whose expectation over the draws is
+    KL(p_T || p_S) exactly, and its gradient w.r.t. the student logits at temperature, p_S * sum(w) - w
+    (p_S - w: the weights sum to 1), has expectation p_S - p_T, the dense gradient. Without teacher_entropy
+    the value omits -H: the cross-entropy estimate, KL + H(p_T), with the same gradient.
+    Only kind "forward_kl" (any other raises ValueError: it needs p_T at ids that were not drawn).
+    Reduction, masking and the T^2 factor as in kd_loss. Plain autograd code: the reference of the chunked path.
+    """
+    _check_args(kind, temperature, 0.5, 0.1, reduction)
+    _check_sampled(kind)
+    lead = student_logits.shape[:-1]
+    if teacher_ids.shape[:-1] != lead or teacher_counts.shape != teacher_ids.shape:
+        raise ValueError(
+            f"teacher_ids {tuple(teacher_ids.shape)} and teacher_counts {tuple(teacher_counts.shape)} "
+            f"must both be [..., m] with leading shape {tuple(lead)}"
+        )
+    if teacher_entropy is not None and teacher_entropy.shape != lead:
+        raise ValueError(f"teacher_entropy {tuple(teacher_entropy.shape)} must have shape {tuple(lead)}")
+    _check_labels(labels, lead, "logits")
+    vocab, m = student_logits.shape[-1], teacher_ids.shape[-1]
+    (s, ids, w, entropy), count = _select_counted(
+        labels,
+        ignore_index,
+        student_logits.reshape(-1, vocab),
+        teacher_ids.reshape(-1, m).long(),
+        teacher_counts.reshape(-1, m),
+        None if teacher_entropy is None else teacher_entropy.reshape(-1),
+    )
+    ls = _log_softmax(s, temperature)
+    entropy = None if entropy is None else entropy.detach().to(ls.dtype)
+    rows = _sampled_rows(ls, ids, w.detach().to(ls.dtype), entropy)
+    return _reduce(rows.sum(), count, temperature, reduction)
+
+
 # --------------------------------------------------------------------------------------------
 # public: chunked from hidden states
 
@@ -412,7 +488,11 @@ class TeacherTargets:
         chunked loss computes logits chunk by chunk, so no [N, V] tensor exists;
       dense, materialised: `logits` [N, V];
       sparse top-k: `ids` [N, k], `logprobs` [N, k] (log-softmax at the teacher temperature), optionally
-        `tail_logmass` [N] (log of the probability outside the top k).
+        `tail_logmass` [N] (log of the probability outside the top k);
+      sampled (Sparse Logit Sampling): `ids` [N, m], the unique ids of draws from softmax(logits / T), with
+        `counts` [N, m] float32, their normalised counts w = count / draws (E[w] = p_T; a row with fewer than m
+        unique ids is padded with weight 0 and any valid id), optionally `entropy` [N] float32, H(p_T) in nats at
+        the temperature (without it the loss is the cross-entropy estimate: KL + H(p_T), the same gradient).
 
     Besides any form, an online teacher asked for them carries `hidden_states`: hidden-state index -> [N, Ht], the
     teacher's intermediate states at the same N positions (the hint loss's targets, hints.py).
@@ -425,6 +505,8 @@ class TeacherTargets:
     ids: torch.Tensor | None = None
     logprobs: torch.Tensor | None = None
     tail_logmass: torch.Tensor | None = None
+    counts: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None
     hidden_states: dict[int, torch.Tensor] | None = None
 
     @property
@@ -433,10 +515,18 @@ class TeacherTargets:
 
     @property
     def sparse(self) -> bool:
-        return self.ids is not None
+        """Top-k targets (ids with log-probabilities); sampled ones are not."""
+        return self.ids is not None and self.counts is None
+
+    @property
+    def sampled(self) -> bool:
+        """Sampled targets (ids with normalised counts)."""
+        return self.counts is not None
 
     def loss_kwargs(self) -> dict:
         """Keyword arguments of `chunked_distill_loss` for this signal."""
+        if self.sampled:
+            return dict(teacher_ids=self.ids, teacher_counts=self.counts, teacher_entropy=self.entropy)
         if self.sparse:
             return dict(teacher_ids=self.ids, teacher_logprobs=self.logprobs, teacher_tail_logmass=self.tail_logmass)
         if self.logits is not None:
@@ -522,6 +612,7 @@ def _chunk_objective(
     rows: the chunk's rows in the teacher tensors. Returns (kd_sum = sum of divergences * T^2,
     ce_sum, dz [c, V] float32 or None, stats sums). The buffers are ordered so that forward_kl
     holds three [c, V] float32 tensors at its peak (z, teacher log-probs, p_T); buffers are reused.
+    Sampled targets hold two (z, as log p_S and then the CE gradient, and p_S for the KD gradient).
     """
     vocab, T = z.shape[-1], spec.temperature
     lse = z.logsumexp(-1)
@@ -549,6 +640,26 @@ def _chunk_objective(
             teacher_top1 = ids.gather(1, lt_k.argmax(-1, keepdim=True)).squeeze(1)
             stats["teacher_entropy"] = _entropy(lt.exp(), lt).sum()
             stats["topk_mass"] = lt_k.logsumexp(-1).exp().sum()
+        elif teacher.sampled:
+            ids = _rows(teacher.ids, rows)
+            w = _rows(teacher.counts, rows).float()
+            entropy = None if teacher.entropy is None else _rows(teacher.entropy, rows).float()
+            teacher_top1 = ids.gather(1, w.argmax(-1, keepdim=True)).squeeze(1)  # the most drawn id
+            if entropy is not None:
+                stats["teacher_entropy"] = entropy.sum()
+            # log_softmax(z / T) in z's own buffer, as the dense path; the CE gradient below recovers softmax(z)
+            if T != 1.0:
+                z.div_(T)
+            lse_t = lse if T == 1.0 else z.logsumexp(-1)
+            ls = z.sub_(lse_t[:, None]).clamp_min_(_NEG)
+            z_holds_log_softmax_at_t = True
+            value = _sampled_rows(ls, ids, w, entropy)
+            if want_grad and kd_scale != 0.0:
+                # d/ds of -sum_i w_i ls[ids_i] = p_S * sum(w) - w: p_S - w for weights that sum to 1, and exactly
+                # the value's gradient whatever rounding left. scatter_add (in the combination below), not
+                # scatter: a padding id repeats a real one, and its 0 must add to, not overwrite, that weight.
+                grad_kd = torch.exp(ls).mul_(w.sum(-1, keepdim=True))
+                grad_at_ids = (ids, w.neg())
         else:
             t = _teacher_logits_chunk(teacher, rows, spec.teacher_mm_dtype)
             teacher_top1 = t.argmax(-1)
@@ -681,6 +792,8 @@ def _chunk_targets(teacher: TeacherTargets, rows: slice | torch.Tensor) -> Teach
         ids=_rows(teacher.ids, rows),
         logprobs=_rows(teacher.logprobs, rows),
         tail_logmass=_rows(teacher.tail_logmass, rows),
+        counts=_rows(teacher.counts, rows),
+        entropy=_rows(teacher.entropy, rows),
     )
 
 
@@ -747,6 +860,8 @@ class _ChunkedDistill(torch.autograd.Function):
 def _stat_names(teacher: TeacherTargets) -> tuple[str, ...]:
     if not teacher.present:
         return ()
+    if teacher.sampled:  # the given entropy, so none without it (a sum of zeros would read as a certain teacher)
+        return (("teacher_entropy",) if teacher.entropy is not None else ()) + ("top1_agreement",)
     return ("teacher_entropy", "top1_agreement") + (("topk_mass",) if teacher.sparse else ("teacher_logprob",))
 
 
@@ -758,8 +873,19 @@ def _teacher_rows(n: int, t: TeacherTargets) -> TeacherTargets:
         raise ValueError(f"give at most one teacher source, got {', '.join(given)}")
     if t.hidden is not None and t.weight is None:
         raise ValueError("teacher_hidden needs teacher_weight (the teacher's lm_head weight)")
-    if (t.ids is None) != (t.logprobs is None):
-        raise ValueError("sparse targets need both teacher_ids and teacher_logprobs")
+    if t.counts is not None and t.logprobs is not None:
+        raise ValueError("give teacher_logprobs (top-k targets) or teacher_counts (sampled targets), not both")
+    if t.ids is not None and t.logprobs is None and t.counts is None:
+        raise ValueError("teacher_ids need teacher_logprobs (top-k targets) or teacher_counts (sampled targets)")
+    if t.ids is None and (t.logprobs is not None or t.counts is not None):
+        what = "teacher_logprobs" if t.logprobs is not None else "teacher_counts"
+        raise ValueError(f"{what} need teacher_ids")
+    if t.counts is not None and t.counts.shape != t.ids.shape:
+        raise ValueError(
+            f"teacher_counts {tuple(t.counts.shape)} must have the shape of teacher_ids {tuple(t.ids.shape)}"
+        )
+    if t.entropy is not None and t.counts is None:
+        raise ValueError("teacher_entropy is for sampled targets: it needs teacher_ids and teacher_counts")
 
     def rows(x: torch.Tensor | None, *shape: int) -> torch.Tensor | None:
         return None if x is None else x.detach().reshape(n, *shape)
@@ -773,6 +899,8 @@ def _teacher_rows(n: int, t: TeacherTargets) -> TeacherTargets:
         ids=None if t.ids is None else t.ids.reshape(n, k).long(),
         logprobs=rows(t.logprobs, k) if k is not None else None,
         tail_logmass=rows(t.tail_logmass),
+        counts=rows(t.counts, k) if k is not None else None,
+        entropy=rows(t.entropy),
     )
 
 
@@ -789,6 +917,8 @@ def chunked_distill_loss(
     teacher_ids: torch.Tensor | None = None,
     teacher_logprobs: torch.Tensor | None = None,
     teacher_tail_logmass: torch.Tensor | None = None,
+    teacher_counts: torch.Tensor | None = None,
+    teacher_entropy: torch.Tensor | None = None,
     kind: str = "forward_kl",
     temperature: float = 1.0,
     beta: float = 0.5,
@@ -805,15 +935,18 @@ def chunked_distill_loss(
     student_hidden: [N, H] or [B, S, H]; student_weight: [V, H] (lm_head); student_bias: [V];
     labels: [N] or [B, S], aligned with the hidden states (the caller shifts).
     Teacher, at most one of: teacher_hidden [N, Ht] + teacher_weight [V, Ht] (+ teacher_bias), whose
-    logits are computed per chunk; teacher_logits [N, V]; or teacher_ids / teacher_logprobs [N, k]
-    (+ teacher_tail_logmass [N]) as in sparse_kd_loss. No teacher: kd_sum is 0 (CE only).
+    logits are computed per chunk; teacher_logits [N, V]; teacher_ids / teacher_logprobs [N, k]
+    (+ teacher_tail_logmass [N]) as in sparse_kd_loss; or teacher_ids / teacher_counts [N, m] (+ teacher_entropy
+    [N]) as in sampled_kd_loss (kind forward_kl only). No teacher: kd_sum is 0 (CE only).
 
-    Returns LossOutput with kd_sum == kd_loss(logits, ..., reduction="sum") (or sparse_kd_loss),
+    Returns LossOutput with kd_sum == kd_loss(logits, ..., reduction="sum") (or sparse_kd_loss, sampled_kd_loss),
     ce_sum == F.cross_entropy(logits, labels, reduction="sum"), where logits = hidden @ weight.T +
     bias, and stats: detached sums over counted positions of "teacher_entropy" (of the compared
     teacher distribution), "top1_agreement" (student argmax == teacher argmax) and, for sparse
     targets, "topk_mass" (teacher probability inside the top-k), for dense ones "teacher_logprob" (the
-    teacher's log-probability of the label at temperature 1); empty without a teacher.
+    teacher's log-probability of the label at temperature 1); empty without a teacher. Sampled targets give
+    "top1_agreement" against the most drawn id (ties: the first of the ids) and "teacher_entropy" (the given
+    entropy) only when teacher_entropy is given.
 
     (a * kd_sum + b * ce_sum).backward() is exact for any a, b; it is cheapest (no recomputation)
     when (a, b) is proportional to (kd_weight, ce_weight), so pass the weights you will use.
@@ -840,10 +973,14 @@ def chunked_distill_loss(
         ids=teacher_ids,
         logprobs=teacher_logprobs,
         tail_logmass=teacher_tail_logmass,
+        counts=teacher_counts,
+        entropy=teacher_entropy,
     )
     teacher = _teacher_rows(n, given)
     if teacher.sparse:
         _check_tail(tail, kind)
+    if teacher.sampled:
+        _check_sampled(kind)
     device = student_hidden.device.type
     autocast_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
     mm_dtype = autocast_dtype or torch.promote_types(student_hidden.dtype, student_weight.dtype)

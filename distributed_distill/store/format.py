@@ -121,9 +121,9 @@ def finished_shard(root: Path, name: str, config_hash: str, rows: int) -> dict |
     return sidecar
 
 
-def read_manifest(root: str | Path, fmt: str, version: int, command: str) -> dict:
+def read_manifest(root: str | Path, fmt: str, version: int, command: str, readable: tuple[int, ...] = ()) -> dict:
     """The manifest of a finished store of format `fmt` (the logit store's, or the sample store's), written by
-    `distill {command}`."""
+    `distill {command}`: of this code's `version`, or of an older one it still reads (`readable`)."""
     root = Path(root)
     path = root / MANIFEST
     if not path.is_file():
@@ -140,10 +140,11 @@ def read_manifest(root: str | Path, fmt: str, version: int, command: str) -> dic
         manifest = json.loads(path.read_text())
     except ValueError as e:
         raise DistillError(f"store {root}: {MANIFEST} is not valid JSON: {e}") from None
-    if manifest.get("format") != fmt or manifest.get("version") != version:
+    if manifest.get("format") != fmt or manifest.get("version") not in (version, *readable):
+        versions = " or ".join(str(v) for v in sorted({version, *readable}))
         raise DistillError(
             f"store {root}: {MANIFEST} is format {manifest.get('format')!r} version {manifest.get('version')!r}; "
-            f"this code reads {fmt!r} version {version}"
+            f"this code reads {fmt!r} version {versions}"
         )
     return manifest
 

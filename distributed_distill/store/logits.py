@@ -6,11 +6,12 @@ streamed into an offline run.
     distill train --config configs/smoke.yaml distill.signal=offline distill.store=stores/smoke
 
 A row (one packed sequence of data.seq_len tokens) holds `index` (its position in the packed split), `row_hash`
-(format.row_hash of the token ids), `input_ids`, `labels`, and for the S - 1 next-token positions `teacher_ids`
-[(S-1)*k], `teacher_logprobs` [(S-1)*k] (float16, log-softmax at the store's temperature, in top-k order) and
-`teacher_tail` [S-1] (float16, log of the mass outside the top k), and `position_ids` [S] (restarting at every
-document and at the padding). Ids are uint16 when the vocabulary fits, else uint32. The layout and the format core
-are format.py's (docs/store.md).
+(format.row_hash of the token ids), `input_ids`, `labels`, `position_ids` [S] (restarting at every document and at
+the padding), and the teacher's targets of its S - 1 next-token positions: top-k (ids, log-softmax at the store's
+temperature in top-k order, and the log of the mass outside the top k) or sampled (unique drawn ids with their
+counts, and the entropy), each plain or packed, as the manifest's `targets` and `encoding` say (encoding.py). Ids
+are uint16 when the vocabulary fits, else uint32. Format version 2 added sampled targets and the packed encoding;
+a version 1 store (top-k, plain) reads as before. The layout and the format core are format.py's (docs/store.md).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from ..errors import DistillError
 from ..integrity import file_problem
 from ..losses import TeacherTargets
 from ..tokenizer import tokenizer_hash
+from .encoding import COLUMNS, check_rows, decode_targets, encode_targets, store_encoding, store_targets
 from .format import (
     check_against_run,
     check_shard_files,
@@ -51,12 +53,13 @@ from .format import (
 from .offline import OfflineSource, OfflineTeacher
 
 LOGIT_FORMAT = "distributed_distill.logit_store"
-LOGIT_VERSION = 1
-LOGIT_COLUMNS = ("index", "row_hash", "input_ids", "labels", "teacher_ids", "teacher_logprobs", "teacher_tail")
+LOGIT_VERSION = 2
+READABLE_VERSIONS = (1,)  # version 1: top-k targets in the plain encoding, no `targets`/`encoding` keys
+ROW_COLUMNS = ("index", "row_hash", "input_ids", "labels")
 
 
 def read_logit_manifest(root: str | Path) -> dict:
-    return read_manifest(root, LOGIT_FORMAT, LOGIT_VERSION, "precompute")
+    return read_manifest(root, LOGIT_FORMAT, LOGIT_VERSION, "precompute", READABLE_VERSIONS)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -70,16 +73,14 @@ def encode_logit_rows(
     targets: TeacherTargets,
     vocab_size: int,
     position_ids: torch.Tensor | None = None,
+    encoding: str = "plain",
+    draws: int | None = None,
 ) -> pa.Table:
-    """One Arrow row per sequence from a micro-batch [B, S] and its N = B * (S - 1) sparse target rows; packed
-    rows keep their per-document `position_ids` (the student must see what the teacher saw)."""
+    """One Arrow row per sequence from a micro-batch [B, S] and its N = B * (S - 1) target rows (top-k, or sampled
+    from `draws` draws), in `encoding` (encoding.py); packed rows keep their per-document `position_ids` (the
+    student must see what the teacher saw)."""
     b, s = input_ids.shape
-    k = targets.ids.shape[-1]
     ids_np = input_ids.cpu().numpy()
-    flat_ids = targets.ids.cpu().numpy().astype(id_dtype(vocab_size)).reshape(-1)
-    # The log-probs were rounded through float16 by the producer: this cast is exact.
-    logprobs = targets.logprobs.cpu().to(torch.float16).numpy().reshape(-1)
-    tail = targets.tail_logmass.cpu().to(torch.float16).numpy().reshape(-1)
 
     def lists(values: np.ndarray, per_row: int) -> pa.Array:
         return pa.ListArray.from_arrays(pa.array(np.arange(0, b * per_row + 1, per_row, dtype=np.int32)), values)
@@ -94,9 +95,7 @@ def encode_logit_rows(
             "row_hash": pa.array([row_hash(r) for r in ids_np], type=pa.string()),
             "input_ids": lists(pa.array(ids_np.astype(id_dtype(vocab_size)).reshape(-1)), s),
             "labels": lists(pa.array(labels.cpu().numpy().astype(label_dtype(vocab_size)).reshape(-1)), s),
-            "teacher_ids": lists(pa.array(flat_ids), (s - 1) * k),
-            "teacher_logprobs": lists(pa.array(logprobs), (s - 1) * k),
-            "teacher_tail": lists(pa.array(tail), s - 1),
+            **encode_targets(targets, b, vocab_size, encoding, draws),
         }
     )
 
@@ -112,9 +111,10 @@ def logit_counts(table: pa.Table) -> dict:
 # Reading
 
 
-def decode_logit_rows(table: pa.Table, k: int, check_hashes: bool = True) -> dict[str, torch.Tensor]:
-    """A batch of store rows as tensors: input_ids / labels [B, S] int64, teacher_ids [B, S-1, k] int64,
-    teacher_logprobs [B, S-1, k] and teacher_tail [B, S-1] float32, index [B]."""
+def decode_logit_rows(table: pa.Table, manifest: dict, check_hashes: bool = True) -> dict[str, torch.Tensor]:
+    """A batch of store rows as tensors: input_ids / labels [B, S] int64, index [B], and the targets of the B x
+    (S - 1) positions as `encoding.decode_targets` gives them (top-k: teacher_ids, teacher_logprobs, teacher_tail;
+    sampled: teacher_ids, teacher_counts, teacher_entropy)."""
     b = table.num_rows
     input_ids = flat(table["input_ids"]).reshape(b, -1)
     bad = first_bad_row(input_ids, table["row_hash"].to_pylist()) if check_hashes else None
@@ -128,9 +128,7 @@ def decode_logit_rows(table: pa.Table, k: int, check_hashes: bool = True) -> dic
         **extra,
         "input_ids": torch.from_numpy(input_ids.astype(np.int64)),
         "labels": torch.from_numpy(flat(table["labels"]).astype(np.int64).reshape(b, s)),
-        "teacher_ids": torch.from_numpy(flat(table["teacher_ids"]).astype(np.int64).reshape(b, s - 1, k)),
-        "teacher_logprobs": torch.from_numpy(flat(table["teacher_logprobs"]).astype(np.float32).reshape(b, s - 1, k)),
-        "teacher_tail": torch.from_numpy(flat(table["teacher_tail"]).astype(np.float32).reshape(b, s - 1)),
+        **decode_targets(table, manifest, b, s - 1),
         "index": torch.from_numpy(table["index"].to_numpy().astype(np.int64)),
     }
 
@@ -161,7 +159,7 @@ class TrainStream:
         self.root = root
         self.shards = manifest["splits"]["train"]["shards"]
         self.rows = manifest["splits"]["train"]["rows"]
-        self.k, self.seed, self.shuffle_buffer = manifest["top_k"], seed, shuffle_buffer
+        self.manifest, self.seed, self.shuffle_buffer = manifest, seed, shuffle_buffer
 
     def __len__(self) -> int:
         return self.rows
@@ -197,7 +195,7 @@ class TrainStream:
             if q % world == rank and q // world >= skip:
                 batch.append(row)
                 if len(batch) == micro_batch:
-                    yield decode_logit_rows(pa.concat_tables(batch), self.k)
+                    yield decode_logit_rows(pa.concat_tables(batch), self.manifest)
                     batch = []
 
 
@@ -206,7 +204,7 @@ class ValidationSplit:
     `data.eval_batches` expects, and searchable by row hash for the offline teacher."""
 
     def __init__(self, root: Path, manifest: dict, cache_dir: str | None):
-        self.k = manifest["top_k"]
+        self.manifest = manifest
         for shard in manifest["splits"]["validation"]["shards"]:  # (small: checked before datasets maps it)
             problem = file_problem(root / shard["path"], shard)
             if problem is not None:
@@ -220,7 +218,7 @@ class ValidationSplit:
         return len(self.ds)
 
     def __getitem__(self, indices: list[int]) -> dict[str, torch.Tensor]:
-        return decode_logit_rows(self.ds[list(indices)], self.k)
+        return decode_logit_rows(self.ds[list(indices)], self.manifest)
 
 
 def open_logit_store(cfg: Config, tokenizer, accelerator: Accelerator) -> OfflineSource:
@@ -235,8 +233,7 @@ def open_logit_store(cfg: Config, tokenizer, accelerator: Accelerator) -> Offlin
         ("seq_len", "seq_len", cfg.data.seq_len, "data.seq_len"),
         ("temperature", "temperature", cfg.distill.temperature, "distill.temperature"),
     ]
-    if cfg.distill.top_k is not None:
-        checks.append(("top_k", "top_k", cfg.distill.top_k, "distill.top_k"))
+    check_target_settings(manifest, cfg, where)
     check_against_run(manifest, where, checks)
     check_shard_files(root, manifest)
     cache = str(Path(cfg.data.cache_dir).expanduser() / "store") if cfg.data.cache_dir else None
@@ -246,9 +243,49 @@ def open_logit_store(cfg: Config, tokenizer, accelerator: Accelerator) -> Offlin
     splits = manifest["splits"]
     line = (
         f"data from logit store {root}: train {splits['train']['rows']} rows, validation "
-        f"{splits['validation']['rows']} rows of {manifest['seq_len']} tokens, top-{manifest['top_k']} targets"
+        f"{splits['validation']['rows']} rows of {manifest['seq_len']} tokens, {describe_targets(manifest)}"
     )
     return OfflineSource(train, val, OfflineTeacher(manifest, val), manifest, line)
+
+
+def describe_targets(manifest: dict) -> str:
+    """'top-64 targets, packed (130.2 bytes/token)' and the like: what a store keeps, for summaries."""
+    what = (
+        f"top-{manifest['top_k']} targets"
+        if store_targets(manifest) == "top_k"
+        else f"sampled targets ({manifest['samples']} draws)"
+    )
+    size = f", {manifest['bytes'] / max(manifest['tokens'], 1):.1f} bytes/token" if "bytes" in manifest else ""
+    return f"{what}, {store_encoding(manifest)}{size}"
+
+
+def check_target_settings(manifest: dict, cfg: Config, where: str) -> None:
+    """Refuse a store whose targets the run's distill settings contradict: a top_k or samples other than the
+    store's, or sampled targets under a divergence they cannot estimate."""
+    distill = cfg.distill
+    if store_targets(manifest) == "top_k":
+        if distill.samples is not None:
+            raise DistillError(
+                f"{where} holds top-{manifest['top_k']} targets but distill.samples={distill.samples}; unset "
+                "distill.samples, or precompute a sampled store (distill.store_samples)"
+            )
+        if distill.top_k is not None and distill.top_k != manifest["top_k"]:
+            raise DistillError(f"{where} has top_k {manifest['top_k']} but distill.top_k is {distill.top_k}")
+        return
+    if distill.top_k is not None:
+        raise DistillError(
+            f"{where} holds sampled targets ({manifest['samples']} draws) but distill.top_k={distill.top_k}; unset "
+            "distill.top_k"
+        )
+    if distill.samples is not None and distill.samples != manifest["samples"]:
+        raise DistillError(
+            f"{where} has {manifest['samples']} draws per token but distill.samples is {distill.samples}"
+        )
+    if distill.loss != "forward_kl":
+        raise DistillError(
+            f"{where} holds sampled targets, which estimate forward KL only, but distill.loss={distill.loss} (the "
+            "other divergences need the teacher's probability of ids that were not drawn); use distill.loss=forward_kl"
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -265,31 +302,37 @@ def verify_logit_store(root: str | Path) -> str:
     if not root.is_dir():
         raise DistillError(f"store {root}: no such directory")
     manifest = read_logit_manifest(root)
-    k, vocab, seq_len = manifest["top_k"], manifest["vocab_size"], manifest["seq_len"]
+    vocab, seq_len = manifest["vocab_size"], manifest["seq_len"]
     shards, total_rows = verify_shards(
         root,
         manifest,
-        lambda path, where, shard: _check_logit_rows(path, where, shard, k, vocab, seq_len),
+        lambda path, where, shard: _check_logit_rows(path, where, shard, manifest),
         lambda path: _locate_damage(path, seq_len),
     )
     total_tokens = total_rows * seq_len
     if total_tokens != manifest["tokens"]:
         raise DistillError(f"store {root}: {total_rows} rows / {total_tokens} tokens, the manifest says otherwise")
+    if store_targets(manifest) == "top_k":
+        what = f"k={manifest['top_k']}"
+    else:
+        what = f"sampled, {manifest['samples']} draws"
+    size = f", {manifest['bytes'] / max(total_tokens, 1):.1f} bytes/token" if "bytes" in manifest else ""
     return (
         f"ok: store {root} verified: {shards} shards, {total_rows} rows, {total_tokens} tokens, "
-        f"k={k}, vocab {vocab}, seq_len {seq_len}, T={manifest['temperature']}"
+        f"{what}, {store_encoding(manifest)}{size}, vocab {vocab}, seq_len {seq_len}, T={manifest['temperature']}"
     )
 
 
-def _check_logit_rows(path: Path, where: str, shard: dict, k: int, vocab: int, seq_len: int) -> None:
-    table = read_verified_table(path, where, shard, LOGIT_COLUMNS)
-    lengths = {
-        "input_ids": seq_len,
-        "labels": seq_len,
-        "teacher_ids": (seq_len - 1) * k,
-        "teacher_logprobs": (seq_len - 1) * k,
-        "teacher_tail": seq_len - 1,
-    }
+def _check_logit_rows(path: Path, where: str, shard: dict, manifest: dict) -> None:
+    targets, encoding = store_targets(manifest), store_encoding(manifest)
+    vocab, seq_len = manifest["vocab_size"], manifest["seq_len"]
+    table = read_verified_table(path, where, shard, ROW_COLUMNS + COLUMNS[targets, encoding])
+    lengths = {"input_ids": seq_len, "labels": seq_len}
+    if (targets, encoding) == ("top_k", "plain"):
+        k = manifest["top_k"]
+        lengths.update({"teacher_ids": (seq_len - 1) * k, "teacher_logprobs": (seq_len - 1) * k})
+    if targets == "top_k":
+        lengths["teacher_tail"] = seq_len - 1
     for column, n in lengths.items():
         bad = np.flatnonzero(pc.list_value_length(table[column]).to_numpy(zero_copy_only=False) != n)
         if bad.size:
@@ -298,14 +341,17 @@ def _check_logit_rows(path: Path, where: str, shard: dict, k: int, vocab: int, s
     bad_row = first_bad_row(input_ids, table["row_hash"].to_pylist())
     if bad_row is not None:
         raise DistillError(f"{where} row {bad_row}: token ids do not match their content hash")
-    ids = flat(table["teacher_ids"]).reshape(len(input_ids), -1)
-    bad = np.flatnonzero((ids >= vocab).any(-1))
-    if bad.size:
-        raise DistillError(f"{where} row {int(bad[0])}: a teacher id is outside the vocabulary ({vocab})")
-    logprobs = flat(table["teacher_logprobs"]).reshape(len(input_ids), -1)
-    bad = np.flatnonzero((np.isnan(logprobs) | (logprobs > 0)).any(-1))
-    if bad.size:
-        raise DistillError(f"{where} row {int(bad[0])}: teacher log-probs are not valid (NaN or > 0)")
+    if (targets, encoding) == ("top_k", "plain"):  # vectorised over the shard: the common case
+        ids = flat(table["teacher_ids"]).reshape(len(input_ids), -1)
+        bad = np.flatnonzero((ids >= vocab).any(-1))
+        if bad.size:
+            raise DistillError(f"{where} row {int(bad[0])}: a teacher id is outside the vocabulary ({vocab})")
+        logprobs = flat(table["teacher_logprobs"]).reshape(len(input_ids), -1)
+        bad = np.flatnonzero((np.isnan(logprobs) | (logprobs > 0)).any(-1))
+        if bad.size:
+            raise DistillError(f"{where} row {int(bad[0])}: teacher log-probs are not valid (NaN or > 0)")
+    else:
+        check_rows(table, manifest, where, seq_len)
     if hashlib.sha256("".join(table["row_hash"].to_pylist()).encode()).hexdigest() != shard["rows_sha256"]:
         raise DistillError(f"{where}: its rows are not the ones the manifest lists (row hashes differ)")
 

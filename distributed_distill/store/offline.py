@@ -21,14 +21,23 @@ class OfflineTeacher:
     def __init__(self, manifest: dict, validation):
         # validation: the store's validation split, with `by_hash` (row hash -> row) and row indexing
         self.identity = {**manifest["teacher"], "store_config_hash": manifest["config_hash"]}
-        self.k, self.validation = manifest["top_k"], validation
+        self.validation = validation
+        # What a dense scorer would need and a store has not (evaluate.evaluate_generations asks).
+        self.top_k, self.samples = manifest.get("top_k"), manifest.get("samples")
 
     def targets(self, batch: dict) -> TeacherTargets:
         if "teacher_ids" not in batch:
             batch = self._lookup(batch["input_ids"])
+        width = batch["teacher_ids"].shape[-1]
+        if "teacher_counts" in batch:  # sampled targets (a logit store made with distill.store_samples)
+            return TeacherTargets(
+                ids=batch["teacher_ids"].reshape(-1, width),
+                counts=batch["teacher_counts"].reshape(-1, width),
+                entropy=batch["teacher_entropy"].reshape(-1),
+            )
         return TeacherTargets(
-            ids=batch["teacher_ids"].reshape(-1, self.k),
-            logprobs=batch["teacher_logprobs"].reshape(-1, self.k),
+            ids=batch["teacher_ids"].reshape(-1, width),
+            logprobs=batch["teacher_logprobs"].reshape(-1, width),
             tail_logmass=batch["teacher_tail"].reshape(-1),
         )
 

@@ -279,5 +279,7 @@ def write_manifest(root: Path, plan: dict, config_hash: str, layout: list[tuple[
         "bytes": sum(e["bytes"] for s in splits.values() for e in s["shards"]),
         "splits": splits,
     }
+    # Every shard byte over every stored token (ids, labels and targets together): the figure docs/store.md compares.
+    manifest["bytes_per_token"] = round(manifest["bytes"] / max(manifest["tokens"], 1), 2)
     publish_json(root / MANIFEST, manifest)
     return manifest

@@ -88,7 +88,9 @@ def evaluate(
         targets = teacher.targets(mb) if teacher is not None else None
         given = _Given(targets) if targets is not None else None
         # Sparse targets compare at the temperature they were taken at (the metrics' KL is at T = 1).
-        on_logits = functools.partial(add_token_sums, cfg.distill.temperature if given and targets.sparse else 1.0)
+        on_logits = functools.partial(
+            add_token_sums, cfg.distill.temperature if given and (targets.sparse or targets.sampled) else 1.0
+        )
         started = time.perf_counter()
         with accelerator.autocast():
             out = forward_losses(model, given, mb, cfg.distill, head=head, on_logits=on_logits)

@@ -80,7 +80,7 @@ def logit_store_plan(plan: RunPlan, n_train: int, n_val: int) -> dict:
 def store_targets_plan(distill, vocab_size: int) -> dict:
     """What the store keeps (format version 2, encoding.py): sampled draws when distill.samples (or, for precompute
     alone, distill.store_samples) is set and distill.top_k is not, else the top-k; in distill.store_encoding. The
-    draws are seeded by train.seed and each row's token ids (teacher.row_seed)."""
+    draws are seeded by train.seed and each row's token ids (teacher.draw_seed)."""
     draws = distill.samples or (None if distill.top_k else distill.store_samples)
     if draws:
         return {"targets": "sampled", "samples": draws, "top_k": None, "encoding": distill.store_encoding}

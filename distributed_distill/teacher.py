@@ -100,7 +100,7 @@ def topk_of_logits(logits: torch.Tensor, k: int, temperature: float) -> TeacherT
     return TeacherTargets(ids=idx, logprobs=top - lse[:, None], tail_logmass=tail)
 
 
-def row_seed(seed: int, input_ids: torch.Tensor) -> int:
+def draw_seed(seed: int, input_ids: torch.Tensor) -> int:
     """The draw seed of one sequence [S]: a pure function of the run's seed and the sequence's token ids (its store
     row hash), so the draws do not depend on the batch, the rank, the process count or whether the row is read from a
     store or scored online."""
@@ -126,7 +126,7 @@ def sampled_targets(
     (`counts` [N, draws], summing to 1, 0 for padding), and the distribution's entropy (`entropy` [N], nats).
 
     Inverse-CDF sampling: the uniforms of a sequence come from a CPU generator seeded with its `seeds` entry
-    (`row_seed`), one row of `draws` per position, and are drawn before any logits exist, so the ids do not depend
+    (`draw_seed`), one row of `draws` per position, and are drawn before any logits exist, so the ids do not depend
     on chunk_size, the batch or the device that computes the logits. Counts are exact; the entropy is rounded
     through float16 as a store keeps it, so an online run trains on the values an offline run reads back."""
     n = hidden.shape[0]
@@ -140,22 +140,35 @@ def sampled_targets(
     ids, counts, entropy = [], [], []
     for start in range(0, n, max(1, chunk_size)):
         logits = F.linear(hidden[start : start + chunk_size].float(), w, b)
-        if temperature != 1.0:
-            logits.div_(temperature)
-        logp = logits.log_softmax(-1)
-        p = logp.exp()
-        entropy.append(-(p * logp).sum(-1))
-        del logp
-        cdf = p.cumsum_(-1)  # float32: the last entry is 1 up to ~1e-6, so the uniforms are scaled by it
-        u = uniforms[start : start + chunk_size].to(cdf.dtype) * cdf[:, -1:]
-        drawn = torch.searchsorted(cdf, u).clamp_(max=cdf.shape[-1] - 1)
-        del cdf, p
-        chunk_ids, chunk_counts = unique_counts(drawn)
-        ids.append(chunk_ids)
-        counts.append(chunk_counts)
-    return TeacherTargets(
-        ids=torch.cat(ids), counts=torch.cat(counts), entropy=torch.cat(entropy).to(torch.float16).float()
-    )
+        chunk = draw_from_logits(logits, temperature, uniforms[start : start + chunk_size])
+        ids.append(chunk.ids)
+        counts.append(chunk.counts)
+        entropy.append(chunk.entropy)
+    return TeacherTargets(ids=torch.cat(ids), counts=torch.cat(counts), entropy=torch.cat(entropy))
+
+
+@torch.no_grad()
+def draw_from_logits(logits: torch.Tensor, temperature: float, uniforms: torch.Tensor) -> TeacherTargets:
+    """Sampled targets of logits [n, V] (float32; overwritten: pass a buffer of your own) from given uniforms
+    [n, draws] in [0, 1) (float64, as `sampled_targets` draws them): per row `draws` ids by inverse CDF of
+    softmax(logits / T), kept as the unique ids (`ids` [n, draws], ascending, padded with the first id) and their
+    normalised counts (`counts` [n, draws], 0 for padding), and the entropy (`entropy` [n], nats, rounded through
+    float16 as a store keeps it).
+
+    The one draw routine of `sampled_targets` (precompute, an online teacher) and `distill generate`: the caller owns
+    the uniforms, so the ids depend on its seeding only, never on how the logits were batched."""
+    if temperature != 1.0:
+        logits.div_(temperature)
+    logp = logits.log_softmax(-1)
+    p = logp.exp()
+    entropy = -(p * logp).sum(-1)
+    del logp
+    cdf = p.cumsum_(-1)  # float32: the last entry is 1 up to ~1e-6, so the uniforms are scaled by it
+    u = uniforms.to(device=cdf.device, dtype=cdf.dtype) * cdf[:, -1:]
+    drawn = torch.searchsorted(cdf, u).clamp_(max=cdf.shape[-1] - 1)
+    del cdf, p
+    ids, counts = unique_counts(drawn)
+    return TeacherTargets(ids=ids, counts=counts, entropy=entropy.to(torch.float16).float())
 
 
 def unique_counts(drawn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -222,7 +235,7 @@ class OnlineTeacher:
                 found.hidden_states = hidden_states
                 return found
             if self.samples:
-                seeds = [row_seed(self.sample_seed, row) for row in batch["input_ids"]]
+                seeds = [draw_seed(self.sample_seed, row) for row in batch["input_ids"]]
                 found = sampled_targets(hidden, weight, bias, self.samples, self.temperature, seeds, self.chunk_size)
                 found.hidden_states = hidden_states
                 return found

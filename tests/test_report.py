@@ -1,9 +1,11 @@
 """`distill report`: PNG plots and report.md for finished and in-progress runs (read back as images), wandb images;
-and the headline experiment (benchmarks/headline.py) at a reduced size (one of its hint recipes among them)."""
+and the headline experiment (benchmarks/headline.py) at a reduced size (one of its hint recipes among them), followed
+by the store curve (benchmarks/store_curve.py) over the same runs."""
 
 import json
 import shutil
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -111,6 +113,37 @@ def test_headline_command_at_reduced_size(tmp_path):
     assert teacher["val_forward_kl"] == pytest.approx(0, abs=1e-6) and teacher["val_top1_agreement"] == 1.0
     assert f"| teacher (reference) | {teacher['val_loss']:.4f} | " in table
     image = Image.open(out / "headline.png")
+    assert image.format == "PNG" and (np.asarray(image.convert("RGB")) < 250).any(-1).mean() > 0.02
+    store_curve_at_reduced_size(out, args[args.index("--teacher-steps") : args.index("--eval-prompts")])
+
+
+def store_curve_at_reduced_size(out: Path, sizes: list[str]) -> None:
+    """benchmarks/store_curve.py over the reduced headline's directory: its teacher and seed-0 CE-only and forward-KL
+    students are reused (finished runs are kept), so only the stores' students train: top-8 plain and packed, and
+    4 sampled draws."""
+    args = [
+        str(ROOT / "benchmarks" / "store_curve.py"), "--output-dir", str(out), "--seeds", "1", "--ks", "8",
+        "--draws", "4", *sizes, "data.seq_len=64", "train.micro_batch_size=4", "train.eval_batches=2",
+        "train.log_every=1",
+    ]  # fmt: skip
+    proc = run_cli(args, launcher=[sys.executable], timeout=900)
+    record = json.loads((out / "store_curve.json").read_text())
+    stores = {r["store"]: r for r in record["stores"]}
+    assert list(stores) == ["top-8, plain", "top-8, packed", "sampled 4, packed"]
+    rows = json.loads((out / "headline.json").read_text())["rows"]
+    loss = {r["recipe"]: r["val_loss"] for r in rows}
+    gain = loss["forward KL"] - loss["CE only (no teacher)"]
+    assert record["online_gain"] == [pytest.approx(gain)]
+    slugs = {"top-8, plain": "top_8__plain", "top-8, packed": "top_8__packed", "sampled 4, packed": "sampled_4__packed"}
+    for name, r in stores.items():
+        # The share of the gain is the paired ratio, and the bytes are the store's own manifest figure.
+        assert r["share"] == pytest.approx((loss[name] - loss["CE only (no teacher)"]) / gain)
+        manifest = json.loads((out / "students" / slugs[name] / "seed0" / "store" / "manifest.json").read_text())
+        assert r["bytes_per_token"] == manifest["bytes_per_token"] > 0 and manifest["encoding"] == name[-6:]
+    assert stores["sampled 4, packed"]["bytes_per_token"] < stores["top-8, plain"]["bytes_per_token"]
+    table = (out / "store_curve.md").read_text()
+    assert all(f"| {name} | " in table for name in stores) and table in proc.stdout
+    image = Image.open(out / "store_curve.png")
     assert image.format == "PNG" and (np.asarray(image.convert("RGB")) < 250).any(-1).mean() > 0.02
 
 

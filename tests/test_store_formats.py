@@ -25,7 +25,7 @@ from distributed_distill.store.encoding import (
     unpack_bits,
 )
 from distributed_distill.store.logits import decode_logit_rows, read_logit_manifest, verify_logit_store
-from distributed_distill.teacher import row_seed, sampled_targets, topk_of_logits, unique_counts
+from distributed_distill.teacher import draw_seed, sampled_targets, topk_of_logits, unique_counts
 
 from .helpers import SMOKE, precomputed_store, read_metrics, run_cli, store_files
 
@@ -105,9 +105,9 @@ def test_sampled_targets_are_unique_ids_with_counts_and_entropy():
     assert torch.equal(alone.ids, t.ids[P : 2 * P])
     other = sampled_targets(logits, torch.eye(V), None, 16, 2.0, [1, 99, 3], chunk_size=7)
     assert not torch.equal(other.ids[P : 2 * P], t.ids[P : 2 * P]) and torch.equal(other.ids[:P], t.ids[:P])
-    # row_seed: a function of the seed and the token ids only.
+    # draw_seed: a function of the seed and the token ids only.
     seq = torch.arange(10)
-    assert row_seed(0, seq) == row_seed(0, seq.clone()) != row_seed(1, seq)
+    assert draw_seed(0, seq) == draw_seed(0, seq.clone()) != draw_seed(1, seq)
     ids, w = unique_counts(torch.tensor([[5, 3, 5, 5]]))
     assert ids.tolist() == [[3, 5, 3, 3]] and w.tolist() == [[0.25, 0.75, 0.0, 0.0]]
 

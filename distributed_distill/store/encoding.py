@@ -35,7 +35,7 @@ from .format import flat, id_dtype
 TARGETS = ("top_k", "sampled")
 ENCODINGS = ("plain", "packed")
 # Every column a row of each (targets, encoding) holds besides the row's own (index, row_hash, input_ids, labels).
-COLUMNS = {
+ENCODED_COLUMNS = {
     ("top_k", "plain"): ("teacher_ids", "teacher_logprobs", "teacher_tail"),
     ("top_k", "packed"): ("teacher_ids", "teacher_codes", "teacher_scale", "teacher_tail"),
     ("sampled", "plain"): ("teacher_ids", "teacher_counts", "teacher_unique", "teacher_entropy"),
@@ -225,7 +225,7 @@ def check_rows(table: pa.Table, manifest: dict, where: str, seq_len: int) -> Non
     first bad row."""
     targets, encoding = store_targets(manifest), store_encoding(manifest)
     p, vocab, rows = seq_len - 1, manifest["vocab_size"], table.num_rows
-    missing = [c for c in COLUMNS[targets, encoding] if c not in table.column_names]
+    missing = [c for c in ENCODED_COLUMNS[targets, encoding] if c not in table.column_names]
     if missing:
         raise DistillError(f"{where} lacks column {missing[0]!r}")
     for r in range(rows):

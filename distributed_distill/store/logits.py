@@ -35,7 +35,7 @@ from ..errors import DistillError
 from ..integrity import file_problem
 from ..losses import TeacherTargets
 from ..tokenizer import tokenizer_hash
-from .encoding import COLUMNS, check_rows, decode_targets, encode_targets, store_encoding, store_targets
+from .encoding import ENCODED_COLUMNS, check_rows, decode_targets, encode_targets, store_encoding, store_targets
 from .format import (
     check_against_run,
     check_shard_files,
@@ -54,12 +54,12 @@ from .offline import OfflineSource, OfflineTeacher
 
 LOGIT_FORMAT = "distributed_distill.logit_store"
 LOGIT_VERSION = 2
-READABLE_VERSIONS = (1,)  # version 1: top-k targets in the plain encoding, no `targets`/`encoding` keys
+LOGIT_READABLE = (1,)  # version 1: top-k targets in the plain encoding, no `targets`/`encoding` keys
 ROW_COLUMNS = ("index", "row_hash", "input_ids", "labels")
 
 
 def read_logit_manifest(root: str | Path) -> dict:
-    return read_manifest(root, LOGIT_FORMAT, LOGIT_VERSION, "precompute", READABLE_VERSIONS)
+    return read_manifest(root, LOGIT_FORMAT, LOGIT_VERSION, "precompute", LOGIT_READABLE)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -326,7 +326,7 @@ def verify_logit_store(root: str | Path) -> str:
 def _check_logit_rows(path: Path, where: str, shard: dict, manifest: dict) -> None:
     targets, encoding = store_targets(manifest), store_encoding(manifest)
     vocab, seq_len = manifest["vocab_size"], manifest["seq_len"]
-    table = read_verified_table(path, where, shard, ROW_COLUMNS + COLUMNS[targets, encoding])
+    table = read_verified_table(path, where, shard, ROW_COLUMNS + ENCODED_COLUMNS[targets, encoding])
     lengths = {"input_ids": seq_len, "labels": seq_len}
     if (targets, encoding) == ("top_k", "plain"):
         k = manifest["top_k"]

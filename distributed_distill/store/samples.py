@@ -3,7 +3,7 @@
     distill generate --config configs/generate.yaml generate.store=stores/samples      # write (generate.py)
     distill verify-store stores/samples                                                 # check everything
     distill train --config configs/generate.yaml data.source=stores/samples teacher=null distill.alpha=0  # seq-KD
-    distill train --config ... distill.signal=offline distill.store=stores/samples      # + the stored top-k
+    distill train --config ... distill.signal=offline distill.store=stores/samples      # + the stored targets
 
 Same layout and guarantees as the logit store (format.py, docs/store.md): manifest.json written last (teacher
 identity, sampling settings, prompt-set fingerprint, per-shard sha256 and row hashes), plan.json, train/ and
@@ -17,13 +17,20 @@ validation/ Parquet shards with sidecars, plus `tokenizer/` (the tokenizer the i
     logprob, token_logprobs  the sample's log-probability under the teacher (temperature 1) and per token (float32)
     teacher_ids, teacher_logprobs, teacher_tail   (generate.top_k) per completion token: the teacher's top-k ids,
                            their log-probs at distill.temperature (float16) and the log-mass outside them (float16)
+    teacher_ids, teacher_counts, teacher_unique, teacher_entropy   (generate.samples, version 2) per completion token:
+                           the unique ids of N draws from the teacher at distill.temperature (ascending, end to end:
+                           sum(teacher_unique) entries), their counts (uint8, N per token), how many (uint8) and the
+                           entropy (float16, nats): the sampled plain columns of a logit store (store/encoding.py)
 
 Plain `datasets.load_dataset("parquet", data_files="stores/samples/train/*.parquet")` reads it.
 
 Training (`sample_data`, `open_sample_targets`): each sample becomes one document, prompt_ids + completion_ids, with
 only the completion learned; documents are packed into data.seq_len blocks (never split; a longer one is cut at
-seq_len) exactly as prompt/completion data is, and a per-token `target` column says which stored top-k row
+seq_len) exactly as prompt/completion data is, and a per-token `target` column says which stored target row
 predicts each token, so offline KD reads the targets of exactly the tokens it learns.
+
+Format versions: 2 records `samples` (null, or the draws of sampled targets) beside `top_k`; version 1 stores (top-k
+or none) still read.
 """
 
 from __future__ import annotations
@@ -58,7 +65,8 @@ from .format import (
 from .offline import OfflineSource, OfflineTeacher
 
 SAMPLE_FORMAT = "distributed_distill.sample_store"
-SAMPLE_VERSION = 1
+SAMPLE_VERSION = 2
+READABLE_VERSIONS = (1,)  # before generate.samples: top-k or no targets, no `samples` key
 TOKENIZER = "tokenizer"
 SAMPLE_COLUMNS = (
     "index", "sample", "row_hash", "prompt_ids", "prompt", "completion_ids", "completion", "finish_reason",
@@ -66,7 +74,8 @@ SAMPLE_COLUMNS = (
 )  # fmt: skip
 
 
-TARGET_COLUMNS = ("teacher_ids", "teacher_logprobs", "teacher_tail")
+TOPK_COLUMNS = ("teacher_ids", "teacher_logprobs", "teacher_tail")
+SAMPLED_COLUMNS = ("teacher_ids", "teacher_counts", "teacher_unique", "teacher_entropy")
 
 
 def sample_hash(prompt_ids, completion_ids) -> str:
@@ -78,7 +87,12 @@ def is_sample_store(path: str | Path | None) -> bool:
 
 
 def read_sample_manifest(root: str | Path) -> dict:
-    return read_manifest(root, SAMPLE_FORMAT, SAMPLE_VERSION, "generate")
+    return read_manifest(root, SAMPLE_FORMAT, SAMPLE_VERSION, "generate", READABLE_VERSIONS)
+
+
+def stored_targets(manifest: dict) -> tuple[int | None, int | None]:
+    """(top_k, samples) of a sample store: at most one is set (version 1 stores have no samples)."""
+    return manifest["top_k"], manifest.get("samples")
 
 
 def training_store(cfg: Config) -> Path | None:
@@ -92,9 +106,10 @@ def training_store(cfg: Config) -> Path | None:
 # Writing (generate.py produces the rows)
 
 
-def encode_sample_rows(rows: list[dict], vocab_size: int, k: int | None) -> pa.Table:
+def encode_sample_rows(rows: list[dict], vocab_size: int, k: int | None, samples: int | None = None) -> pa.Table:
     """One Arrow row per sample: dicts with index, sample, prompt_ids, prompt, completion_ids, completion,
-    finish_reason, token_logprobs and, with k, teacher_ids [n, k], teacher_logprobs [n, k], teacher_tail [n]."""
+    finish_reason, token_logprobs and, with k, teacher_ids [n, k], teacher_logprobs [n, k], teacher_tail [n]; with
+    samples, teacher_ids [U], teacher_counts [U], teacher_unique [n] (U = its sum), teacher_entropy [n]."""
     ids_type = pa.from_numpy_dtype(id_dtype(vocab_size))
     columns = {
         "index": pa.array([r["index"] for r in rows], pa.int64()),
@@ -109,13 +124,19 @@ def encode_sample_rows(rows: list[dict], vocab_size: int, k: int | None) -> pa.T
         "token_logprobs": pa.array([np.asarray(r["token_logprobs"], np.float32) for r in rows], pa.list_(pa.float32())),
     }
     if k:
-        for name, dtype in (("teacher_ids", ids_type), ("teacher_logprobs", pa.float16()), ("teacher_tail", None)):
-            values = [np.asarray(r[name]).reshape(-1) for r in rows]
-            if name == "teacher_ids":
-                values = [v.astype(id_dtype(vocab_size)) for v in values]
-            else:
-                values = [v.astype(np.float16) for v in values]
-            columns[name] = pa.array(values, pa.list_(dtype or pa.float16()))
+        dtypes = {"teacher_ids": id_dtype(vocab_size), "teacher_logprobs": np.float16, "teacher_tail": np.float16}
+    elif samples:
+        dtypes = {
+            "teacher_ids": id_dtype(vocab_size),
+            "teacher_counts": np.uint8,
+            "teacher_unique": np.uint8,
+            "teacher_entropy": np.float16,
+        }
+    else:
+        dtypes = {}
+    for name, dtype in dtypes.items():
+        values = [np.asarray(r[name]).reshape(-1).astype(dtype) for r in rows]
+        columns[name] = pa.array(values, pa.list_(pa.from_numpy_dtype(np.dtype(dtype))))
     return pa.table(columns)
 
 
@@ -132,36 +153,44 @@ def sample_counts(table: pa.Table) -> dict:
 
 def verify_sample_store(root: str | Path) -> str:
     """`distill verify-store` on a sample store: manifest, every shard's size and sha256, rows, row hashes, list
-    lengths, ids inside the vocabulary, valid log-probs, the tokenizer the ids belong to."""
+    lengths, ids inside the vocabulary, valid log-probs (or counts adding up to the draws), the tokenizer the ids
+    belong to."""
     root = Path(root)
     if not root.is_dir():
         raise DistillError(f"store {root}: no such directory")
     manifest = read_sample_manifest(root)
-    k, vocab = manifest["top_k"], manifest["vocab_size"]
+    (k, samples), vocab = stored_targets(manifest), manifest["vocab_size"]
     if tokenizer_hash(load_tokenizer(str(root / TOKENIZER))) != manifest["tokenizer_sha256"]:
         raise DistillError(f"store {root}: {TOKENIZER}/ is not the tokenizer the samples were made with")
     shards, rows = verify_shards(
-        root, manifest, lambda path, where, shard: _check_sample_rows(path, where, shard, k, vocab), lambda path: ""
+        root,
+        manifest,
+        lambda path, where, shard: _check_sample_rows(path, where, shard, k, samples, vocab),
+        lambda path: "",
     )
     tokens = sum(s["tokens"] for split in SPLITS for s in manifest["splits"][split]["shards"])
     if tokens != manifest["tokens"]:
         raise DistillError(f"store {root}: its shards hold {tokens} tokens, the manifest says {manifest['tokens']}")
+    targets = f"samples={samples}" if samples else f"top_k={k}"
     return (
         f"ok: sample store {root} verified: {shards} shards, {rows} samples, {tokens} tokens, "
-        f"top_k={k}, vocab {vocab}, sampling T={manifest['sampling']['temperature']}"
+        f"{targets}, vocab {vocab}, sampling T={manifest['sampling']['temperature']}"
     )
 
 
-def _check_sample_rows(path: Path, where: str, shard: dict, k: int | None, vocab: int) -> None:
-    table = read_verified_table(path, where, shard, SAMPLE_COLUMNS + (TARGET_COLUMNS if k else ()))
+def _check_sample_rows(path: Path, where: str, shard: dict, k: int | None, samples: int | None, vocab: int) -> None:
+    targets = TOPK_COLUMNS if k else SAMPLED_COLUMNS if samples else ()
+    table = read_verified_table(path, where, shard, SAMPLE_COLUMNS + targets)
     lengths = pc.list_value_length(table["completion_ids"]).to_numpy(zero_copy_only=False)
     expected = {"token_logprobs": lengths}
     if k:
         expected.update(teacher_ids=lengths * k, teacher_logprobs=lengths * k, teacher_tail=lengths)
-    for column, n in expected.items():
-        bad = np.flatnonzero(pc.list_value_length(table[column]).to_numpy(zero_copy_only=False) != n)
-        if bad.size:
-            raise DistillError(f"{where} row {int(bad[0])}: {column} has the wrong length for its completion")
+    if samples:
+        expected.update(teacher_unique=lengths, teacher_entropy=lengths)
+    _check_lengths(table, where, expected)
+    if samples:  # (teacher_unique's lengths hold: each row's own sum of it)
+        unique = _row_sums(table["teacher_unique"])
+        _check_lengths(table, where, {"teacher_ids": unique, "teacher_counts": unique})
     prompts, completions = table["prompt_ids"].to_pylist(), table["completion_ids"].to_pylist()
     for i, (p, c, h) in enumerate(zip(prompts, completions, table["row_hash"].to_pylist())):
         if sample_hash(p, c) != h:
@@ -171,16 +200,65 @@ def _check_sample_rows(path: Path, where: str, shard: dict, k: int | None, vocab
         raise DistillError(f"{where}: unknown finish_reason {sorted(reasons)[0]!r}")
     checks = [("completion_ids", "an id is outside the vocabulary", lambda v: v >= vocab)]
     checks.append(("token_logprobs", "log-probs are not valid (NaN or > 0)", lambda v: np.isnan(v) | (v > 0)))
-    if k:
+    if k or samples:
         checks.append(("teacher_ids", "a teacher id is outside the vocabulary", lambda v: v >= vocab))
+    if k:
         checks.append(("teacher_logprobs", "teacher log-probs are not valid", lambda v: np.isnan(v) | (v > 0)))
+    if samples:
+        checks.append(("teacher_counts", "a teacher count is 0", lambda v: v == 0))
+        checks.append(("teacher_entropy", "a teacher entropy is not valid", lambda v: ~np.isfinite(v) | (v < 0)))
+        checks.append(("teacher_unique", f"unique ids are not 1 to {samples}", lambda v: (v == 0) | (v > samples)))
     for column, what, bad_values in checks:
         bad = np.flatnonzero(bad_values(flat(table[column])))
         if bad.size:
-            owner = np.searchsorted(table[column].combine_chunks().offsets.to_numpy()[1:], bad[0], side="right")
-            raise DistillError(f"{where} row {int(owner)}: {what}")
+            raise DistillError(f"{where} row {_owner(table[column], int(bad[0]))}: {what}")
+    if samples:
+        _check_draws(table, where, samples)
     if hashlib.sha256("".join(table["row_hash"].to_pylist()).encode()).hexdigest() != shard["rows_sha256"]:
         raise DistillError(f"{where}: its rows are not the ones the manifest lists (row hashes differ)")
+
+
+def _check_lengths(table: pa.Table, where: str, expected: dict[str, np.ndarray]) -> None:
+    for column, n in expected.items():
+        bad = np.flatnonzero(pc.list_value_length(table[column]).to_numpy(zero_copy_only=False) != n)
+        if bad.size:
+            raise DistillError(f"{where} row {int(bad[0])}: {column} has the wrong length for its completion")
+
+
+def _offsets(column) -> np.ndarray:
+    """Where each row of a list column starts in `flat(column)` [rows + 1] (0 first, however it is chunked)."""
+    lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False).astype(np.int64)
+    return np.concatenate([[0], np.cumsum(lengths)])
+
+
+def _row_sums(column) -> np.ndarray:
+    """Per row the sum of a list column's values [rows] int64."""
+    offsets = _offsets(column)
+    totals = np.concatenate([[0], np.cumsum(flat(column).astype(np.int64))])
+    return totals[offsets[1:]] - totals[offsets[:-1]]
+
+
+def _owner(column, value: int) -> int:
+    """The row of a list column that holds its flat value number `value`."""
+    return int(np.searchsorted(_offsets(column)[1:], value, side="right"))
+
+
+def _check_draws(table: pa.Table, where: str, samples: int) -> None:
+    """Sampled targets: every completion token's counts add up to the draws, over ascending (unique) ids."""
+    unique = flat(table["teacher_unique"]).astype(np.int64)
+    ids, counts = flat(table["teacher_ids"]).astype(np.int64), flat(table["teacher_counts"]).astype(np.int64)
+    position = np.repeat(np.arange(unique.size), unique)  # (lengths checked: unique sums to ids.size)
+    bad = np.flatnonzero(np.bincount(position, weights=counts, minlength=unique.size) != samples)
+    if bad.size:
+        raise DistillError(
+            f"{where} row {_owner(table['teacher_unique'], int(bad[0]))}: counts do not add up to {samples}"
+        )
+    same = position[1:] == position[:-1]
+    bad = np.flatnonzero(same & (ids[1:] <= ids[:-1]))
+    if bad.size:
+        raise DistillError(
+            f"{where} row {_owner(table['teacher_ids'], int(bad[0]) + 1)}: ids are not unique and ascending"
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -189,12 +267,12 @@ def _check_sample_rows(path: Path, where: str, shard: dict, k: int | None, vocab
 
 class SampleSplit:
     """One split of a sample store as packed training rows (input_ids, labels, position_ids, target [S]) and, with
-    the stored top-k, the targets' flat arrays and a row-hash index (what `store.OfflineTeacher` looks validation
-    rows up in). Indexable like the packed dataset `data.collate` and `data.eval_batches` expect; `micro_batches`
-    serves an offline run (the batch order is `data.train_indices`'s, a pure function of (seed, micro-step, rank),
-    as for an online run on the same store)."""
+    the stored top-k or sampled targets, the targets' flat arrays (`topk_rows`, `sampled_rows`) and a row-hash index
+    (what `store.OfflineTeacher` looks validation rows up in). Indexable like the packed dataset `data.collate` and
+    `data.eval_batches` expect; `micro_batches` serves an offline run (the batch order is `data.train_indices`'s, a
+    pure function of (seed, micro-step, rank), as for an online run on the same store)."""
 
-    def __init__(self, table: pa.Table, dcfg, pad_id: int, k: int | None, seed: int):
+    def __init__(self, table: pa.Table, dcfg, pad_id: int, k: int | None, seed: int, samples: int | None = None):
         self.k, self.seed = k, seed
         prompts, completions = table["prompt_ids"].to_pylist(), table["completion_ids"].to_pylist()
         docs = {"input_ids": [], "labels": [], "status": [], "target": []}
@@ -208,17 +286,11 @@ class SampleSplit:
             docs["labels"].append([batching.IGNORE_INDEX] * len(prompt) + completion[: max(kept, 0)])
             docs["status"].append(status)
             docs["target"].append([-1] * len(prompt) + list(range(offset, offset + max(kept, 0))))
-            offset += len(completion)  # the flat top-k rows hold every completion token, kept or not
+            offset += len(completion)  # the flat target rows hold every completion token, kept or not
         packed = batching.pack_documents(docs, dcfg, pad_id, whole=True)
         self.ds = datasets.Dataset.from_dict(packed).with_format("torch")
-        self.targets = None
-        if k:
-            column = {name: flat(table[name]) for name in TARGET_COLUMNS}
-            self.targets = {
-                "teacher_ids": torch.from_numpy(column["teacher_ids"].astype(np.int64)).view(-1, k),
-                "teacher_logprobs": torch.from_numpy(column["teacher_logprobs"].astype(np.float32)).view(-1, k),
-                "teacher_tail": torch.from_numpy(column["teacher_tail"].astype(np.float32)),
-            }
+        self.targets = topk_rows(table, k) if k else sampled_rows(table, samples) if samples else None
+        if self.targets is not None:
             self.by_hash = {row_hash(r.numpy()): i for i, r in enumerate(self.ds["input_ids"])}
 
     def __len__(self) -> int:
@@ -240,6 +312,40 @@ class SampleSplit:
             yield {**self[idx], "index": torch.tensor(idx)}
 
 
+def topk_rows(table: pa.Table, k: int) -> dict[str, torch.Tensor]:
+    """The stored top-k of every completion token of a split, in row order: teacher_ids [T, k] int64,
+    teacher_logprobs [T, k] and teacher_tail [T] float32."""
+    column = {name: flat(table[name]) for name in TOPK_COLUMNS}
+    return {
+        "teacher_ids": torch.from_numpy(column["teacher_ids"].astype(np.int64)).view(-1, k),
+        "teacher_logprobs": torch.from_numpy(column["teacher_logprobs"].astype(np.float32)).view(-1, k),
+        "teacher_tail": torch.from_numpy(column["teacher_tail"].astype(np.float32)),
+    }
+
+
+def sampled_rows(table: pa.Table, draws: int) -> dict[str, torch.Tensor]:
+    """The stored sampled targets of every completion token of a split, in row order, padded as the loss takes them
+    (`TeacherTargets.counts`): teacher_ids [T, draws] int64 (the unique ids, then the token's first id again),
+    teacher_counts [T, draws] float32 (count / draws, 0 for padding), teacher_entropy [T] float32."""
+    unique = flat(table["teacher_unique"]).astype(np.int64)
+    ids, counts = flat(table["teacher_ids"]).astype(np.int64), flat(table["teacher_counts"]).astype(np.float32)
+    # Each stored (id, count) goes to its token's row, at its place among that token's unique ids: one scatter.
+    position = np.repeat(np.arange(unique.size), unique)
+    first = np.concatenate([[0], np.cumsum(unique)[:-1]]).astype(np.int64)
+    slot = np.arange(ids.size) - first[position]
+    padded_ids = np.zeros((unique.size, draws), dtype=np.int64)
+    if ids.size:
+        padded_ids[:] = ids[np.minimum(first, ids.size - 1)][:, None]  # padding: the token's first id, weight 0
+    weights = np.zeros((unique.size, draws), dtype=np.float32)
+    padded_ids[position, slot] = ids
+    weights[position, slot] = counts / np.float32(draws)
+    return {
+        "teacher_ids": torch.from_numpy(padded_ids),
+        "teacher_counts": torch.from_numpy(weights),
+        "teacher_entropy": torch.from_numpy(flat(table["teacher_entropy"]).astype(np.float32)),
+    }
+
+
 def open_sample_splits(cfg: Config, tokenizer, root: Path, with_targets: bool) -> tuple[dict, SampleSplit, SampleSplit]:
     """(manifest, train, validation) of a sample store, after checking it was made with this run's tokenizer."""
     manifest = read_sample_manifest(root)
@@ -253,9 +359,9 @@ def open_sample_splits(cfg: Config, tokenizer, root: Path, with_targets: bool) -
             )
         fix = f"train with the store's tokenizer ({root / TOKENIZER})"
         check_tokenizer(manifest, tokenizer_hash(tokenizer), f"sample store {root}", fix)
-    k = manifest["top_k"] if with_targets else None
+    k, samples = stored_targets(manifest) if with_targets else (None, None)
     splits = [
-        SampleSplit(read_split(root, manifest, split), cfg.data, tokenizer.pad_token_id, k, cfg.train.seed)
+        SampleSplit(read_split(root, manifest, split), cfg.data, tokenizer.pad_token_id, k, cfg.train.seed, samples)
         for split in SPLITS
     ]
     for split, name in zip(splits, SPLITS):
@@ -288,19 +394,42 @@ def sample_data(cfg: Config, tokenizer, root: Path) -> tuple[SampleSplit, Sample
 
 
 def open_sample_targets(cfg: Config, tokenizer, root: Path) -> OfflineSource:
-    """An offline run on a sample store's stored top-k, checked against this run before any model loads (the
-    teacher source is the `OfflineTeacher`: training batches carry their targets, validation batches are found by
-    the content hash of their token ids)."""
+    """An offline run on a sample store's stored top-k or sampled targets, checked against this run before any model
+    loads (the teacher source is the `OfflineTeacher`: training batches carry their targets, validation batches are
+    found by the content hash of their token ids)."""
     manifest = read_sample_manifest(root)
     where = f"distill.store={root}"
-    if not manifest["top_k"]:
-        raise DistillError(
-            f"{where} holds no teacher top-k (made without generate.top_k): train on it with data.source={root} "
-            "(sequence-level KD), or generate again with generate.top_k"
-        )
-    checks = [("top-k temperature", "temperature", cfg.distill.temperature, "distill.temperature")]
+    check_sample_targets(manifest, cfg, root)
+    checks = [("target temperature", "temperature", cfg.distill.temperature, "distill.temperature")]
     if cfg.distill.top_k is not None:
         checks.append(("top_k", "top_k", cfg.distill.top_k, "distill.top_k"))
+    if cfg.distill.samples is not None:
+        checks.append(("samples", "samples", cfg.distill.samples, "distill.samples"))
     check_against_run(manifest, where, checks)
     manifest, train, val = open_sample_splits(cfg, tokenizer, root, with_targets=True)
     return OfflineSource(train, val, OfflineTeacher(manifest, val), manifest, describe_sample_splits(train, val, root))
+
+
+def check_sample_targets(manifest: dict, cfg: Config, root: Path) -> None:
+    """Refuse, in one line, a sample store without per-token targets, and settings its targets contradict: top-k
+    targets with distill.samples, sampled ones with distill.top_k or a divergence they cannot estimate."""
+    (k, samples), distill, where = stored_targets(manifest), cfg.distill, f"distill.store={root}"
+    if not k and not samples:
+        raise DistillError(
+            f"{where} holds no teacher targets (made without generate.top_k or generate.samples): train on it with "
+            f"data.source={root} (sequence-level KD), or generate again with generate.top_k or generate.samples"
+        )
+    if k and distill.samples is not None:
+        raise DistillError(
+            f"{where} holds top-{k} targets but distill.samples={distill.samples}; unset distill.samples, or generate "
+            "again with generate.samples"
+        )
+    if samples and distill.top_k is not None:
+        raise DistillError(
+            f"{where} holds sampled targets ({samples} draws) but distill.top_k={distill.top_k}; unset distill.top_k"
+        )
+    if samples and distill.loss != "forward_kl":
+        raise DistillError(
+            f"{where} holds sampled targets, which estimate forward KL only, but distill.loss={distill.loss} (the "
+            "other divergences need the teacher's probability of ids that were not drawn); use distill.loss=forward_kl"
+        )

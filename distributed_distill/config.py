@@ -493,6 +493,11 @@ class GenerateConfig:
         "also keep the teacher's top-k log-probs and tail mass at every completion token, at distill.temperature "
         "(from the logits the sampler used); null = none",
     )
+    samples: int | None = option(
+        None,
+        "also keep N draws per completion token from the teacher's distribution at distill.temperature (unique ids "
+        "with counts and the entropy: sampled targets, forward KL only); null = none",
+    )
     batch_size: int = option(16, "sequences sampled together per process (one KV-cached batch)")
     shard_prompts: int = option(64, "prompts per Parquet shard (all their samples): the unit of resume")
     max_prompts: int | None = option(None, "use at most the first N prompts of each split; null = all")
@@ -509,6 +514,14 @@ class GenerateConfig:
         for name in ("top_k", "max_prompts", "prefix_tokens"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"generate.{name}={getattr(self, name)} must be >= 1 (or null)")
+        if self.samples is not None and not 1 <= self.samples <= 255:
+            # (a count is stored as uint8)
+            raise ConfigError(f"generate.samples={self.samples} must be between 1 and 255 draws per token (or null)")
+        if self.samples is not None and self.top_k is not None:
+            raise ConfigError(
+                f"generate.samples={self.samples} and generate.top_k={self.top_k}: a sample store keeps one kind of "
+                "per-token target; set one of them to null"
+            )
 
 
 @dataclass

@@ -1,6 +1,8 @@
 """`distill generate`: the teacher samples completions of a prompt set into a sample store (store/samples.py).
 
     distill generate --config configs/generate.yaml generate.store=stores/samples [generate.top_k=64]
+    distill generate --config configs/generate.yaml generate.store=stores/sampled generate.top_k=null \\
+        generate.samples=32
     ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 -m distributed_distill.cli \\
         generate --config configs/generate.yaml generate.store=stores/samples
     torchrun --nproc_per_node 8 -m distributed_distill.cli generate --config ... teacher.engine=zero3
@@ -46,7 +48,7 @@ from .setup import RunPlan, store_run
 from .store import format as store_format
 from .store import writer
 from .store.samples import SAMPLE_FORMAT, SAMPLE_VERSION, TOKENIZER, encode_sample_rows, sample_counts
-from .teacher import identity, setup_teacher, topk_of_logits
+from .teacher import draw_from_logits, identity, setup_teacher, topk_of_logits
 from .tokenizer import tokenizer_hash
 
 # ----------------------------------------------------------------------------------------------
@@ -152,6 +154,7 @@ def sample_store_plan(plan: RunPlan, prompts: dict, kind: DocKind, sampling: Sam
     cfg, tokenizer, gen = plan.cfg, plan.tokenizer, plan.cfg.generate
     fingerprint = hashlib.sha256(json.dumps(prompts).encode()).hexdigest()
     top_k = None if gen.top_k is None else min(gen.top_k, len(tokenizer))
+    targets = bool(top_k or gen.samples)
     return {
         "format": SAMPLE_FORMAT,
         "version": SAMPLE_VERSION,
@@ -165,9 +168,10 @@ def sample_store_plan(plan: RunPlan, prompts: dict, kind: DocKind, sampling: Sam
             "seed": seed_of(cfg),
             "eos_ids": list(sampling.eos_ids),
         },
-        # The stored top-k: from the logits the sampler used, at the distillation temperature.
+        # The stored top-k or sampled targets: from the logits the sampler used, at the distillation temperature.
         "top_k": top_k,
-        "temperature": cfg.distill.temperature if top_k else None,
+        "samples": gen.samples,
+        "temperature": cfg.distill.temperature if targets else None,
         "logprob_dtype": "float16",
         "id_dtype": store_format.id_dtype(len(tokenizer)).name,
         "prompts": {
@@ -190,6 +194,14 @@ def seed_of(cfg: Config) -> int:
 def sample_generator(seed: int, split: str, index: int, sample: int) -> torch.Generator:
     """The generator of one sample: a function of (seed, split, prompt index, sample index) only."""
     digest = hashlib.blake2b(f"{seed}/{split}/{index}/{sample}".encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
+
+
+def target_generator(seed: int, split: str, index: int, sample: int) -> torch.Generator:
+    """The generator of one sample's sampled-target draws (generate.samples): a function of (seed, split, prompt
+    index, sample index) only, and another stream than `sample_generator`'s, so keeping sampled targets never
+    changes which tokens are sampled."""
+    digest = hashlib.blake2b(f"{seed}/{split}/{index}/{sample}/targets".encode(), digest_size=8).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
 
 
@@ -236,7 +248,8 @@ def save_tokenizer(tokenizer, out: Path) -> None:
 
 class TeacherSampling:
     """The work of one sample-store shard: the teacher samples its (prompt index, sample index) pairs in batches,
-    each sample with its own generator, keeping the top-k of every completion position when the plan asks for it."""
+    each sample with its own generator, keeping the top-k or sampled targets of every completion position when the
+    plan asks for them."""
 
     counted = "target_tokens"
 
@@ -268,7 +281,7 @@ class TeacherSampling:
         for batch in shard_batches(pairs, self.prompts[split], self.batch_size):
             rows += self.sample(split, batch, self.prompts[split])
         rows.sort(key=lambda r: (r["index"], r["sample"]))
-        table = encode_sample_rows(rows, self.plan.vocab, self.content["top_k"])
+        table = encode_sample_rows(rows, self.plan.vocab, self.content["top_k"], self.content["samples"])
         return table, sample_counts(table)
 
     def _generate(self, prompts: list[list[int]], generators: list, on_step=None):
@@ -283,17 +296,10 @@ class TeacherSampling:
         )
 
     def sample(self, split: str, batch: list[tuple[int, int]], prompts: list[list[int]]) -> list[dict]:
-        k, steps = self.content["top_k"], []
         tokenizer = self.plan.tokenizer
-
-        def keep_topk(logits: torch.Tensor, tokens: torch.Tensor) -> None:
-            # The logits the sampler used, before its temperature: at the distillation temperature instead.
-            top = topk_of_logits(logits.to(torch.float32, copy=True), k, self.content["temperature"])
-            steps.append((top.ids.cpu(), top.logprobs.cpu(), top.tail_logmass.cpu()))
-
+        keeper = self._keeper(split, batch)
         gens = [sample_generator(self.seed, split, p, s) for p, s in batch]
-        out = self._generate([prompts[p] for p, _ in batch], gens, keep_topk if k else None)
-        stacked = [torch.stack(parts, dim=1) for parts in zip(*steps)] if k else []
+        out = self._generate([prompts[p] for p, _ in batch], gens, keeper.on_step if keeper is not None else None)
         rows = []
         for i, (p, s) in enumerate(batch):
             completion = out.completions[i]
@@ -307,16 +313,85 @@ class TeacherSampling:
                 "finish_reason": out.finish_reasons[i],
                 "token_logprobs": out.logprobs[i],
             }
-            if k:
-                n = len(completion)
-                row.update(
-                    teacher_ids=stacked[0][i, :n].numpy(),
-                    teacher_logprobs=stacked[1][i, :n].numpy(),
-                    teacher_tail=stacked[2][i, :n].numpy(),
-                )
+            if keeper is not None:
+                row.update(keeper.row(i, len(completion)))
             rows.append(row)
         return rows
+
+    def _keeper(self, split: str, batch: list[tuple[int, int]]) -> KeepTopk | KeepSampled | None:
+        """What keeps the per-token targets of a batch (the plan's top-k or sampled targets); None for neither."""
+        temperature = self.content["temperature"]
+        if self.content["top_k"]:
+            return KeepTopk(self.content["top_k"], temperature)
+        if self.content["samples"]:
+            gens = [target_generator(self.seed, split, p, s) for p, s in batch]
+            return KeepSampled(self.content["samples"], temperature, gens)
+        return None
 
     def filler(self) -> None:
         """A batch of nothing that joins every collective forward of the other ranks (ZeRO-3 lockstep)."""
         self._generate([], [])
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-token targets: called at every generation step with the logits the sampler used (before its temperature)
+
+
+class _Keeper:
+    """A batch's per-step targets on the CPU; `stacked()` gives them per row ([B, steps, ...]), stacked once."""
+
+    steps: list[tuple[torch.Tensor, ...]]  # per step: [B, ...] tensors
+    _rows: list[torch.Tensor] | None = None
+
+    def stacked(self) -> list[torch.Tensor]:
+        if self._rows is None:  # (generation is over once the first row is asked for)
+            self._rows = [torch.stack(parts, dim=1) for parts in zip(*self.steps)]
+        return self._rows
+
+
+class KeepTopk(_Keeper):
+    """generate.top_k: the top-k ids, their log-probs and the tail's log-mass at the distillation temperature."""
+
+    def __init__(self, k: int, temperature: float):
+        self.k, self.temperature, self.steps = k, temperature, []
+
+    def on_step(self, logits: torch.Tensor, tokens: torch.Tensor) -> None:
+        """logits [B, V] (the model's dtype): copied, at the distillation temperature instead of the sampler's."""
+        top = topk_of_logits(logits.to(torch.float32, copy=True), self.k, self.temperature)
+        self.steps.append((top.ids.cpu(), top.logprobs.cpu(), top.tail_logmass.cpu()))
+
+    def row(self, i: int, n: int) -> dict:
+        """Row i's first n steps: teacher_ids, teacher_logprobs [n, k] and teacher_tail [n]."""
+        ids, logprobs, tail = (x[i, :n] for x in self.stacked())
+        return {"teacher_ids": ids.numpy(), "teacher_logprobs": logprobs.numpy(), "teacher_tail": tail.numpy()}
+
+
+class KeepSampled(_Keeper):
+    """generate.samples: `draws` ids per token drawn from softmax(logits / distill.temperature), kept as the unique
+    ids with their counts, and the distribution's entropy (`teacher.draw_from_logits`, what precompute draws with).
+
+    Each row's uniforms come from its own generator (`target_generator`: never the sampler's, so the sampled tokens
+    are the same with or without targets), one `torch.rand(draws)` per step whether the row is finished or not, so
+    step t of a sample always uses its generator's t-th draws: independent of the batch, the rank and the layout."""
+
+    def __init__(self, draws: int, temperature: float, generators: list[torch.Generator]):
+        self.draws, self.temperature, self.generators, self.steps = draws, temperature, generators, []
+
+    def on_step(self, logits: torch.Tensor, tokens: torch.Tensor) -> None:
+        """logits [B, V] (the model's dtype) -> per row ids [draws], integer counts [draws] (0: padding), entropy."""
+        uniforms = torch.stack([torch.rand(self.draws, generator=g, dtype=torch.float64) for g in self.generators])
+        found = draw_from_logits(logits.to(torch.float32, copy=True), self.temperature, uniforms)
+        counts = (found.counts * self.draws).round_().to(torch.uint8)  # exact: the counts are c / draws
+        self.steps.append((found.ids.cpu(), counts.cpu(), found.entropy.cpu()))
+
+    def row(self, i: int, n: int) -> dict:
+        """Row i's first n steps: teacher_ids [U] and teacher_counts [U] (position by position, ids ascending),
+        teacher_unique [n] (U = its sum) and teacher_entropy [n]."""
+        ids, counts, entropy = (x[i, :n] for x in self.stacked())
+        kept = counts > 0  # row-major: the unique ids of each position come first in their row
+        return {
+            "teacher_ids": ids[kept].numpy(),
+            "teacher_counts": counts[kept].numpy(),
+            "teacher_unique": kept.sum(-1).to(torch.uint8).numpy(),
+            "teacher_entropy": entropy.to(torch.float16).numpy(),
+        }

@@ -245,3 +245,133 @@ def test_training_on_samples_one_and_two_processes_and_resume(reference, tmp_pat
         _train(online, f"data.source={reference}", "distill.top_k=8")
         for a, b in zip(read_metrics(one), read_metrics(online), strict=True):
             assert b["kd_loss"] == pytest.approx(a["kd_loss"], rel=1e-3), a["step"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampled targets (generate.samples): draws from the teacher at every completion token, in a sample store
+
+# A small store: 4 prompts per split, 2 samples each, 12 new tokens, 8 draws per token (one shard per split).
+SMALL = ["generate.max_prompts=4", "generate.sampling.max_new_tokens=12", "generate.top_k=null"]
+SAMPLED = [*SMALL, "generate.samples=8"]
+
+
+def _generated(root: Path, settings: list[str], part: tuple[int, int] | None = None) -> Path:
+    from distributed_distill.generate import generate_store
+
+    generate_store(load_config(CONFIG, [f"generate.store={root}", *settings]), part)
+    return root
+
+
+def _rows(root: Path, split: str = "*") -> datasets.Dataset:
+    return datasets.load_dataset("parquet", data_files=str(root / split / "*.parquet"), split="train")
+
+
+@pytest.fixture(scope="module")
+def sampled_store(tmp_path_factory) -> Path:
+    """configs/generate.yaml's teacher with 8 sampled draws per completion token instead of its top-8, in-process."""
+    return _generated(tmp_path_factory.mktemp("sampled") / "store", SAMPLED)
+
+
+def test_sampled_targets_leave_the_samples_unchanged_and_are_the_teachers_draws(sampled_store, tmp_path):
+    """The draws use their own generators, so a store without targets holds the same completions (ids, text, finish
+    reasons, per-token log-probs); every stored (ids, counts) is `draw_from_logits` of a fresh float32 teacher forward
+    at distill.temperature with the uniforms of `target_generator(seed, split, prompt, sample)`, one torch.rand(8)
+    per step, and the entropy that forward's within float16 rounding."""
+    from distributed_distill.generate import target_generator
+    from distributed_distill.teacher import draw_from_logits
+
+    plain = _generated(tmp_path / "plain", SMALL)
+    a, b = _rows(sampled_store), _rows(plain)
+    for column in ("row_hash", "completion_ids", "completion", "finish_reason", "token_logprobs", "logprob"):
+        assert a[column] == b[column], column
+    manifest = json.loads((sampled_store / "manifest.json").read_text())
+    assert (manifest["version"], manifest["samples"], manifest["top_k"], manifest["temperature"]) == (2, 8, None, 2.0)
+
+    cfg = load_config(CONFIG, SAMPLED)
+    tokenizer = load_tokenizer(str(sampled_store / "tokenizer"))
+    teacher = models.load_model(cfg.teacher, models.model_config(cfg.teacher, len(tokenizer), "teacher"), seed=1)
+    for split in ("train", "validation"):
+        for row in _rows(sampled_store, split):
+            prompt, completion, n = row["prompt_ids"], row["completion_ids"], len(row["completion_ids"])
+            with torch.no_grad():
+                logits = teacher(torch.tensor([prompt + completion])).logits[0, len(prompt) - 1 : -1, : len(tokenizer)]
+            gen = target_generator(cfg.train.seed, split, row["index"], row["sample"])
+            uniforms = torch.stack([torch.rand(8, generator=gen, dtype=torch.float64) for _ in range(n)])
+            fresh = draw_from_logits(logits.float().clone(), 2.0, uniforms)
+            kept = fresh.counts > 0
+            assert row["teacher_unique"] == kept.sum(-1).tolist()
+            assert row["teacher_ids"] == fresh.ids[kept].tolist()
+            assert row["teacher_counts"] == (fresh.counts[kept] * 8).round().long().tolist()
+            entropy = torch.tensor(row["teacher_entropy"], dtype=torch.float32)
+            assert ((entropy - fresh.entropy).abs() <= fresh.entropy.abs() * 2 * FP16 + 1e-4).all()
+    # A version 1 store (before generate.samples: no `samples` key) still verifies and reads.
+    old = tmp_path / "version1"
+    shutil.copytree(plain, old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    manifest.pop("samples")
+    (old / "manifest.json").write_text(json.dumps({**manifest, "version": 1}))
+    from distributed_distill.store.samples import open_sample_targets, verify_sample_store
+
+    assert verify_sample_store(old).startswith("ok: ") and "top_k=None" in verify_sample_store(old)
+    with pytest.raises(DistillError, match="holds no teacher targets"):
+        open_sample_targets(load_config(CONFIG, ["distill.signal=offline", f"distill.store={old}"]), tokenizer, old)
+
+
+def test_a_sampled_sample_store_verifies_adds_up_and_is_the_same_bytes_in_two_parts(sampled_store, tmp_path):
+    """`distill verify-store` names samples=8; every completion token has 1 to 8 unique ascending ids whose counts add
+    up to 8; the store generated again, as two parts of a job array (the second part first), is byte-identical."""
+    line = run_cli(["verify-store", str(sampled_store)]).stdout.strip()
+    assert line.startswith("ok: ") and "samples=8" in line and "top_k" not in line
+    for row in _rows(sampled_store):
+        unique, counts = np.asarray(row["teacher_unique"]), np.asarray(row["teacher_counts"])
+        assert len(unique) == len(row["completion_ids"]) and len(counts) == len(row["teacher_ids"]) == unique.sum()
+        assert ((unique >= 1) & (unique <= 8)).all()
+        starts = np.concatenate([[0], np.cumsum(unique)[:-1]])
+        assert (np.add.reduceat(counts, starts) == 8).all()
+        for ids in np.split(np.asarray(row["teacher_ids"]), np.cumsum(unique)[:-1]):
+            assert (np.diff(ids) > 0).all()
+    parts = tmp_path / "parts"
+    _generated(parts, SAMPLED, part=(1, 2))
+    assert not (parts / "manifest.json").exists()
+    _generated(parts, SAMPLED, part=(0, 2))
+    assert store_files(parts) == store_files(sampled_store)
+
+
+def test_offline_training_on_sampled_samples_and_its_refusals(sampled_store, tmp_path):
+    """distill.signal=offline on the sampled sample store trains (forward KL from the stored draws: finite losses,
+    validation included); another divergence is refused in one line (exit 2) before any model loads, and so are
+    distill.top_k and other draws (distill.samples)."""
+    from distributed_distill.store.samples import SampleSplit, open_sample_targets
+    from distributed_distill.trainer import train
+
+    offline = ["distill.signal=offline", f"distill.store={sampled_store}"]
+    result = train(load_config(CONFIG, [f"output_dir={tmp_path / 'run'}", *offline, "train.max_steps=2"]))
+    records = [r for r in read_metrics(tmp_path / "run") if "kd_loss" in r]
+    assert len(records) == 2 and all(np.isfinite(r["kd_loss"]) and np.isfinite(r["loss"]) for r in records)
+    assert np.isfinite(result["val_kd_loss"])
+    # The rows a batch reads are the stored targets, padded: the weights of every learned token sum to 1.
+    tokenizer = load_tokenizer(str(sampled_store / "tokenizer"))
+    source = open_sample_targets(load_config(CONFIG, offline), tokenizer, sampled_store)
+    assert isinstance(source.train, SampleSplit)
+    batch = source.train[[0]]
+    learned = batch["labels"][:, 1:] != -100
+    assert learned.any() and batch["teacher_counts"].shape[-1] == batch["teacher_ids"].shape[-1] == 8
+    assert torch.allclose(batch["teacher_counts"].sum(-1)[learned], torch.ones(int(learned.sum())))
+
+    refused = ["train", "--config", str(CONFIG), f"output_dir={tmp_path / 'rkl'}", *offline, "distill.loss=reverse_kl"]
+    proc = run_cli(refused, check=False)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "sampled targets, which estimate forward KL only" in proc.stderr and "distill.loss=reverse_kl" in proc.stderr
+    assert not (tmp_path / "rkl" / "metrics.jsonl").exists()
+    for override, message in (("distill.top_k=8", "unset distill.top_k"), ("distill.samples=4", "8 draws per token")):
+        with pytest.raises(DistillError, match=message):
+            open_sample_targets(load_config(CONFIG, [*offline, override]), tokenizer, sampled_store)
+
+
+def test_generate_top_k_and_samples_are_exclusive():
+    from distributed_distill.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"generate\.samples=8 and generate\.top_k=8"):
+        load_config(CONFIG, ["generate.samples=8"])  # (configs/generate.yaml keeps its top-8)
+    with pytest.raises(ConfigError, match=r"generate\.samples=256 must be between 1 and 255"):
+        load_config(CONFIG, ["generate.top_k=null", "generate.samples=256"])

@@ -199,8 +199,12 @@ def test_sampled_and_packed_stores_are_byte_identical_across_parts(sampled_store
     "override, message",
     [
         ("distill.loss=jsd", "holds sampled targets, which estimate forward KL only, but distill.loss=jsd"),
-        ("distill.top_k=8", "holds sampled targets (8 draws) but distill.top_k=8; unset distill.top_k"),
-        ("distill.samples=4", "has 8 draws per token but distill.samples is 4"),
+        pytest.param(
+            "distill.top_k=8",
+            "holds sampled targets (8 draws) but distill.top_k=8; unset distill.top_k",
+            marks=pytest.mark.slow,
+        ),
+        pytest.param("distill.samples=4", "has 8 draws per token but distill.samples is 4", marks=pytest.mark.slow),
     ],
 )
 def test_a_sampled_store_that_does_not_fit_the_run_is_refused(sampled_store, tmp_path, override, message):

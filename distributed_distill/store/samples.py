@@ -66,7 +66,7 @@ from .offline import OfflineSource, OfflineTeacher
 
 SAMPLE_FORMAT = "distributed_distill.sample_store"
 SAMPLE_VERSION = 2
-READABLE_VERSIONS = (1,)  # before generate.samples: top-k or no targets, no `samples` key
+SAMPLE_READABLE = (1,)  # before generate.samples: top-k or no targets, no `samples` key
 TOKENIZER = "tokenizer"
 SAMPLE_COLUMNS = (
     "index", "sample", "row_hash", "prompt_ids", "prompt", "completion_ids", "completion", "finish_reason",
@@ -74,8 +74,8 @@ SAMPLE_COLUMNS = (
 )  # fmt: skip
 
 
-TOPK_COLUMNS = ("teacher_ids", "teacher_logprobs", "teacher_tail")
-SAMPLED_COLUMNS = ("teacher_ids", "teacher_counts", "teacher_unique", "teacher_entropy")
+SAMPLE_TOPK_COLUMNS = ("teacher_ids", "teacher_logprobs", "teacher_tail")
+SAMPLE_DRAW_COLUMNS = ("teacher_ids", "teacher_counts", "teacher_unique", "teacher_entropy")
 
 
 def sample_hash(prompt_ids, completion_ids) -> str:
@@ -87,10 +87,10 @@ def is_sample_store(path: str | Path | None) -> bool:
 
 
 def read_sample_manifest(root: str | Path) -> dict:
-    return read_manifest(root, SAMPLE_FORMAT, SAMPLE_VERSION, "generate", READABLE_VERSIONS)
+    return read_manifest(root, SAMPLE_FORMAT, SAMPLE_VERSION, "generate", SAMPLE_READABLE)
 
 
-def stored_targets(manifest: dict) -> tuple[int | None, int | None]:
+def sample_store_targets(manifest: dict) -> tuple[int | None, int | None]:
     """(top_k, samples) of a sample store: at most one is set (version 1 stores have no samples)."""
     return manifest["top_k"], manifest.get("samples")
 
@@ -159,7 +159,7 @@ def verify_sample_store(root: str | Path) -> str:
     if not root.is_dir():
         raise DistillError(f"store {root}: no such directory")
     manifest = read_sample_manifest(root)
-    (k, samples), vocab = stored_targets(manifest), manifest["vocab_size"]
+    (k, samples), vocab = sample_store_targets(manifest), manifest["vocab_size"]
     if tokenizer_hash(load_tokenizer(str(root / TOKENIZER))) != manifest["tokenizer_sha256"]:
         raise DistillError(f"store {root}: {TOKENIZER}/ is not the tokenizer the samples were made with")
     shards, rows = verify_shards(
@@ -179,7 +179,7 @@ def verify_sample_store(root: str | Path) -> str:
 
 
 def _check_sample_rows(path: Path, where: str, shard: dict, k: int | None, samples: int | None, vocab: int) -> None:
-    targets = TOPK_COLUMNS if k else SAMPLED_COLUMNS if samples else ()
+    targets = SAMPLE_TOPK_COLUMNS if k else SAMPLE_DRAW_COLUMNS if samples else ()
     table = read_verified_table(path, where, shard, SAMPLE_COLUMNS + targets)
     lengths = pc.list_value_length(table["completion_ids"]).to_numpy(zero_copy_only=False)
     expected = {"token_logprobs": lengths}
@@ -267,10 +267,10 @@ def _check_draws(table: pa.Table, where: str, samples: int) -> None:
 
 class SampleSplit:
     """One split of a sample store as packed training rows (input_ids, labels, position_ids, target [S]) and, with
-    the stored top-k or sampled targets, the targets' flat arrays (`topk_rows`, `sampled_rows`) and a row-hash index
-    (what `store.OfflineTeacher` looks validation rows up in). Indexable like the packed dataset `data.collate` and
-    `data.eval_batches` expect; `micro_batches` serves an offline run (the batch order is `data.train_indices`'s, a
-    pure function of (seed, micro-step, rank), as for an online run on the same store)."""
+    the stored top-k or sampled targets, the targets' flat arrays (`topk_target_rows`, `sampled_target_rows`) and a
+    row-hash index (what `store.OfflineTeacher` looks validation rows up in). Indexable like the packed dataset
+    `data.collate` and `data.eval_batches` expect; `micro_batches` serves an offline run (the batch order is
+    `data.train_indices`'s, a pure function of (seed, micro-step, rank), as for an online run on the same store)."""
 
     def __init__(self, table: pa.Table, dcfg, pad_id: int, k: int | None, seed: int, samples: int | None = None):
         self.k, self.seed = k, seed
@@ -289,7 +289,7 @@ class SampleSplit:
             offset += len(completion)  # the flat target rows hold every completion token, kept or not
         packed = batching.pack_documents(docs, dcfg, pad_id, whole=True)
         self.ds = datasets.Dataset.from_dict(packed).with_format("torch")
-        self.targets = topk_rows(table, k) if k else sampled_rows(table, samples) if samples else None
+        self.targets = topk_target_rows(table, k) if k else sampled_target_rows(table, samples) if samples else None
         if self.targets is not None:
             self.by_hash = {row_hash(r.numpy()): i for i, r in enumerate(self.ds["input_ids"])}
 
@@ -312,10 +312,10 @@ class SampleSplit:
             yield {**self[idx], "index": torch.tensor(idx)}
 
 
-def topk_rows(table: pa.Table, k: int) -> dict[str, torch.Tensor]:
+def topk_target_rows(table: pa.Table, k: int) -> dict[str, torch.Tensor]:
     """The stored top-k of every completion token of a split, in row order: teacher_ids [T, k] int64,
     teacher_logprobs [T, k] and teacher_tail [T] float32."""
-    column = {name: flat(table[name]) for name in TOPK_COLUMNS}
+    column = {name: flat(table[name]) for name in SAMPLE_TOPK_COLUMNS}
     return {
         "teacher_ids": torch.from_numpy(column["teacher_ids"].astype(np.int64)).view(-1, k),
         "teacher_logprobs": torch.from_numpy(column["teacher_logprobs"].astype(np.float32)).view(-1, k),
@@ -323,7 +323,7 @@ def topk_rows(table: pa.Table, k: int) -> dict[str, torch.Tensor]:
     }
 
 
-def sampled_rows(table: pa.Table, draws: int) -> dict[str, torch.Tensor]:
+def sampled_target_rows(table: pa.Table, draws: int) -> dict[str, torch.Tensor]:
     """The stored sampled targets of every completion token of a split, in row order, padded as the loss takes them
     (`TeacherTargets.counts`): teacher_ids [T, draws] int64 (the unique ids, then the token's first id again),
     teacher_counts [T, draws] float32 (count / draws, 0 for padding), teacher_entropy [T] float32."""
@@ -359,7 +359,7 @@ def open_sample_splits(cfg: Config, tokenizer, root: Path, with_targets: bool) -
             )
         fix = f"train with the store's tokenizer ({root / TOKENIZER})"
         check_tokenizer(manifest, tokenizer_hash(tokenizer), f"sample store {root}", fix)
-    k, samples = stored_targets(manifest) if with_targets else (None, None)
+    k, samples = sample_store_targets(manifest) if with_targets else (None, None)
     splits = [
         SampleSplit(read_split(root, manifest, split), cfg.data, tokenizer.pad_token_id, k, cfg.train.seed, samples)
         for split in SPLITS
@@ -403,8 +403,6 @@ def open_sample_targets(cfg: Config, tokenizer, root: Path) -> OfflineSource:
     checks = [("target temperature", "temperature", cfg.distill.temperature, "distill.temperature")]
     if cfg.distill.top_k is not None:
         checks.append(("top_k", "top_k", cfg.distill.top_k, "distill.top_k"))
-    if cfg.distill.samples is not None:
-        checks.append(("samples", "samples", cfg.distill.samples, "distill.samples"))
     check_against_run(manifest, where, checks)
     manifest, train, val = open_sample_splits(cfg, tokenizer, root, with_targets=True)
     return OfflineSource(train, val, OfflineTeacher(manifest, val), manifest, describe_sample_splits(train, val, root))
@@ -412,8 +410,9 @@ def open_sample_targets(cfg: Config, tokenizer, root: Path) -> OfflineSource:
 
 def check_sample_targets(manifest: dict, cfg: Config, root: Path) -> None:
     """Refuse, in one line, a sample store without per-token targets, and settings its targets contradict: top-k
-    targets with distill.samples, sampled ones with distill.top_k or a divergence they cannot estimate."""
-    (k, samples), distill, where = stored_targets(manifest), cfg.distill, f"distill.store={root}"
+    targets with distill.samples, sampled ones with other draws, distill.top_k or a divergence they cannot estimate
+    (the logit store's refusals, store/logits.py `check_target_settings`, in a sample store's words)."""
+    (k, samples), distill, where = sample_store_targets(manifest), cfg.distill, f"distill.store={root}"
     if not k and not samples:
         raise DistillError(
             f"{where} holds no teacher targets (made without generate.top_k or generate.samples): train on it with "
@@ -424,6 +423,8 @@ def check_sample_targets(manifest: dict, cfg: Config, root: Path) -> None:
             f"{where} holds top-{k} targets but distill.samples={distill.samples}; unset distill.samples, or generate "
             "again with generate.samples"
         )
+    if samples and distill.samples not in (None, samples):
+        raise DistillError(f"{where} has {samples} draws per token but distill.samples is {distill.samples}")
     if samples and distill.top_k is not None:
         raise DistillError(
             f"{where} holds sampled targets ({samples} draws) but distill.top_k={distill.top_k}; unset distill.top_k"

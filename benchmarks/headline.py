@@ -34,6 +34,7 @@ from pathlib import Path
 from distributed_distill.config import load_config
 from distributed_distill.demo import (
     CONFIGS,
+    RECOMMENDED_NAME,
     offline_overrides,
     precompute_store,
     run_distill,
@@ -59,6 +60,7 @@ def _samples_store(student_cfg: str, teacher: str, work: Path, overrides: list[s
     sample_store(student_cfg, teacher, work / "samples", overrides)
 
 
+OFFLINE = f"offline {RECOMMENDED_NAME} (forward KL)"
 HINTS = ["distill.hidden.layers=uniform", "distill.hidden.loss=cosine", "distill.hidden.weight=1"]
 
 # name -> recipe. The rows of the README's headline table, in order; a new student recipe is one more entry.
@@ -68,7 +70,8 @@ RECIPES: dict[str, Recipe] = {
     "reverse KL": Recipe(["distill.loss=reverse_kl"]),
     "JSD (beta 0.5)": Recipe(["distill.loss=jsd", "distill.beta=0.5"]),
     "skew forward KL (0.1)": Recipe(["distill.loss=skew_forward_kl", "distill.skew=0.1"]),
-    "offline top-64 (forward KL)": Recipe(offline_overrides(Path("{work}") / "store"), prepare=_offline_store),
+    # Issue 27: the store docs/store.md recommends from benchmarks/store_curve.py (demo.RECOMMENDED_STORE).
+    OFFLINE: Recipe(offline_overrides(Path("{work}") / "store"), prepare=_offline_store),
     # Issue 14: the teacher's own samples (configs/demo.yaml, section `generate`), CE on them + KD from their top-64.
     # (On-policy needs prompts, which this plain-text corpus has not: benchmarks/on_policy_demo.py compares on- and
     # off-policy students on the built-in conversations, docs/on_policy.md.)

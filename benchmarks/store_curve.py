@@ -41,7 +41,7 @@ def store_recipe(settings: list[str]) -> headline.Recipe:
     """An offline forward-KL student from a store precomputed with `settings`, in store order."""
 
     def prepare(student_cfg: str, teacher: str, work: Path, overrides: list[str]) -> None:
-        precompute_store(student_cfg, teacher, work / "store", [*overrides, *settings])
+        precompute_store(student_cfg, teacher, work / "store", overrides, settings)
 
     return headline.Recipe(offline_overrides(Path("{work}") / "store"), prepare=prepare)
 

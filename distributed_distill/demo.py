@@ -1,5 +1,6 @@
-"""The built-in demo: train a teacher, distill a student from it (online, offline from a precomputed top-64
-logit store, and from the teacher's own samples with their top-64), train the same student without it.
+"""The built-in demo: train a teacher, distill a student from it (online, offline from a precomputed logit store of
+sampled targets (RECOMMENDED_STORE), and from the teacher's own samples with their top-64), train the same student
+without it.
 
     make demo        # or: distill demo [--output-dir runs/demo] [section.key=value ...]
 
@@ -34,17 +35,28 @@ def run_distill(args: list[str]) -> None:
         raise SystemExit(code)
 
 
+# The offline students' store (the demo's and the headline's): the configuration docs/store.md recommends from the
+# quality-against-bytes curve (benchmarks/store_curve.py): 16 sampled draws per token, packed.
+RECOMMENDED_STORE = ["distill.store_samples=16", "distill.store_encoding=packed"]
+RECOMMENDED_NAME = "sampled 16, packed"
+OFFLINE_STUDENT = f"student (distilled offline, {RECOMMENDED_NAME})"  # its row in the demo's table
+
+
 def offline_overrides(store_dir: Path) -> list[str]:
     """A student trained from the store, in store order: the very batches an online student of the same seed sees."""
     return ["distill.signal=offline", f"distill.store={store_dir}", "distill.shuffle_buffer=0"]
 
 
-def precompute_store(student_cfg: str, teacher: str, store_dir: Path, overrides: list[str]) -> None:
-    """The teacher's top-64 targets of the rows the run will read (steps x batch, in the run's seeded order), written
-    once and verified."""
+def precompute_store(
+    student_cfg: str, teacher: str, store_dir: Path, overrides: list[str], settings: list[str] | None = None
+) -> None:
+    """The teacher's targets of the rows the run will read (steps x batch, in the run's seeded order), in the store
+    `settings` name (default RECOMMENDED_STORE), written once and verified."""
     t = load_config(student_cfg, overrides).train
     rows = f"distill.store_max_rows={t.max_steps * t.micro_batch_size * t.grad_accum_steps}"
-    run_distill(["precompute", "--config", student_cfg, teacher, f"distill.store={store_dir}", rows, *overrides])
+    store = RECOMMENDED_STORE if settings is None else settings
+    cmd = ["precompute", "--config", student_cfg, teacher, f"distill.store={store_dir}", rows, *store, *overrides]
+    run_distill(cmd)
     run_distill(["verify-store", str(store_dir)])
 
 
@@ -68,8 +80,8 @@ def run_demo(out: Path, overrides: list[str]) -> list[dict]:
     run_distill(["train", "--config", str(CONFIGS / "demo_teacher.yaml"), f"output_dir={teacher_dir}", *overrides])
     teacher = f"teacher.path={teacher_dir / 'final'}"
     run_distill(["train", "--config", student_cfg, f"output_dir={kd_dir}", teacher, *overrides])
-    # Offline: the teacher's top-64 targets precomputed once (only the rows the run will read: steps x batch),
-    # then streamed in store order, i.e. the very batches the online student saw.
+    # Offline: the teacher's targets (RECOMMENDED_STORE) precomputed once (only the rows the run will read: steps x
+    # batch), then streamed in store order, i.e. the very batches the online student saw.
     offline = offline_overrides(store_dir)
     precompute_store(student_cfg, teacher, store_dir, overrides)
     run_distill(["train", "--config", student_cfg, f"output_dir={offline_dir}", teacher, *offline, *overrides])
@@ -106,7 +118,7 @@ def run_demo(out: Path, overrides: list[str]) -> list[dict]:
             "--model",
             f"student (distilled online)={kd_dir / 'final'}",
             "--model",
-            f"student (distilled offline, top-64)={offline_dir / 'final'}",
+            f"{OFFLINE_STUDENT}={offline_dir / 'final'}",
             "--model",
             f"student (teacher samples, top-64)={sampled_dir / 'final'}",
             "--model",

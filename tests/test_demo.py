@@ -26,7 +26,7 @@ def test_the_demo_command_runs_every_phase_at_a_tiny_size(tmp_path):
     proc = run_cli(["demo", "--output-dir", str(out), "logging.progress=false", *TINY], timeout=1200)
     rows = {r["model"]: r for r in json.loads((out / "results.json").read_text())}
     assert set(rows) == {
-        "teacher", "student (distilled online)", "student (distilled offline, top-64)",
+        "teacher", "student (distilled online)", "student (distilled offline, sampled 16, packed)",
         "student (teacher samples, top-64)", "student (CE only)",
     }  # fmt: skip
     assert len({r["val_tokens"] for r in rows.values()}) == 1
@@ -57,7 +57,7 @@ def test_demo_distilled_students_beat_the_ce_only_student(tmp_path):
     print(proc.stdout[-2000:], file=sys.stderr)
     rows = {r["model"]: r for r in json.loads((out / "results.json").read_text())}
     teacher, ce = rows["teacher"], rows["student (CE only)"]
-    online, offline = rows["student (distilled online)"], rows["student (distilled offline, top-64)"]
+    online, offline = rows["student (distilled online)"], rows["student (distilled offline, sampled 16, packed)"]
     sampled = rows["student (teacher samples, top-64)"]  # distill generate, verify-store, then train on the samples
     assert teacher["val_tokens"] == online["val_tokens"] == offline["val_tokens"] == ce["val_tokens"] > 0
     assert sampled["val_tokens"] == ce["val_tokens"]  # evaluated on the same tokens

@@ -76,7 +76,7 @@ def test_headline_command_at_reduced_size(tmp_path):
     recipes = [
         "CE only (no teacher)",
         "forward KL",
-        "offline top-64 (forward KL)",
+        "offline sampled 16, packed (forward KL)",
         "teacher samples, top-64",
         "hints, then forward KL",
     ]

@@ -77,6 +77,8 @@ def precomputed_store(*overrides: str, name: str | None = None) -> Path:
 
 
 STORE_OVERRIDES = [f"distill.store_top_k={TOP_K}"]
+# A sampled, packed store of the smoke config (issue 27): 8 draws per token, the first 24 training rows.
+SAMPLED_STORE = ["distill.store_samples=8", "distill.store_encoding=packed", "distill.store_max_rows=24"]
 
 
 def store_files(root: Path) -> dict[str, bytes]:

@@ -27,7 +27,7 @@ from distributed_distill.store.encoding import (
 from distributed_distill.store.logits import decode_logit_rows, read_logit_manifest, verify_logit_store
 from distributed_distill.teacher import draw_seed, sampled_targets, topk_of_logits, unique_counts
 
-from .helpers import SMOKE, precomputed_store, read_metrics, run_cli, store_files
+from .helpers import SAMPLED_STORE, SMOKE, precomputed_store, read_metrics, run_cli, store_files
 
 V1_STORE = Path(__file__).parent / "data" / "logit_store_v1"
 ROWS, P, V = 3, 9, 300
@@ -155,7 +155,7 @@ def test_a_store_of_an_unknown_version_is_refused(tmp_path):
         read_logit_manifest(root)
 
 
-SAMPLED = ["distill.store_samples=8", "distill.store_encoding=packed", "distill.store_max_rows=24"]
+SAMPLED = SAMPLED_STORE
 
 
 @pytest.fixture(scope="module")

@@ -139,7 +139,7 @@ def store_curve_at_reduced_size(out: Path, sizes: list[str]) -> None:
         # The share of the gain is the paired ratio, and the bytes are the store's own manifest figure.
         assert r["share"] == pytest.approx((loss[name] - loss["CE only (no teacher)"]) / gain)
         manifest = json.loads((out / "students" / slugs[name] / "seed0" / "store" / "manifest.json").read_text())
-        assert r["bytes_per_token"] == manifest["bytes_per_token"] > 0 and manifest["encoding"] == name[-6:]
+        assert r["bytes_per_token"] == manifest["bytes_per_token"] > 0 and manifest["encoding"] == name.split(", ")[1]
     assert stores["sampled 4, packed"]["bytes_per_token"] < stores["top-8, plain"]["bytes_per_token"]
     table = (out / "store_curve.md").read_text()
     assert all(f"| {name} | " in table for name in stores) and table in proc.stdout

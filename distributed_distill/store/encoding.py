@@ -68,8 +68,8 @@ def unpack_bits(data: bytes | np.ndarray, width: int, count: int) -> np.ndarray:
     return ((words >> (offsets & 7).astype(np.uint64)) & mask).astype(np.int64)
 
 
-def _lists(values: np.ndarray | pa.Array, per_row: np.ndarray) -> pa.Array:
-    """A list column of len(per_row) rows from the rows' values end to end."""
+def list_column(values: np.ndarray | pa.Array, per_row: np.ndarray) -> pa.Array:
+    """A list column of len(per_row) rows from the rows' values end to end (every list column of a logit store)."""
     offsets = np.zeros(len(per_row) + 1, dtype=np.int32)
     np.cumsum(per_row, out=offsets[1:])
     return pa.ListArray.from_arrays(pa.array(offsets), values if isinstance(values, pa.Array) else pa.array(values))
@@ -97,11 +97,11 @@ def encode_targets(targets, rows: int, vocab_size: int, encoding: str, draws: in
     n, k = ids.shape
     p = n // rows
     logprobs = targets.logprobs.cpu().to(torch.float16).numpy()
-    tail = _lists(targets.tail_logmass.cpu().to(torch.float16).numpy(), np.full(rows, p))
+    tail = list_column(targets.tail_logmass.cpu().to(torch.float16).numpy(), np.full(rows, p))
     if encoding == "plain":
         return {
-            "teacher_ids": _lists(ids.astype(id_dtype(vocab_size)).reshape(-1), np.full(rows, p * k)),
-            "teacher_logprobs": _lists(logprobs.reshape(-1), np.full(rows, p * k)),
+            "teacher_ids": list_column(ids.astype(id_dtype(vocab_size)).reshape(-1), np.full(rows, p * k)),
+            "teacher_logprobs": list_column(logprobs.reshape(-1), np.full(rows, p * k)),
             "teacher_tail": tail,
         }
     lp = logprobs.astype(np.float32)
@@ -114,7 +114,7 @@ def encode_targets(targets, rows: int, vocab_size: int, encoding: str, draws: in
     return {
         "teacher_ids": _binary([pack_bits(r, width) for r in ids.reshape(rows, -1)]),
         "teacher_codes": _binary([r.tobytes() for r in deltas.reshape(rows, -1)]),
-        "teacher_scale": _lists(np.stack([hi, lo], axis=1).reshape(-1), np.full(rows, 2 * p)),
+        "teacher_scale": list_column(np.stack([hi, lo], axis=1).reshape(-1), np.full(rows, 2 * p)),
         "teacher_tail": tail,
     }
 
@@ -128,12 +128,12 @@ def _encode_sampled(targets, rows: int, vocab_size: int, encoding: str, draws: i
     unique = keep.sum(1)  # per position
     flat_ids, flat_counts = ids[keep], counts[keep]  # row-major: position by position, ascending ids
     per_row = unique.reshape(rows, p).sum(1)
-    entropy = _lists(targets.entropy.cpu().to(torch.float16).numpy(), np.full(rows, p))
+    entropy = list_column(targets.entropy.cpu().to(torch.float16).numpy(), np.full(rows, p))
     if encoding == "plain":
         return {
-            "teacher_ids": _lists(flat_ids.astype(id_dtype(vocab_size)), per_row),
-            "teacher_counts": _lists(flat_counts.astype(np.uint8), per_row),
-            "teacher_unique": _lists(unique.astype(np.uint8), np.full(rows, p)),
+            "teacher_ids": list_column(flat_ids.astype(id_dtype(vocab_size)), per_row),
+            "teacher_counts": list_column(flat_counts.astype(np.uint8), per_row),
+            "teacher_unique": list_column(unique.astype(np.uint8), np.full(rows, p)),
             "teacher_entropy": entropy,
         }
     id_width, count_width = bits_for(vocab_size), bits_for(draws + 1)

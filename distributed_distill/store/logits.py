@@ -35,7 +35,15 @@ from ..errors import DistillError
 from ..integrity import file_problem
 from ..losses import TeacherTargets
 from ..tokenizer import tokenizer_hash
-from .encoding import ENCODED_COLUMNS, check_rows, decode_targets, encode_targets, store_encoding, store_targets
+from .encoding import (
+    ENCODED_COLUMNS,
+    check_rows,
+    decode_targets,
+    encode_targets,
+    list_column,
+    store_encoding,
+    store_targets,
+)
 from .format import (
     check_against_run,
     check_shard_files,
@@ -82,8 +90,8 @@ def encode_logit_rows(
     b, s = input_ids.shape
     ids_np = input_ids.cpu().numpy()
 
-    def lists(values: np.ndarray, per_row: int) -> pa.Array:
-        return pa.ListArray.from_arrays(pa.array(np.arange(0, b * per_row + 1, per_row, dtype=np.int32)), values)
+    def lists(values: pa.Array, per_row: int) -> pa.Array:
+        return list_column(values, np.full(b, per_row))
 
     columns = {}
     if position_ids is not None:

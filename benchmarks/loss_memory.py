@@ -22,8 +22,8 @@ What is measured, per path, in a fresh subprocess (so nothing is shared or cache
   both paths must hold; also reported separately as `grad_bytes`). PyTorch's CPU allocator does
   not cache, and buffers this large are mmap'd by glibc, so freed tensors leave the resident set;
   the kernel tracks the peak exactly, with no sampling gaps.
-- time: wall time of one forward + backward. Paths alternate, one fresh process per repeat; the
-  minimum over repeats is reported (least disturbed by other work on the machine).
+- time: wall time and CPU time (every thread of the process) of one forward + backward. Paths alternate, one fresh
+  process per repeat; the median over repeats is reported, with the range beside it.
 - gradients: loss values, gradient norms and 4096 sampled gradient entries, compared between paths.
 """
 
@@ -33,6 +33,7 @@ import argparse
 import gc
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -149,9 +150,9 @@ def worker(args: argparse.Namespace) -> dict:
     gc.collect()
     baseline = _status_bytes("VmRSS")
     _reset_peak()
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     kd, ce = _run_path(args.path, hidden, weight, teacher_hidden, teacher_weight, labels, args)
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     peak = _status_bytes("VmHWM") - baseline
 
     t, h, v = args.tokens, args.hidden, args.vocab
@@ -161,6 +162,7 @@ def worker(args: argparse.Namespace) -> dict:
     return {
         "path": args.path,
         "seconds": seconds,
+        "cpu_seconds": cpu_seconds,  # every thread of the process
         "peak_bytes": peak,
         "kd_sum": kd.item(),
         "ce_sum": ce.item(),
@@ -209,7 +211,7 @@ def main() -> None:
     )
     parser.add_argument("--kind", default="forward_kl")
     parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--repeats", type=int, default=2, help="fresh processes per path; min time is reported")
+    parser.add_argument("--repeats", type=int, default=3, help="fresh processes per path; medians are reported")
     parser.add_argument("--paths", default="naive,chunked", help=f"comma-separated subset of {','.join(PATHS)}")
     parser.add_argument("--worker", choices=PATHS, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -240,8 +242,10 @@ def main() -> None:
     }
     for path, rs in runs.items():
         result[path] = {
-            "seconds": min(r["seconds"] for r in rs),
+            "seconds": statistics.median(r["seconds"] for r in rs),
             "seconds_all": [round(r["seconds"], 3) for r in rs],
+            "cpu_seconds": statistics.median(r["cpu_seconds"] for r in rs),
+            "cpu_seconds_all": [round(r["cpu_seconds"], 3) for r in rs],
             "peak_bytes": max(r["peak_bytes"] for r in rs),
             "peak_bytes_without_grads": max(r["peak_bytes"] for r in rs) - grad_bytes,
         }
@@ -251,6 +255,7 @@ def main() -> None:
             "peak": c["peak_bytes"] / n["peak_bytes"],
             "peak_without_grads": c["peak_bytes_without_grads"] / n["peak_bytes_without_grads"],
             "time": c["seconds"] / n["seconds"],
+            "cpu_time": c["cpu_seconds"] / n["cpu_seconds"],
         }
         result["agreement"] = compare(runs["naive"][0], runs["chunked"][0])
     reference = "naive" if "naive" in runs else "chunked"
@@ -262,27 +267,37 @@ def main() -> None:
                 result[path]["vs_chunked"] = {
                     "peak": result[path]["peak_bytes"] / result["chunked"]["peak_bytes"],
                     "time": result[path]["seconds"] / result["chunked"]["seconds"],
+                    "cpu_time": result[path]["cpu_seconds"] / result["chunked"]["cpu_seconds"],
                 }
             if reference in runs:
                 result[path]["agreement_with_" + reference] = compare(runs[reference][0], runs[path][0])
 
     print(json.dumps(result, indent=2))
     print()
-    print("| path | peak above inputs (GiB) | of which grads (GiB) | fwd+bwd (s) | vs chunked: peak, time |")
-    print("|---|---|---|---|---|")
+    print(
+        "| path | peak above inputs (GiB) | of which grads (GiB) | fwd+bwd wall s: median (range) "
+        "| CPU s: median (range) | vs chunked: peak, wall, CPU |"
+    )
+    print("|---|---|---|---|---|---|")
     for path in runs:
         r = result[path]
         vs = result["chunked"] if "chunked" in runs else r
         print(
-            f"| {path} | {r['peak_bytes'] / 2**30:.2f} | {grad_bytes / 2**30:.2f} | {r['seconds']:.2f} | "
-            f"{r['peak_bytes'] / vs['peak_bytes']:.2f}x, {r['seconds'] / vs['seconds']:.2f}x |"
+            f"| {path} | {r['peak_bytes'] / 2**30:.2f} | {grad_bytes / 2**30:.2f} | {r['seconds']:.2f} "
+            f"({_range(r['seconds_all'])}) | {r['cpu_seconds']:.2f} ({_range(r['cpu_seconds_all'])}) | "
+            f"{r['peak_bytes'] / vs['peak_bytes']:.2f}x, {r['seconds'] / vs['seconds']:.2f}x, "
+            f"{r['cpu_seconds'] / vs['cpu_seconds']:.2f}x |"
         )
     if "ratio" in result:
         ratio = result["ratio"]
         print(
             f"| chunked / naive | {ratio['peak']:.1%} (without grads {ratio['peak_without_grads']:.1%}) | "
-            f"| {ratio['time']:.2f}x |"
+            f"| {ratio['time']:.2f}x | {ratio['cpu_time']:.2f}x | |"
         )
+
+
+def _range(values: list[float]) -> str:
+    return f"{min(values):.2f}–{max(values):.2f}"
 
 
 def _version(dist: str) -> str:

@@ -30,6 +30,7 @@ import argparse
 import copy
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -88,6 +89,8 @@ def prepare(args, work: Path) -> dict:
     order = [train_indices(len(train_ds), args.batch, 1, 0, args.seed, s) for s in range(args.steps)]
     sequences = torch.stack([collate(train_ds, idx)["input_ids"] for idx in order])  # [steps, B, S]
     torch.save(sequences, work / "sequences.pt")
+    # The sample indices in training order: this project's run records its own (ranks/rank-0.json, the first 256).
+    (work / "order.json").write_text(json.dumps([int(i) for idx in order for i in idx][:256]))
     vocab = len(tokenizer)
     for role in ("teacher", "student"):
         hidden, layers = getattr(args, f"{role}_hidden"), getattr(args, f"{role}_layers")
@@ -149,6 +152,13 @@ class StepClock:
         return tokens_per_step * len(gaps) / sum(gaps)
 
 
+def cpu_seconds() -> float:
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def peak_rss() -> int:
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
@@ -163,61 +173,66 @@ def snapshot(model) -> dict:
 
 
 def run_distributed_distill(args, work: Path, sequences) -> dict:
-    from distributed_distill import trainer
-    from distributed_distill.config import load_config
+    """`distill train` through its documented entry point (cli.main, what the `distill` script calls), watched only
+    through what any run writes: metrics.jsonl (per-step time and loss), ranks/rank-0.json (the samples it trained
+    on, in order) and the checkpoint of step N-1 (the weights the last step started from)."""
+    from safetensors.torch import load_file
 
-    cfg = load_config(
-        None,
-        [
-            f"output_dir={work / 'runs' / 'distributed_distill'}",
-            f"student.path={work / 'student'}",
-            f"teacher.path={work / 'teacher'}",
-            f"tokenizer.path={work / 'teacher'}",
-            f"data.max_documents={args.documents}",
-            f"data.seq_len={args.seq_len}",
-            f"data.cache_dir={work / 'cache'}",
-            "data.val_fraction=0.05",
-            "distill.alpha=1.0",
-            "distill.loss=forward_kl",
-            "distill.temperature=1.0",
-            f"train.max_steps={args.steps}",
-            f"train.micro_batch_size={args.batch}",
-            f"train.lr={args.lr}",
-            "train.warmup_steps=0",
-            "train.min_lr_ratio=1.0",
-            "train.adam_beta2=0.999",
-            "train.max_grad_norm=1.0",
-            f"train.seed={args.seed}",
-            "train.eval_batches=1",
-            "train.save_every=0",
-            "train.device=cpu",
-            "train.resume=false",
-            "logging.progress=false",
-        ],
-    )
-    clock, captured, step_fn = StepClock(), {}, trainer.train_step
+    from distributed_distill import cli
 
-    def timed_step(accelerator, student, head, teacher, optimizer, micro_batches, cfg, *rest):
-        step = len(clock.ends)
-        if step in (0, args.steps - 1):
-            ids = micro_batches[0]["input_ids"]
-            assert bool((ids == sequences[step]).all()), "this project trained on other sequences than the peers"
-            captured["first" if step == 0 else "last"] = (snapshot(accelerator.unwrap_model(student)), ids.clone())
-        res = step_fn(accelerator, student, head, teacher, optimizer, micro_batches, cfg, *rest)
-        clock.tick()
-        return res
-
-    trainer.train_step = timed_step  # the loop calls it by module name: timing and capture around the real step
-    trainer.train(cfg)
-    rows = [json.loads(line) for line in (Path(cfg.output_dir) / "metrics.jsonl").read_text().splitlines()]
-    losses = {r["step"]: r["loss"] for r in rows if "loss" in r}
-    saved = (Path(cfg.output_dir) / "config.yaml").read_text().splitlines()
+    out = work / "runs" / "distributed_distill"
+    shutil.rmtree(out, ignore_errors=True)  # a fresh run every repeat
+    overrides = [
+        f"output_dir={out}",
+        f"student.path={work / 'student'}",
+        f"teacher.path={work / 'teacher'}",
+        f"tokenizer.path={work / 'teacher'}",
+        f"data.max_documents={args.documents}",
+        f"data.seq_len={args.seq_len}",
+        f"data.cache_dir={work / 'cache'}",
+        "data.val_fraction=0.05",
+        "distill.alpha=1.0",
+        "distill.loss=forward_kl",
+        "distill.temperature=1.0",
+        f"train.max_steps={args.steps}",
+        f"train.micro_batch_size={args.batch}",
+        f"train.lr={args.lr}",
+        "train.warmup_steps=0",
+        "train.min_lr_ratio=1.0",
+        "train.adam_beta2=0.999",
+        "train.max_grad_norm=1.0",
+        f"train.seed={args.seed}",
+        "train.eval_batches=1",
+        "train.log_every=1",
+        f"train.save_every={args.steps - 1}",  # the checkpoint the last step starts from (saved between steps)
+        "train.keep_last=1",
+        "train.device=cpu",
+        "train.resume=false",
+        "logging.progress=false",
+    ]
+    code = cli.main(["train", *overrides])
+    if code != 0:
+        raise RuntimeError(f"distill train exited {code}")
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = {r["step"]: r for r in rows if "loss" in r}
+    # The step's own time, from fetching its batch to its optimizer update: tokens_per_second = tokens / seconds.
+    clock, ends = StepClock(), 0.0
+    for step in range(1, args.steps + 1):
+        ends += args.batch * args.seq_len / steps[step]["tokens_per_second"]
+        clock.ends.append(ends)
+    trained = json.loads((out / "ranks" / "rank-0.json").read_text())["first_sample_indices"]
+    order = json.loads((work / "order.json").read_text())
+    if trained[: len(order)] != order:
+        raise RuntimeError("this project trained on other sequences than the peers")
+    last = load_file(out / f"step-{args.steps - 1:07d}" / "model.safetensors")
+    first = load_file(work / "student" / "model.safetensors")
+    saved = (out / "config.yaml").read_text().splitlines()
     chunk = next(line for line in saved if "chunk_size" in line)
     return {
         "clock": clock,
-        "reported": {"first": losses[1], "last": losses[args.steps]},
-        "captured": captured,
-        "trainable_parameters": sum(p.numel() for p in captured["first"][0].values()),
+        "reported": {"first": steps[1]["loss"], "last": steps[args.steps]["loss"]},
+        "captured": {"first": (first, sequences[0]), "last": (last, sequences[args.steps - 1])},
+        "trainable_parameters": sum(t.numel() for t in first.values()),
         "note": chunk.strip(),
     }
 
@@ -504,9 +519,9 @@ def worker(system: str, args, work: Path) -> dict:
         "trl_distillation": run_trl_distillation,
         "torchtune": run_torchtune,
     }[system]
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), cpu_seconds()
     res = run(args, work, sequences)
-    wall = time.perf_counter() - started
+    wall, cpu = time.perf_counter() - started, cpu_seconds() - cpu_started
     rss = peak_rss()  # before the float64 check allocates its own models
     reference = (
         torchtune_check(res["models"], res["captured"]) if system == "torchtune" else hf_check(work, res["captured"])
@@ -518,6 +533,7 @@ def worker(system: str, args, work: Path) -> dict:
         "step_seconds": [round(b - a, 3) for a, b in zip(res["clock"].ends, res["clock"].ends[1:])],
         "peak_rss_bytes": rss,
         "wall_seconds": wall,
+        "cpu_seconds": cpu,  # user + system time of every thread of the process over the same interval
         "trainable_parameters": res["trainable_parameters"],
         "reported_loss": res["reported"],
         "raw_loss": res.get("raw_loss"),
@@ -558,33 +574,45 @@ def machine() -> str:
 
 
 def median_tps(r: dict, result: dict) -> float:
-    """tokens/s from the median step time (steps 2..N): on a shared machine steadier than the mean."""
+    """tokens/s from the median step time (steps 2..N of every repeat): on a shared machine steadier than the mean."""
     import statistics
 
     return result["data"]["tokens_per_step"] / statistics.median(r["step_seconds"])
 
 
+def spread(r: dict, result: dict) -> tuple[float, float]:
+    """The lowest and highest of the repeats' median-step tokens/s (one value without --repeats)."""
+    runs = [median_tps(x, result) for x in r.get("repeats", [r])]
+    return min(runs), max(runs)
+
+
 def table(result: dict) -> str:
     base = result["systems"].get("distributed_distill")
     lines = [
-        "| system | version | trainable params | tokens/s (median step) | vs this | peak RSS (GiB) | vs this "
-        "| loss step 1: reported / f64 KL / f64 convention | loss last step: reported / f64 KL / f64 convention |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| system | version | trainable params | tokens/s (median step; repeats' range) | vs this | CPU s / wall s "
+        "| peak RSS (GiB) | vs this | loss step 1: reported / f64 KL / f64 convention "
+        "| loss last step: reported / f64 KL / f64 convention |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in result["systems"].items():
         if "skipped" in r:
-            lines.append(f"| {name} | – | – | – | – | – | – | skipped: {r['skipped']} | |")
+            lines.append(f"| {name} | – | – | – | – | – | – | – | skipped: {r['skipped']} | |")
             continue
         conv = "cross_entropy_to_teacher" if name == "torchtune" else "kl"
         losses = [
             f"{r['reported_loss'][w]:.6g} / {r['float64'][w]['kl']:.6g} / {r['float64'][w][conv]:.6g}"
             for w in ("first", "last")
         ]
-        tps = median_tps(r, result) / median_tps(base, result) if base and "skipped" not in base else float("nan")
-        rss = r["peak_rss_bytes"] / base["peak_rss_bytes"] if base and "skipped" not in base else float("nan")
+        ok = base and "skipped" not in base
+        tps = median_tps(r, result) / median_tps(base, result) if ok else float("nan")
+        rss = r["peak_rss_bytes"] / base["peak_rss_bytes"] if ok else float("nan")
+        lo, hi = spread(r, result)
+        runs = r.get("repeats", [r])
+        cpu = sum(x["cpu_seconds"] for x in runs) / sum(x["wall_seconds"] for x in runs)
         lines.append(
-            f"| {name} | {r['version']} | {r['trainable_parameters']:,} | {median_tps(r, result):.0f} | {tps:.2f}x "
-            f"| {r['peak_rss_bytes'] / 2**30:.2f} | {rss:.2f}x | {losses[0]} | {losses[1]} |"
+            f"| {name} | {r['version']} | {r['trainable_parameters']:,} | {median_tps(r, result):.0f} "
+            f"({lo:.0f}–{hi:.0f}) | {tps:.2f}x | {cpu:.2f} | {r['peak_rss_bytes'] / 2**30:.2f} | {rss:.2f}x "
+            f"| {losses[0]} | {losses[1]} |"
         )
     return "\n".join(lines)
 
@@ -597,6 +625,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2, help="torch threads in every system's process")
+    parser.add_argument("--repeats", type=int, default=1, help="runs of every system, alternating systems")
     parser.add_argument("--systems", default=",".join(SYSTEMS))
     parser.add_argument("--work", type=Path, default=None, help="where models, data and runs go; default a temp dir")
     parser.add_argument("--json", type=Path, default=None, help="also write the result here")
@@ -627,24 +656,19 @@ def main() -> None:
         "data": prepare(args, work),
         "systems": {},
     }
-    for system in args.systems.split(","):
-        reason = missing_peers(system)
-        if reason:
-            result["systems"][system] = {"skipped": reason}
-            continue
-        cmd = [sys.executable, __file__, "--worker", system, "--work", str(work)] + [
-            f"--{k.replace('_', '-')}={getattr(args, k)}" for k in (*SIZES["full"], "lr", "seed", "threads")
-        ]
-        env = {**os.environ, "PYTHONHASHSEED": "0", "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled"}
-        done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=work)
-        line = next((x for x in done.stdout.splitlines() if x.startswith("PEERS-RESULT ")), None)
-        if done.returncode != 0 or line is None:
-            tail = (done.stderr or done.stdout).strip().splitlines()[-12:]
-            result["systems"][system] = {"skipped": f"failed (exit {done.returncode}): " + " | ".join(tail)}
-            continue
-        result["systems"][system] = json.loads(line.split(" ", 1)[1])
-        if args.json:  # what finished is kept if a later system is stopped
-            args.json.write_text(json.dumps(result, indent=2))
+    systems = args.systems.split(",")
+    runs: dict[str, list[dict]] = {system: [] for system in systems}
+    for _ in range(args.repeats):  # system after system, then again: a slow spell of the machine hits them all
+        for system in systems:
+            if "skipped" in result["systems"].get(system, {}):
+                continue
+            reason = missing_peers(system) or run_worker(system, args, work, runs[system])
+            if reason:
+                result["systems"][system] = {"skipped": reason}
+                continue
+            result["systems"][system] = merge(runs[system])
+            if args.json:  # what finished is kept if a later system is stopped
+                args.json.write_text(json.dumps(result, indent=2))
     result["load_after"] = os.getloadavg()[0]
     result["seconds"] = time.perf_counter() - started
     text = json.dumps(result, indent=2)
@@ -653,6 +677,33 @@ def main() -> None:
     print(text)
     print()
     print(table(result))
+
+
+def run_worker(system: str, args, work: Path, runs: list[dict]) -> str | None:
+    """One run of `system` in a fresh process, appended to `runs`; why it failed, or None."""
+    cmd = [sys.executable, __file__, "--worker", system, "--work", str(work)] + [
+        f"--{k.replace('_', '-')}={getattr(args, k)}" for k in (*SIZES["full"], "lr", "seed", "threads")
+    ]
+    env = {**os.environ, "PYTHONHASHSEED": "0", "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled"}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=work)
+    line = next((x for x in done.stdout.splitlines() if x.startswith("PEERS-RESULT ")), None)
+    if done.returncode != 0 or line is None:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-12:]
+        return f"failed (exit {done.returncode}): " + " | ".join(tail)
+    runs.append(json.loads(line.split(" ", 1)[1]))
+    return None
+
+
+def merge(runs: list[dict]) -> dict:
+    """The first run's record (losses and checks: every repeat trains the same steps), with every repeat's step times
+    pooled for the median, the highest peak RSS, and each repeat's own figures kept under `repeats`."""
+    keep = ("tokens_per_second", "step_seconds", "peak_rss_bytes", "wall_seconds", "cpu_seconds", "reported_loss")
+    return {
+        **runs[0],
+        "step_seconds": [t for r in runs for t in r["step_seconds"]],
+        "peak_rss_bytes": max(r["peak_rss_bytes"] for r in runs),
+        "repeats": [{k: r[k] for k in keep} for r in runs],
+    }
 
 
 def _torch_version() -> str:

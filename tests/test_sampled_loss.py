@@ -358,9 +358,10 @@ class _LiveBuffers(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
-def test_chunked_sampled_needs_fewer_buffers_than_dense(temperature):
-    # Sampled: z (log p_S, then the CE gradient) and p_S (the KD gradient); dense forward_kl three.
-    n, vocab, chunk = 32, 1000, 8
+def test_chunked_sampled_and_dense_hold_two_chunk_buffers(temperature):
+    # Sampled: z (log p_S, then the CE gradient) and p_S (the KD gradient); dense forward_kl two (z and the teacher's
+    # logits, then the gradient in z: its other buffers are [rows, V] blocks, 2 rows here, kd._block_rows).
+    n, vocab, chunk = 32, 2**17, 8
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(n, H, generator=g).requires_grad_(True)
     weight = torch.randn(vocab, H, generator=g).requires_grad_(True)
@@ -376,7 +377,7 @@ def test_chunked_sampled_needs_fewer_buffers_than_dense(temperature):
             out = chunked_distill_loss(hidden, weight, labels, chunk_size=chunk, temperature=temperature, **kw)
             (out.kd_sum + out.ce_sum).backward()
         peaks[name] = rec.peak
-    assert peaks["sampled"] <= 2 and peaks["sampled"] < peaks["dense"], peaks
+    assert peaks["sampled"] <= 2 and peaks["dense"] <= 2, peaks
 
 
 # --------------------------------------------------------------------------------------------

@@ -576,6 +576,27 @@ def _linear_fp32(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, mm_dt
     return out.float()
 
 
+def _linear_into(
+    out: torch.Tensor, h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, mm_dtype: torch.dtype
+) -> torch.Tensor:
+    """_linear_fp32 written into `out` ([c, V] float32, reused chunk after chunk). A fresh [c, V] result per chunk
+    costs its page faults every time: on CPU the allocator hands buffers this large back to the kernel when freed,
+    and faulting in 128 MiB took longer than the elementwise work on it (benchmarks/loss_memory.py, docs/losses.md)."""
+    if mm_dtype == torch.float32 and w.dtype == torch.float32:
+        torch.mm(h.to(mm_dtype), w.T, out=out)
+        return out if b is None else out.add_(b.to(mm_dtype))
+    return out.copy_(_linear_fp32(h, w, b, mm_dtype))
+
+
+def _softmax_into(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """softmax of x [n, V] over the last dim, written into out [n, V] (x unchanged); returns logsumexp [n]."""
+    m = x.amax(-1, keepdim=True)
+    torch.sub(x, m, out=out).exp_()
+    total = out.sum(-1, keepdim=True)
+    out.div_(total)
+    return total.log_().add_(m).squeeze(1)
+
+
 def _log_softmax_(x: torch.Tensor, temperature: float) -> torch.Tensor:
     """In-place _log_softmax on a float32 [n, V] buffer the caller owns."""
     if temperature != 1.0:
@@ -709,6 +730,82 @@ def _chunk_objective(
     return kd, ce, dz, stats
 
 
+# Rows per block of the fused forward-KL pass (_dense_forward_kl): each elementwise step runs over a [rows, V] block
+# of the chunk's buffers and of its three scratch buffers, small enough to stay in cache between the steps.
+BLOCK_BYTES = 2**20
+
+
+def _block_rows(vocab_size: int) -> int:
+    return max(1, BLOCK_BYTES // (4 * vocab_size))
+
+
+def _dense_forward_kl(
+    z: torch.Tensor,
+    t: torch.Tensor | None,
+    y: torch.Tensor,
+    temperature: float,
+    kd_scale: float,
+    ce_scale: float,
+    want_grad: bool,
+    scratch: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]:
+    """_chunk_objective for dense teacher logits and forward KL (or no teacher: CE only), as one pass over blocks of
+    rows. z, t: [c, V] float32 student and teacher logits, both consumed; z's buffer becomes the gradient. scratch:
+    three [b, V] float32 buffers (b = _block_rows(V)), so the chunk holds its two [c, V] buffers and nothing else
+    that large, and every step after the matmuls works on a block that is still in cache. The diagnostics (teacher
+    entropy, top-1 agreement, the teacher's log-probability of the label) come from the same blocks.
+
+    Per row, with p_S1 = softmax(z), p_S = softmax(z / T), p_T = softmax(t / T):
+      ce = logsumexp(z) - z[y];  kd = T^2 sum p_T (log p_T - log p_S);
+      d(ce_scale ce + kd_scale kd)/dz = ce_scale (p_S1 - onehot(y)) + kd_scale T (p_S - p_T).
+    """
+    c, T = z.shape[0], temperature
+    a, k = ce_scale, kd_scale * T
+    zy = z.gather(1, y[:, None]).squeeze(1)
+    ty = None if t is None else t.gather(1, y[:, None]).squeeze(1)
+    zero = z.new_zeros(())
+    kd, ce, entropy, agree, teacher_logprob = zero.clone(), zero.clone(), zero.clone(), zero.clone(), zero.clone()
+    rows = scratch[0].shape[0]
+    for i in range(0, c, rows):
+        zb = z[i : i + rows]
+        n = zb.shape[0]
+        p1, pt, ps = (x[:n] for x in scratch)  # p_S1, p_T, p_S (p_S is p_S1 at T = 1)
+        lse1 = _softmax_into(zb, p1)
+        ce += (lse1 - zy[i : i + n]).sum()
+        if t is None:
+            if want_grad:
+                torch.mul(p1, a, out=zb)
+            continue
+        tb = t[i : i + n]
+        agree += (zb.argmax(-1) == tb.argmax(-1)).sum()
+        if T != 1.0:
+            teacher_logprob += (ty[i : i + n] - tb.logsumexp(-1)).sum()  # at T = 1, before t is rescaled
+            tb.div_(T)
+        tb.sub_(_softmax_into(tb, pt)[:, None]).clamp_min_(_NEG)  # log p_T
+        if T == 1.0:
+            teacher_logprob += tb.gather(1, y[i : i + n, None]).sum()
+        entropy -= torch.mul(pt, tb, out=ps).sum()
+        if T == 1.0:
+            ps, lse = p1, lse1
+        else:
+            zb.div_(T)
+            lse = _softmax_into(zb, ps)
+        zb.sub_(lse[:, None]).clamp_min_(_NEG).neg_().add_(tb)  # log p_T - log p_S
+        kd += zb.mul_(pt).sum()
+        if want_grad:
+            torch.sub(ps, pt, out=zb).mul_(k)
+            if a != 0.0:
+                zb.add_(p1, alpha=a)
+    stats = {}
+    if t is not None:
+        stats = {"teacher_entropy": entropy, "top1_agreement": agree, "teacher_logprob": teacher_logprob}
+    if not want_grad:
+        return kd * T**2, ce, None, stats
+    if a != 0.0:
+        z.scatter_add_(1, y[:, None], torch.full((c, 1), -a, device=z.device))
+    return kd * T**2, ce, z, stats
+
+
 def _chunk_loop(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -739,21 +836,43 @@ def _chunk_loop(
 
     want_grad = any(needs_grad) and (kd_scale != 0.0 or ce_scale != 0.0)
     grad_h = torch.zeros_like(hidden) if want_grad and needs_grad[0] else None
-    grad_w = torch.zeros_like(weight) if want_grad and needs_grad[1] else None
+    # Written by the first chunk's matmul, accumulated into by the others: no separate pass to zero [V, H] first.
+    grad_w = torch.empty_like(weight) if want_grad and needs_grad[1] else None
     grad_b = torch.zeros(weight.shape[0], device=weight.device) if want_grad and needs_grad[2] else None
     w_mm = weight.to(spec.mm_dtype)  # one cast for all chunks (no copy when dtypes already agree)
+
+    # Dense forward KL (the default objective) and CE alone take the fused pass, with every [c, V] buffer
+    # allocated once for all chunks; the other kinds and forms keep _chunk_objective's buffers.
+    dense = teacher.hidden is not None or teacher.logits is not None
+    fused = spec.kind == "forward_kl" and (dense or not teacher.present) and on_chunk is None
+    width = min(spec.chunk_size, count)
+    vocab = weight.shape[0]
+    z_buf = hidden.new_empty((width, vocab), dtype=torch.float32)
+    t_buf = z_buf.new_empty((width, vocab)) if fused and dense else None
+    scratch = tuple(z_buf.new_empty((min(_block_rows(vocab), width), vocab)) for _ in range(3)) if fused else ()
 
     kd_total = torch.zeros((), device=hidden.device)
     ce_total = torch.zeros((), device=hidden.device)
     stats = {name: torch.zeros((), device=hidden.device) for name in _stat_names(teacher)}
+    first = True
     for rows in chunks:
         h = _rows(hidden, rows)
-        z = _linear_fp32(h, w_mm, bias, spec.mm_dtype)
+        y = _rows(labels, rows)
+        z = _linear_into(z_buf[: h.shape[0]], h, w_mm, bias, spec.mm_dtype)
         if on_chunk is not None:
-            on_chunk(z, _rows(labels, rows), _chunk_targets(teacher, rows))
-        kd, ce, dz, chunk_stats = _chunk_objective(
-            z, _rows(labels, rows), teacher, rows, spec, kd_scale, ce_scale, want_grad
-        )
+            on_chunk(z, y, _chunk_targets(teacher, rows))
+        if fused:
+            t = None
+            if dense and teacher.hidden is not None:
+                t_rows = _rows(teacher.hidden, rows)
+                t = _linear_into(t_buf[: h.shape[0]], t_rows, teacher.weight, teacher.bias, spec.teacher_mm_dtype)
+            elif dense:
+                t = t_buf[: h.shape[0]].copy_(_rows(teacher.logits, rows))
+            kd, ce, dz, chunk_stats = _dense_forward_kl(
+                z, t, y, spec.temperature, kd_scale, ce_scale, want_grad, scratch
+            )
+        else:
+            kd, ce, dz, chunk_stats = _chunk_objective(z, y, teacher, rows, spec, kd_scale, ce_scale, want_grad)
         del z
         kd_total += kd
         ce_total += ce
@@ -766,17 +885,27 @@ def _chunk_loop(
         dz_mm = dz.to(spec.mm_dtype)
         del dz
         if grad_h is not None:
-            g = (dz_mm @ w_mm).to(hidden.dtype)
-            if isinstance(rows, slice):
-                grad_h[rows] = g
+            if isinstance(rows, slice) and grad_h.dtype == spec.mm_dtype:
+                torch.mm(dz_mm, w_mm, out=grad_h[rows])  # a slice of rows of [N, H] is contiguous
             else:
-                grad_h.index_copy_(0, rows, g)
+                g = (dz_mm @ w_mm).to(hidden.dtype)
+                if isinstance(rows, slice):
+                    grad_h[rows] = g
+                else:
+                    grad_h.index_copy_(0, rows, g)
         if grad_w is not None:
             if grad_w.dtype == spec.mm_dtype:
-                grad_w.addmm_(dz_mm.T, h.to(spec.mm_dtype))  # accumulates in place, no [V, H] temporary
+                if first:
+                    torch.mm(dz_mm.T, h.to(spec.mm_dtype), out=grad_w)
+                else:
+                    grad_w.addmm_(dz_mm.T, h.to(spec.mm_dtype))  # accumulates in place, no [V, H] temporary
             else:
-                grad_w += dz_mm.T @ h.to(spec.mm_dtype)
+                g = dz_mm.T @ h.to(spec.mm_dtype)
+                grad_w.copy_(g) if first else grad_w.add_(g)
+        first = False
         del dz_mm  # before the next chunk's logits exist
+    if grad_w is not None and first:  # no chunk (every row ignored), or none with a gradient: nothing was written
+        grad_w.zero_()
     if grad_b is not None and bias is not None:
         grad_b = grad_b.to(bias.dtype)
     return _ChunkSums(kd_total, ce_total, count, stats), grad_h, grad_w, grad_b

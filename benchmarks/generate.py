@@ -86,7 +86,8 @@ def build(args: argparse.Namespace):
     )
     samplers = {}
     for name, k in (("ours", None), ("topk", args.top_k)):
-        content = {"top_k": k, "temperature": 2.0, "vocab_size": len(tokenizer)}
+        # The fields of generate.sample_store_plan that the sampling reads: the top-k or none, no sampled targets.
+        content = {"top_k": k, "samples": None, "temperature": 2.0, "vocab_size": len(tokenizer)}
         samplers[name] = TeacherSampling(plan, content, sampling, {"train": prompts})
         samplers[name].teacher = OnlineTeacher(model, identity={})
     return model, tokenizer, prompts, samplers
@@ -164,7 +165,12 @@ def main() -> None:
     med = {name: statistics.median(t) for name, t in times.items()}
     med_cpu = {name: statistics.median(t) for name, t in cpu.items()}
     rows = [
-        {"figure": f"{name}_tokens_per_second", "value": tokens[name] / med[name], "spread_s": max(t) - min(t)}
+        {
+            "figure": f"{name}_tokens_per_second",
+            "value": tokens[name] / med[name],
+            "tokens": tokens[name],
+            "spread_s": max(t) - min(t),
+        }
         for name, t in times.items()
     ]
     rows.append({"figure": "ours_vs_hf_tokens_per_second", "value": med["hf"] / med["ours"], "target": ">= 0.9"})

@@ -360,7 +360,7 @@ class _LiveBuffers(TorchDispatchMode):
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
 def test_chunked_sampled_and_dense_hold_two_chunk_buffers(temperature):
     # Sampled: z (log p_S, then the CE gradient) and p_S (the KD gradient); dense forward_kl two (z and the teacher's
-    # logits, then the gradient in z: its other buffers are [rows, V] blocks, 2 rows here, kd._block_rows).
+    # logits, then the gradient in z: its other buffers are [rows, V] blocks, 2 rows here, kd.block_rows).
     n, vocab, chunk = 32, 2**17, 8
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(n, H, generator=g).requires_grad_(True)

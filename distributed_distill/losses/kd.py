@@ -576,7 +576,7 @@ def _linear_fp32(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, mm_dt
     return out.float()
 
 
-def _linear_into(
+def linear_into(
     out: torch.Tensor, h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, mm_dtype: torch.dtype
 ) -> torch.Tensor:
     """_linear_fp32 written into `out` ([c, V] float32, reused chunk after chunk). A fresh [c, V] result per chunk
@@ -588,7 +588,7 @@ def _linear_into(
     return out.copy_(_linear_fp32(h, w, b, mm_dtype))
 
 
-def _softmax_into(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+def softmax_into(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """softmax of x [n, V] over the last dim, written into out [n, V] (x unchanged); returns logsumexp [n]."""
     m = x.amax(-1, keepdim=True)
     torch.sub(x, m, out=out).exp_()
@@ -735,7 +735,7 @@ def _chunk_objective(
 BLOCK_BYTES = 2**20
 
 
-def _block_rows(vocab_size: int) -> int:
+def block_rows(vocab_size: int) -> int:
     return max(1, BLOCK_BYTES // (4 * vocab_size))
 
 
@@ -751,7 +751,7 @@ def _dense_forward_kl(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]:
     """_chunk_objective for dense teacher logits and forward KL (or no teacher: CE only), as one pass over blocks of
     rows. z, t: [c, V] float32 student and teacher logits, both consumed; z's buffer becomes the gradient. scratch:
-    three [b, V] float32 buffers (b = _block_rows(V)), so the chunk holds its two [c, V] buffers and nothing else
+    three [b, V] float32 buffers (b = block_rows(V)), so the chunk holds its two [c, V] buffers and nothing else
     that large, and every step after the matmuls works on a block that is still in cache. The diagnostics (teacher
     entropy, top-1 agreement, the teacher's log-probability of the label) come from the same blocks.
 
@@ -770,7 +770,7 @@ def _dense_forward_kl(
         zb = z[i : i + rows]
         n = zb.shape[0]
         p1, pt, ps = (x[:n] for x in scratch)  # p_S1, p_T, p_S (p_S is p_S1 at T = 1)
-        lse1 = _softmax_into(zb, p1)
+        lse1 = softmax_into(zb, p1)
         ce += (lse1 - zy[i : i + n]).sum()
         if t is None:
             if want_grad:
@@ -781,7 +781,7 @@ def _dense_forward_kl(
         if T != 1.0:
             teacher_logprob += (ty[i : i + n] - tb.logsumexp(-1)).sum()  # at T = 1, before t is rescaled
             tb.div_(T)
-        tb.sub_(_softmax_into(tb, pt)[:, None]).clamp_min_(_NEG)  # log p_T
+        tb.sub_(softmax_into(tb, pt)[:, None]).clamp_min_(_NEG)  # log p_T
         if T == 1.0:
             teacher_logprob += tb.gather(1, y[i : i + n, None]).sum()
         entropy -= torch.mul(pt, tb, out=ps).sum()
@@ -789,7 +789,7 @@ def _dense_forward_kl(
             ps, lse = p1, lse1
         else:
             zb.div_(T)
-            lse = _softmax_into(zb, ps)
+            lse = softmax_into(zb, ps)
         zb.sub_(lse[:, None]).clamp_min_(_NEG).neg_().add_(tb)  # log p_T - log p_S
         kd += zb.mul_(pt).sum()
         if want_grad:
@@ -849,7 +849,7 @@ def _chunk_loop(
     vocab = weight.shape[0]
     z_buf = hidden.new_empty((width, vocab), dtype=torch.float32)
     t_buf = z_buf.new_empty((width, vocab)) if fused and dense else None
-    scratch = tuple(z_buf.new_empty((min(_block_rows(vocab), width), vocab)) for _ in range(3)) if fused else ()
+    scratch = tuple(z_buf.new_empty((min(block_rows(vocab), width), vocab)) for _ in range(3)) if fused else ()
 
     kd_total = torch.zeros((), device=hidden.device)
     ce_total = torch.zeros((), device=hidden.device)
@@ -858,14 +858,14 @@ def _chunk_loop(
     for rows in chunks:
         h = _rows(hidden, rows)
         y = _rows(labels, rows)
-        z = _linear_into(z_buf[: h.shape[0]], h, w_mm, bias, spec.mm_dtype)
+        z = linear_into(z_buf[: h.shape[0]], h, w_mm, bias, spec.mm_dtype)
         if on_chunk is not None:
             on_chunk(z, y, _chunk_targets(teacher, rows))
         if fused:
             t = None
             if dense and teacher.hidden is not None:
                 t_rows = _rows(teacher.hidden, rows)
-                t = _linear_into(t_buf[: h.shape[0]], t_rows, teacher.weight, teacher.bias, spec.teacher_mm_dtype)
+                t = linear_into(t_buf[: h.shape[0]], t_rows, teacher.weight, teacher.bias, spec.teacher_mm_dtype)
             elif dense:
                 t = t_buf[: h.shape[0]].copy_(_rows(teacher.logits, rows))
             kd, ce, dz, chunk_stats = _dense_forward_kl(

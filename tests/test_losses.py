@@ -624,11 +624,13 @@ def test_chunked_rejects_bad_sources():
 
 
 def test_auto_chunk_size_follows_vocabulary_hidden_size_and_device():
-    # V=128k: a [c, V] float32 buffer of at most 128 MiB -> 256 rows (the 10 %-of-naive target, docs/losses.md)
+    # V=128k: a [c, V] float32 buffer of an eighth of the [V, H] gradient -> 256 rows (docs/losses.md)
     assert auto_chunk_size(128256, 2048, "cpu") == 256
-    assert auto_chunk_size(32000, 2048, "cpu") == 1024
+    assert auto_chunk_size(32000, 1024, "cpu") == 512  # 64 MiB a buffer
+    assert auto_chunk_size(32000, 8192, "cpu") == 1024  # H / 8
     assert auto_chunk_size(4096, 128, "cpu") == 1024  # a small vocabulary: the device's most rows
-    assert auto_chunk_size(4096, 128, "cuda") == 8192
+    assert auto_chunk_size(4096, 128, "cuda") == 4096  # 64 MiB a buffer (a GPU may take up to 8192 rows)
+    assert auto_chunk_size(2048, 128, "cuda") == 8192
     assert auto_chunk_size(128256, 8192, "cpu") == 1024  # a wide model: H / 8 rows (its [V, H] grad is larger)
     assert auto_chunk_size(2_000_000, 64, "cpu") == 32  # never fewer rows than the device's minimum
     assert auto_chunk_size(2_000_000, 64, "cuda") == 128

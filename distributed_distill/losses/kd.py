@@ -430,13 +430,14 @@ def sampled_kd_loss(
 # --------------------------------------------------------------------------------------------
 # chunk size
 
-# `distill.chunk_size: auto`. A forward_kl chunk holds three [c, V] float32 buffers (the other kinds one or two
-# more), so the working set grows with c * V; the [V, H] weight gradient, which the loss holds anyway, grows
-# with H. The rule: each [c, V] buffer may take CHUNK_BUFFER_BYTES, or an eighth of the [V, H] float32 weight
-# gradient when that is larger (then the working set is at most ~3/8 of memory the step already spends). At
-# T=4096, H=2048, V=128256 this gives 256 rows, 8.9 % of the naive peak (benchmarks/loss_memory.py, docs/
-# losses.md); at V=32k 1024 rows; a small vocabulary (the demo's 4096) takes the device's most rows.
-CHUNK_BUFFER_BYTES = 128 * 2**20
+# `distill.chunk_size: auto`, from a memory budget. A forward_kl chunk holds two [c, V] float32 buffers (the
+# student's logits, then its gradient, and the teacher's; the other kinds two or three more), so the working set
+# grows with c * V; the [V, H] weight gradient, which the loss holds anyway, grows with H. The rule: each [c, V]
+# buffer may take CHUNK_BUFFER_BYTES, or an eighth of the [V, H] float32 weight gradient when that is larger (then
+# the working set is at most a quarter of memory the step already spends). At T=4096, H=2048, V=128256 this gives
+# 256 rows; at V=32k, H=1024 512 rows, which cost 2.6 % more time than 1024 rows and 32 % less peak memory
+# (benchmarks/loss_memory.py, docs/losses.md); a small vocabulary (the demo's 4096) takes the device's most rows.
+CHUNK_BUFFER_BYTES = 64 * 2**20
 # Rows below which the matmuls lose efficiency: a GPU wants whole tensor-core tiles per launch, a CPU core less.
 MIN_CHUNK_ROWS = {"cpu": 32, "cuda": 128}
 # And above which they gain nothing: on CPU one 8192-row chunk made the demo's whole KD step cost 1.13x the CPU

@@ -4,6 +4,8 @@ Run (full size: ~18 GiB resident for the naive path, ~15 minutes on 2 cores for 
     .venv/bin/python benchmarks/loss_memory.py
 With the peers' chunked losses (Liger-Kernel, torchtune; installed by `pip install .[peers]`, docs/peers.md):
     .venv-peers/bin/python benchmarks/loss_memory.py --paths naive,chunked,liger,torchtune
+The floor (the four matmuls alone, at the chunk size: no loss can beat it with float32 arithmetic) beside them:
+    .venv-peers/bin/python benchmarks/loss_memory.py --paths chunked,liger,matmuls
 Small smoke run:
     .venv/bin/python benchmarks/loss_memory.py --tokens 256 --hidden 128 --vocab 8000 --chunk-size 64
 The chunk size defaults to the project's `distill.chunk_size: auto` (losses.auto_chunk_size).
@@ -41,7 +43,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing the package
-PATHS = ("naive", "chunked", "liger", "torchtune")
+PATHS = ("naive", "chunked", "liger", "torchtune", "matmuls")
 # The peers' losses (pip install .[peers]; docs/peers.md): what each path's returned value means, per token.
 PEER_CONVENTIONS = {
     "liger": "LigerFusedLinearJSDLoss(beta=0, compiled=False): w_hard * CE + w_soft * KL, each / valid tokens",
@@ -84,6 +86,22 @@ def _run_path(path, hidden, weight, teacher_hidden, teacher_weight, labels, args
     from distributed_distill.losses import chunked_distill_loss, kd_loss
 
     common = {"kind": args.kind, "temperature": args.temperature}
+    if path == "matmuls":
+        # The floor: the four float32 matmuls every path must do (student and teacher logits, the gradients of the
+        # hidden states and of the weight), at the chunk size, and nothing else. No path can be faster than this
+        # with the same arithmetic; its gradients are not the loss's, so it has no agreement figures.
+        n, c = hidden.shape[0], args.chunk_size
+        z, t = hidden.new_empty(min(c, n), weight.shape[0]), hidden.new_empty(min(c, n), weight.shape[0])
+        grad_h, grad_w = torch.empty_like(hidden), torch.zeros_like(weight)
+        with torch.no_grad():
+            for i in range(0, n, c):
+                h = hidden[i : i + c]
+                torch.mm(h, weight.T, out=z[: h.shape[0]])
+                torch.mm(teacher_hidden[i : i + c], teacher_weight.T, out=t[: h.shape[0]])
+                torch.mm(z[: h.shape[0]], weight, out=grad_h[i : i + c])
+                grad_w.addmm_(z[: h.shape[0]].T, h)
+        hidden.grad, weight.grad = grad_h, grad_w
+        return torch.zeros(()), torch.zeros(())
     if path == "naive":
         logits = hidden @ weight.T
         with torch.no_grad():
@@ -259,6 +277,8 @@ def main() -> None:
         }
         result["agreement"] = compare(runs["naive"][0], runs["chunked"][0])
     reference = "naive" if "naive" in runs else "chunked"
+    if {"matmuls", "chunked"} <= set(runs):  # how close the chunked loss comes to its arithmetic's floor
+        result["chunked"]["vs_matmuls"] = result["chunked"]["seconds"] / result["matmuls"]["seconds"]
     for path in runs:
         if path in PEER_CONVENTIONS:
             result[path]["convention"] = PEER_CONVENTIONS[path]
@@ -269,6 +289,8 @@ def main() -> None:
                     "time": result[path]["seconds"] / result["chunked"]["seconds"],
                     "cpu_time": result[path]["cpu_seconds"] / result["chunked"]["cpu_seconds"],
                 }
+            if "matmuls" in runs:  # the most this project's loss could lead the peer by, at the same arithmetic
+                result[path]["vs_matmuls"] = result[path]["seconds"] / result["matmuls"]["seconds"]
             if reference in runs:
                 result[path]["agreement_with_" + reference] = compare(runs[reference][0], runs[path][0])
 

@@ -6,6 +6,8 @@ With the peers' chunked losses (Liger-Kernel, torchtune; installed by `pip insta
     .venv-peers/bin/python benchmarks/loss_memory.py --paths naive,chunked,liger,torchtune
 The floor (the four matmuls alone, at the chunk size: no loss can beat it with float32 arithmetic) beside them:
     .venv-peers/bin/python benchmarks/loss_memory.py --paths chunked,liger,matmuls
+On a GPU (peak: torch.cuda.max_memory_allocated above the inputs; benchmarks/gpu_check.sh runs it):
+    .venv-peers/bin/python benchmarks/loss_memory.py --device cuda --paths chunked,liger,matmuls
 Small smoke run:
     .venv/bin/python benchmarks/loss_memory.py --tokens 256 --hidden 128 --vocab 8000 --chunk-size 64
 The chunk size defaults to the project's `distill.chunk_size: auto` (losses.auto_chunk_size).
@@ -66,15 +68,15 @@ def _reset_peak() -> None:
         f.write("5")
 
 
-def _inputs(t: int, h: int, v: int, seed: int):
+def _inputs(t: int, h: int, v: int, seed: int, device: str = "cpu"):
     import torch
 
-    g = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(t, h, generator=g).requires_grad_(True)
-    weight = torch.nn.Parameter(torch.randn(v, h, generator=g) * h**-0.5)
-    teacher_hidden = torch.randn(t, h, generator=g)
-    teacher_weight = torch.randn(v, h, generator=g) * h**-0.5
-    labels = torch.randint(0, v, (t,), generator=g)
+    g = torch.Generator().manual_seed(seed)  # drawn on the CPU: the same values on every device
+    hidden = torch.randn(t, h, generator=g).to(device).requires_grad_(True)
+    weight = torch.nn.Parameter((torch.randn(v, h, generator=g) * h**-0.5).to(device))
+    teacher_hidden = torch.randn(t, h, generator=g).to(device)
+    teacher_weight = (torch.randn(v, h, generator=g) * h**-0.5).to(device)
+    labels = torch.randint(0, v, (t,), generator=g).to(device)
     return hidden, weight, teacher_hidden, teacher_weight, labels
 
 
@@ -163,15 +165,24 @@ def worker(args: argparse.Namespace) -> dict:
 
     # Warm up on tiny shapes first: loading kernels and thread pools touches memory (code pages,
     # workspaces) that would otherwise count as the first path's peak at small sizes.
-    _run_path(args.path, *_inputs(8, 16, 64, seed=0), args)
-    hidden, weight, teacher_hidden, teacher_weight, labels = _inputs(args.tokens, args.hidden, args.vocab, seed=0)
+    cuda = args.device == "cuda"
+    _run_path(args.path, *_inputs(8, 16, 64, seed=0, device=args.device), args)
+    inputs = _inputs(args.tokens, args.hidden, args.vocab, seed=0, device=args.device)
+    hidden, weight, teacher_hidden, teacher_weight, labels = inputs
     gc.collect()
-    baseline = _status_bytes("VmRSS")
-    _reset_peak()
+    if cuda:  # the caching allocator's high-water mark above the inputs, as VmHWM above VmRSS on the CPU
+        torch.cuda.synchronize()
+        baseline = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        baseline = _status_bytes("VmRSS")
+        _reset_peak()
     start, cpu_start = time.perf_counter(), time.process_time()
     kd, ce = _run_path(args.path, hidden, weight, teacher_hidden, teacher_weight, labels, args)
+    if cuda:
+        torch.cuda.synchronize()
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
-    peak = _status_bytes("VmHWM") - baseline
+    peak = (torch.cuda.max_memory_allocated() if cuda else _status_bytes("VmHWM")) - baseline
 
     t, h, v = args.tokens, args.hidden, args.vocab
     sample = torch.Generator().manual_seed(1)
@@ -186,15 +197,15 @@ def worker(args: argparse.Namespace) -> dict:
         "ce_sum": ce.item(),
         "grad_norm_weight": weight.grad.norm().item(),
         "grad_norm_hidden": hidden.grad.norm().item(),
-        "grad_sample_weight": weight.grad.flatten()[w_idx].tolist(),
-        "grad_sample_hidden": hidden.grad.flatten()[h_idx].tolist(),
+        "grad_sample_weight": weight.grad.flatten().cpu()[w_idx].tolist(),
+        "grad_sample_hidden": hidden.grad.flatten().cpu()[h_idx].tolist(),
     }
 
 
 def run_path(path: str, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, __file__, "--worker", path] + [
         f"--{name.replace('_', '-')}={getattr(args, name)}"
-        for name in ("tokens", "hidden", "vocab", "chunk_size", "kind", "temperature")
+        for name in ("tokens", "hidden", "vocab", "chunk_size", "kind", "temperature", "device")
     ]
     done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONHASHSEED": "0"})
     if done.returncode != 0:
@@ -229,6 +240,7 @@ def main() -> None:
     )
     parser.add_argument("--kind", default="forward_kl")
     parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cuda: peak from torch.cuda stats")
     parser.add_argument("--repeats", type=int, default=3, help="fresh processes per path; medians are reported")
     parser.add_argument("--paths", default="naive,chunked", help=f"comma-separated subset of {','.join(PATHS)}")
     parser.add_argument("--worker", choices=PATHS, help=argparse.SUPPRESS)
@@ -237,7 +249,7 @@ def main() -> None:
     if args.chunk_size == "auto":
         from distributed_distill.losses import auto_chunk_size
 
-        args.chunk_size = auto_chunk_size(args.vocab, args.hidden, "cpu")
+        args.chunk_size = auto_chunk_size(args.vocab, args.hidden, args.device)
     args.chunk_size = int(args.chunk_size)
     if args.worker:
         args.path = args.worker
@@ -254,7 +266,9 @@ def main() -> None:
 
     grad_bytes = (args.vocab * args.hidden + args.tokens * args.hidden) * 4
     result = {
-        "config": {k: getattr(args, k) for k in ("tokens", "hidden", "vocab", "chunk_size", "kind", "temperature")},
+        "config": {
+            k: getattr(args, k) for k in ("tokens", "hidden", "vocab", "chunk_size", "kind", "temperature", "device")
+        },
         "grad_bytes": grad_bytes,
         "torch_threads": _torch_threads(),
     }

@@ -78,7 +78,7 @@ def topk_targets(
     k = min(k, vocab)
     w, b = weight.float(), None if bias is None else bias.float()  # once, not per chunk (a bf16 head is V x H)
     buf = hidden.new_empty((min(rows, n), vocab), dtype=torch.float32)
-    scratch = buf.new_empty((min(block_rows(vocab), max(1, n)), vocab))
+    scratch = buf.new_empty((min(block_rows(vocab, buf.device), max(1, n)), vocab))
     ids = torch.empty((n, k), dtype=torch.long, device=hidden.device)
     logprobs, tails = buf.new_empty((n, k)), buf.new_empty(n)
     for start in range(0, n, rows):
@@ -99,7 +99,7 @@ def topk_of_logits(logits: torch.Tensor, k: int, temperature: float) -> TeacherT
     k = min(k, vocab)
     ids = torch.empty((n, k), dtype=torch.long, device=logits.device)
     logprobs, tails = logits.new_empty((n, k)), logits.new_empty(n)
-    scratch = logits.new_empty((min(block_rows(vocab), max(1, n)), vocab))
+    scratch = logits.new_empty((min(block_rows(vocab, logits.device), max(1, n)), vocab))
     _topk_into(logits, k, temperature, scratch, ids, logprobs, tails)
     return TeacherTargets(ids=ids, logprobs=logprobs, tail_logmass=tails)
 

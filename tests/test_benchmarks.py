@@ -193,3 +193,49 @@ def test_on_policy_demo_trains_every_phase_and_scores_each_model(tmp_path):
     again = bench("on_policy_demo.py", *args)
     assert all(f"{out_dir / run}: finished earlier, kept" in again for run in runs.values())
     assert json.loads((out_dir / "results.json").read_text()) == results and again.endswith(md)
+
+
+@pytest.mark.slow
+def test_loss_memory_benchmark_chunked_against_naive_and_the_floor():
+    """benchmarks/loss_memory.py at a tiny size without the peers (test_peers.py runs it with them): the chunked
+    loss equals the naive one in value and gradient, holds less memory, and the matmul floor is printed beside it."""
+    out = bench("loss_memory.py", "--tokens", "512", "--hidden", "64", "--vocab", "8000", "--repeats", "2",
+                "--paths", "naive,chunked,matmuls")  # fmt: skip
+    result, rows = leading_json(out), table(out)
+    agreement = result["agreement"]
+    assert agreement["kd_sum_rel_diff"] < 1e-5 and agreement["ce_sum_rel_diff"] < 1e-5, agreement
+    assert agreement["grad_norm_weight_rel_diff"] < 1e-5 and agreement["grad_norm_hidden_rel_diff"] < 1e-5
+    assert result["chunked"]["peak_bytes"] < result["naive"]["peak_bytes"]
+    for path in ("naive", "chunked", "matmuls"):
+        r = result[path]
+        assert len(r["seconds_all"]) == 2 and positive(r["seconds"]) and positive(r["cpu_seconds"])
+        assert rows[path][0] == f"{r['peak_bytes'] / 2**30:.2f}"
+    assert result["chunked"]["vs_matmuls"] == pytest.approx(result["chunked"]["seconds"] / result["matmuls"]["seconds"])
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_gpu_check_runs_every_section_on_its_cpu_fallback(tmp_path):
+    """benchmarks/gpu_check.sh with DEVICE=cpu: every section it runs on a GPU (teacher engines, training with each
+    engine, on-policy steps, hints, generate, precompute and offline, the loss against Liger) at a tiny size on 2
+    CPU processes, ending in its tables; so the script the first GPU machine runs is known to work up to CUDA."""
+    import os
+    import subprocess
+
+    env = {**os.environ, "DEVICE": "cpu", "OUT": str(tmp_path), "PY": sys.executable}
+    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh")], capture_output=True, text=True,
+                          env=env, cwd=ROOT, timeout=900)  # fmt: skip
+    assert done.returncode == 0, (done.stdout[-3000:], done.stderr[-3000:])
+    for section in range(1, 7):
+        assert f"== {section}." in done.stdout
+    for run in ("replicated", "zero3", "on_policy", "hints", "offline"):
+        assert f"| {run} |" in done.stdout, run
+        metrics = read_metrics(tmp_path / f"train-{run}")
+        assert all(math.isfinite(r["loss"]) for r in metrics if "loss" in r)
+    # distill.on_policy=0.5: the steps that sample are the ones is_on_policy picks for the smoke config's seed
+    seed = yaml.safe_load((tmp_path / "train-on_policy" / "config.yaml").read_text())["train"]["seed"]
+    on_policy = [r for r in read_metrics(tmp_path / "train-on_policy") if "on_policy" in r]
+    assert [r["on_policy"] for r in on_policy] == [is_on_policy(seed, r["step"], 0.5) for r in on_policy]
+    assert any("hint_loss" in r for r in read_metrics(tmp_path / "train-hints"))
+    assert (tmp_path / "store" / "manifest.json").is_file()
+    assert "| chunked |" in (tmp_path / "loss.txt").read_text()

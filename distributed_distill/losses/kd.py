@@ -731,13 +731,17 @@ def _chunk_objective(
     return kd, ce, dz, stats
 
 
-# Rows per block of the fused forward-KL pass (_dense_forward_kl): each elementwise step runs over a [rows, V] block
-# of the chunk's buffers and of its three scratch buffers, small enough to stay in cache between the steps.
-BLOCK_BYTES = 2**20
+# Bytes of a [rows, V] float32 block in the fused forward-KL pass (_dense_forward_kl) and precompute's top-k: each
+# elementwise step runs over a block of the chunk's buffers and of the scratch buffers. On a CPU small enough to
+# stay in cache between the steps; on a GPU, which has no such cache to keep, large enough that the launches of a
+# block's dozen kernels cost little beside their work.
+BLOCK_BYTES = {"cpu": 2**20, "cuda": 16 * 2**20}
 
 
-def block_rows(vocab_size: int) -> int:
-    return max(1, BLOCK_BYTES // (4 * vocab_size))
+def block_rows(vocab_size: int, device: str | torch.device = "cpu") -> int:
+    """Rows per block for a [c, V] float32 buffer on `device` (BLOCK_BYTES)."""
+    kind = torch.device(device).type
+    return max(1, BLOCK_BYTES.get(kind, BLOCK_BYTES["cuda"]) // (4 * vocab_size))
 
 
 def _dense_forward_kl(
@@ -850,7 +854,8 @@ def _chunk_loop(
     vocab = weight.shape[0]
     z_buf = hidden.new_empty((width, vocab), dtype=torch.float32)
     t_buf = z_buf.new_empty((width, vocab)) if fused and dense else None
-    scratch = tuple(z_buf.new_empty((min(block_rows(vocab), width), vocab)) for _ in range(3)) if fused else ()
+    rows_per_block = min(block_rows(vocab, hidden.device), width)
+    scratch = tuple(z_buf.new_empty((rows_per_block, vocab)) for _ in range(3)) if fused else ()
 
     kd_total = torch.zeros((), device=hidden.device)
     ce_total = torch.zeros((), device=hidden.device)

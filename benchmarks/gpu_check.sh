@@ -30,7 +30,7 @@ if [ "$DEVICE" = cuda ]; then
   TEACHER=(teacher.arch.hidden_size=768 teacher.arch.num_layers=12 teacher.arch.num_heads=12
            teacher.arch.max_position_embeddings=512 data.seq_len=512 student.arch.max_position_embeddings=512)
   STUDENT=(student.arch.hidden_size=256 student.arch.num_layers=4 student.arch.num_heads=4)
-  STEPS=30 BATCH=8 DOCS=400 PRECISION=bf16 TDTYPE=bfloat16
+  STEPS=30 BATCH=8 DOCS=400 PRECISION=bf16 TDTYPE=bfloat16 CHAT_LEN=512
   LOSS=(--tokens 8192 --hidden 2048 --vocab 128256 --repeats 3)
   GEN=(--prompts 64 --batch 16 --max-new-tokens 64 --repeats 3 --teacher-hidden 768 --teacher-layers 12)
 else
@@ -38,7 +38,7 @@ else
   TEACHER=(teacher.arch.hidden_size=64 teacher.arch.num_layers=2 teacher.arch.num_heads=4
            teacher.arch.max_position_embeddings=64 data.seq_len=32 student.arch.max_position_embeddings=64)
   STUDENT=(student.arch.hidden_size=32 student.arch.num_layers=2 student.arch.num_heads=4)
-  STEPS=4 BATCH=2 DOCS=40 PRECISION=fp32 TDTYPE=float32
+  STEPS=4 BATCH=2 DOCS=40 PRECISION=fp32 TDTYPE=float32 CHAT_LEN=128
   LOSS=(--tokens 256 --hidden 64 --vocab 4000 --repeats 1)
   GEN=(--prompts 4 --batch 2 --max-new-tokens 4 --repeats 1 --teacher-hidden 32 --teacher-layers 2)
 fi
@@ -70,7 +70,10 @@ run() {  # run NAME [overrides...]: one short training run into $OUT/train-NAME
 }
 run replicated teacher.engine=replicated
 run zero3 teacher.engine=zero3
-run on_policy distill.on_policy=0.5 data.packing=false data.source=python-stdlib-chat distill.sampling.max_new_tokens=16
+# chat data: one prompt per row, whole first turns (at least 128 tokens of row even on the CPU fallback)
+run on_policy distill.on_policy=0.5 data.packing=false data.source=python-stdlib-chat data.max_documents=400 \
+    distill.sampling.max_new_tokens=16 "data.seq_len=$CHAT_LEN" "student.arch.max_position_embeddings=$((CHAT_LEN * 2))" \
+    "teacher.arch.max_position_embeddings=$((CHAT_LEN * 2))"
 run hints 'distill.hidden.layers=[[0,0],[final,final]]'
 FLASH=$($PY -c "import importlib.util as u; print(int(u.find_spec('flash_attn') is not None))")
 if [ "$DEVICE" = cuda ] && [ "$FLASH" = 1 ]; then

@@ -69,57 +69,44 @@ def topk_targets(
 ) -> TeacherTargets:
     """Sparse targets from final hidden states [N, H]: per row the k most likely ids, their log-probs under
     softmax(logits / T), and the log of the mass outside them. Logits are formed chunk_size rows at a time, into
-    one buffer for all chunks (losses.linear_into), and read in blocks of rows that stay in cache (_topk_into).
+    one buffer for all chunks (losses.linear_into), and read in blocks of rows that stay in cache (topk_of_logits).
 
     `store_dtype` rounds the log-probs as the offline store keeps them (float16), so an online run with
     the same k trains on exactly the values an offline run reads back.
     """
     n, vocab, rows = hidden.shape[0], weight.shape[0], max(1, chunk_size)
-    k = min(k, vocab)
     w, b = weight.float(), None if bias is None else bias.float()  # once, not per chunk (a bf16 head is V x H)
     buf = hidden.new_empty((min(rows, n), vocab), dtype=torch.float32)
-    scratch = buf.new_empty((min(block_rows(vocab, buf.device), max(1, n)), vocab))
-    ids = torch.empty((n, k), dtype=torch.long, device=hidden.device)
-    logprobs, tails = buf.new_empty((n, k)), buf.new_empty(n)
+    ids, logprobs, tails = [], [], []
     for start in range(0, n, rows):
         h = hidden[start : start + rows].float()
-        logits = linear_into(buf[: h.shape[0]], h, w, b, torch.float32)
-        end = start + h.shape[0]
-        _topk_into(logits, k, temperature, scratch, ids[start:end], logprobs[start:end], tails[start:end])
+        chunk = topk_of_logits(linear_into(buf[: h.shape[0]], h, w, b, torch.float32), k, temperature)
+        ids.append(chunk.ids)
+        logprobs.append(chunk.logprobs)
+        tails.append(chunk.tail_logmass)
+    if not ids:  # no rows: empty targets of the right shapes
+        return topk_of_logits(buf, k, temperature)
+    logprobs_t, tail_t = torch.cat(logprobs), torch.cat(tails)
     if store_dtype is not None:
-        logprobs, tails = logprobs.to(store_dtype).float(), tails.to(store_dtype).float()
-    return TeacherTargets(ids=ids, logprobs=logprobs, tail_logmass=tails)
+        logprobs_t, tail_t = logprobs_t.to(store_dtype).float(), tail_t.to(store_dtype).float()
+    return TeacherTargets(ids=torch.cat(ids), logprobs=logprobs_t, tail_logmass=tail_t)
 
 
 @torch.no_grad()
 def topk_of_logits(logits: torch.Tensor, k: int, temperature: float) -> TeacherTargets:
     """Sparse targets from logits [N, V] (float32; overwritten: pass a buffer of your own): the k most likely ids,
-    their log-probs under softmax(logits / T), and the log of the mass outside them."""
+    their log-probs under softmax(logits / T), and the log of the mass outside them. A block of rows at a time:
+    softmax into a [b, V] scratch buffer, the top k of the block, and the tail's mass summed from the complement
+    directly (exact even when the top k hold almost all of it), while the block is in cache."""
     n, vocab = logits.shape
     k = min(k, vocab)
     ids = torch.empty((n, k), dtype=torch.long, device=logits.device)
     logprobs, tails = logits.new_empty((n, k)), logits.new_empty(n)
     scratch = logits.new_empty((min(block_rows(vocab, logits.device), max(1, n)), vocab))
-    _topk_into(logits, k, temperature, scratch, ids, logprobs, tails)
-    return TeacherTargets(ids=ids, logprobs=logprobs, tail_logmass=tails)
-
-
-def _topk_into(
-    logits: torch.Tensor,
-    k: int,
-    temperature: float,
-    scratch: torch.Tensor,
-    ids: torch.Tensor,
-    logprobs: torch.Tensor,
-    tails: torch.Tensor,
-) -> None:
-    """topk_of_logits of logits [n, V] (overwritten) into ids, logprobs [n, k] and tails [n], a block of rows at a
-    time: softmax into scratch [b, V], the top k of the block, and the tail's mass summed from the complement
-    directly (exact even when the top k hold almost all of it), while the block is in cache."""
     if temperature != 1.0:
         logits.div_(temperature)
     step = scratch.shape[0]
-    for i in range(0, logits.shape[0], step):
+    for i in range(0, n, step):
         x = logits[i : i + step]
         p = scratch[: x.shape[0]]
         lse = softmax_into(x, p)
@@ -127,6 +114,7 @@ def _topk_into(
         ids[i : i + x.shape[0]] = idx
         torch.sub(top, lse[:, None], out=logprobs[i : i + x.shape[0]])
         torch.log(p.scatter_(-1, idx, 0.0).sum(-1), out=tails[i : i + x.shape[0]])
+    return TeacherTargets(ids=ids, logprobs=logprobs, tail_logmass=tails)
 
 
 def draw_seed(seed: int, input_ids: torch.Tensor) -> int:

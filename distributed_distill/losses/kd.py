@@ -435,7 +435,7 @@ def sampled_kd_loss(
 # grows with c * V; the [V, H] weight gradient, which the loss holds anyway, grows with H. The rule: each [c, V]
 # buffer may take CHUNK_BUFFER_BYTES, or an eighth of the [V, H] float32 weight gradient when that is larger (then
 # the working set is at most a quarter of memory the step already spends). At T=4096, H=2048, V=128256 this gives
-# 256 rows; at V=32k, H=1024 512 rows, which cost 2.6 % more time than 1024 rows and 32 % less peak memory
+# 256 rows; at V=32k, H=1024 512 rows, which cost 3.6 % more time than 1024 rows and 31 % less peak memory
 # (benchmarks/loss_memory.py, docs/losses.md); a small vocabulary (the demo's 4096) takes the device's most rows.
 CHUNK_BUFFER_BYTES = 64 * 2**20
 # Rows below which the matmuls lose efficiency: a GPU wants whole tensor-core tiles per launch, a CPU core less.
@@ -767,7 +767,7 @@ def _dense_forward_kl(
     c, T = z.shape[0], temperature
     a, k = ce_scale, kd_scale * T
     zy = z.gather(1, y[:, None]).squeeze(1)
-    ty = None if t is None else t.gather(1, y[:, None]).squeeze(1)
+    ty = t.gather(1, y[:, None]).squeeze(1) if t is not None and T != 1.0 else None  # the raw logit, at T != 1
     zero = z.new_zeros(())
     kd, ce, entropy, agree, teacher_logprob = zero.clone(), zero.clone(), zero.clone(), zero.clone(), zero.clone()
     rows = scratch[0].shape[0]
@@ -846,10 +846,11 @@ def _chunk_loop(
     grad_b = torch.zeros(weight.shape[0], device=weight.device) if want_grad and needs_grad[2] else None
     w_mm = weight.to(spec.mm_dtype)  # one cast for all chunks (no copy when dtypes already agree)
 
-    # Dense forward KL (the default objective) and CE alone take the fused pass, with every [c, V] buffer
-    # allocated once for all chunks; the other kinds and forms keep _chunk_objective's buffers.
+    # Dense forward KL (the default objective) and CE alone (no teacher, whatever the kind) take the fused pass,
+    # with every [c, V] buffer allocated once for all chunks; the other kinds and forms keep _chunk_objective's.
+    # Evaluation's on_chunk reads each chunk's logits before either consumes them.
     dense = teacher.hidden is not None or teacher.logits is not None
-    fused = spec.kind == "forward_kl" and (dense or not teacher.present) and on_chunk is None
+    fused = not teacher.present or (spec.kind == "forward_kl" and dense)
     width = min(spec.chunk_size, count)
     vocab = weight.shape[0]
     z_buf = hidden.new_empty((width, vocab), dtype=torch.float32)
@@ -907,7 +908,10 @@ def _chunk_loop(
                     grad_w.addmm_(dz_mm.T, h.to(spec.mm_dtype))  # accumulates in place, no [V, H] temporary
             else:
                 g = dz_mm.T @ h.to(spec.mm_dtype)
-                grad_w.copy_(g) if first else grad_w.add_(g)
+                if first:
+                    grad_w.copy_(g)
+                else:
+                    grad_w.add_(g)
         first = False
         del dz_mm  # before the next chunk's logits exist
     if grad_w is not None and first:  # no chunk (every row ignored), or none with a gradient: nothing was written

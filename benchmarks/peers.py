@@ -178,7 +178,7 @@ def run_distributed_distill(args, work: Path, sequences) -> dict:
     on, in order) and the checkpoint of step N-1 (the weights the last step started from)."""
     from safetensors.torch import load_file
 
-    from distributed_distill import cli
+    from distributed_distill import cli, rundir
 
     out = work / "runs" / "distributed_distill"
     shutil.rmtree(out, ignore_errors=True)  # a fresh run every repeat
@@ -213,20 +213,20 @@ def run_distributed_distill(args, work: Path, sequences) -> dict:
     code = cli.main(["train", *overrides])
     if code != 0:
         raise RuntimeError(f"distill train exited {code}")
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows, _ = rundir.read_records(out / rundir.METRICS)
     steps = {r["step"]: r for r in rows if "loss" in r}
     # The step's own time, from fetching its batch to its optimizer update: tokens_per_second = tokens / seconds.
     clock, ends = StepClock(), 0.0
     for step in range(1, args.steps + 1):
         ends += args.batch * args.seq_len / steps[step]["tokens_per_second"]
         clock.ends.append(ends)
-    trained = json.loads((out / "ranks" / "rank-0.json").read_text())["first_sample_indices"]
+    trained = json.loads(rundir.rank_record(out, 0).read_text())["first_sample_indices"]
     order = json.loads((work / "order.json").read_text())
     if trained[: len(order)] != order:
         raise RuntimeError("this project trained on other sequences than the peers")
-    last = load_file(out / f"step-{args.steps - 1:07d}" / "model.safetensors")
+    last = load_file(out / rundir.step_name(args.steps - 1) / "model.safetensors")
     first = load_file(work / "student" / "model.safetensors")
-    saved = (out / "config.yaml").read_text().splitlines()
+    saved = (out / rundir.CONFIG).read_text().splitlines()
     chunk = next(line for line in saved if "chunk_size" in line)
     return {
         "clock": clock,

@@ -132,10 +132,21 @@ class TeacherConfig(ModelConfig):
         "auto",
         "parameter dtype when loaded; auto = bfloat16 on CUDA (a frozen teacher needs no float32), float32 on CPU",
     )
-    engine: Literal["replicated", "zero3"] = option(
+    engine: Literal["replicated", "zero3", "remote"] = option(
         "replicated",
         "replicated = every rank holds the whole teacher; zero3 = DeepSpeed ZeRO-3 inference, parameters "
-        "partitioned across all ranks and gathered layer by layer in the forward",
+        "partitioned across all ranks and gathered layer by layer in the forward; remote = served by `distill serve` "
+        "at teacher.url (docs/serving.md), path/arch still name the teacher so its identity can be checked",
+    )
+    url: list[str] | str | None = option(
+        None,
+        "remote only: the server(s) of this teacher, http://host:port, one or a list (spread round-robin); or "
+        "file:PATH, the address file a `distill serve` job writes (serve.address_file)",
+    )
+    token_file: str | None = option(
+        None,
+        "remote only: a file holding the server's shared-secret token (or set DISTILL_SERVE_TOKEN); needed when the "
+        "server binds beyond loopback",
     )
     offload: Literal["none", "cpu"] = option(
         "none", "zero3 only: keep the teacher's parameter partitions in CPU memory"
@@ -160,6 +171,44 @@ class TeacherConfig(ModelConfig):
             raise ConfigError(f"teacher.deepspeed_config={self.deepspeed_config}: no such file")
         if self.collective_timeout < 1:
             raise ConfigError(f"teacher.collective_timeout={self.collective_timeout} must be >= 1 (seconds)")
+        if isinstance(self.url, str):
+            self.url = [self.url]
+        if self.engine == "remote" and not self.url:
+            raise ConfigError("teacher.engine=remote needs teacher.url (http://host:port of a `distill serve`)")
+        if self.engine != "remote" and (self.url or self.token_file):
+            raise ConfigError("teacher.url / teacher.token_file need teacher.engine=remote")
+        for url in self.url or ():
+            if not (url.startswith(("http://", "https://")) or url.startswith("file:")):
+                raise ConfigError(f"teacher.url={url!r} must start with http://, https:// or file:")
+
+
+@dataclass
+class ServeConfig:
+    """`distill serve`: the teacher behind an HTTP server (docs/serving.md)."""
+
+    host: str = option("127.0.0.1", "address to bind; anything but loopback needs serve.token_file")
+    port: int = option(8470, "TCP port; 0 = any free port (written to serve.address_file)")
+    token_file: str | None = option(
+        None, "a file holding the shared secret clients send (Authorization: Bearer); or set DISTILL_SERVE_TOKEN"
+    )
+    address_file: str | None = option(
+        None, "write http://host:port here once ready (a student job's teacher.url=file:PATH reads it)"
+    )
+    max_batch_tokens: int = option(16384, "tokens per teacher forward when batching requests together")
+    batch_wait_ms: float = option(5.0, "how long the first request of a batch waits for others to join it")
+    queue_size: int = option(64, "requests waiting at most; more are answered 503 busy")
+    request_timeout: float = option(600.0, "seconds a request may wait and run before it is answered 504")
+    max_request_bytes: int = option(64 * 2**20, "largest request body; larger ones are answered 413")
+    log: str | None = option(None, "the server's own log file (one line per event); null = stderr only")
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port < 65536:
+            raise ConfigError(f"serve.port={self.port} must be in [0, 65535]")
+        for name in ("max_batch_tokens", "queue_size", "max_request_bytes"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"serve.{name}={getattr(self, name)} must be >= 1")
+        if self.batch_wait_ms < 0 or self.request_timeout <= 0:
+            raise ConfigError("serve.batch_wait_ms must be >= 0 and serve.request_timeout > 0")
 
 
 @dataclass
@@ -641,6 +690,7 @@ class Config:
     train: TrainConfig = option(TrainConfig, "optimisation")
     eval: EvalConfig = option(EvalConfig, "metrics beyond the validation loss (distill eval, train.eval_every)")
     logging: LoggingConfig = option(LoggingConfig, "progress, metrics.jsonl and wandb")
+    serve: ServeConfig = option(ServeConfig, "distill serve: the teacher behind an HTTP server")
 
     def __post_init__(self) -> None:
         if self.student is None:

@@ -1,4 +1,4 @@
-"""`distill` command line: train, eval, report, demo.
+"""`distill` command line: train, eval, report, precompute, generate, serve, demo.
 
     distill train --config configs/smoke.yaml [section.key=value ...]
     distill eval  --config configs/demo.yaml --model student=runs/demo/kd/final [--model ...]
@@ -7,6 +7,7 @@
     distill precompute --config configs/smoke.yaml distill.store=stores/smoke   # offline teacher targets
     distill verify-store stores/smoke
     distill generate --config configs/generate.yaml generate.store=stores/samples   # the teacher's own samples
+    distill serve --config configs/smoke.yaml serve.port=0 serve.address_file=server.url   # docs/serving.md
     distill demo                       # teacher, distilled student and CE-only student on the built-in corpus
 
 `python train.py ...` and `accelerate launch train.py ...` take the same arguments as `distill train`.
@@ -146,6 +147,13 @@ def cmd_verify_store(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    from .serving.server import serve
+
+    return serve(cfg)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -211,6 +219,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="do not log the plots to the runs' wandb runs (those whose config has wandb on)",
     )
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser(
+        "serve",
+        help="serve the config's teacher over HTTP (teacher.engine=remote clients; docs/serving.md)",
+        description="Serve the teacher until SIGTERM/SIGINT; under torchrun a zero3 teacher across its ranks.",
+    )
+    _add_config_args(p)
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("demo", help="teacher, distilled student and CE-only student on the built-in corpus")
     p.add_argument("--output-dir", default="runs/demo")

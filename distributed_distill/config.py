@@ -238,7 +238,8 @@ class DataConfig:
     source: str = option(
         "python-stdlib",
         "'python-stdlib' (the built-in corpus: this interpreter's standard-library sources), 'python-stdlib-chat' "
-        "(the built-in conversations: write this function, given its signature and docstring), a file, directory or "
+        "(the built-in conversations: write this function, given its signature and docstring), 'python-stdlib-mixed' "
+        "(both together, each row with a teacher_id column: code or chat), a file, directory or "
         "glob of .txt / .jsonl / .json / .parquet files, a directory written by `datasets` save_to_disk, or a "
         "dataset repository id on the Hugging Face hub (or a local clone of one)",
     )
@@ -269,6 +270,12 @@ class DataConfig:
     prompt_field: str | None = option(None, "field holding a prompt; its tokens are excluded from every loss")
     completion_field: str | None = option(None, "field holding the completion that follows prompt_field")
     seq_len: int = option(256, "tokens per packed training sequence")
+    teacher_column: str | None = option(
+        None,
+        "routing several teachers by row (distill.teacher_mix=route): the column holding each document's teacher, a "
+        "name from `teachers:` (null in a row: the teachers' mixture); python-stdlib-mixed has one, teacher_id; "
+        "null = none",
+    )
     val_fraction: float = option(0.05, "share of documents held out for validation (chosen by a hash of the document)")
     max_documents: int | None = option(None, "use at most this many documents (fast smoke runs); null = all")
     cache_dir: str | None = option(
@@ -286,10 +293,12 @@ class DataConfig:
             raise ConfigError(f"data.max_documents={self.max_documents} must be >= 2 (train and validation)")
         if self.streaming_val_documents < 1 or self.shuffle_buffer < 0:
             raise ConfigError("data.streaming_val_documents must be >= 1 and data.shuffle_buffer >= 0")
-        if self.streaming and self.source in ("python-stdlib", "python-stdlib-chat"):
+        if self.streaming and self.source in ("python-stdlib", "python-stdlib-chat", "python-stdlib-mixed"):
             raise ConfigError(f"data.streaming=true needs a file, directory or dataset source, not {self.source!r}")
         if self.streaming and self.max_documents is not None:
             raise ConfigError("data.max_documents is not supported with data.streaming=true (max_steps bounds it)")
+        if self.streaming and self.teacher_column is not None:
+            raise ConfigError("data.teacher_column is not supported with data.streaming=true (routing packs the data)")
 
 
 @dataclass
@@ -700,7 +709,8 @@ class Config:
                 f"distill.on_policy={self.distill.on_policy} needs data.packing=false: one prompt per row, which the "
                 "student continues"
             )
-        if self.distill.on_policy > 0 and self.data.prompt_field is None and self.data.source == "python-stdlib":
+        plain = ("python-stdlib", "python-stdlib-mixed")
+        if self.distill.on_policy > 0 and self.data.prompt_field is None and self.data.source in plain:
             raise no_prompts(self)
         if self.data.streaming and self.distill.signal == "offline":
             raise ConfigError("data.streaming=true with distill.signal=offline: the store holds the data; unset one")

@@ -84,6 +84,11 @@ def read_prompts(cfg: Config, docs: Documents, tokenizer, teacher_config) -> tup
     """The prompt token ids of each split (in document order, at most generate.max_prompts), and how many were
     dropped (a conversation without a user turn, or a prompt with no room for max_new_tokens)."""
     dcfg, gen = cfg.data, cfg.generate
+    if docs.kind is DocKind.MIXED:
+        raise DistillError(
+            f"data.source={dcfg.source} mixes plain text and conversations, which distill generate prompts "
+            f"differently: use data.source={BUILTIN_CHAT}, or python-stdlib with generate.prefix_tokens"
+        )
     if docs.kind is DocKind.TEXT and gen.prefix_tokens is None:
         raise DistillError(
             f"data.source={dcfg.source} holds plain text, not prompts: set generate.prefix_tokens (continue windows "

@@ -120,7 +120,9 @@ def plan_run(cfg: Config, accelerator: Accelerator, resume: checkpoint.Resume | 
     models.check_paths(cfg)  # a typo in a path fails now, not after a tokenizer has been trained
     preflight.check_offline_source(cfg)
     preflight.check_lora(cfg)
-    docs = functools.cache(lambda: documents(cfg.data))
+    # Routed (data.teacher_column): every document's teacher named in `teachers:`, checked when they are read.
+    routed = [t.name for t in cfg.teachers] if cfg.data.teacher_column is not None and cfg.teachers else None
+    docs = functools.cache(lambda: documents(cfg.data, routed))
     store = training_store(cfg)  # a sample store: its tokenizer, kept in it, is the one its ids belong to
     tokenizer = run_tokenizer(cfg, accelerator, docs, store / TOKENIZER if store is not None else None)
     check_tokenizers(cfg, tokenizer)

@@ -3,7 +3,9 @@ logit store made once per test session. (Fixtures live in conftest.py.)"""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import os
 import signal
@@ -35,6 +37,23 @@ def run_cli(
     if check and proc.returncode != 0:
         raise AssertionError(f"{cmd} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
+
+
+def cli_in_process(args: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`distill ARGS` in this process (`cli.main`, as the console script runs it), its output captured; `env` set for
+    the call only."""
+    from distributed_distill import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    saved = {k: os.environ.get(k) for k in env or {}}
+    os.environ.update(env or {})
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = cli.main(args)
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

@@ -11,9 +11,7 @@ the slow tier."""
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io
 import json
 import os
 import pickle
@@ -26,9 +24,8 @@ from pathlib import Path
 
 import pytest
 
-from distributed_distill import cli
-
 from .helpers import ROOT, SMOKE, TOP_K, error_line, precomputed_store, run_cli, tmpfs, torchrun
+from .helpers import cli_in_process as _cli
 
 DOC = ROOT / "docs" / "robustness.md"
 
@@ -57,21 +54,6 @@ class Row:
     status: int = 2  # a launcher (torchrun) reports a worker's error as its own status 1
     covered_by: str | None = None  # "file::test": a row whose harness another test owns (two node launchers, ...)
     default: bool = False  # in the default tier: refused at config load or before the tokenizer (well under a second)
-
-
-def _cli(args: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """`distill ARGS` in this process (`cli.main`, as the console script runs it), its output captured; `env` set for
-    the call only."""
-    out, err = io.StringIO(), io.StringIO()
-    saved = {k: os.environ.get(k) for k in env or {}}
-    os.environ.update(env or {})
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            code = cli.main(args)
-    finally:
-        for k, v in saved.items():
-            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
-    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
 def _train(out: Path, *overrides: str, config=SMOKE, env=None, launcher=None) -> subprocess.CompletedProcess:

@@ -1,11 +1,13 @@
 """Documents: where a run's text comes from, what kind it is, and which documents are held out.
 
     data.source -> the built-in corpora (this interpreter's standard library, as text or as "write this function"
-                   conversations), files (.txt .md .jsonl .json .parquet, a directory or a glob), a `save_to_disk`
-                   directory, or a dataset repository (a hub id, or a local clone), all read through `datasets`
+                   conversations, or both mixed), files (.txt .md .jsonl .json .parquet, a directory or a glob), a
+                   `save_to_disk` directory, or a dataset repository (a hub id, or a local clone), all read through
+                   `datasets`
     -> one `id` per document (its content hash where it has none)
     -> the kind of the documents (`DocKind`: text, prompt/completion, conversations)
     -> a deterministic split by a hash of each document's id (stable when documents are added)
+    -> with data.teacher_column (routing several teachers), each document's teacher as an index into `teachers:`
 
 A command builds its `Documents` once (`documents(dcfg)`) and hands the value to everything that reads them: the
 tokenizer trainer, tokenization and packing, the held-out prompts, `distill generate`'s prompts.
@@ -21,7 +23,7 @@ import json
 import os
 import re
 import sysconfig
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +35,13 @@ from .chat import conversation_problem
 
 BUILTIN_CORPUS = "python-stdlib"
 BUILTIN_CHAT = "python-stdlib-chat"
+BUILTIN_MIXED = "python-stdlib-mixed"  # both: each file's text and its conversations, with a teacher_id column
+BUILTIN = (BUILTIN_CORPUS, BUILTIN_CHAT, BUILTIN_MIXED)
+# python-stdlib-mixed's routing column and its values: the teacher of the code documents and of the conversations.
+MIXED_COLUMN, MIXED_TEACHERS = "teacher_id", {"text": "code", "messages": "chat"}
+MIXED_FIELDS = ("text", "messages")  # a mixed row's text, or its conversation (the other is null)
+# The column documents() adds with data.teacher_column: each document's teacher, an index into `teachers:` (-1: none).
+TEACHER_INDEX = "teacher_index"
 # The built-in conversations ask for functions of at most this many source lines (a CPU demo's seq_len).
 CHAT_MAX_LINES = 12
 EXTENSIONS = {".txt": "text", ".text": "text", ".md": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
@@ -51,6 +60,7 @@ class DocKind(str, enum.Enum):
     PROMPT = "prompt"  # prompt/completion strings: the completion learned
     CHAT = "chat"  # a conversation (data.messages_field): the assistant turns learned
     CHAT_PROMPT = "chat_prompt"  # prompt/completion as lists of messages
+    MIXED = "mixed"  # python-stdlib-mixed: a row holds a text (every token learned) or a conversation, not both
 
     def __str__(self) -> str:
         return self.value
@@ -59,8 +69,8 @@ class DocKind(str, enum.Enum):
 
     @property
     def is_chat(self) -> bool:
-        """Rendered through the chat template (and never split across packed rows)."""
-        return self in (DocKind.CHAT, DocKind.CHAT_PROMPT)
+        """Rendered through the chat template (and never split across packed rows); mixed: its conversations."""
+        return self in (DocKind.CHAT, DocKind.CHAT_PROMPT, DocKind.MIXED)
 
 
 @dataclass(frozen=True)
@@ -70,14 +80,18 @@ class Documents:
     train: datasets.Dataset
     val: datasets.Dataset
     kind: DocKind
+    fields: tuple[str, ...]  # the columns holding the documents' text (not their id, not a routing column)
 
 
-def documents(dcfg: DataConfig) -> Documents:
-    """data.source's documents, split into training and validation by document hash, with their kind."""
+def documents(dcfg: DataConfig, teachers: Sequence[str] | None = None) -> Documents:
+    """data.source's documents, split into training and validation by document hash, with their kind; routed
+    (data.teacher_column and the names of `teachers`), with each document's teacher as an index (TEACHER_INDEX)."""
     docs = _load(dcfg)
     kind = document_kind(docs.column_names, dcfg, docs.features)
-    if kind.is_chat and dcfg.source != BUILTIN_CHAT:  # (the built-in conversations are made well-formed)
+    if kind.is_chat and dcfg.source not in BUILTIN:  # (the built-in conversations are made well-formed)
         check_conversations(docs, kind, dcfg)
+    if dcfg.teacher_column is not None and teachers is not None:
+        docs = docs.add_column(TEACHER_INDEX, teacher_indices(docs, dcfg, list(teachers)))
     is_val = [is_validation(row, dcfg.val_fraction) for row in docs.select_columns(["id"])]
     train = docs.select([i for i, v in enumerate(is_val) if not v])
     val = docs.select([i for i, v in enumerate(is_val) if v])
@@ -87,7 +101,7 @@ def documents(dcfg: DataConfig) -> Documents:
             f"data.source={dcfg.source}: the {which} split is empty ({len(docs)} documents, "
             f"data.val_fraction={dcfg.val_fraction}); add documents or change data.val_fraction"
         )
-    return Documents(train, val, kind)
+    return Documents(train, val, kind, tuple(document_fields(kind, dcfg)))
 
 
 def conversation_of(row: dict, kind: DocKind, dcfg: DataConfig):
@@ -111,29 +125,61 @@ def check_conversations(docs: datasets.Dataset, kind: DocKind, dcfg: DataConfig)
     if not bad:
         return
     index, problem = bad[0]
-    where = f"row {index}"
-    if source_kind(dcfg) == "files":
-        where = _row_location(_source_files(dcfg), kind, dcfg) or where
+    fields = document_fields(kind, dcfg)
+
+    def malformed(row: dict) -> bool:
+        return all(k in row for k in fields) and conversation_problem(conversation_of(row, kind, dcfg)) is not None
+
+    where = row_location(dcfg, index, malformed)
     raise DistillError(
         f"data.source={dcfg.source}: {where}: {problem}; {len(bad)} of {len(docs)} conversations are malformed "
         "(fix or remove them)"
     )
 
 
-def _row_location(files: list[Path], kind: DocKind, dcfg: DataConfig) -> str | None:
-    """`file:line` of the first JSON Lines record whose conversation is malformed (None for other formats)."""
-    for f in files:
-        if f.suffix != ".jsonl":
-            continue
-        for number, line in enumerate(f.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
-            try:
-                row = json.loads(line) if line.strip() else None
-            except ValueError:
+def row_location(dcfg: DataConfig, index: int, bad: Callable[[dict], bool]) -> str:
+    """Where the first bad row is: `file:line` of the first JSON Lines record `bad` holds for (files), else
+    `row INDEX` (its position in data.source)."""
+    if source_kind(dcfg) == "files" and dcfg.source not in BUILTIN:
+        for f in _source_files(dcfg):
+            if f.suffix != ".jsonl":
                 continue
-            if isinstance(row, dict) and all(k in row for k in document_fields(kind, dcfg)):
-                if conversation_problem(conversation_of(row, kind, dcfg)) is not None:
+            for number, line in enumerate(f.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+                try:
+                    row = json.loads(line) if line.strip() else None
+                except ValueError:
+                    continue
+                if isinstance(row, dict) and bad(row):
                     return f"{f}:{number}"
-    return None
+    return f"row {index}"
+
+
+def check_teacher_column(dcfg: DataConfig, columns: list[str]) -> None:
+    """data.teacher_column is one of the documents' columns, or one line naming the columns there are."""
+    if dcfg.teacher_column is not None and dcfg.teacher_column not in columns:
+        close = difflib.get_close_matches(dcfg.teacher_column, columns, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise DistillError(
+            f"data.source={dcfg.source}: no column {dcfg.teacher_column!r} (data.teacher_column); columns are "
+            f"{columns}{hint}"
+        )
+
+
+def teacher_indices(docs: datasets.Dataset, dcfg: DataConfig, teachers: list[str]) -> list[int]:
+    """Each document's teacher (data.teacher_column) as an index into `teachers` (-1 where the row has none), or one
+    line naming the first row whose teacher is not one of them, and the column."""
+    column = dcfg.teacher_column
+    check_teacher_column(dcfg, docs.column_names)
+    index = {name: i for i, name in enumerate(teachers)}
+    values = docs[column]
+    for i, value in enumerate(values):
+        if value is not None and value not in index:
+            where = row_location(dcfg, i, lambda row: row.get(column) is not None and row.get(column) not in index)
+            raise DistillError(
+                f"data.source={dcfg.source}: {where}: {column}={value!r} (data.teacher_column) is not a teacher; "
+                f"teachers are {teachers}"
+            )
+    return [-1 if value is None else index[value] for value in values]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -192,6 +238,27 @@ def _read_stdlib_chat(files: list[str], root: str, stamp: list[str]) -> Iterator
         yield from _function_requests(Path(f), root)
 
 
+def _read_stdlib_mixed(files: list[str], root: str, stamp: list[str]) -> Iterator[dict]:
+    """File by file, its text (teacher `code`) and then its conversations (teacher `chat`), with the ids of the two
+    corpora: a file's documents land on the side of the split they take in python-stdlib and python-stdlib-chat."""
+    for f in files:
+        for doc in _read_stdlib([f], root, stamp):
+            yield {**doc, "messages": None, MIXED_COLUMN: MIXED_TEACHERS["text"]}
+        for doc in _read_stdlib_chat([f], root, stamp):
+            yield {**doc, "text": None, MIXED_COLUMN: MIXED_TEACHERS["messages"]}
+
+
+# Declared, not inferred: the mixed corpus's first rows have no conversation to infer the messages' type from.
+MIXED_FEATURES = datasets.Features(
+    {
+        "id": datasets.Value("string"),
+        MIXED_FIELDS[0]: datasets.Value("string"),
+        MIXED_FIELDS[1]: datasets.List({"role": datasets.Value("string"), "content": datasets.Value("string")}),
+        MIXED_COLUMN: datasets.Value("string"),
+    }
+)
+
+
 def _source_files(dcfg: DataConfig) -> list[Path]:
     src = dcfg.source
     path = Path(src).expanduser()
@@ -228,7 +295,7 @@ def _format_of(dcfg: DataConfig, files: list[Path]) -> str:
 def _load(dcfg: DataConfig) -> datasets.Dataset:
     """All documents as a `datasets.Dataset` with an `id` column and the text (or prompt/completion) fields."""
     cache = str(cache_root(dcfg) / "datasets")
-    if dcfg.source in (BUILTIN_CORPUS, BUILTIN_CHAT):
+    if dcfg.source in BUILTIN:
         files = stdlib_files()
         if dcfg.max_documents is not None and dcfg.max_documents < len(files):
             # Evenly spaced, not the first N: sorted paths cluster by package (all of asyncio, then ...).
@@ -237,10 +304,12 @@ def _load(dcfg: DataConfig) -> datasets.Dataset:
         root = sysconfig.get_paths()["stdlib"]
         # Sizes and mtimes join the fingerprint so an upgraded interpreter never reuses a stale cache.
         stamp = [f"{f}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files]
+        read = {BUILTIN_CORPUS: _read_stdlib, BUILTIN_CHAT: _read_stdlib_chat, BUILTIN_MIXED: _read_stdlib_mixed}
         return datasets.Dataset.from_generator(
-            _read_stdlib if dcfg.source == BUILTIN_CORPUS else _read_stdlib_chat,
+            read[dcfg.source],
             gen_kwargs={"files": [str(f) for f in files], "root": root, "stamp": stamp},
             cache_dir=cache,
+            features=MIXED_FEATURES if dcfg.source == BUILTIN_MIXED else None,
         )
     check_not_a_store(dcfg)
     ds = read_source(dcfg, cache, streaming=False)
@@ -273,7 +342,8 @@ def _with_ids(ds, dcfg: DataConfig):
     kind = document_kind(ds.column_names, dcfg, ds.features)
     check_fields(dcfg, kind, ds.column_names)
     needed = document_fields(kind, dcfg)
-    ds = ds.select_columns(needed)
+    check_teacher_column(dcfg, ds.column_names)
+    ds = ds.select_columns(needed + ([dcfg.teacher_column] if dcfg.teacher_column else []))
     kwargs = {} if isinstance(ds, datasets.IterableDataset) else {"desc": "hashing documents"}
     return ds.map(content_id, fn_kwargs={"fields": needed}, **kwargs)
 
@@ -369,10 +439,10 @@ def is_validation(row: dict, val_fraction: float) -> bool:
 
 
 def texts_for_tokenizer(docs: Documents) -> Iterator[str]:
-    """The training documents' text, for training a tokenizer (conversations: their turns' content)."""
-    fields = [c for c in docs.train.column_names if c != "id"]
-    for row in docs.train:
-        for f in fields:
+    """The training documents' text, for training a tokenizer (conversations: their turns' content; not the
+    routing columns)."""
+    for row in docs.train.select_columns(list(docs.fields)):
+        for f in docs.fields:
             value = row[f] or ""
             yield "\n".join(m["content"] for m in value) if isinstance(value, list) else value
 
@@ -380,6 +450,8 @@ def texts_for_tokenizer(docs: Documents) -> Iterator[str]:
 def document_kind(columns: list[str], dcfg: DataConfig, features=None) -> DocKind:
     """The kind of documents with these columns (and `datasets` features, where known): the Hugging Face
     conversational formats are recognised from the columns."""
+    if dcfg.source == BUILTIN_MIXED:
+        return DocKind.MIXED
     if dcfg.prompt_field is not None:
         feature = None if features is None else features.get(dcfg.prompt_field)
         chat = isinstance(feature, list | datasets.Sequence | datasets.LargeList)
@@ -414,4 +486,6 @@ def document_fields(kind: DocKind, dcfg: DataConfig) -> list[str]:
     """The columns that hold a document of `kind`."""
     if kind in (DocKind.PROMPT, DocKind.CHAT_PROMPT):
         return [dcfg.prompt_field, dcfg.completion_field]
+    if kind is DocKind.MIXED:
+        return list(MIXED_FIELDS)
     return [dcfg.messages_field] if kind is DocKind.CHAT else [dcfg.text_field]

@@ -28,7 +28,7 @@ from accelerate.utils import gather_object
 from .. import models
 from ..config import Config, EvalConfig, ModelConfig, SamplingConfig, load_config
 from ..data.batching import IGNORE_INDEX, eval_batches
-from ..data.documents import BUILTIN_CHAT, DocKind, Documents, documents
+from ..data.documents import BUILTIN_CHAT, MIXED_FIELDS, DocKind, Documents, documents
 from ..data.packed import build_datasets, tokenize
 from ..errors import DistillError
 from ..generation import Sampling, generate, sampling_setup
@@ -152,7 +152,7 @@ def held_out_prompts(cfg: Config, held: Documents, tokenizer, count: int) -> Hel
     prompts = []
     for i, row in enumerate(rows):
         ids, labels = list(row["input_ids"]), list(row["labels"])
-        if held.kind is DocKind.TEXT:
+        if held.kind is DocKind.TEXT or (held.kind is DocKind.MIXED and docs[i][MIXED_FIELDS[1]] is None):
             cut = 1 + ecfg.prompt_tokens  # bos + the prompt
             prompt, reference = (
                 ids[:cut],

@@ -4,9 +4,11 @@ teacher of the same config, built the way a student job builds it (setup.plan_ru
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import json
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -16,7 +18,7 @@ import torch
 from distributed_distill.serving.protocol import Options, decode_head, decode_targets, encode_request
 from distributed_distill.serving.server import running
 
-from .helpers import ROOT, SMOKE, error_line, run_cli
+from .helpers import ROOT, SMOKE, error_line, run_cli, torchrun
 
 TOKEN = "s3cret-token-for-tests"
 SERVE = [sys.executable, "-m", "distributed_distill.cli", "serve", "--config", str(SMOKE)]
@@ -29,8 +31,10 @@ def server(tmp_path: Path, *overrides: str, launcher: list[str] | None = None):
     address, log = tmp_path / "server.url", tmp_path / "serve.log"
     settings = ["serve.port=0", f"serve.address_file={address}", f"serve.log={log}", *overrides]
     cmd = (launcher + ["-m", "distributed_distill.cli", "serve", "--config", str(SMOKE)]) if launcher else SERVE
-    with running([*cmd, *settings], address, cwd=ROOT, timeout=240) as (url, _):
+    with running([*cmd, *settings], address, cwd=ROOT, timeout=240) as (url, proc):
         yield url, log
+    if launcher is None:  # SIGTERM at teardown: a clean stop (torchrun's own status is 1 after a signal)
+        assert proc.returncode == 0 and log.read_text().splitlines()[-1].split(" serve ")[1].startswith("stop: ")
 
 
 @pytest.fixture(scope="module")
@@ -171,3 +175,161 @@ def test_non_loopback_host_without_token_refuses_to_start(tmp_path):
     assert error_line(proc) == f"error: serve.token_file={empty} is empty; put the shared secret in it"
     proc = run_cli(["serve", "--config", str(SMOKE), "teacher.engine=remote", "teacher.url=http://x:1"], check=False)
     assert "teacher.engine=remote cannot be served" in error_line(proc)
+
+
+# ----------------------------------------------------------------------------------------------
+# Slow tier
+
+
+def garbage(n: int) -> bytes:
+    return torch.randint(0, 256, (n,), dtype=torch.uint8, generator=torch.Generator().manual_seed(n)).numpy().tobytes()
+
+
+def raw_request(ids: torch.Tensor, options: str) -> bytes:
+    """A request body with any input_ids tensor and any options text (what encode_request would never send)."""
+    from safetensors.torch import save
+
+    return save({"input_ids": ids}, metadata={"options": options})
+
+
+def bad_requests(plan) -> list[tuple[str, bytes, int, str]]:
+    """(case, body, status, the reason's text) of the issue's table and a few more."""
+    good = rows(plan, 2, 32, seed=3)
+    body = encode_request(good, Options(top_k=8))
+    topk = json.dumps({"form": "topk", "top_k": 8})
+    return [
+        ("truncated body", body[: len(body) // 2], 400, "request: not a safetensors body"),
+        ("wrong dtype", raw_request(good["input_ids"].float(), topk), 400, "input_ids has dtype float32"),
+        (
+            "ids out of range",
+            raw_request(good["input_ids"] + plan.vocab, topk),
+            400,
+            "outside the teacher's vocabulary",
+        ),
+        ("negative id", raw_request(good["input_ids"] - plan.vocab, topk), 400, "outside the teacher's vocabulary"),
+        ("10 MB of garbage", garbage(10 * 2**20), 413, "exceeds serve.max_request_bytes=8388608"),
+        ("5 MB of garbage", garbage(5 * 2**20), 400, "request: not a safetensors body"),
+        ("k = 0", encode_request(good, Options(top_k=0)), 400, "options.top_k=0 must be in [1, 512]"),
+        ("k > V", encode_request(good, Options(top_k=513)), 400, "options.top_k=513 must be in [1, 512]"),
+        (
+            "longer than the positions",
+            encode_request(rows(plan, 1, 129, 4), Options(top_k=8)),
+            400,
+            "129 tokens exceed",
+        ),
+        ("unknown form", raw_request(good["input_ids"], json.dumps({"form": "logits"})), 400, "options.form='logits'"),
+        ("options not JSON", raw_request(good["input_ids"], "{top_k: 8"), 400, "options metadata is not JSON"),
+        ("hidden state out of range", encode_request(good, Options(form="dense", layers=(3,))), 400, "index 3 outside"),
+        ("temperature 0", encode_request(good, Options(top_k=8, temperature=0.0)), 400, "temperature=0.0 must be"),
+        ("one token", encode_request(rows(plan, 2, 1, 5), Options(top_k=8)), 400, "need [batch >= 1, length >= 2]"),
+    ]
+
+
+@pytest.fixture(scope="module")
+def open_server(tmp_path_factory, smoke_tokenizer):
+    """A server without a token, an 8 MB body limit and a wait window long enough for concurrent requests to merge."""
+    root = tmp_path_factory.mktemp("serve_open")
+    with server(root, f"serve.max_request_bytes={8 * 2**20}", "serve.batch_wait_ms=400") as (url, log):
+        with httpx.Client(base_url=url, timeout=60) as c:
+            yield c, log
+
+
+@pytest.mark.slow
+def test_bad_requests_get_a_4xx_with_the_reason_and_the_server_goes_on(plan, open_server):
+    client, log = open_server
+    good = rows(plan, 1, 16, seed=6)
+    expected = local(plan, top_k=4).targets(good)
+    cases = bad_requests(plan)
+    for case, body, status, reason in cases:
+        response = client.post("/targets", content=body)
+        assert response.status_code == status, (case, response.status_code, response.text)
+        assert reason in response.text and response.text.count("\n") == 1, (case, response.text)
+        assert_equal_targets(served(client, good, Options(top_k=4)), expected, TOPK)  # still serving, unchanged
+    lines = log.read_text()
+    assert all(f"{status} POST /targets" in lines for _, _, status, _ in cases)
+    errors = client.get("/metrics").json()["errors"]
+    assert errors.get("400", 0) >= len(cases) - 1 and errors.get("413", 0) >= 1
+
+
+@pytest.mark.slow
+def test_concurrent_requests_merge_into_one_forward_and_each_equals_in_process(plan, open_server):
+    """Requests of equal options and lengths share a forward (the 400 ms window); rows split back bit for bit."""
+    client, _ = open_server
+    batches = [rows(plan, n, 48, seed=10 + n) for n in (1, 2, 3)]
+    before = client.get("/metrics").json()
+    for options, form, names in (
+        (Options(top_k=24, temperature=2.0), {"top_k": 24, "temperature": 2.0}, TOPK),
+        (Options(form="sampled", samples=16, sample_seed=0), {"samples": 16}, SAMPLED),
+    ):
+        with concurrent.futures.ThreadPoolExecutor(len(batches)) as pool:
+            found = list(pool.map(lambda b, o=options: served(client, b, o), batches))
+        reference = local(plan, **form)
+        for batch, got in zip(batches, found):
+            assert_equal_targets(got, reference.targets(batch), names)
+    after = client.get("/metrics").json()
+    assert after["batches"] - before["batches"] == 2  # three requests, one forward, per form
+    assert after["tokens"] - before["tokens"] == 2 * 6 * 48
+
+
+@pytest.mark.slow
+def test_full_queue_is_busy_and_a_timed_out_request_is_dropped(plan, tmp_path):
+    """queue_size=1: while one request waits (a 3 s window, 1 s timeout) the next is answered 503 at once; the waiting
+    one passes its timeout (504) and its forward never runs."""
+    overrides = ("serve.queue_size=1", "serve.batch_wait_ms=3000", "serve.request_timeout=1.0")
+    with server(tmp_path, *overrides) as (url, log), httpx.Client(base_url=url, timeout=60) as client:
+        body = encode_request(rows(plan, 1, 16, seed=7), Options(top_k=4))
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            first = pool.submit(client.post, "/targets", content=body)
+            deadline = time.monotonic() + 30
+            while client.get("/metrics").json()["queue_depth"] < 1:
+                assert time.monotonic() < deadline and not first.done()
+                time.sleep(0.02)
+            started = time.monotonic()
+            busy = client.post("/targets", content=body)
+            assert busy.status_code == 503 and busy.text.startswith("busy: 1 requests waiting"), busy.text
+            assert time.monotonic() - started < 0.5  # at once, not after the window
+            late = first.result(timeout=30)
+        assert late.status_code == 504 and "serve.request_timeout=1.0s waiting (dropped)" in late.text, late.text
+        time.sleep(0.5)
+        metrics = client.get("/metrics").json()
+        assert (metrics["batches"], metrics["queue_depth"], metrics["errors"]) == (0, 0, {"503": 1, "504": 1})
+        assert "503 POST /targets" in log.read_text() and "504 POST /targets" in log.read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_zero3_server_across_two_ranks_equals_the_replicated_teacher(plan, tmp_path):
+    batch = rows(plan, 2, 40, seed=8)
+    launcher = torchrun(29741)
+    with server(tmp_path, "teacher.engine=zero3", launcher=launcher) as (url, log):
+        with httpx.Client(base_url=url, timeout=120) as client:
+            document = client.get("/identity").json()
+            assert (document["engine"], document["world_size"]) == ("zero3", 2)
+            assert document["identity"] == json.loads(json.dumps(local(plan).identity))
+            for k in (8, 64):
+                found = served(client, batch, Options(top_k=k, temperature=2.0))
+                assert_equal_targets(found, local(plan, top_k=k, temperature=2.0).targets(batch), TOPK)
+            found = served(client, batch, Options(form="dense"))
+            expected = local(plan).targets(batch)
+            assert_equal_targets(found, expected, ("hidden",))
+            assert torch.equal(decode_head(client.get("/head").content)[0], expected.weight)
+    # The launcher's SIGTERM reached both ranks: rank 0 logged its stop after sending the others theirs.
+    assert "stop: 3 requests, 240 tokens" in log.read_text()  # 3 POST /targets of 2 x 40 tokens
+
+
+@pytest.mark.slow
+def test_load_benchmark_prints_latency_throughput_fill_and_flat_memory():
+    out = run_cli(
+        [str(ROOT / "benchmarks" / "serve_load.py"), "--seconds", "3", "--clients", "8"],
+        launcher=[sys.executable],
+        timeout=240,
+    ).stdout
+    start = out.index("{")
+    result, _ = json.JSONDecoder().raw_decode(out[start:])
+    assert result["errors"] == 0 and result["requests"] >= 8
+    assert 0 < result["latency_ms"]["p50"] <= result["latency_ms"]["p99"]
+    assert result["tokens_per_second"] > 0 and 0 < result["batch_fill"] <= 1
+    assert set(result["lengths"]) == {16, 32, 64, 128} and result["clients"] == 8
+    growth = result["peak_rss_bytes"]["end"] - result["peak_rss_bytes"]["start"]
+    assert growth == result["peak_rss_growth_bytes"] <= result["max_growth_bytes"]
+    assert f"| p50 latency | {result['latency_ms']['p50']:.1f} ms |" in out

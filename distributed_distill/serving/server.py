@@ -255,6 +255,7 @@ class Metrics:
             "queue_depth": queue_depth,
             "batch_fill": self.fill_sum / self.batches if self.batches else 0.0,  # mean over batches
             "batches": self.batches,
+            "max_batch_tokens": self.max_tokens,
             "peak_rss_bytes": peak_rss_bytes(),
         }
 

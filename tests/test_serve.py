@@ -301,8 +301,10 @@ def test_full_queue_is_busy_and_a_timed_out_request_is_dropped(plan, tmp_path):
 def test_zero3_server_across_two_ranks_equals_the_replicated_teacher(plan, tmp_path):
     batch = rows(plan, 2, 40, seed=8)
     launcher = torchrun(29741)
-    with server(tmp_path, "teacher.engine=zero3", launcher=launcher) as (url, log):
+    # collective_timeout=20: the followers wait in a broadcast while idle; rank 0's beat (every 5 s) keeps them there.
+    with server(tmp_path, "teacher.engine=zero3", "teacher.collective_timeout=20", launcher=launcher) as (url, log):
         with httpx.Client(base_url=url, timeout=120) as client:
+            time.sleep(22)  # idle past the collective timeout
             document = client.get("/identity").json()
             assert (document["engine"], document["world_size"]) == ("zero3", 2)
             assert document["identity"] == json.loads(json.dumps(local(plan).identity))

@@ -268,6 +268,10 @@ def text(status: int, reason: str) -> web.Response:
     return web.Response(status=status, text=reason + "\n")
 
 
+class ServerStopping(RuntimeError):
+    """What a request still waiting when the server stops is answered (503)."""
+
+
 class Server:
     """The aiohttp application of rank 0 and what its handlers share with the teacher thread."""
 
@@ -356,6 +360,8 @@ class Server:
                 f"request passed serve.request_timeout={self.scfg.request_timeout}s "
                 + ("waiting (dropped)" if dropped else "while computed"),
             )
+        except ServerStopping as e:
+            return text(503, str(e))
         except Exception as e:  # the teacher failed on this batch: the server itself goes on
             return text(500, f"teacher failed: {type(e).__name__}: {str(e).strip().splitlines()[0][:300]}")
         return web.Response(body=result, content_type="application/octet-stream")
@@ -385,16 +391,12 @@ class Server:
     def stop(self) -> None:
         """Answer what still waits (503), close the listener and the loop."""
         for job in self.batcher.drain():
-            job.settle(ServerStopping("server stopping"))
+            job.settle(ServerStopping("server stopping (SIGTERM/SIGINT): retry another server"))
         if self.loop is None:
             return
         asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(timeout=30)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(timeout=30)
-
-
-class ServerStopping(RuntimeError):
-    pass
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """The shell scripts (launch/slurm/*.sbatch, .ci/*) parse, pass shellcheck, and keep their documented shape:
 every #SBATCH line where sbatch reads it, every variable a user sets documented in the header, and the same
-launcher block in both job scripts. Running them for real: tests/test_slurm.py."""
+launcher block in every job script. Running them for real: tests/test_slurm.py."""
 
 from __future__ import annotations
 
@@ -56,10 +56,10 @@ def test_sbatch_options_and_variables_are_in_the_header(path):
         assert re.search(rf"^#\s+(.*[ ,])?{name}\b", documented, re.M), f"{name} is not documented in the header"
 
 
-def test_both_job_scripts_share_one_launcher_block():
+def test_every_job_script_shares_one_launcher_block():
     def block(path):
         text = path.read_text()
         return text[text.index("# ---- launcher:") : text.index("# ---- end of launcher ----")]
 
-    assert [p.name for p in SBATCH] == ["precompute.sbatch", "train.sbatch"]
-    assert block(SBATCH[0]) == block(SBATCH[1])
+    assert [p.name for p in SBATCH] == ["precompute.sbatch", "serve.sbatch", "train.sbatch"]
+    assert block(SBATCH[0]) == block(SBATCH[1]) == block(SBATCH[2])

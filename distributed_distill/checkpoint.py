@@ -25,6 +25,7 @@ import io
 import json
 import os
 import pickle
+import re
 import shutil
 import signal
 import sys
@@ -64,6 +65,8 @@ MAY_CHANGE = (
     "teacher.offload",
     "teacher.deepspeed_config",
     "teacher.collective_timeout",
+    "teacher.url",  # a served teacher may move (another node or port); its identity is checked at setup
+    "teacher.token_file",
     "data.cache_dir",
     "distill.store",  # the store may move; its content hash is compared instead
     "distill.chunk_size",  # how the loss is chunked changes its memory, not the objective (config.yaml holds rows)
@@ -116,6 +119,10 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     for k, v in d.items():
         if isinstance(v, dict):
             flat.update(_flatten(v, f"{prefix}{k}."))
+        elif isinstance(v, list) and v and all(isinstance(x, dict) for x in v):  # `teachers`: teachers[I].key
+            flat[f"{prefix}{k}"] = len(v)
+            for i, x in enumerate(v):
+                flat.update(_flatten(x, f"{prefix}{k}[{i}]."))
         else:
             flat[f"{prefix}{k}"] = v
     return flat
@@ -131,7 +138,8 @@ def first_difference(recorded: dict, cfg: Config) -> str | None:
     recorded config (a checkpoint's, or a finished run's config.yaml) and `cfg` in its recorded form differ."""
     old, new = _flatten(recorded), _flatten(to_dict(recorded_config(cfg)))
     for key in sorted(old.keys() | new.keys()):
-        if not (key.startswith(MAY_CHANGE) or key in SPLIT or old.get(key) == new.get(key)):
+        may_change = re.sub(r"^teachers\[\d+\]\.", "teacher.", key).startswith(MAY_CHANGE)  # each teacher's engine...
+        if not (may_change or key in SPLIT or old.get(key) == new.get(key)):
             return key
     return None
 

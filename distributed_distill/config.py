@@ -183,6 +183,26 @@ class TeacherConfig(ModelConfig):
 
 
 @dataclass
+class NamedTeacherConfig(TeacherConfig):
+    """One of several teachers (`teachers:`, docs/serving.md "Several teachers"): a teacher config with a name and a
+    mixture weight. Every teacher shares the student's tokenizer."""
+
+    name: str | None = option(
+        None,
+        "required, unique: names the teacher in metrics (kd_loss/NAME, agreement/NAME), teacher.json and the routing "
+        "column (data.teacher_column)",
+    )
+    weight: float = option(1.0, "mixture weight (distill.teacher_mix=mixture), > 0; normalised to sum 1")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.name or not re.fullmatch(r"[A-Za-z0-9_.-]+", self.name):
+            raise ConfigError(f"name={self.name!r}: every teacher needs a name of letters, digits, '_', '.' or '-'")
+        if not self.weight > 0:
+            raise ConfigError(f"weight={self.weight} must be > 0 (weights are normalised to sum 1)")
+
+
+@dataclass
 class ServeConfig:
     """`distill serve`: the teacher behind an HTTP server (docs/serving.md)."""
 
@@ -424,6 +444,11 @@ class DistillConfig:
     )
     top_k_tail: Literal["bucket", "renormalize"] = option(
         "bucket", "sparse targets: keep the mass outside the top-k as one bucket, or renormalise within the top-k"
+    )
+    teacher_mix: Literal["mixture", "route"] = option(
+        "mixture",
+        "several teachers (`teachers:`): mixture = their weighted mixture in probability space at every position; "
+        "route = per position the teacher data.teacher_column names (a row without one: the mixture)",
     )
     signal: Literal["online", "offline"] = option(
         "online", "online = run the teacher every step; offline = stream top-k targets from distill.store"
@@ -692,6 +717,11 @@ class Config:
     output_dir: str = option("runs/default", "run directory: resolved config, metrics.jsonl, checkpoints, final/")
     student: StudentConfig = option(None, "the model being trained")
     teacher: TeacherConfig | None = option(None, "the frozen teacher; null for plain CE training (distill.alpha=0)")
+    teachers: list[NamedTeacherConfig] | None = option(
+        None,
+        "several frozen teachers instead of `teacher`: a list of teacher configs, each with a name and a weight, mixed "
+        "or routed per position (distill.teacher_mix); they need distill.top_k and the student's tokenizer",
+    )
     tokenizer: TokenizerConfig = option(TokenizerConfig, "tokenizer shared by teacher and student")
     data: DataConfig = option(DataConfig, "training and validation data")
     distill: DistillConfig = option(DistillConfig, "the distillation objective")
@@ -714,20 +744,60 @@ class Config:
             raise no_prompts(self)
         if self.data.streaming and self.distill.signal == "offline":
             raise ConfigError("data.streaming=true with distill.signal=offline: the store holds the data; unset one")
+        check_teachers(self)
         if self.teacher is None and self.distill.hidden is not None:
             raise ConfigError("distill.hidden needs a teacher (its hidden states): set teacher.path / teacher.arch")
-        if self.teacher is None and self.distill.alpha > 0 and self.distill.signal == "online":
+        if not self.teacher_list() and self.distill.alpha > 0 and self.distill.signal == "online":
             raise ConfigError(
                 f"distill.alpha={self.distill.alpha} needs a teacher; "
                 "set teacher.path / teacher.arch, or distill.alpha=0"
             )
-        for role in ("student", "teacher"):
-            model = getattr(self, role)
+        for role, model in [("student", self.student), *self.teacher_roles()]:
             if model is not None and model.arch is not None and self.data.seq_len > model.arch.max_position_embeddings:
                 raise ConfigError(
                     f"data.seq_len={self.data.seq_len} exceeds {role}.arch.max_position_embeddings="
                     f"{model.arch.max_position_embeddings}"
                 )
+
+    def teacher_list(self) -> list[TeacherConfig]:
+        """Every teacher of the run: `teachers`, in config order, or `[teacher]`, or [] (CE only)."""
+        return list(self.teachers) if self.teachers else [self.teacher] if self.teacher is not None else []
+
+    def teacher_roles(self) -> list[tuple[str, TeacherConfig]]:
+        """(the key naming it in messages, its config) of every teacher: `teacher`, or `teachers[NAME]`."""
+        if self.teachers:
+            return [(f"teachers[{t.name}]", t) for t in self.teachers]
+        return [("teacher", self.teacher)] if self.teacher is not None else []
+
+
+def check_teachers(cfg: Config) -> None:
+    """Several teachers (`teachers:`): exclusive with `teacher`, named uniquely, with sparse top-k targets (the mixture
+    and the routing combine top-k lists; distill.top_k = the vocabulary size is the exact dense mixture), and
+    routing only with a column to route by."""
+    mix, column = cfg.distill.teacher_mix, cfg.data.teacher_column
+    if cfg.teachers is None:
+        if (mix == "route" or column is not None) and cfg.distill.signal == "online":
+            raise ConfigError("distill.teacher_mix=route and data.teacher_column need several teachers (`teachers:`)")
+        return
+    if cfg.teacher is not None:
+        raise ConfigError("teacher and teachers are exclusive: give one teacher, or a list of named teachers")
+    if not cfg.teachers:
+        raise ConfigError("teachers is empty: give at least one named teacher, or teacher=null for CE only")
+    names = [t.name for t in cfg.teachers]
+    twice = next((n for n in names if names.count(n) > 1), None)
+    if twice is not None:
+        raise ConfigError(f"teachers: the name {twice!r} is given twice; every teacher needs its own name")
+    if cfg.distill.signal == "online" and not cfg.distill.top_k:
+        raise ConfigError(
+            "teachers: several teachers need sparse targets: set distill.top_k (the vocabulary size gives the exact "
+            "dense mixture); dense and sampled (distill.samples) targets are not mixed"
+        )
+    if cfg.distill.hidden is not None:
+        raise ConfigError("distill.hidden needs one teacher (its hidden states), not `teachers:`")
+    if mix == "route" and column is None:
+        raise ConfigError("distill.teacher_mix=route needs data.teacher_column (the column naming each row's teacher)")
+    if mix == "mixture" and column is not None:
+        raise ConfigError(f"data.teacher_column={column} routes teachers: it needs distill.teacher_mix=route")
 
 
 def no_prompts(cfg: Config) -> ConfigError:
@@ -805,6 +875,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 f"{key}={value!r} is not one of {', '.join(map(str, choices))}{_hint(str(value), map(str, choices))}"
             )
         return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        (item,) = typing.get_args(tp) or (Any,)
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)] if item is not Any else value
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
@@ -942,10 +1017,13 @@ def describe(cls: type = Config, prefix: str = "", defaults: Any = None) -> list
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
-        sub = next((a for a in (tp, *typing.get_args(tp)) if dataclasses.is_dataclass(a)), None)
+        args = typing.get_args(tp)
+        items = [x for a in args if typing.get_origin(a) is list for x in typing.get_args(a)]  # a list of sections
+        sub = next((a for a in (tp, *args, *items) if dataclasses.is_dataclass(a)), None)
         if sub is not None:
             lines.append(f"{prefix}{f.name}: {f.metadata.get('help', '')}")
-            lines.extend(describe(sub, f"{prefix}{f.name}.", f.metadata.get("defaults")))
+            each = "[]" if sub in items else ""
+            lines.extend(describe(sub, f"{prefix}{f.name}{each}.", f.metadata.get("defaults")))
             continue
         default = f.default if f.default is not dataclasses.MISSING else None
         if defaults is not None:

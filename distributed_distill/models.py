@@ -47,10 +47,9 @@ def check_local(path: str, role: str, label: str | None = None) -> None:
 
 
 def check_paths(cfg: Config) -> None:
-    for role in ("teacher", "student", "tokenizer"):
-        path = getattr(getattr(cfg, role), "path", None)  # teacher may be None: no path
-        if path is not None:
-            check_local(path, role)
+    for role, mcfg in [*cfg.teacher_roles(), ("student", cfg.student), ("tokenizer", cfg.tokenizer)]:
+        if mcfg.path is not None:
+            check_local(mcfg.path, role)
 
 
 def model_config(mcfg: ModelConfig, vocab_size: int, role: str) -> PretrainedConfig:
@@ -101,20 +100,23 @@ def arch_config(arch: ArchConfig, vocab_size: int) -> PretrainedConfig:
     )
 
 
-def resolve_configs(cfg: Config, tokenizer_len: int) -> tuple[PretrainedConfig, PretrainedConfig | None]:
-    """Student and teacher configs, checked against each other and the tokenizer before any weights load.
+def resolve_configs(cfg: Config, tokenizer_len: int) -> tuple[PretrainedConfig, list[PretrainedConfig]]:
+    """The student's config and every teacher's (cfg.teacher_list() order; [] without one), checked against each
+    other and the tokenizer before any weights load.
 
     A model built from `arch` gets the vocabulary size of a pretrained partner (whose embedding matrix is often
     padded beyond the tokenizer, e.g. to a multiple of 64), else the tokenizer's length.
     """
     vocab = tokenizer_len
-    partner = next((m for m in (cfg.teacher, cfg.student) if m is not None and m.path is not None), None)
+    roles = [*cfg.teacher_roles(), ("student", cfg.student)]
+    partner = next(((role, m) for role, m in roles if m.path is not None), None)
     if partner is not None:
-        vocab = model_config(partner, tokenizer_len, "teacher" if partner is cfg.teacher else "student").vocab_size
+        vocab = model_config(partner[1], tokenizer_len, partner[0]).vocab_size
     student = model_config(cfg.student, vocab, "student")
-    teacher = model_config(cfg.teacher, vocab, "teacher") if cfg.teacher is not None else None
-    check_model_configs(cfg, student, teacher, tokenizer_len)
-    return student, teacher
+    teachers = [model_config(m, vocab, role) for role, m in cfg.teacher_roles()]
+    for teacher in teachers or [None]:
+        check_model_configs(cfg, student, teacher, tokenizer_len)
+    return student, teachers
 
 
 def max_positions(config: PretrainedConfig) -> int | None:

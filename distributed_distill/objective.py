@@ -27,6 +27,7 @@ from .losses import (
 )
 from .models import AlignedHead, forward_states
 from .teacher import TeacherSource
+from .teachers import head_logits, part_sums
 
 
 def forward_losses(
@@ -57,6 +58,9 @@ def forward_losses(
     Hints (`hints.active`): the student's and the teacher's states of the paired layers come from the same forwards
     (models.forward_states), at the positions the KD loss counts; a step without them (after FitNets' first stage)
     still passes every projection a zero gradient (`HintProjections.untouched`).
+
+    Several teachers (targets with `parts`): the per-teacher diagnostics join the stats (teachers.part_sums), from
+    the same forward's hidden states or logits, without a gradient.
     """
     labels = batch["labels"][:, 1:].reshape(-1)
     kd_weight = dcfg.alpha if kd_weight is None else kd_weight
@@ -88,6 +92,9 @@ def forward_losses(
             **(targets.loss_kwargs() if want_kd else {}),
         )
         out.hint_sums = hint_sums(hints, states, targets, labels, hidden)
+        if want_kd and targets.parts:
+            logits_of = head_logits(hidden.reshape(-1, hidden.shape[-1]), head.weight, head.bias)
+            out.stats.update(part_sums(logits_of, labels, targets.parts, dcfg, dcfg.chunk_size))
         return out
     # Naive path: full [tokens, V] logits; for models or strategies where the head cannot be used directly.
     logits, states = forward_states(student, batch, layers, logits=True)
@@ -126,6 +133,8 @@ def forward_losses(
         kd_sum = kd_loss(logits, dense, labels, reduction="sum", **kd_args)
         stats["teacher_logprob"] = label_logprob_sum(dense, labels)  # as the chunked loss reports it
         del dense
+    if want_kd and targets.parts:
+        stats.update(part_sums(lambda rows: logits.detach().index_select(0, rows), labels, targets.parts, dcfg, 1024))
     del targets
     n = (labels != IGNORE_INDEX).sum()
     return LossOutput(kd_sum=kd_sum, ce_sum=ce_sum, num_tokens=n, stats=stats, hint_sums=out_hints)
@@ -171,3 +180,8 @@ def count_tokens(micro_batches: list[dict]) -> torch.Tensor:
 
 # Diagnostics the chunked loss returns as sums over counted tokens; logged as per-token means.
 STATS = ("teacher_entropy", "top1_agreement", "topk_mass", "teacher_logprob")
+
+
+def stat_names(teacher: TeacherSource | None) -> tuple[str, ...]:
+    """STATS, and a source's own diagnostics summed the same way (several teachers: kd_loss/NAME, agreement/NAME)."""
+    return STATS + tuple(getattr(teacher, "stat_names", ()))

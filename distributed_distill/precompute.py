@@ -15,7 +15,9 @@ Each shard is computed from the same batches whatever the number of processes, s
 
 The targets come from the same teacher source an online run uses (`teacher.setup_teacher` with `distill.top_k` or
 `distill.samples`), so an offline run with a plain store and an online run with that top_k (or samples) see the
-same values; a packed store adds only its stated rounding (store/encoding.py).
+same values; a packed store adds only its stated rounding (store/encoding.py). From several teachers (`teachers:`)
+the store holds their mixture (or routed rows) at distill.top_k, exactly the targets an online run of those teachers
+trains on (teachers.py), and its manifest's `teacher` lists them.
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ from .setup import RunPlan, store_run
 from .store import format as store_format
 from .store import writer
 from .store.logits import LOGIT_FORMAT, LOGIT_VERSION, encode_logit_rows, logit_counts
-from .teacher import identity, setup_teacher
+from .teacher import identity
+from .teachers import expected_identity, setup_teachers
 from .tokenizer import tokenizer_hash
 
 
@@ -58,7 +61,7 @@ def logit_store_plan(plan: RunPlan, n_train: int, n_val: int) -> dict:
     return {
         "format": LOGIT_FORMAT,
         "version": LOGIT_VERSION,
-        "teacher": identity(cfg.teacher, plan.teacher_config, cfg.train.seed),
+        "teacher": teacher_record(plan),
         "tokenizer_sha256": tokenizer_hash(tokenizer),
         # The aligned vocabulary: the tokenizer's tokens, the rows both models are compared over (the teacher's
         # padding rows beyond them never enter the top-k).
@@ -75,6 +78,14 @@ def logit_store_plan(plan: RunPlan, n_train: int, n_val: int) -> dict:
         "shard_rows": distill.store_shard_rows,
         "split_rows": {"train": min(n_train, distill.store_max_rows or n_train), "validation": n_val},
     }
+
+
+def teacher_record(plan: RunPlan) -> dict:
+    """What the manifest records about the teacher: its identity, or several teachers' (teachers.named_identity)."""
+    cfg = plan.cfg
+    if cfg.teachers:
+        return expected_identity(cfg, plan.teacher_configs)
+    return identity(cfg.teacher, plan.teacher_config, cfg.train.seed)
 
 
 def store_targets_plan(distill, vocab_size: int) -> dict:
@@ -122,11 +133,10 @@ class TargetsWork:
 
     def load(self) -> None:
         cfg = self.plan.cfg
-        self.teacher = setup_teacher(
-            cfg.teacher,
-            self.plan.teacher_config,
+        self.teacher = setup_teachers(
+            cfg,
+            self.plan.teacher_configs,
             self.device,
-            seed=cfg.train.seed,
             vocab=self.plan.vocab,
             top_k=self.top_k,
             temperature=cfg.distill.temperature,

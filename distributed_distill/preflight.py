@@ -157,10 +157,9 @@ def student_parameters(cfg: Config, counted: int | None) -> tuple[int | None, bo
     if cfg.student.arch is None:
         shapes = _shapes(models.model_config(cfg.student, 0, "student"))
         return sum(_numel(s) for s in shapes.values()) or None, False
-    partner = next((m for m in (cfg.teacher, cfg.student) if m is not None and m.path is not None), None)
+    partner = next(((r, m) for r, m in [*cfg.teacher_roles(), ("student", cfg.student)] if m.path is not None), None)
     if partner is not None:
-        role = "teacher" if partner is cfg.teacher else "student"
-        vocab, exact = models.model_config(partner, 0, role).vocab_size, True
+        vocab, exact = models.model_config(partner[1], 0, partner[0]).vocab_size, True
     else:
         vocab, exact = cfg.tokenizer.vocab_size, cfg.tokenizer.path is None
     shapes = _shapes(models.arch_config(cfg.student.arch, vocab))
@@ -196,9 +195,8 @@ def check_models(cfg: Config, accelerator) -> None:
 
 def _check_model_files(cfg: Config, say) -> None:
     counted = {}
-    for role in ("student", "teacher"):
-        mcfg = getattr(cfg, role)
-        if mcfg is not None and mcfg.path is not None:
+    for role, mcfg in [("student", cfg.student), *cfg.teacher_roles()]:
+        if mcfg.path is not None:
             counted[role] = check_model_dir(mcfg, role)
     params, exact = student_parameters(cfg, counted.get("student"))
     if params:
@@ -324,8 +322,10 @@ def _same_source(a: str, b: str) -> bool:
 
 def check_store_writer(cfg: Config, store: str | None, key: str, command: str) -> None:
     """`distill precompute` and `distill generate`: what writing a store needs, before the accelerator starts."""
-    if cfg.teacher is None:
+    if not cfg.teacher_list():
         raise DistillError(f"distill {command} needs a teacher: set teacher.path or teacher.arch")
+    if cfg.teachers and command != "precompute":
+        raise DistillError(f"distill {command} samples one teacher: give `teacher:`, not `teachers:`")
     if not store:
         raise DistillError(f"distill {command} needs {key}: the directory to write the store into")
     if cfg.data.streaming:

@@ -2,7 +2,8 @@
 
     output_dir/config.yaml       the recorded config: `distill train --config output_dir/config.yaml` repeats the run
     output_dir/metrics.jsonl     one JSON object per logged step (appended; a torn last line is skipped on reading)
-    output_dir/teacher.json      the teacher's identity (never its weights)
+    output_dir/teacher.json      the teacher's identity (never its weights); several teachers: {"teachers": [each
+                                 identity with its name and weight], "teacher_mix": ...} (teachers.named_identity)
     output_dir/ranks/rank-K.json the first sample indices each rank trained on
     output_dir/step-NNNNNNN/     checkpoints (checkpoint.py writes them)
     output_dir/final/            the exported student: `from_pretrained` loads it without this package
@@ -51,7 +52,7 @@ def recorded_config(cfg: Config) -> Config:
     path, revision = tokenizer_source(cfg) or (None, None)
     tokenizer = dataclasses.replace(cfg.tokenizer, path=path, revision=revision)
     data = dataclasses.replace(cfg.data, source=offline_data_source(cfg) or cfg.data.source)
-    return dataclasses.replace(cfg, teacher=None, tokenizer=tokenizer, data=data)
+    return dataclasses.replace(cfg, teacher=None, teachers=None, tokenizer=tokenizer, data=data)
 
 
 def read_records(path: Path) -> tuple[list[dict], list[str]]:

@@ -46,7 +46,8 @@ def setup_accelerator(cfg: Config) -> Accelerator:
     if cfg.train.device == "cuda" and not torch.cuda.is_available():
         raise DistillError("train.device=cuda but CUDA is not available on this machine")
     # The timeout bounds every collective: a rank that dies or stops calling a ZeRO-3 teacher fails the job.
-    pg = {"timeout": timedelta(seconds=cfg.teacher.collective_timeout if cfg.teacher is not None else 1800)}
+    timeout = max((t.collective_timeout for t in cfg.teacher_list()), default=1800)
+    pg = {"timeout": timedelta(seconds=timeout)}
     deepspeed_student = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     if use_cpu and deepspeed_student:
         # A DeepSpeed student on CPU (`accelerate launch --config_file launch/accelerate/zero2.yaml`): with
@@ -96,10 +97,11 @@ class RunPlan:
     accelerator: Accelerator
     tokenizer: object  # a transformers tokenizer (tokenizer.run_tokenizer)
     student_config: PretrainedConfig
-    teacher_config: PretrainedConfig | None
+    teacher_config: PretrainedConfig | None  # the teacher's, or the first of several teachers'
     documents: Callable[[], Documents]  # data.source's documents, read on the first call only
     resume: checkpoint.Resume | None = None
     hint_pairs: tuple[hidden.Pair, ...] = ()  # distill.hidden's layer pairs, checked against both models; () = off
+    teacher_configs: tuple[PretrainedConfig, ...] = ()  # every teacher's, in cfg.teacher_list() order
 
     @property
     def vocab(self) -> int:
@@ -126,7 +128,8 @@ def plan_run(cfg: Config, accelerator: Accelerator, resume: checkpoint.Resume | 
     store = training_store(cfg)  # a sample store: its tokenizer, kept in it, is the one its ids belong to
     tokenizer = run_tokenizer(cfg, accelerator, docs, store / TOKENIZER if store is not None else None)
     check_tokenizers(cfg, tokenizer)
-    student_config, teacher_config = models.resolve_configs(cfg, len(tokenizer))
+    student_config, teacher_configs = models.resolve_configs(cfg, len(tokenizer))
+    teacher_config = teacher_configs[0] if teacher_configs else None
     hints = cfg.distill.hidden
     pairs = hidden.resolve_pairs(hints, student_config, teacher_config) if hints is not None else ()
     resolved = resolve_loss_chunks(cfg, student_config, accelerator)
@@ -141,6 +144,7 @@ def plan_run(cfg: Config, accelerator: Accelerator, resume: checkpoint.Resume | 
         documents=docs,
         resume=resume,
         hint_pairs=pairs,
+        teacher_configs=tuple(teacher_configs),
     )
 
 

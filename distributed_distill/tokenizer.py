@@ -44,7 +44,7 @@ CHATML_TEMPLATE = (
 def tokenizer_source(cfg: Config) -> tuple[str, str | None] | None:
     """(path, revision) of the tokenizer: the explicit one, else the teacher's or student's pretrained one at the
     model's own revision (a pinned model never pairs with an unpinned tokenizer); None = train one on the data."""
-    for source in (cfg.tokenizer, cfg.teacher, cfg.student):
+    for source in (cfg.tokenizer, *cfg.teacher_list(), cfg.student):
         if source is not None and source.path is not None:
             return source.path, source.revision
     return None
@@ -97,8 +97,7 @@ def check_tokenizers(cfg: Config, tokenizer: PreTrainedTokenizerBase) -> None:
     unless `tokenizer.path` names the tokenizer explicitly (its special tokens are then the run's).
     """
     source = tokenizer_source(cfg)
-    for role in ("teacher", "student"):
-        mcfg = getattr(cfg, role)
+    for role, mcfg in [*cfg.teacher_roles(), ("student", cfg.student)]:
         if mcfg is None or mcfg.path is None or (mcfg.path, mcfg.revision) == source:
             continue
         try:
@@ -155,7 +154,7 @@ def run_tokenizer(cfg: Config, accelerator, documents: Callable[[], Documents], 
     source = tokenizer_source(cfg)
     if source is not None:
         path, revision = source
-        trust = any(m is not None and m.trust_remote_code for m in (cfg.teacher, cfg.student))
+        trust = any(m is not None and m.trust_remote_code for m in (*cfg.teacher_list(), cfg.student))
         tokenizer = load_tokenizer(path, revision=revision, trust_remote_code=trust)
     elif stored is not None:
         tokenizer = load_tokenizer(str(stored))

@@ -25,15 +25,15 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 
-from . import checkpoint, hidden, lock, models, on_policy, preflight, rundir
+from . import checkpoint, hidden, lock, models, on_policy, preflight, rundir, teachers
 from .config import Config, to_dict
 from .data.batching import collate, train_indices
 from .errors import DistillError, Interrupted, Preempted, RankError, WriteError
 from .eval.evaluate import HeldOut, evaluate, held_out_prompts
 from .heartbeat import Heartbeat
-from .objective import STATS, count_tokens, forward_losses
+from .objective import count_tokens, forward_losses, stat_names
 from .setup import RunPlan, lr_lambda, plan_run, setup_accelerator
-from .teacher import TeacherSource, setup_teacher
+from .teacher import TeacherSource
 from .tracking import Tracker
 from .training_data import TrainingData, training_data
 
@@ -64,6 +64,8 @@ def _train(cfg: Config, stop: checkpoint.StopRequest) -> dict:
     data = training_data(plan)
     checkpoint.check_store(resume, data.store_hash, cfg.distill.store)
     preflight.check_data(plan.cfg, data.kind, data.sequences, accelerator.num_processes, data.unprompted)
+    if resume is not None:
+        teachers.check_resumed(plan)  # several teachers: the ones teacher.json recorded, or refused
     out_dir = rundir.prepare(plan.recorded, accelerator, resume.step if resume else None)
     student, optimizer, scheduler, head = setup_student(plan)
     teacher = data.teacher or setup_online_teacher(plan)
@@ -116,15 +118,13 @@ def setup_student(plan: RunPlan):
 
 
 def setup_online_teacher(plan: RunPlan) -> TeacherSource | None:
-    """The online teacher (every rank: a ZeRO-3 one is sharded across them), or None for CE-only training."""
+    """The online teacher (every rank: a ZeRO-3 one is sharded across them), several teachers as one source
+    (teachers.MultiTeacher), or None for CE-only training."""
     cfg = plan.cfg
-    if cfg.teacher is None:
-        return None
-    return setup_teacher(
-        cfg.teacher,
-        plan.teacher_config,
+    return teachers.setup_teachers(
+        cfg,
+        plan.teacher_configs,
         plan.accelerator.device,
-        seed=cfg.train.seed,
         vocab=plan.vocab,
         top_k=cfg.distill.top_k,
         temperature=cfg.distill.temperature,
@@ -463,7 +463,8 @@ def train_step(
     # accelerator.backward divides by the accumulation steps and DDP averages over processes; undo both so
     # each micro-batch contributes exactly (its summed loss) / (valid tokens in the global step).
     scale = accelerator.gradient_accumulation_steps * accelerator.num_processes / global_tokens
-    sums = torch.zeros(2 + len(STATS) + pairs, device=accelerator.device)  # kd, ce, the stats, each pair's hints
+    names = stat_names(teacher)  # objective.STATS, and several teachers' kd_loss/NAME, agreement/NAME
+    sums = torch.zeros(2 + len(names) + pairs, device=accelerator.device)  # kd, ce, the stats, each pair's hints
     present: set[str] = set()
     engine = _deepspeed_engine(student)
     skipped_before = engine.skipped_steps if engine is not None else 0
@@ -481,7 +482,7 @@ def train_step(
             if hints is not None:
                 loss = loss + hint_weight * hint_sums.sum()
             accelerator.backward(loss * scale)
-            stats = [out.stats.get(name, torch.zeros((), device=sums.device)).float() for name in STATS]
+            stats = [out.stats.get(name, torch.zeros((), device=sums.device)).float() for name in names]
             detached = torch.stack([out.kd_sum.detach().float(), out.ce_sum.detach().float(), *stats])
             sums += torch.cat([detached, hint_sums.detach()])
             present.update(out.stats)
@@ -489,7 +490,7 @@ def train_step(
                 sums = accelerator.reduce(sums, reduction="sum")
                 max_norm = cfg.train.max_grad_norm or float("inf")
                 grad_norm = float(accelerator.clip_grad_norm_(student.parameters(), max_norm))
-                losses = torch.cat([sums[:2], sums[2 + len(STATS) :]])
+                losses = torch.cat([sums[:2], sums[2 + len(names) :]])
                 finite = bool(torch.isfinite(losses).all()) and math.isfinite(grad_norm)
                 if finite:
                     optimizer.step()
@@ -500,7 +501,7 @@ def train_step(
                     )
             optimizer.zero_grad(set_to_none=True)
     kd, ce_loss, *rest = (sums / global_tokens).tolist()
-    stats, hint_losses = rest[: len(STATS)], rest[len(STATS) :]
+    stats, hint_losses = rest[: len(names)], rest[len(names) :]
     active = hints is not None and hints.active
     return StepResult(
         loss=alpha * kd + ce_weight * ce_loss + (hint_weight * sum(hint_losses) if active else 0.0),
@@ -508,7 +509,7 @@ def train_step(
         ce_loss=ce_loss,
         num_tokens=int(global_tokens.item()),
         grad_norm=grad_norm,
-        stats={name: value for name, value in zip(STATS, stats) if name in present},
+        stats={name: value for name, value in zip(names, stats) if name in present},
         skipped=not finite,
         hints=hints,
         hint_losses=hint_losses if active else None,

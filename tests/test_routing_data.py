@@ -1,5 +1,5 @@
 """Routing several teachers by a data column (data.teacher_column, docs/data.md "Routing"): each document's teacher,
-as an index into `teachers:`, follows its tokens through tokenization, packing and padding into batch["teacher_ids"];
+as an index into `teachers:`, follows its tokens through tokenization, packing and padding into batch["teacher_route"];
 an unknown teacher name is refused in one line before anything trains."""
 
 from __future__ import annotations
@@ -54,15 +54,15 @@ def _expected(docs, split, tokenizer) -> tuple[list[int], list[int]]:
 
 def _check_split(packed, docs, split, tokenizer, dcfg: DataConfig) -> None:
     rows = collate(packed, list(range(len(packed))))
-    ids, teacher_ids, labels = rows["input_ids"], rows["teacher_ids"], rows["labels"]
-    assert teacher_ids.dtype == torch.int64 and teacher_ids.shape == ids.shape == (len(packed), dcfg.seq_len)
+    ids, teacher_route, labels = rows["input_ids"], rows["teacher_route"], rows["labels"]
+    assert teacher_route.dtype == torch.int64 and teacher_route.shape == ids.shape == (len(packed), dcfg.seq_len)
     real = ids != tokenizer.pad_token_id
     # Padding: no teacher, nothing learned.
-    assert (teacher_ids[~real] == -1).all() and (labels[~real] == IGNORE_INDEX).all()
+    assert (teacher_route[~real] == -1).all() and (labels[~real] == IGNORE_INDEX).all()
     # Every token of every document, in order, with its own document's teacher; the one exception, packing's rule
     # that a row with nothing to learn is left out: a text's last piece when it is its eos alone.
     want = list(zip(*_expected(docs, split, tokenizer)))
-    got = list(zip(ids[real].tolist(), teacher_ids[real].tolist()))
+    got = list(zip(ids[real].tolist(), teacher_route[real].tolist()))
     left_out, j = [], 0
     for token in want:
         if j < len(got) and got[j] == token:
@@ -72,14 +72,14 @@ def _check_split(packed, docs, split, tokenizer, dcfg: DataConfig) -> None:
     assert j == len(got) and set(left_out) <= {tokenizer.eos_token_id}, (j, len(got), left_out[:5])
     assert len(left_out) < len(want) // 50
     # The label shift: wherever a next token is learned, the token predicting it belongs to the same document, so
-    # teacher_ids[:, s] (the teacher scoring position s -> s + 1) is the label's document's teacher.
+    # teacher_route[:, s] (the teacher scoring position s -> s + 1) is the label's document's teacher.
     learned = labels[:, 1:] != IGNORE_INDEX
     assert learned.any()
-    assert torch.equal(teacher_ids[:, :-1][learned], teacher_ids[:, 1:][learned])
+    assert torch.equal(teacher_route[:, :-1][learned], teacher_route[:, 1:][learned])
 
 
 @pytest.mark.parametrize("packing", [True, False])
-def test_teacher_ids_follow_documents_through_packing(tmp_path, packing):
+def test_teacher_route_follows_documents_through_packing(tmp_path, packing):
     source = _jsonl(tmp_path / "docs.jsonl", _text_rows(60))
     dcfg = DataConfig(source=str(source), teacher_column="teacher", seq_len=32, val_fraction=0.2, packing=packing)
     docs = documents(dcfg, TEACHERS)
@@ -94,11 +94,11 @@ def test_teacher_ids_follow_documents_through_packing(tmp_path, packing):
         _check_split(packed, docs, split, tokenizer, dcfg)
     # Validation batches carry them too (a rank past the end: its padding batch as well).
     batches = list(eval_batches(val, 4, 2, 1))
-    assert all(b["teacher_ids"].shape == b["input_ids"].shape for b in batches)
+    assert all(b["teacher_route"].shape == b["input_ids"].shape for b in batches)
     # Without data.teacher_column nothing is added: no column, no batch key.
     plain = DataConfig(source=str(source), seq_len=32, val_fraction=0.2, packing=packing)
     train, _, _ = build_datasets(documents(plain, TEACHERS), tokenizer, plain)
-    assert "teacher_ids" not in collate(train, [0])
+    assert "teacher_route" not in collate(train, [0])
 
 
 def test_mixed_corpus_routes_code_and_conversations(tmp_path):
@@ -127,7 +127,7 @@ def test_mixed_corpus_routes_code_and_conversations(tmp_path):
             if m is None or len(render_chat(m, tokenizer)[0]) <= dcfg.seq_len
         ]
         _check_split(packed, docs, split.select(kept), tokenizer, dcfg)
-    assert set(collate(train, list(range(len(train))))["teacher_ids"].unique().tolist()) == {-1, 0, 1}  # -1: padding
+    assert set(collate(train, list(range(len(train))))["teacher_route"].unique().tolist()) == {-1, 0, 1}  # -1: padding
 
 
 ROUTED = [

@@ -26,13 +26,13 @@ def pack_documents(batch: dict, dcfg: DataConfig, pad: int, whole: bool) -> dict
     conversation (`whole`) is never split: it starts a new block when it does not fit in the current one.
     No packing: one document per row (text longer than seq_len continues in further rows), padded at the end.
     Padding and rows with nothing to learn are labelled -100 / skipped. The per-token columns `target` (the sample
-    store's: which stored top-k row predicts each token, -1 for none) and `teacher_ids` (routing: the teacher of
+    store's: which stored top-k row predicts each token, -1 for none) and `teacher_route` (routing: the teacher of
     each token's document) travel with the tokens, -1 on padding."""
     seq = dcfg.seq_len
-    carried = [key for key in ("target", "teacher_ids") if key in batch]
+    carried = [key for key in ("target", "teacher_route") if key in batch]
     out = {"input_ids": [], "labels": [], "position_ids": [], **{key: [] for key in carried}}
     block: dict[str, list[int]] = {key: [] for key in out}
-    fill = {"input_ids": pad, "labels": IGNORE_INDEX, "target": -1, "teacher_ids": -1}
+    fill = {"input_ids": pad, "labels": IGNORE_INDEX, "target": -1, "teacher_route": -1}
 
     def flush() -> None:
         ids, labels = block["input_ids"], block["labels"]
@@ -93,8 +93,8 @@ def collate(ds, indices: list[int]) -> dict[str, torch.Tensor]:
     batch = {"input_ids": rows["input_ids"].long(), "labels": rows["labels"].long()}
     if "position_ids" in rows:  # per-document positions: packed documents do not attend to each other
         batch["position_ids"] = rows["position_ids"].long()
-    if "teacher_ids" in rows:  # routing: [B, S], the teacher that scores the position after each token (-1: none)
-        batch["teacher_ids"] = rows["teacher_ids"].long()
+    if "teacher_route" in rows:  # routing: [B, S], the teacher that scores the position after each token (-1: none)
+        batch["teacher_route"] = rows["teacher_route"].long()
     return batch
 
 

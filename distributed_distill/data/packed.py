@@ -5,7 +5,7 @@ and packed into seq_len rows.
                  through the chat template (assistant turns learned; a long one cut at a turn boundary, or dropped)
               -> pack into blocks of seq_len (data.packing) or pad one document per row: `input_ids`,
                  `position_ids` restarting at every document, `labels` with prompt, non-assistant and padding = -100,
-                 and when routed (data.teacher_column) `teacher_ids`: each token's document's teacher, -1 on padding
+                 and when routed (data.teacher_column) `teacher_route`: each token's document's teacher, -1 on padding
 
 Labels are aligned with `input_ids` (Hugging Face convention); the loss shifts them by one.
 """
@@ -23,14 +23,14 @@ from .batching import DROPPED, IGNORE_INDEX, KEPT, TRUNCATED, pack_documents
 from .chat import check_chat_template, render_chat
 from .documents import MIXED_FIELDS, TEACHER_INDEX, DocKind, Documents
 
-ROUTED = {"teacher_ids": datasets.Sequence(datasets.Value("int32"))}  # routing's per-token column, when there is one
+ROUTED = {"teacher_route": datasets.Sequence(datasets.Value("int32"))}  # routing's per-token column, when there is one
 
 
 def tokenize_batch(batch: dict, tokenizer, dcfg: DataConfig, kind: DocKind) -> dict:
     """One row per document. Text and prompt/completion: bos + prompt + body + eos, the body and eos learned.
     Conversations: rendered by the chat template, assistant turns learned, cut to seq_len at the end of the last
     assistant turn that fits (TRUNCATED), or DROPPED when the first assistant turn does not fit; never cut mid-turn.
-    Mixed: each row as what it holds. Routed (a TEACHER_INDEX column): `teacher_ids`, the row's teacher per token."""
+    Mixed: each row as what it holds. Routed (a TEACHER_INDEX column): `teacher_route`, the row's teacher per token."""
     n = len(batch["id"])
     if kind is DocKind.MIXED:
         chat = [batch[MIXED_FIELDS[1]][i] is not None for i in range(n)]
@@ -48,7 +48,7 @@ def tokenize_batch(batch: dict, tokenizer, dcfg: DataConfig, kind: DocKind) -> d
                 rows[i] = row
     out = {"input_ids": [r[0] for r in rows], "labels": [r[1] for r in rows], "status": [r[2] for r in rows]}
     if TEACHER_INDEX in batch:
-        out["teacher_ids"] = [[t] * len(ids) for t, ids in zip(batch[TEACHER_INDEX], out["input_ids"])]
+        out["teacher_route"] = [[t] * len(ids) for t, ids in zip(batch[TEACHER_INDEX], out["input_ids"])]
     return out
 
 
@@ -126,7 +126,7 @@ def pack_rows(rows: datasets.Dataset, tokenizer, dcfg: DataConfig, desc: str, wh
                 "input_ids": datasets.Sequence(datasets.Value("int32")),
                 "labels": datasets.Sequence(datasets.Value("int32")),
                 "position_ids": datasets.Sequence(datasets.Value("int32")),
-                **(ROUTED if "teacher_ids" in rows.column_names else {}),
+                **(ROUTED if "teacher_route" in rows.column_names else {}),
             }
         ),
     )

@@ -76,6 +76,7 @@ def evaluate(
         val_ds, cfg.train.micro_batch_size, accelerator.num_processes, accelerator.process_index, cfg.train.eval_batches
     )
     positions, seconds = 0, 0.0
+    per_teacher: dict[str, torch.Tensor] = {}  # several teachers: kd_loss/NAME, agreement/NAME sums (part_sums)
 
     def add_token_sums(temperature: float, logits, labels, rows: TeacherTargets | None) -> None:
         nonlocal token  # the logits the loss sees, chunk by chunk: one forward for the loss and the metrics
@@ -97,6 +98,8 @@ def evaluate(
         seconds += time.perf_counter() - started
         positions += mb["input_ids"].numel()
         sums += torch.stack([out.ce_sum.double(), out.kd_sum.double(), out.num_tokens.double()])
+        for name in getattr(teacher, "stat_names", ()):
+            per_teacher[name] = per_teacher.get(name, 0.0) + out.stats[name].double()
         del targets
     ce, kd, n = accelerator.reduce(sums, reduction="sum").tolist()
     token_totals = accelerator.reduce(token, reduction="sum").tolist()
@@ -105,6 +108,9 @@ def evaluate(
     if teacher is not None and cfg.distill.alpha > 0:
         result["val_kd_loss"] = kd / n
     result.update(metrics.token_means(token_totals, bins))
+    if per_teacher:  # every rank evaluates as many batches (eval_batches pads), so every rank has these sums
+        totals = accelerator.reduce(torch.stack(list(per_teacher.values())), reduction="sum").tolist()
+        result.update({f"val_{name}": value / n for name, value in zip(per_teacher, totals)})
     result["val_tokens_per_second"] = _rate(accelerator, positions, seconds)
     if held_out is not None and held_out.prompts:
         unwrapped = accelerator.unwrap_model(model)

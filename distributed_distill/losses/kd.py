@@ -496,7 +496,9 @@ class TeacherTargets:
         the temperature (without it the loss is the cross-entropy estimate: KL + H(p_T), the same gradient).
 
     Besides any form, an online teacher asked for them carries `hidden_states`: hidden-state index -> [N, Ht], the
-    teacher's intermediate states at the same N positions (the hint loss's targets, hints.py).
+    teacher's intermediate states at the same N positions (the hint loss's targets, hints.py). Targets combined from
+    several teachers (teachers.py: their mixture, or rows routed to each) carry `parts`: teacher name -> that
+    teacher's own targets of the same N positions, for the per-teacher diagnostics; the losses never read them.
     """
 
     hidden: torch.Tensor | None = None
@@ -509,6 +511,7 @@ class TeacherTargets:
     counts: torch.Tensor | None = None
     entropy: torch.Tensor | None = None
     hidden_states: dict[int, torch.Tensor] | None = None
+    parts: dict[str, TeacherTargets] | None = None
 
     @property
     def present(self) -> bool:

@@ -210,3 +210,42 @@ def test_two_node_job_requeued_onto_one_node_resumes_to_the_same_student(slurm, 
     worst = max((expected[k] - got[k]).abs().max().item() for k in expected)
     print(f"max |w_requeued - w_uninterrupted| = {worst:.3g}")
     assert worst <= 1e-6
+
+
+SERVE = ROOT / "launch" / "slurm" / "serve.sbatch"
+
+
+@pytest.mark.slow
+def test_a_serve_job_and_a_student_job_that_finds_it(slurm, tmp_path):
+    """launch/slurm/serve.sbatch runs `distill serve` as a job of its own (the first node's address, a token file it
+    creates, the address file once ready); a student job submitted right after, with teacher.url=file:ADDRESS_FILE,
+    waits for the address, trains against the served teacher, and ends with the student of the same 2-process run
+    with the teacher in-process, bit for bit."""
+    address, token = tmp_path / "teacher-server.address", tmp_path / "teacher-server.token"
+    logs, out, local = tmp_path / "logs", tmp_path / "remote", tmp_path / "local"
+    common = ["distill.top_k=8"]
+    serve_env = {**slurm, "MASTER_PORT": "29822", "NPROC_PER_NODE": "1"}
+    serve_env.update(ADDRESS_FILE=str(address), TOKEN_FILE=str(token))
+    server = _sbatch(serve_env, logs, SERVE, "--config", str(SMOKE), *common)
+    try:
+        remote = ["teacher.engine=remote", f"teacher.url=file:{address}", f"teacher.token_file={token}"]
+        student_env = {**slurm, "MASTER_PORT": "29823", "WANDB_MODE": "disabled"}
+        args = ["--config", str(SMOKE), f"output_dir={out}", *common, *remote]
+        job = _sbatch(student_env, logs, TRAIN, *args)
+        log = _completed(_wait(student_env, job, logs), logs)
+        assert "teacher served at http://127.0.0.1:" in log and "teacher engine remote" in log, log
+        assert "created the token file" in log and (token.stat().st_mode & 0o777) == 0o600
+        assert address.read_text().startswith("http://127.0.0.1:")  # the first node's NodeAddr here
+    finally:
+        subprocess.run(["scancel", server], env=slurm, timeout=60)
+    _wait(slurm, server, logs)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29824"]
+    run_cli(
+        ["--config", str(SMOKE), f"output_dir={local}", *common, "logging.wandb.mode=disabled"],
+        launcher=[*torchrun, "train.py"],
+        timeout=600,
+    )
+    assert [r["loss"] for r in read_metrics(out)] == [r["loss"] for r in read_metrics(local)]
+    expected, got = _weights(local), _weights(out)
+    assert expected.keys() == got.keys()
+    assert all(torch.equal(expected[k], got[k]) for k in expected), "the served teacher's student differs"

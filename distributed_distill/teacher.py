@@ -10,6 +10,8 @@ Online teacher engines (`teacher.engine`, the table `ENGINES` at the bottom):
     replicated  every rank holds the whole frozen teacher             OnlineTeacher
     zero3       DeepSpeed ZeRO-3 inference: each rank holds 1/N of     Zero3Teacher
                 the parameters, gathered layer by layer in the forward
+    remote      served by `distill serve` (teacher.url): each rank     serving.client.RemoteTeacher
+                sends its rows, the next step's fetched ahead
 """
 
 from __future__ import annotations
@@ -431,8 +433,15 @@ def load_zero3(tcfg: TeacherConfig, teacher_config, device: torch.device, seed: 
     return Zero3Teacher(engine, identity(tcfg, teacher_config, seed), tcfg.collective_timeout, **kwargs)
 
 
+def load_remote(tcfg: TeacherConfig, teacher_config, device: torch.device, seed: int, **kwargs):
+    """A teacher served by `distill serve` (serving/client.py; imported here only when used: httpx)."""
+    from .serving.client import load_remote as load
+
+    return load(tcfg, teacher_config, device, seed, **kwargs)
+
+
 # A small string-to-loader table: `teacher.engine` picks one.
-ENGINES = {"replicated": load_replicated, "zero3": load_zero3}
+ENGINES = {"replicated": load_replicated, "zero3": load_zero3, "remote": load_remote}
 
 
 def setup_teacher(

@@ -2,7 +2,8 @@
 
     train -> setup_accelerator -> checks, resume choice -> plan_run (setup.py) -> training_data -> student, teacher
           -> fit -> export
-    fit: next_batches -> train_step -> advance -> [evaluate] -> log -> [save_checkpoint]
+    fit: next_batches -> [a served teacher: this step's targets ready, the next step's sent] -> train_step -> advance
+         -> [evaluate] -> log -> [save_checkpoint]
 
 One step: the micro-batches of the optimizer step are fetched first, their valid tokens are
 counted and summed over ranks, and each micro-batch's summed loss is divided by that global
@@ -32,6 +33,7 @@ from .errors import DistillError, Interrupted, Preempted, RankError, WriteError
 from .eval.evaluate import HeldOut, evaluate, held_out_prompts
 from .heartbeat import Heartbeat
 from .objective import count_tokens, forward_losses, stat_names
+from .serving.client import RemoteTeacher
 from .setup import RunPlan, lr_lambda, plan_run, setup_accelerator
 from .teacher import TeacherSource
 from .tracking import Tracker
@@ -147,9 +149,15 @@ def print_summary(plan: RunPlan, data: TrainingData, student: torch.nn.Module, t
         f"{accelerator.num_processes} process(es) on {accelerator.device}; "
         f"student {models.parameter_bytes(student)[2]:,} params"
         + (f" ({trainable:,} trainable: LoRA)" if cfg.student.lora else "")
-        + (f", teacher {teacher.num_parameters():,} params" if teacher is not None else "")
+        + (f", teacher {teacher_size(teacher)}" if teacher is not None else "")
     )
     memory_report(accelerator, student, teacher)
+
+
+def teacher_size(teacher: TeacherSource) -> str:
+    if isinstance(teacher, RemoteTeacher):  # no model here: where it runs
+        return f"served at {teacher.urls()}"
+    return f"{teacher.num_parameters():,} params"
 
 
 def fit_naming_lost_ranks(loop: Loop, data: TrainingData) -> dict:
@@ -183,10 +191,13 @@ def memory_report(accelerator: Accelerator, student: torch.nn.Module, teacher: T
     t_local, t_full = teacher.parameter_bytes() if teacher is not None else (0, 0)
     held = accelerator.gather(torch.tensor([[s_local, t_local]], dtype=torch.float64, device=accelerator.device))
     mib = 2.0**20
-    lines = [f"memory: student strategy {strategy}, teacher engine {teacher.engine if teacher else 'none'}"]
+    engine = teacher.engine if teacher else "none"
+    if isinstance(teacher, RemoteTeacher):
+        engine += f" at {teacher.urls()} (no teacher parameters in this job)"
+    lines = [f"memory: student strategy {strategy}, teacher engine {engine}"]
     for rank, (s, t) in enumerate(held.tolist()):
         line = f"  rank {rank}: student params {s / mib:.2f} MiB of {s_full / mib:.2f}"
-        if teacher is not None:
+        if teacher is not None and not isinstance(teacher, RemoteTeacher):
             line += f", teacher params {t / mib:.2f} MiB of {t_full / mib:.2f} ({t / max(t_full, 1):.2f}x)"
         lines.append(line)
     accelerator.print("\n".join(lines))
@@ -257,11 +268,18 @@ def fit(loop: Loop, data: TrainingData) -> dict:
     stream = data_stream(loop, data)
     loop.student.train()
     result, saved_at = {}, progress.step
+    batches = next_batches(loop, data.train, stream)
     # Every rank asks (one all-reduce) whether any rank was signalled, so all stop after the same step.
     while progress.step < cfg.train.max_steps and not loop.stop.agreed(accelerator):
         started = time.perf_counter()
-        micro_batches, sampled = sample_completions(loop, next_batches(loop, data.train, stream))
+        micro_batches, sampled = sample_completions(loop, take(progress, batches))
         lr, hints = loop.scheduler.get_last_lr()[0], loop.step_hints()
+        lost = remote_targets_ready(loop, micro_batches, hints)  # a served teacher: on every rank, or all stop
+        if lost is not None:
+            stop_preempted(loop, tracker, saved_at, because=lost)
+        if progress.step + 1 < cfg.train.max_steps:  # read ahead: a served teacher computes them during this step
+            batches = next_batches(loop, data.train, stream, ahead=1)
+            prefetch_remote_targets(loop, batches, hints)
         res = train_step(
             accelerator,
             loop.student,
@@ -322,7 +340,7 @@ def sample_completions(loop: Loop, micro_batches: list[dict]) -> tuple[list[dict
     prompts of this rank's micro-batches, each row from its own generator (the data positions `next_batches` read);
     on any other step the micro-batches stay as they are (None)."""
     cfg, progress = loop.cfg, loop.progress
-    if loop.sampler is None or not on_policy.is_on_policy(cfg.train.seed, progress.step + 1, cfg.distill.on_policy):
+    if not is_on_policy_step(loop, progress.step + 1):
         return micro_batches, None
     accelerator, train, first = loop.accelerator, cfg.train, progress.micro_batches
     world, rank = accelerator.num_processes, accelerator.process_index
@@ -330,22 +348,64 @@ def sample_completions(loop: Loop, micro_batches: list[dict]) -> tuple[list[dict
     return loop.sampler.sample(accelerator.unwrap_model(loop.student), micro_batches, rows)
 
 
-def next_batches(loop: Loop, train_ds, stream: Iterator[dict] | None) -> list[dict]:
-    """This rank's micro-batches of the next optimizer step, at the data position `loop.progress` holds."""
+def is_on_policy_step(loop: Loop, step: int) -> bool:
+    """Whether optimizer step `step` (1-based) samples its sequences from the student (distill.on_policy)."""
+    cfg = loop.cfg
+    return loop.sampler is not None and on_policy.is_on_policy(cfg.train.seed, step, cfg.distill.on_policy)
+
+
+def next_batches(loop: Loop, train_ds, stream: Iterator[dict] | None, ahead: int = 0) -> list[dict]:
+    """This rank's micro-batches of the next optimizer step (`ahead`=1: of the one after), at the data position
+    `loop.progress` holds; a stream is read in order (each step once). Each batch carries its sample indices
+    ("index") until the step takes it (`take`)."""
     train, progress, accelerator = loop.cfg.train, loop.progress, loop.accelerator
-    micro_steps = range(progress.micro_batches, progress.micro_batches + train.grad_accum_steps)
+    first = progress.micro_batches + ahead * train.grad_accum_steps
+    micro_steps = range(first, first + train.grad_accum_steps)
     if stream is not None:
-        batches = [next(stream) for _ in micro_steps]
-        indices = [b.pop("index").tolist() for b in batches]
-    else:
-        world, rank = accelerator.num_processes, accelerator.process_index
-        indices = [
-            train_indices(len(train_ds), train.micro_batch_size, world, rank, train.seed, m) for m in micro_steps
-        ]
-        batches = [collate(train_ds, idx) for idx in indices]
-    seen = progress.first_sample_indices
-    seen.extend(i for idx in indices for i in idx if len(seen) < 256)
+        return [next(stream) for _ in micro_steps]
+    world, rank = accelerator.num_processes, accelerator.process_index
+    batches = []
+    for m in micro_steps:
+        idx = train_indices(len(train_ds), train.micro_batch_size, world, rank, train.seed, m)
+        batches.append({**collate(train_ds, idx), "index": torch.tensor(idx)})
     return batches
+
+
+def take(progress: Progress, batches: list[dict]) -> list[dict]:
+    """The micro-batches of the step about to be trained, their sample indices recorded (this rank's first 256:
+    recorded when trained, not when read ahead, so a checkpoint holds exactly the samples trained)."""
+    seen = progress.first_sample_indices
+    for b in batches:
+        seen.extend(i for i in b.pop("index").tolist() if len(seen) < 256)
+    return batches
+
+
+def teacher_layers(cfg: Config, hints: hidden.StepHints | None) -> tuple[int, ...] | None:
+    """The teacher's hidden-state indices a training step asks for (as forward_losses calls it), or None when the
+    step does not call the teacher (distill.alpha 0 without active hints)."""
+    hinted = hints is not None and hints.active
+    if not hinted and (cfg.distill.alpha == 0 or (hints is not None and not hints.logits)):
+        return None
+    return tuple(hints.projections.teacher_layers) if hinted else ()
+
+
+def remote_targets_ready(loop: Loop, micro_batches: list[dict], hints: hidden.StepHints | None) -> str | None:
+    """A served teacher (serving.client): this step's targets fetched on every rank before its forward (most were
+    sent while the last step computed), and the ranks' verdicts agreed; returns None, or the line of a server that
+    stayed away past teacher.collective_timeout (every rank then stops before this step, no half step)."""
+    layers = teacher_layers(loop.cfg, hints)
+    if not isinstance(loop.teacher, RemoteTeacher) or layers is None:
+        return None
+    return loop.teacher.ready(micro_batches, layers)
+
+
+def prefetch_remote_targets(loop: Loop, batches: list[dict], hints: hidden.StepHints | None) -> None:
+    """A served teacher: send the next step's micro-batches now, so the server computes them while this step does
+    (not those of an on-policy step, whose sequences the student has not sampled yet: fetched when ready)."""
+    layers = teacher_layers(loop.cfg, hints)
+    if isinstance(loop.teacher, RemoteTeacher) and layers is not None:
+        if not is_on_policy_step(loop, loop.progress.step + 2):
+            loop.teacher.prefetch(batches, layers)
 
 
 def advance(loop: Loop, res: StepResult, lr: float, seconds: float) -> dict:
@@ -398,21 +458,24 @@ def handle_bad_step(loop: Loop, tracker: Tracker, record: dict) -> None:
     )
 
 
-def stop_preempted(loop: Loop, tracker: Tracker, saved_at: int) -> NoReturn:
-    """Stopped by SIGTERM/SIGUSR1 (`Preempted`, exit 75) or Ctrl-C (`Interrupted`, exit 130): checkpoint the last
-    step (unless it just was), then exit. A checkpoint that cannot be written still exits with that status."""
+def stop_preempted(loop: Loop, tracker: Tracker, saved_at: int, because: str | None = None) -> NoReturn:
+    """Stopped by SIGTERM/SIGUSR1 (`Preempted`, exit 75) or Ctrl-C (`Interrupted`, exit 130), or `because` of a
+    served teacher that stayed away (Preempted, the line naming it first): checkpoint the last step (unless it just
+    was), then exit. A checkpoint that cannot be written still exits with that status."""
     cfg, progress = loop.cfg, loop.progress
-    stopped = Interrupted if loop.stop.received == signal.SIGINT else Preempted
+    stopped = Interrupted if loop.stop.received == signal.SIGINT and because is None else Preempted
+    said = f"{because}: " if because else ""
     try:
         path = save_checkpoint(loop) if saved_at != progress.step else checkpoint_path(cfg, progress.step)
     except WriteError as e:
-        raise stopped(f"{stopped.verb} at step {progress.step}: {e}; run the same command again") from None
+        raise stopped(f"{said}{stopped.verb} at step {progress.step}: {e}; run the same command again") from None
     finally:
         tracker.close()
     # Stopped before any step since the last checkpoint (or since the start): nothing new to save.
     saved = f"checkpoint {path} written" if path.is_dir() else "no step trained yet, nothing to save"
     raise stopped(
-        f"{stopped.verb} at step {progress.step}: {saved}; run the same command again (train.resume=auto) to continue"
+        f"{said}{stopped.verb} at step {progress.step}: {saved}; run the same command again (train.resume=auto) to "
+        "continue"
     )
 
 

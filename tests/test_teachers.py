@@ -266,6 +266,9 @@ def test_two_teachers_train_with_per_teacher_metrics_and_resume_exactly_after_a_
     assert [t["name"] for t in identity["teachers"]] == ["big", "small"]
     assert [t["weight"] for t in identity["teachers"]] == pytest.approx([2 / 3, 1 / 3])
     assert [t["init_seed"] for t in identity["teachers"]] == [1, 2] and identity["teacher_mix"] == "mixture"
+    run_cli(["report", str(ref), "--out", str(tmp_path / "report")])  # the per-teacher figure and summary
+    assert (tmp_path / "report" / "teachers.png").is_file()
+    assert "per teacher (validation): big KD" in (tmp_path / "report" / "report.md").read_text()
 
     cmd = [sys.executable, "-m", "distributed_distill.cli", "train", "--config", config, f"output_dir={out}"]
     killed = interrupt(cmd, out, 5, signal.SIGKILL)

@@ -5,6 +5,7 @@
 Writes into `--out` (default `RUN_DIR/report` for one run, `./report` for several): `loss.png` (train and validation
 loss vs tokens, one colour per run), `components.png` (KD and CE terms), `diagnostics.png` (teacher entropy and
 top-1 agreement), `hints.png` (distill.hidden runs: the hint loss, per layer pair, and its weight after balancing),
+`teachers.png` (several teachers: each teacher's KD term and top-1 agreement, train and validation),
 `throughput.png` (tokens/s), `lr.png` (learning rate) and `report.md`. A run not yet finished
 (`run_status`: running, or stopped and resumable) reports what it has logged so far. A run whose config has wandb on
 gets the plots logged to its wandb run as images. matplotlib comes with the `[eval]` extra.
@@ -37,6 +38,13 @@ FIGURES = {
         ("hint loss (mean over pairs)", "hint_loss"),
         ("hint loss per layer pair", "hint_loss/"),
         ("hint weight after balancing", "hint_weight"),
+    ],
+    # Several teachers (`teachers:`): one line per teacher, the student's KD against it alone and its agreement.
+    "teachers": [
+        ("KD loss per teacher (train)", "kd_loss/"),
+        ("KD loss per teacher (validation)", "val_kd_loss/"),
+        ("top-1 agreement per teacher (train)", "agreement/"),
+        ("top-1 agreement per teacher (validation)", "val_agreement/"),
     ],
     "throughput": [("tokens/s", "tokens_per_second")],
     "lr": [("learning rate", "lr")],
@@ -163,8 +171,20 @@ def markdown(rows: list[dict], images: list[Path], notes: list[str]) -> str:
             f"{_fmt(r['tokens_per_second'], ',.0f')} |"
         )
     lines.append("")
+    for r in rows:  # several teachers: each one's KD term and agreement at the last evaluation
+        if per_teacher_line(r):
+            lines += [f"- {r['run']}, per teacher (validation): {per_teacher_line(r)}", ""]
     lines += [f"![{p.stem}]({p.name})" for p in images]
     return "\n".join(lines) + "\n"
+
+
+def per_teacher_line(row: dict) -> str:
+    """Several teachers: `NAME KD x, agreement y` for each teacher of a run's last evaluation ("" without them)."""
+    names = [k.split("/", 1)[1] for k in row if k.startswith("val_kd_loss/")]
+    return "; ".join(
+        f"{n} KD {_fmt(row.get(f'val_kd_loss/{n}'))}, agreement {_fmt(row.get(f'val_agreement/{n}'), '.3f')}"
+        for n in names
+    )
 
 
 def text(rows: list[dict], notes: list[str], out: Path, images: list[Path]) -> str:
@@ -179,6 +199,9 @@ def text(rows: list[dict], notes: list[str], out: Path, images: list[Path]) -> s
         )
         if r.get("val_loss") is not None:
             lines.append(f"  val_loss: {r['val_loss']:.4f} (ppl {r['val_ppl']:.2f}) at step {r['eval_step']}")
+        per_teacher = per_teacher_line(r)
+        if per_teacher:
+            lines.append(f"  per teacher (validation): {per_teacher}")
         if r["status"] == "finished":
             lines.append(f"  exported student: {Path(r['run']) / 'final'}")
     lines.append(f"wrote {out / 'report.md'} and {len(images)} plot(s) in {out}")

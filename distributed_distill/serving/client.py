@@ -51,6 +51,7 @@ class Server:
 
     def __init__(self, spec: str):
         self.spec, self.url = spec, None if spec.startswith("file:") else spec.rstrip("/")
+        self.last: str | None = self.url  # the address last used (named when it fails)
 
     def address(self) -> str:
         if self.url is None:
@@ -62,6 +63,7 @@ class Server:
             if not self.url.startswith(("http://", "https://")):
                 self.url = None
                 raise ConnectionError(f"address file {path} holds no http:// address")
+            self.last = self.url
         return self.url
 
     def forget(self) -> None:
@@ -69,7 +71,7 @@ class Server:
             self.url = None
 
     def name(self) -> str:
-        return self.url or self.spec
+        return self.last or self.spec
 
 
 def _reason(e: Exception) -> str:
@@ -159,12 +161,12 @@ class RemoteTeacher:
                 reason = f"{response.status_code} {said}"
             tries += 1
             waited = time.monotonic() - started
-            if waited + delay > self.timeout:
+            if waited >= self.timeout:
                 raise TeacherUnreachable(
                     f"teacher server {server.name()} unreachable for {waited:.0f} s ({reason}; {tries} tries, "
                     f"teacher.collective_timeout={self.timeout})"
                 )
-            time.sleep(delay)
+            time.sleep(min(delay, self.timeout - waited))  # the last try at the timeout itself
             delay = min(2 * delay, MAX_DELAY)
 
     def _fetch(self, batch: dict, layers: tuple[int, ...]) -> TeacherTargets:
@@ -183,14 +185,13 @@ class RemoteTeacher:
                 served = json.loads(self._request("GET", "/identity", to=server))
             except ValueError:
                 raise TeacherRefused(f"teacher server {server.name()}: GET /identity did not answer JSON") from None
-            theirs, ours = served.get("identity") or {}, self.identity
-            for key in [*ours, *(k for k in theirs if k not in ours)]:
-                if theirs.get(key) != ours.get(key):
-                    raise DistillError(
-                        f"teacher server {server.name()} serves another teacher: {key}={_short(theirs.get(key))} "
-                        f"there, {_short(ours.get(key))} here (teacher.path/arch and train.seed must match the "
-                        "server's)"
-                    )
+            differs = first_difference(served.get("identity") or {}, self.identity)
+            if differs is not None:
+                key, theirs, ours = differs
+                raise DistillError(
+                    f"teacher server {server.name()} serves another teacher: {key}={_short(theirs)} there, "
+                    f"{_short(ours)} here (teacher.path/arch/revision and train.seed must be the server's)"
+                )
             if self.vocab is not None and served.get("vocab") != self.vocab:
                 raise DistillError(
                     f"teacher server {server.name()} compares {served.get('vocab')} vocabulary rows, this run "
@@ -256,13 +257,32 @@ class RemoteTeacher:
             if p.matches(batch, layers):
                 del self.pending[i]
                 return p.future.result()
-        return self._fetch({k: v for k, v in batch.items() if k in ("input_ids", "position_ids")}, layers)
+        try:  # not sent ahead (evaluation): asked now, on this rank alone
+            return self._fetch({k: v for k, v in batch.items() if k in ("input_ids", "position_ids")}, layers)
+        except TeacherUnreachable as e:
+            raise TeacherUnreachable(
+                f"{e}: stopped without a new checkpoint; run the same command again (train.resume=auto) to continue "
+                "from the newest"
+            ) from None
 
     def num_parameters(self) -> int:
         return 0
 
     def parameter_bytes(self) -> tuple[int, int]:
         return 0, 0
+
+
+def first_difference(theirs: dict, ours: dict, prefix: str = "") -> tuple[str, object, object] | None:
+    """The first key (dotted, in our order) whose values differ between two identities, with both values."""
+    for key in [*ours, *(k for k in theirs if k not in ours)]:
+        a, b = theirs.get(key), ours.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            found = first_difference(a, b, f"{prefix}{key}.")
+            if found is not None:
+                return found
+        elif a != b:
+            return f"{prefix}{key}", a, b
+    return None
 
 
 def _short(value) -> str:

@@ -5,7 +5,7 @@
                    `save_to_disk` directory, or a dataset repository (a hub id, or a local clone), all read through
                    `datasets`
     -> one `id` per document (its content hash where it has none)
-    -> the kind of the documents (`DocKind`: text, prompt/completion, conversations)
+    -> the kind of the documents (`DocKind`: text, prompt/completion, conversations, or mixed: the built-in both)
     -> a deterministic split by a hash of each document's id (stable when documents are added)
     -> with data.teacher_column (routing several teachers), each document's teacher as an index into `teachers:`
 

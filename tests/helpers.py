@@ -144,13 +144,7 @@ def interrupt(
     proc = subprocess.Popen(
         cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
     )
-    deadline = time.monotonic() + timeout
-    while last_step(out) < at_step:
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            stdout, stderr = proc.communicate()
-            raise AssertionError(f"run ended before step {at_step} ({proc.returncode}):\n{stdout}\n{stderr[-4000:]}")
-        time.sleep(0.01)
+    wait_for_step(proc, out, at_step, timeout)
     if to == "group":
         os.killpg(proc.pid, sig)
     else:
@@ -159,6 +153,18 @@ def interrupt(
             p.send_signal(sig)
     stdout, stderr = proc.communicate(timeout=timeout)
     return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
+def wait_for_step(proc: subprocess.Popen, out: Path, at_step: int, timeout: float) -> None:
+    """Wait until the run `proc` (stdout and stderr piped) has logged `at_step` in out/metrics.jsonl; one that ends
+    first, or takes longer than `timeout`, is killed and fails the test with its output."""
+    deadline = time.monotonic() + timeout
+    while last_step(out) < at_step:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            stdout, stderr = proc.communicate()
+            raise AssertionError(f"run ended before step {at_step} ({proc.returncode}):\n{stdout}\n{stderr[-4000:]}")
+        time.sleep(0.01)
 
 
 def kill_after_shards(cmd: list[str], store: Path, shards: int, timeout: float = 240) -> int:

@@ -40,7 +40,7 @@ class TeacherSource(Protocol):
     from: the online engines below (`OnlineTeacher`, `Zero3Teacher`) and the offline store (`store.OfflineTeacher`).
     """
 
-    engine: str  # "replicated", "zero3" or "offline store": printed in the memory report
+    engine: str  # "replicated", "zero3", "remote" or "offline store": printed in the memory report
     identity: dict  # what the run records about the teacher (teacher.json); never the weights
 
     def targets(self, batch: dict) -> TeacherTargets:

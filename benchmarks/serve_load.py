@@ -36,7 +36,7 @@ def load(url: str, args: argparse.Namespace) -> dict:
     import httpx
     import torch
 
-    from distributed_distill.serving.protocol import Options, decode_targets, encode_request
+    from distributed_distill.serving.protocol import Options, decode_response, encode_request
 
     lengths = [int(x) for x in args.lengths.split(",")]
     vocab = httpx.get(f"{url}/identity", timeout=60).json()["vocab"]
@@ -58,7 +58,7 @@ def load(url: str, args: argparse.Namespace) -> dict:
                     seconds = time.perf_counter() - started
                     ok = response.status_code == 200
                     if ok:  # the answer is read back, as a client would
-                        assert decode_targets(response.content).ids.shape == (args.rows * (length - 1), args.top_k)
+                        assert decode_response(response.content).ids.shape == (args.rows * (length - 1), args.top_k)
                     if deadline is None:
                         continue
                     with lock:
@@ -130,7 +130,7 @@ def main() -> int:
     if args.url:
         result = load(args.url, args)
     else:
-        from distributed_distill.serving.server import running
+        from distributed_distill.serve import running
 
         with tempfile.TemporaryDirectory() as tmp:
             address = Path(tmp) / "server.url"

@@ -149,7 +149,7 @@ def cmd_verify_store(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
-    from .serving.server import serve
+    from .serve import serve
 
     return serve(cfg)
 

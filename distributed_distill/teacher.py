@@ -435,9 +435,9 @@ def load_zero3(tcfg: TeacherConfig, teacher_config, device: torch.device, seed: 
 
 def load_remote(tcfg: TeacherConfig, teacher_config, device: torch.device, seed: int, **kwargs):
     """A teacher served by `distill serve` (serving/client.py; imported here only when used: httpx)."""
-    from .serving.client import load_remote as load
+    from .serving.client import connect
 
-    return load(tcfg, teacher_config, device, seed, **kwargs)
+    return connect(tcfg, identity(tcfg, teacher_config, seed), device, **kwargs)
 
 
 # A small string-to-loader table: `teacher.engine` picks one.

@@ -1,7 +1,7 @@
 """`teacher.engine: remote` for real: `distill train` against `distill serve` subprocesses on 127.0.0.1 (port 0, found
 through serve.address_file, which the student reads as teacher.url=file:PATH), compared bit for bit with the same run
 with the teacher in-process; the faults (a server killed and restarted, a server gone for good, another teacher, a
-wrong token) end as docs/serving.md says. Every server is killed at teardown (serving.server.running); every run
+wrong token) end as docs/serving.md says. Every server is killed at teardown (serve.running); every run
 and wait has its own timeout."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from distributed_distill.serving.server import running
+from distributed_distill.serve import running
 
 from .helpers import (
     ROOT,

@@ -15,8 +15,8 @@ import httpx
 import pytest
 import torch
 
-from distributed_distill.serving.protocol import Options, decode_head, decode_targets, encode_request
-from distributed_distill.serving.server import running
+from distributed_distill.serve import running
+from distributed_distill.serving.protocol import Options, decode_head, decode_response, encode_request
 
 from .helpers import ROOT, SMOKE, error_line, run_cli, torchrun
 
@@ -75,7 +75,7 @@ def post(client: httpx.Client, batch: dict, options: Options) -> httpx.Response:
 def served(client: httpx.Client, batch: dict, options: Options):
     response = post(client, batch, options)
     assert response.status_code == 200, response.text
-    return decode_targets(response.content)
+    return decode_response(response.content)
 
 
 def assert_equal_targets(found, expected, names) -> None:

@@ -1,6 +1,8 @@
-"""A teacher behind an HTTP server (`distill serve`) and the client a student job runs (`teacher.engine: remote`).
+"""The wire between a student job and a served teacher; the server itself is `distill serve` (serve.py), a command
+above the teacher engines it runs.
 
-protocol.py  the wire format: requests and `TeacherTargets` as safetensors bodies, validated on arrival
-server.py    `distill serve`: aiohttp, dynamic batching, a bounded queue, the existing engines behind it
-client.py    `RemoteTeacher`: the teacher source a student job uses, prefetching, retrying, checking identity
+    protocol.py  the wire format: requests and `TeacherTargets` as safetensors bodies, validated on arrival; the
+                 shared-secret token both sides read, and which hosts are loopback
+    client.py    `RemoteTeacher`: the `teacher.engine: remote` source (teacher.ENGINES), prefetching, retrying,
+                 checking the server's identity
 """

@@ -1,6 +1,6 @@
-"""`teacher.engine: remote`: the teacher source of a student job whose teacher runs in `distill serve` (server.py).
+"""`teacher.engine: remote`: the teacher source of a student job whose teacher runs in `distill serve` (serve.py).
 
-    RemoteTeacher (load_remote, at setup: GET /identity of every server, checked; GET /head for the dense form)
+    RemoteTeacher (connect, at setup: GET /identity of every server, checked; GET /head for the dense form)
       prefetch(batches)  the next step's micro-batches, sent from a background thread while this step computes
       ready(batches)     this step's targets, waited for on every rank; the ranks agree (one all-reduce) whether a
                          server stayed away, so all stop before the same step
@@ -29,8 +29,7 @@ import torch
 from ..config import TeacherConfig
 from ..errors import DistillError, Preempted
 from ..losses import TeacherTargets
-from .protocol import Options, decode_head, decode_targets, encode_request
-from .server import read_token
+from .protocol import Options, decode_head, decode_response, encode_request, read_token
 
 RETRIED = (503, 504)  # busy, or the request passed serve.request_timeout: the server is there, try again
 FIRST_DELAY, MAX_DELAY = 0.1, 5.0  # seconds between tries, doubling
@@ -45,7 +44,7 @@ class TeacherRefused(DistillError):
     """A server answered a request with an error that retrying cannot fix (a bad request, a wrong token)."""
 
 
-class Server:
+class Endpoint:
     """One entry of teacher.url: an http(s) address, or `file:PATH`, the address file `distill serve` writes (read
     again after a failed request: a restarted server may listen on another port)."""
 
@@ -116,7 +115,7 @@ class RemoteTeacher:
         self.top_k = options.top_k if options.form == "topk" else None  # evaluation asks which form it scores
         self.samples = options.samples if options.form == "sampled" else None
         self.timeout = tcfg.collective_timeout
-        self.servers = [Server(spec) for spec in tcfg.url]
+        self.servers = [Endpoint(spec) for spec in tcfg.url]
         self._turn = itertools.count()
         self._lock = threading.Lock()
         token = read_token(tcfg.token_file, "teacher.token_file")  # the server's own reading of a token file
@@ -132,7 +131,7 @@ class RemoteTeacher:
 
     # -- requests --------------------------------------------------------------------------------
 
-    def _request(self, method: str, path: str, body: bytes | None = None, to: Server | None = None) -> bytes:
+    def _request(self, method: str, path: str, body: bytes | None = None, to: Endpoint | None = None) -> bytes:
         """One request, to the next server in turn (or `to`); retried on connection errors and 503/504 until
         teacher.collective_timeout has passed (TeacherUnreachable), refused otherwise (TeacherRefused)."""
         started = time.monotonic()
@@ -171,7 +170,7 @@ class RemoteTeacher:
 
     def _fetch(self, batch: dict, layers: tuple[int, ...]) -> TeacherTargets:
         options = dataclasses.replace(self.options, layers=tuple(layers))
-        found = decode_targets(self._request("POST", "/targets", encode_request(batch, options)), self.device)
+        found = decode_response(self._request("POST", "/targets", encode_request(batch, options)), self.device)
         if self.options.form == "dense":  # the server sends the final hidden states; the loss projects them
             found.weight, found.bias = self.head
         return found
@@ -185,7 +184,7 @@ class RemoteTeacher:
                 served = json.loads(self._request("GET", "/identity", to=server))
             except ValueError:
                 raise TeacherRefused(f"teacher server {server.name()}: GET /identity did not answer JSON") from None
-            differs = first_difference(served.get("identity") or {}, self.identity)
+            differs = identity_difference(served.get("identity") or {}, self.identity)
             if differs is not None:
                 key, theirs, ours = differs
                 raise DistillError(
@@ -272,12 +271,12 @@ class RemoteTeacher:
         return 0, 0
 
 
-def first_difference(theirs: dict, ours: dict, prefix: str = "") -> tuple[str, object, object] | None:
+def identity_difference(theirs: dict, ours: dict, prefix: str = "") -> tuple[str, object, object] | None:
     """The first key (dotted, in our order) whose values differ between two identities, with both values."""
     for key in [*ours, *(k for k in theirs if k not in ours)]:
         a, b = theirs.get(key), ours.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
-            found = first_difference(a, b, f"{prefix}{key}.")
+            found = identity_difference(a, b, f"{prefix}{key}.")
             if found is not None:
                 return found
         elif a != b:
@@ -313,11 +312,10 @@ def agree(unreachable: str | None, refused: str | None) -> str | None:
     return next(u for u, _ in lines if u is not None)
 
 
-def load_remote(
+def connect(
     tcfg: TeacherConfig,
-    teacher_config,
+    identity: dict,
     device: torch.device,
-    seed: int,
     *,
     top_k: int | None = None,
     temperature: float = 1.0,
@@ -327,13 +325,11 @@ def load_remote(
     chunk_size: int = 0,
 ) -> RemoteTeacher:
     """The `remote` engine (teacher.ENGINES): the form asked for is the run's (distill.top_k, distill.samples, else
-    dense), the identity expected the one the in-process engines record (computed from the config, no weights).
-    `chunk_size` is the server's business (its own distill.chunk_size)."""
-    from ..teacher import identity
-
+    dense); `identity` the one the in-process engines record (teacher.identity: from the config, no weights), which
+    every server must report. `chunk_size` is the server's business (its own distill.chunk_size)."""
     form = "topk" if top_k else "sampled" if samples else "dense"
     options = Options(form, top_k or None, samples or None, float(temperature), sample_seed if samples else 0)
-    teacher = RemoteTeacher(tcfg, identity(tcfg, teacher_config, seed), device, options, vocab)
+    teacher = RemoteTeacher(tcfg, identity, device, options, vocab)
     problem: str | None = None
     try:
         teacher.check()

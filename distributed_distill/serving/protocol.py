@@ -21,7 +21,9 @@ is a `BadRequest` naming the problem, which the server answers with a 4xx and ke
 
 from __future__ import annotations
 
+import ipaddress
 import json
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -29,11 +31,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from ..errors import DistillError
 from ..losses import TeacherTargets
 
 FORMS = ("topk", "sampled", "dense")
 TARGET_FIELDS = ("ids", "logprobs", "tail_logmass", "counts", "entropy", "hidden")
 ID_DTYPES = (torch.int32, torch.int64)
+TOKEN_ENV = "DISTILL_SERVE_TOKEN"  # the shared secret, when no token file is given
 
 
 class BadRequest(ValueError):
@@ -170,14 +174,14 @@ def decode_request(body: bytes, limits: Limits) -> tuple[dict, Options]:
     return batch, options
 
 
-def encode_targets(targets: TeacherTargets) -> bytes:
+def encode_response(targets: TeacherTargets) -> bytes:
     tensors = {name: getattr(targets, name) for name in TARGET_FIELDS if getattr(targets, name) is not None}
     for index, states in (targets.hidden_states or {}).items():
         tensors[f"hidden_states.{index}"] = states
     return st_save({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()})
 
 
-def decode_targets(body: bytes, device: torch.device | str = "cpu") -> TeacherTargets:
+def decode_response(body: bytes, device: torch.device | str = "cpu") -> TeacherTargets:
     """The `TeacherTargets` of a response body (without the output layer of the dense form: the client adds it)."""
     tensors, _ = _parse(body, "response")
     found = TeacherTargets(**{name: tensors[name].to(device) for name in TARGET_FIELDS if name in tensors})
@@ -198,3 +202,29 @@ def decode_head(body: bytes, device: torch.device | str = "cpu") -> tuple[torch.
     tensors, _ = _parse(body, "head")
     bias = tensors.get("bias")
     return tensors["weight"].to(device), None if bias is None else bias.to(device)
+
+
+# ----------------------------------------------------------------------------------------------
+# The shared secret (both sides) and where a server may listen without one
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve anywhere
+
+
+def read_token(token_file: str | None, what: str = "serve.token_file") -> str | None:
+    """The shared secret: `token_file`'s contents (stripped), else $DISTILL_SERVE_TOKEN, else None."""
+    if token_file is None:
+        return os.environ.get(TOKEN_ENV) or None
+    try:
+        token = open(os.path.expanduser(token_file)).read().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise DistillError(f"{what}={token_file} cannot be read ({getattr(e, 'strerror', None) or e})") from None
+    if not token:
+        raise DistillError(f"{what}={token_file} is empty; put the shared secret in it")
+    return token

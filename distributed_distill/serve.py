@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import ipaddress
 import json
 import logging
 import os
@@ -37,40 +36,27 @@ from pathlib import Path
 import torch
 from aiohttp import web
 
-from ..config import Config, ServeConfig
-from ..errors import DistillError
-from ..integrity import atomic_write_text
-from ..losses import TeacherTargets
-from .protocol import BadRequest, Limits, Options, decode_request, encode_head, encode_targets
+from .config import Config, ServeConfig
+from .errors import DistillError
+from .integrity import atomic_write_text
+from .losses import TeacherTargets
+from .serving.protocol import (
+    TOKEN_ENV,
+    BadRequest,
+    Limits,
+    Options,
+    decode_request,
+    encode_head,
+    encode_response,
+    is_loopback,
+    read_token,
+)
 
-TOKEN_ENV = "DISTILL_SERVE_TOKEN"
 UNAUTHENTICATED = ("/health",)  # a load balancer's probe needs no secret (and learns nothing)
 
 
 # ----------------------------------------------------------------------------------------------
 # Checks before anything loads
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False  # a host name: it may resolve anywhere
-
-
-def read_token(token_file: str | None, what: str = "serve.token_file") -> str | None:
-    """The shared secret: `token_file`'s contents (stripped), else $DISTILL_SERVE_TOKEN, else None."""
-    if token_file is None:
-        return os.environ.get(TOKEN_ENV) or None
-    try:
-        token = open(os.path.expanduser(token_file)).read().strip()
-    except (OSError, UnicodeDecodeError) as e:
-        raise DistillError(f"{what}={token_file} cannot be read ({getattr(e, 'strerror', None) or e})") from None
-    if not token:
-        raise DistillError(f"{what}={token_file} is empty; put the shared secret in it")
-    return token
 
 
 def check_serve(cfg: Config) -> str | None:
@@ -264,7 +250,7 @@ class Metrics:
 # The HTTP side (rank 0)
 
 
-def text(status: int, reason: str) -> web.Response:
+def answer(status: int, reason: str) -> web.Response:
     return web.Response(status=status, text=reason + "\n")
 
 
@@ -289,7 +275,7 @@ class Server:
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=self.scfg.max_request_bytes, middlewares=[self.record, self.guard])
-        app.router.add_get("/health", lambda _: text(200, "ok"))
+        app.router.add_get("/health", lambda _: answer(200, "ok"))
         app.router.add_get("/ready", self.handle_ready)
         app.router.add_get("/identity", self.handle_identity)
         app.router.add_get("/head", self.handle_head)
@@ -303,7 +289,7 @@ class Server:
         try:
             response = await handler(request)
         except web.HTTPException as e:  # aiohttp's own (404, 405, 413 from client_max_size)
-            response = text(e.status, e.text or e.reason)
+            response = answer(e.status, e.text or e.reason)
         if response.status >= 400:
             self.metrics.errors[response.status] += 1
             reason = (response.text or "").strip() if isinstance(response, web.Response) else ""
@@ -315,13 +301,13 @@ class Server:
         if self.token is not None and request.path not in UNAUTHENTICATED:
             sent = request.headers.get("Authorization", "")
             if not hmac.compare_digest(sent.encode(), f"Bearer {self.token}".encode()):
-                return text(401, "missing or wrong token (send Authorization: Bearer <serve token>)")
+                return answer(401, "missing or wrong token (send Authorization: Bearer <serve token>)")
         if not self.ready and request.path not in ("/health", "/ready", "/metrics"):
-            return text(503, "not ready: the teacher is loading")
+            return answer(503, "not ready: the teacher is loading")
         return await handler(request)
 
     async def handle_ready(self, _) -> web.Response:
-        return text(200, "ready") if self.ready else text(503, "not ready: the teacher is loading")
+        return answer(200, "ready") if self.ready else answer(503, "not ready: the teacher is loading")
 
     async def handle_identity(self, _) -> web.Response:
         return web.json_response(self.identity)
@@ -337,33 +323,35 @@ class Server:
         self.metrics.requests += 1
         limit = self.scfg.max_request_bytes
         if request.content_length is not None and request.content_length > limit:
-            return text(413, f"request body of {request.content_length} bytes exceeds serve.max_request_bytes={limit}")
+            return answer(
+                413, f"request body of {request.content_length} bytes exceeds serve.max_request_bytes={limit}"
+            )
         try:
             body = await request.read()
         except web.HTTPRequestEntityTooLarge:
-            return text(413, f"request body exceeds serve.max_request_bytes={limit}")
+            return answer(413, f"request body exceeds serve.max_request_bytes={limit}")
         loop = asyncio.get_running_loop()
         try:  # validation reads every id: off the event loop
             batch, options = await loop.run_in_executor(None, decode_request, body, self.limits)
         except BadRequest as e:
-            return text(e.status, str(e))
+            return answer(e.status, str(e))
         job = Job(batch, options, loop, loop.create_future(), started)
         if not self.batcher.offer(job):
-            return text(503, f"busy: {self.scfg.queue_size} requests waiting (serve.queue_size); retry later")
+            return answer(503, f"busy: {self.scfg.queue_size} requests waiting (serve.queue_size); retry later")
         remaining = self.scfg.request_timeout - (time.monotonic() - started)
         try:
             result = await asyncio.wait_for(asyncio.shield(job.future), timeout=max(remaining, 0.0))
         except asyncio.TimeoutError:
             dropped = self.batcher.withdraw(job)
-            return text(
+            return answer(
                 504,
                 f"request passed serve.request_timeout={self.scfg.request_timeout}s "
                 + ("waiting (dropped)" if dropped else "while computed"),
             )
         except ServerStopping as e:
-            return text(503, str(e))
+            return answer(503, str(e))
         except Exception as e:  # the teacher failed on this batch: the server itself goes on
-            return text(500, f"teacher failed: {type(e).__name__}: {str(e).strip().splitlines()[0][:300]}")
+            return answer(500, f"teacher failed: {type(e).__name__}: {str(e).strip().splitlines()[0][:300]}")
         return web.Response(body=result, content_type="application/octet-stream")
 
     def start(self) -> str:
@@ -420,7 +408,7 @@ def server_log(path: str | None) -> logging.Logger:
 
 
 def identity_document(teacher, plan, world_size: int) -> dict:
-    from .. import models  # (transformers: not imported by a refusal before the plan)
+    from . import models  # (transformers: not imported by a refusal before the plan)
 
     text_config = plan.teacher_config.get_text_config()
     return {
@@ -444,8 +432,8 @@ def serve(cfg: Config) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, on_signal)
 
-    from ..setup import plan_run, setup_accelerator
-    from ..teacher import setup_teacher
+    from .setup import plan_run, setup_accelerator
+    from .teacher import setup_teacher
 
     accelerator = setup_accelerator(cfg)
     world, rank = accelerator.num_processes, accelerator.process_index
@@ -514,7 +502,7 @@ def lead(server: Server, teacher, device: torch.device, world: int, stopping: th
         server.metrics.batch(batch["input_ids"].numel())
         per_row, start = batch["input_ids"].shape[1] - 1, 0
         for job in jobs:
-            job.settle(encode_targets(rows_of(targets, start * per_row, (start + job.rows) * per_row)))
+            job.settle(encode_response(rows_of(targets, start * per_row, (start + job.rows) * per_row)))
             start += job.rows
 
 

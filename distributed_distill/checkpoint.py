@@ -67,6 +67,7 @@ MAY_CHANGE = (
     "teacher.collective_timeout",
     "teacher.url",  # a served teacher may move (another node or port); its identity is checked at setup
     "teacher.token_file",
+    "teacher.prefetch",
     "data.cache_dir",
     "distill.store",  # the store may move; its content hash is compared instead
     "distill.chunk_size",  # how the loss is chunked changes its memory, not the objective (config.yaml holds rows)

@@ -148,6 +148,11 @@ class TeacherConfig(ModelConfig):
         "remote only: a file holding the server's shared-secret token (or set DISTILL_SERVE_TOKEN); needed when the "
         "server binds beyond loopback",
     )
+    prefetch: bool = option(
+        True,
+        "remote only: send the next step's micro-batches while this step computes, so the server's forward overlaps "
+        "the student's step; false = send each step's when it starts (benchmarks/remote_teacher.py measures both)",
+    )
     offload: Literal["none", "cpu"] = option(
         "none", "zero3 only: keep the teacher's parameter partitions in CPU memory"
     )
@@ -175,8 +180,8 @@ class TeacherConfig(ModelConfig):
             self.url = [self.url]
         if self.engine == "remote" and not self.url:
             raise ConfigError("teacher.engine=remote needs teacher.url (http://host:port of a `distill serve`)")
-        if self.engine != "remote" and (self.url or self.token_file):
-            raise ConfigError("teacher.url / teacher.token_file need teacher.engine=remote")
+        if self.engine != "remote" and (self.url or self.token_file or not self.prefetch):
+            raise ConfigError("teacher.url / teacher.token_file / teacher.prefetch need teacher.engine=remote")
         for url in self.url or ():
             if not (url.startswith(("http://", "https://")) or url.startswith("file:")):
                 raise ConfigError(f"teacher.url={url!r} must start with http://, https:// or file:")
@@ -936,15 +941,33 @@ def build(cls: type, raw: dict[str, Any], prefix: str = "") -> Any:
 
 
 def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    """`a.b.c=value` into nested dicts; a segment `name[I]` is entry I of the list `name` (teachers[1].engine=remote),
+    which must exist (a list grows only by giving it whole: teachers=[...])."""
+    node: Any = raw
     parts = dotted.split(".")
-    node = raw
-    for part in parts[:-1]:
-        child = node.get(part)
-        if not isinstance(child, dict):
-            child = {}
-            node[part] = child
-        node = child
-    node[parts[-1]] = value
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        indexed = re.fullmatch(r"(\w+)\[(\d+)\]", part)
+        if indexed:
+            name, index = indexed.group(1), int(indexed.group(2))
+            items = node.get(name)
+            if not isinstance(items, list) or index >= len(items):
+                have = len(items) if isinstance(items, list) else "no"
+                raise ConfigError(f"override {dotted}: {name} has {have} entries, so no {name}[{index}]")
+            if last:
+                items[index] = value
+                return
+            if not isinstance(items[index], dict):
+                items[index] = {}
+            node = items[index]
+        elif last:
+            node[part] = value
+        else:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = {}
+                node[part] = child
+            node = child
 
 
 def _not_an_override(item: str) -> str:

@@ -142,6 +142,23 @@ class MultiTeacher:
         found.parts = dict(zip(self.sources, parts))
         return found
 
+    # Served teachers among them (teacher.engine=remote): the trainer's read-ahead and its per-step agreement reach
+    # each, in config order on every rank (so their all-reduces pair up), exactly as a single served teacher's.
+    @property
+    def ahead(self) -> bool:
+        return any(getattr(s, "ahead", False) for s in self.sources.values())
+
+    def prefetch(self, batches: Sequence[dict], layers: Sequence[int] = ()) -> None:
+        for source in self.sources.values():
+            if getattr(source, "ahead", False):
+                source.prefetch(batches, layers)
+
+    def ready(self, batches: Sequence[dict], layers: Sequence[int] = ()) -> str | None:
+        """The served teachers' `ready` (serving.client.RemoteTeacher): the first line of one that stayed away, or
+        None (also when none is served: no collective then, on any rank alike)."""
+        lost = [source.ready(batches, layers) for source in self.sources.values() if hasattr(source, "ready")]
+        return next((line for line in lost if line is not None), None)
+
     def num_parameters(self) -> int:
         return sum(s.num_parameters() for s in self.sources.values())
 

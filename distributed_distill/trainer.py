@@ -394,7 +394,7 @@ def remote_targets_ready(loop: Loop, micro_batches: list[dict], hints: hidden.St
     sent while the last step computed), and the ranks' verdicts agreed; returns None, or the line of a server that
     stayed away past teacher.collective_timeout (every rank then stops before this step, no half step)."""
     layers = teacher_layers(loop.cfg, hints)
-    if not isinstance(loop.teacher, RemoteTeacher) or layers is None:
+    if not hasattr(loop.teacher, "ready") or layers is None:  # a RemoteTeacher, or several teachers (teachers.py)
         return None
     return loop.teacher.ready(micro_batches, layers)
 
@@ -403,7 +403,7 @@ def prefetch_remote_targets(loop: Loop, batches: list[dict], hints: hidden.StepH
     """A served teacher: send the next step's micro-batches now, so the server computes them while this step does
     (not those of an on-policy step, whose sequences the student has not sampled yet: fetched when ready)."""
     layers = teacher_layers(loop.cfg, hints)
-    if isinstance(loop.teacher, RemoteTeacher) and layers is not None:
+    if getattr(loop.teacher, "ahead", False) and layers is not None:  # teacher.prefetch of a served teacher
         if not is_on_policy_step(loop, loop.progress.step + 2):
             loop.teacher.prefetch(batches, layers)
 

@@ -199,6 +199,22 @@ def test_a_list_of_teachers_builds_typed_sections():
     assert [t.engine for t in cfg.teacher_list()] == ["replicated", "replicated"]
 
 
+def test_an_override_reaches_one_teacher_of_the_list(tmp_path):
+    path = tmp_path / "two.yaml"
+    path.write_text(yaml.safe_dump(_raw()))
+    cfg = load_config(
+        path, ["teachers[1].engine=remote", "teachers[1].url=http://127.0.0.1:8470", "teachers[0].weight=3"]
+    )
+    assert [t.engine for t in cfg.teachers] == ["replicated", "remote"] and cfg.teachers[1].url == [
+        "http://127.0.0.1:8470"
+    ]
+    assert cfg.teachers[0].weight == 3.0 and cfg.teachers[0].name == "big"
+    with pytest.raises(
+        ConfigError, match=r"override teachers\[2\]\.engine: teachers has 2 entries, so no teachers\[2\]"
+    ):
+        load_config(path, ["teachers[2].engine=remote"])
+
+
 @pytest.mark.parametrize(
     "changes, message",
     [
@@ -318,3 +334,29 @@ def test_load_config_reads_teachers_from_yaml_and_overrides(tmp_path):
     path.write_text(yaml.safe_dump(_raw()))
     cfg = load_config(path, ["distill.teacher_mix=mixture"])
     assert [t.name for t in cfg.teachers] == ["big", "small"]
+
+
+@pytest.mark.slow
+def test_a_served_teacher_among_several_equals_the_same_teacher_in_process(tmp_path):
+    """teachers[1] served by `distill serve` (teacher.engine=remote, read ahead and agreed like a single served
+    teacher): the mixture run equals the all-in-process one bit for bit. The server builds teachers[1]'s model: its
+    arch with the seed that entry gets (train.seed + 1), so its identity is the one the student expects."""
+    from distributed_distill.serve import running
+
+    config = _config(tmp_path)
+    local, served = tmp_path / "local", tmp_path / "served"
+    address = tmp_path / "small.url"
+    small = TWO[1]["arch"]
+    arch = "{" + ", ".join(f"{k}: {v}" for k, v in small.items()) + "}"
+    serve = [sys.executable, "-m", "distributed_distill.cli", "serve", "--config", str(SMOKE), f"teacher.arch={arch}"]
+    serve += ["train.seed=1", "serve.port=0", f"serve.address_file={address}"]
+    with running(serve, address, timeout=240):
+        run_cli(["train", "--config", config, f"output_dir={local}"])  # while the server loads
+        remote = ["teachers[1].engine=remote", f"teachers[1].url=file:{address}"]
+        proc = run_cli(["train", "--config", config, f"output_dir={served}", *remote])
+    assert "small: remote" in proc.stdout, proc.stdout
+    assert training_records(served) == training_records(local)
+    from safetensors.torch import load_file
+
+    a, b = (load_file(run / "final" / "model.safetensors") for run in (local, served))
+    assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)

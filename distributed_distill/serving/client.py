@@ -115,6 +115,7 @@ class RemoteTeacher:
         self.top_k = options.top_k if options.form == "topk" else None  # evaluation asks which form it scores
         self.samples = options.samples if options.form == "sampled" else None
         self.timeout = tcfg.collective_timeout
+        self.ahead = tcfg.prefetch  # the trainer sends the next step's micro-batches during this one
         self.servers = [Endpoint(spec) for spec in tcfg.url]
         self._turn = itertools.count()
         self._lock = threading.Lock()

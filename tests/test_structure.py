@@ -38,6 +38,7 @@ MAY_IMPORT = {
         "setup",
         "store",
         "teacher",
+        "teachers",  # several teachers: a teacher source like teacher's (distill eval of a teachers: config)
         "tokenizer",
         "checkpoint",
         "rundir",

@@ -282,6 +282,11 @@ def test_two_teachers_train_with_per_teacher_metrics_and_resume_exactly_after_a_
     assert [t["name"] for t in identity["teachers"]] == ["big", "small"]
     assert [t["weight"] for t in identity["teachers"]] == pytest.approx([2 / 3, 1 / 3])
     assert [t["init_seed"] for t in identity["teachers"]] == [1, 2] and identity["teacher_mix"] == "mixture"
+    # distill eval of the same config scores against the same teachers, each on its own too
+    evaluated = tmp_path / "eval.json"
+    run_cli(["eval", "--config", config, "--model", f"student={ref / 'final'}", "--json", str(evaluated)])
+    [row] = json.loads(evaluated.read_text())
+    assert row["val_kd_loss"] > 0 and 0 <= row["val_agreement/small"] <= 1 and row["val_kd_loss/big"] > 0, row
     run_cli(["report", str(ref), "--out", str(tmp_path / "report")])  # the per-teacher figure and summary
     assert (tmp_path / "report" / "teachers.png").is_file()
     assert "per teacher (validation): big KD" in (tmp_path / "report" / "report.md").read_text()

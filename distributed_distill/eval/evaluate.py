@@ -39,6 +39,7 @@ from ..on_policy import StudentSampler, row_seed
 from ..setup import resolve_loss_chunks, setup_accelerator
 from ..store.samples import TOKENIZER, training_store
 from ..teacher import OnlineTeacher, TeacherSource, setup_teacher
+from ..teachers import setup_teachers
 from ..tokenizer import load_tokenizer, run_tokenizer, tokenizer_difference
 from . import metrics
 
@@ -329,14 +330,14 @@ def evaluate_models(cfg: Config, named: dict[str, str]) -> list[dict]:
     if not named:
         raise DistillError("nothing to evaluate: give --model NAME=PATH or a config whose student/teacher has a path")
     accelerator = setup_accelerator(cfg)
-    docs = functools.cache(lambda: documents(cfg.data))
+    routed = [t.name for t in cfg.teachers] if cfg.data.teacher_column is not None and cfg.teachers else None
+    docs = functools.cache(lambda: documents(cfg.data, routed))
     stored = training_store(cfg)
     tokenizer = run_tokenizer(cfg, accelerator, docs, stored / TOKENIZER if stored is not None else None)
     mcfgs = {name: ModelConfig(path=path) for name, path in named.items()}
     configs = {name: models.model_config(m, len(tokenizer), name) for name, m in mcfgs.items()}
-    teacher_config = None
-    if cfg.teacher is not None:
-        teacher_config = models.model_config(cfg.teacher, len(tokenizer), "teacher")
+    teacher_configs = [models.model_config(t, len(tokenizer), role) for role, t in cfg.teacher_roles()]
+    teacher_config = teacher_configs[0] if teacher_configs else None
     for name, mc in configs.items():
         models.check_model_configs(cfg, mc, teacher_config, len(tokenizer), f"--model {name}={named[name]}")
         check_model_tokenizer(name, named[name], tokenizer)
@@ -344,7 +345,19 @@ def evaluate_models(cfg: Config, named: dict[str, str]) -> list[dict]:
         _, val_ds, _ = build_datasets(docs(), tokenizer, cfg.data)
         held_out = held_out_prompts(cfg, docs(), tokenizer, cfg.eval.prompts) if cfg.eval.prompts else None
     teacher = None
-    if teacher_config is not None:
+    if cfg.teachers:
+        # Several teachers: their mixture (or routed) top-k at distill.top_k, with each teacher's own KD and agreement
+        # (val_kd_loss/NAME, val_agreement/NAME), as validation during training computes them.
+        teacher = setup_teachers(
+            cfg,
+            teacher_configs,
+            accelerator.device,
+            vocab=len(tokenizer),
+            top_k=cfg.distill.top_k,
+            temperature=cfg.distill.temperature,
+            chunk_size=cfg.distill.chunk_size,
+        )
+    elif teacher_config is not None:
         # Dense targets whatever the training used: the metrics compare whole distributions.
         teacher = setup_teacher(
             cfg.teacher,

@@ -1,6 +1,6 @@
 """A student step against a served teacher (`distill serve` on loopback) vs the same teacher in-process.
 
-Run (default size, ~4 minutes on 2 cores):
+Run (default size, about 10 minutes on 2 cores):
     .venv/bin/python benchmarks/remote_teacher.py
 Small smoke run (CI, tests/test_benchmarks.py):
     .venv/bin/python benchmarks/remote_teacher.py --tiny
@@ -125,6 +125,8 @@ def main() -> None:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="remote-teacher-") as tmp:
         results = [measure(args, micro, Path(tmp)) for micro in args.micro]
+    summary = {"results": results, "seconds": time.perf_counter() - started, "args": vars(args)}
+    print(json.dumps(summary, indent=2))  # first, then the table (tests/test_benchmarks.py reads both)
     print("| micro-batch | tokens/step | local tok/s | remote tok/s | no-overlap tok/s | remote | no-overlap |")
     print("|---|---|---|---|---|---|---|")
     for r in results:
@@ -133,8 +135,6 @@ def main() -> None:
             f"| {r['micro_batch_size']} | {r['tokens_per_step']} | {t['local']:.0f} | {t['remote']:.0f} | "
             f"{t['no-overlap']:.0f} | {r['ratio_remote']:.3f}x | {r['ratio_no_overlap']:.3f}x |"
         )
-    summary = {"results": results, "seconds": time.perf_counter() - started, "args": vars(args)}
-    print(json.dumps(summary))
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2))
 

@@ -239,3 +239,18 @@ def test_gpu_check_runs_every_section_on_its_cpu_fallback(tmp_path):
     assert any("hint_loss" in r for r in read_metrics(tmp_path / "train-hints"))
     assert (tmp_path / "store" / "manifest.json").is_file()
     assert "| chunked |" in (tmp_path / "loss.txt").read_text()
+
+
+@pytest.mark.slow
+def test_remote_teacher_benchmark_times_local_remote_and_no_overlap():
+    """benchmarks/remote_teacher.py --tiny: real `distill train` runs against `distill serve` on loopback and in-process
+    (one micro-batch size); the printed ratios are the medians' and the table repeats the JSON."""
+    out = bench("remote_teacher.py", "--tiny", timeout=600)
+    [r] = leading_json(out)["results"]
+    rates = r["tokens_per_second"]
+    assert set(rates) == {"local", "remote", "no-overlap"} and all(positive(v) for v in rates.values())
+    assert r["ratio_remote"] == pytest.approx(rates["local"] / rates["remote"])
+    assert r["ratio_no_overlap"] == pytest.approx(rates["local"] / rates["no-overlap"])
+    row = table(out)[str(r["micro_batch_size"])]
+    assert row[1:] == [f"{rates['local']:.0f}", f"{rates['remote']:.0f}", f"{rates['no-overlap']:.0f}",
+                       f"{r['ratio_remote']:.3f}x", f"{r['ratio_no_overlap']:.3f}x"]  # fmt: skip

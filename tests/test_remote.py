@@ -105,6 +105,7 @@ def test_remote_top_k_run_equals_in_process(reference, tmp_path):
     assert_same_run(ref, out)
 
 
+@pytest.mark.slow  # the default tier keeps its 8 minutes (472.75 s of tests at 59b023d with it)
 def test_server_of_another_teacher_is_refused_in_one_line(tmp_path, smoke_tokenizer):
     out = tmp_path / "run"
     with serving(tmp_path / "server", "teacher.arch.hidden_size=32") as (address, url, _):

@@ -33,7 +33,6 @@ from .errors import DistillError, Interrupted, Preempted, RankError, WriteError
 from .eval.evaluate import HeldOut, evaluate, held_out_prompts
 from .heartbeat import Heartbeat
 from .objective import count_tokens, forward_losses, stat_names
-from .serving.client import RemoteTeacher
 from .setup import RunPlan, lr_lambda, plan_run, setup_accelerator
 from .teacher import TeacherSource
 from .tracking import Tracker
@@ -155,7 +154,7 @@ def print_summary(plan: RunPlan, data: TrainingData, student: torch.nn.Module, t
 
 
 def teacher_size(teacher: TeacherSource) -> str:
-    if isinstance(teacher, RemoteTeacher):  # no model here: where it runs
+    if teacher.engine == "remote":  # no model here (serving.client.RemoteTeacher): where it runs
         return f"served at {teacher.urls()}"
     return f"{teacher.num_parameters():,} params"
 
@@ -192,12 +191,13 @@ def memory_report(accelerator: Accelerator, student: torch.nn.Module, teacher: T
     held = accelerator.gather(torch.tensor([[s_local, t_local]], dtype=torch.float64, device=accelerator.device))
     mib = 2.0**20
     engine = teacher.engine if teacher else "none"
-    if isinstance(teacher, RemoteTeacher):
+    served = teacher is not None and teacher.engine == "remote"
+    if served:
         engine += f" at {teacher.urls()} (no teacher parameters in this job)"
     lines = [f"memory: student strategy {strategy}, teacher engine {engine}"]
     for rank, (s, t) in enumerate(held.tolist()):
         line = f"  rank {rank}: student params {s / mib:.2f} MiB of {s_full / mib:.2f}"
-        if teacher is not None and not isinstance(teacher, RemoteTeacher):
+        if teacher is not None and not served:
             line += f", teacher params {t / mib:.2f} MiB of {t_full / mib:.2f} ({t / max(t_full, 1):.2f}x)"
         lines.append(line)
     accelerator.print("\n".join(lines))

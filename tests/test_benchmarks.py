@@ -214,6 +214,7 @@ def test_loss_memory_benchmark_chunked_against_naive_and_the_floor():
 
 
 @pytest.mark.slow
+@pytest.mark.release  # CI's siblings: every section's own test (engines, on-policy, hints, generate, stores, losses)
 @pytest.mark.multiprocess
 def test_gpu_check_runs_every_section_on_its_cpu_fallback(tmp_path):
     """benchmarks/gpu_check.sh with DEVICE=cpu: every section it runs on a GPU (teacher engines, training with each

@@ -96,6 +96,7 @@ def reference(tmp_path_factory, smoke_tokenizer):
 # Remote equals local
 
 
+@pytest.mark.slow  # the default tier's served-teacher test is test_serve.py's (the default tier's 8 minutes)
 def test_remote_top_k_run_equals_in_process(reference, tmp_path):
     out = tmp_path / "remote"
     with serving(tmp_path / "server") as (address, url, _):
@@ -127,6 +128,7 @@ def test_remote_dense_run_equals_in_process(reference, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.release  # CI's sibling: test_slurm.py's serve job with a 2-process student job (docs/testing.md)
 @pytest.mark.multiprocess
 def test_two_student_processes_against_one_server_equal_in_process(reference, tmp_path):
     out = tmp_path / "remote"
@@ -138,6 +140,7 @@ def test_two_student_processes_against_one_server_equal_in_process(reference, tm
 
 
 @pytest.mark.slow
+@pytest.mark.release  # CI's sibling: test_serve.py's 2-rank ZeRO-3 server, its targets bit for bit
 @pytest.mark.multiprocess
 def test_zero3_server_on_two_ranks_equals_in_process(reference, tmp_path):
     """A teacher sharded across the server's own 2 ranks, for a 1-process student; the reference runs the zero3
@@ -191,7 +194,8 @@ def test_server_killed_and_restarted_the_run_continues_without_losing_a_step(ref
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("procs", [1, pytest.param(2, marks=pytest.mark.multiprocess)])
+# 2 processes in the release tier (CI's hour, docs/testing.md); CI runs the 1-process case
+@pytest.mark.parametrize("procs", [1, pytest.param(2, marks=[pytest.mark.multiprocess, pytest.mark.release])])
 def test_server_gone_for_good_checkpoints_exits_75_and_resumes_exactly(reference, tmp_path, procs):
     out, address = tmp_path / "remote", tmp_path / "server.url"
     launcher = torchrun(29663 + procs, "train.py") if procs == 2 else None
@@ -223,6 +227,7 @@ def test_server_gone_for_good_checkpoints_exits_75_and_resumes_exactly(reference
 
 
 @pytest.mark.slow
+@pytest.mark.release  # CI's sibling: test_serve.py's wrong and missing token, 401 (default tier)
 def test_wrong_or_missing_token_is_refused_and_nothing_trained(tmp_path, smoke_tokenizer):
     token = tmp_path / "token"
     token.write_text("the-right-secret\n")

@@ -30,6 +30,9 @@ from .helpers import (
     torchrun,
 )
 
+RELEASE_2PROC = [pytest.mark.multiprocess, pytest.mark.slow, pytest.mark.release]
+
+
 STEPS = 40
 SAVE_EVERY = 4
 COMMON = [f"train.max_steps={STEPS}", f"train.save_every={SAVE_EVERY}", "train.eval_every=10", "train.keep_last=2"]
@@ -97,9 +100,9 @@ def reference(tmp_path_factory, procs: int, source: str) -> Path:
         # These three in the release tier (CI's hour, docs/testing.md): 2-process checkpoints and resumes stay in CI
         # as test_elastic's 2to1 and 1to2 cases (online and offline), offline resumes as offline-1proc, a ZeRO-2
         # student's exact resume as test_elastic's zero2-2to1.
-        pytest.param(2, "online", marks=[pytest.mark.multiprocess, pytest.mark.slow, pytest.mark.release]),
-        pytest.param(2, "offline", marks=[pytest.mark.multiprocess, pytest.mark.slow, pytest.mark.release]),
-        pytest.param("zero2", "online", marks=[pytest.mark.multiprocess, pytest.mark.slow, pytest.mark.release]),
+        pytest.param(2, "online", marks=RELEASE_2PROC),
+        pytest.param(2, "offline", marks=RELEASE_2PROC),
+        pytest.param("zero2", "online", marks=RELEASE_2PROC),
         pytest.param("zero3", "online", marks=[pytest.mark.multiprocess, pytest.mark.slow]),
     ],
     ids=[
@@ -150,12 +153,15 @@ def test_sigkill_at_a_random_step_then_resume_is_bit_identical(request, tmp_path
     "procs, sig, to",
     [
         pytest.param(1, signal.SIGTERM, "tree", marks=pytest.mark.slow),
-        pytest.param(2, signal.SIGUSR1, "tree", marks=[pytest.mark.multiprocess, pytest.mark.slow]),
+        # 2 processes and SIGUSR1 in the release tier (CI's hour, docs/testing.md); CI's sibling: test_slurm.py's
+        # SIGUSR1 to a 2-process train job, then its exact resume
+        pytest.param(2, signal.SIGUSR1, "tree", marks=RELEASE_2PROC),
         # Ctrl-C: handled like SIGTERM (status 130); to the process, and to the whole process group as a terminal
         # sends it (with torchrun: to the agent, which forwards it to the workers).
         pytest.param(1, signal.SIGINT, "tree", marks=pytest.mark.slow),
         pytest.param(1, signal.SIGINT, "group", marks=pytest.mark.slow),
-        pytest.param(2, signal.SIGINT, "group", marks=[pytest.mark.multiprocess, pytest.mark.slow]),
+        # release tier (CI's hour): CI's sibling is [1proc-sigint-group], the same handler on one process
+        pytest.param(2, signal.SIGINT, "group", marks=RELEASE_2PROC),
     ],
     ids=["1proc-sigterm", "2proc-sigusr1", "1proc-sigint", "1proc-sigint-group", "2proc-sigint-group"],
 )

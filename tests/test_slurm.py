@@ -119,6 +119,7 @@ def test_train_job(slurm, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.release  # CI's siblings: the SLURM train job (torchrun); accelerate launch with zero2.yaml elsewhere
 def test_train_job_with_an_accelerate_config(slurm, tmp_path):
     """ACCELERATE_CONFIG: `accelerate launch` per node instead of torchrun; here a DeepSpeed ZeRO-2 student on CPU."""
     out, logs = tmp_path / "run", tmp_path / "logs"

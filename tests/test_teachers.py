@@ -314,6 +314,7 @@ def test_two_teachers_train_with_per_teacher_metrics_and_resume_exactly_after_a_
 
 
 @pytest.mark.slow
+@pytest.mark.release  # CI's siblings: the mixture's targets against float64 (default) and precompute's own tests
 def test_a_store_precomputed_from_the_mixture_trains_as_the_online_mixture(tmp_path):
     config = _config(tmp_path)
     store, online, offline = tmp_path / "store", tmp_path / "online", tmp_path / "offline"

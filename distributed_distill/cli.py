@@ -74,7 +74,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     check_output_file(out, "--json")  # before the evaluation, not after it
     from .eval.evaluate import eval_config, evaluate_models, format_table, write_rows
 
-    cfg = eval_config(args.config, args.overrides, named)
+    cfg = only_train_crosses(eval_config(args.config, args.overrides, named), "eval")
     rows = evaluate_models(cfg, named)
     if _main_process():
         print(format_table(rows))
@@ -86,6 +86,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
             return 2
         print(f"wrote {out}")
     return 0
+
+
+def only_train_crosses(cfg, command: str):
+    """distill.cross_tokenizer is built for `distill train` (its validation reports the span metrics); the other
+    commands refuse it in one line before any work (docs/cross_tokenizer.md, what is built)."""
+    if cfg.distill.cross_tokenizer is not None:
+        raise DistillError(
+            f"distill {command} with distill.cross_tokenizer: not supported yet; a teacher with another tokenizer "
+            "trains and validates through `distill train` (docs/cross_tokenizer.md)"
+        )
+    return cfg
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -128,7 +139,7 @@ def cmd_precompute(args: argparse.Namespace) -> int:
 
 def _write_store(write, args: argparse.Namespace) -> int:
     """`distill precompute` and `distill generate`: write the store, print the result line once."""
-    result = write(load_config(args.config, args.overrides))
+    result = write(only_train_crosses(load_config(args.config, args.overrides), args.command))
     if _main_process():
         print(json.dumps(result))
     return 0
@@ -148,7 +159,7 @@ def cmd_verify_store(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, args.overrides)
+    cfg = only_train_crosses(load_config(args.config, args.overrides), "serve")
     from .serve import serve
 
     return serve(cfg)

@@ -425,6 +425,36 @@ def _is_layer(x: Any) -> bool:
 
 
 @dataclass
+class CrossTokenizerConfig:
+    """A teacher with another tokenizer (docs/cross_tokenizer.md): both tokenizers encode the same text, the tokens
+    are aligned into spans where both sides' boundaries meet, each span's probability is merged by the chain rule on
+    both sides, and the two span distributions (over different vocabularies) are compared by `loss`."""
+
+    loss: Literal["uld", "hybrid"] = option(
+        "hybrid",
+        "uld = the L1 distance between the sorted probability vectors (no vocabulary mapping); hybrid = tokens whose "
+        "bytes exist in both vocabularies compared directly (forward KL on the mapped part), the rest by ULD",
+    )
+    matched_weight: float = option(1.0, "hybrid: the weight of the mapped part's forward KL")
+    unmatched_weight: float = option(1.0, "hybrid: the weight of the unmapped part's ULD")
+    max_unaligned: float = option(
+        0.25,
+        "refuse the pair at startup when the alignment drops more than this share of the counted tokens on a sample "
+        "of the training data (the figure is printed either way)",
+    )
+    sample_batches: int = option(4, "micro-batches of the training data the startup alignment check reads")
+
+    def __post_init__(self) -> None:
+        for name in ("matched_weight", "unmatched_weight"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"distill.cross_tokenizer.{name}={getattr(self, name)} must be >= 0")
+        if not 0.0 <= self.max_unaligned <= 1.0:
+            raise ConfigError(f"distill.cross_tokenizer.max_unaligned={self.max_unaligned} must be in [0, 1]")
+        if self.sample_batches < 1:
+            raise ConfigError(f"distill.cross_tokenizer.sample_batches={self.sample_batches} must be >= 1")
+
+
+@dataclass
 class DistillConfig:
     alpha: float = option(0.5, "loss = alpha * KD + (1 - alpha) * CE; 0 = plain CE training (no teacher needed)")
     loss: LossKind = option("forward_kl", "KD objective (docs/losses.md)")
@@ -496,6 +526,11 @@ class DistillConfig:
     hidden: HiddenConfig | None = option(
         None, "hidden-state distillation (hints) besides or before the KD objective; null = off (docs/hints.md)"
     )
+    cross_tokenizer: CrossTokenizerConfig | None = option(
+        None,
+        "a teacher whose tokenizer differs from the student's: spans aligned by byte offsets, merged by the chain "
+        "rule, compared by uld or hybrid (docs/cross_tokenizer.md); null = both must share one tokenizer",
+    )
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.alpha <= 1.0:
@@ -560,6 +595,31 @@ class DistillConfig:
                 "distill.hidden.balance=kd rescales the hint term to the KD term, which distill.alpha=0 turns off; "
                 "use distill.hidden.balance=fixed or distill.alpha > 0"
             )
+        if self.cross_tokenizer is not None:
+            self._check_cross_tokenizer()
+
+    def _check_cross_tokenizer(self) -> None:
+        """What distill.cross_tokenizer does not combine with, each named in one line (docs/cross_tokenizer.md)."""
+        key = f"distill.cross_tokenizer.loss={self.cross_tokenizer.loss}"
+        if self.loss != "forward_kl":
+            raise ConfigError(
+                f"{key} with distill.loss={self.loss}: spans over two vocabularies are compared by ULD and, on the "
+                "mapped part, forward KL only; use distill.loss=forward_kl"
+            )
+        if self.samples is not None:
+            raise ConfigError(f"{key} with distill.samples: sampled targets are not aligned across tokenizers; use "
+                              "distill.top_k or dense targets")  # fmt: skip
+        unsupported = {
+            "distill.signal=offline": self.signal == "offline",
+            f"distill.on_policy={self.on_policy}": self.on_policy > 0,
+            "distill.hidden": self.hidden is not None,
+        }
+        for what, given in unsupported.items():
+            if given:
+                raise ConfigError(
+                    f"{key} with {what}: not supported yet (online training from the data only; "
+                    "docs/cross_tokenizer.md, what is built)"
+                )
 
 
 @dataclass
@@ -750,6 +810,8 @@ class Config:
         if self.data.streaming and self.distill.signal == "offline":
             raise ConfigError("data.streaming=true with distill.signal=offline: the store holds the data; unset one")
         check_teachers(self)
+        if self.distill.cross_tokenizer is not None:
+            check_cross_teacher(self)
         if self.teacher is None and self.distill.hidden is not None:
             raise ConfigError("distill.hidden needs a teacher (its hidden states): set teacher.path / teacher.arch")
         if not self.teacher_list() and self.distill.alpha > 0 and self.distill.signal == "online":
@@ -803,6 +865,24 @@ def check_teachers(cfg: Config) -> None:
         raise ConfigError("distill.teacher_mix=route needs data.teacher_column (the column naming each row's teacher)")
     if mix == "mixture" and column is not None:
         raise ConfigError(f"data.teacher_column={column} routes teachers: it needs distill.teacher_mix=route")
+
+
+def check_cross_teacher(cfg: Config) -> None:
+    """distill.cross_tokenizer: one teacher, in-process, loaded from a path (its own tokenizer is read from there)."""
+    if cfg.teachers:
+        raise ConfigError("distill.cross_tokenizer with `teachers:`: not supported yet; give one `teacher`")
+    if cfg.teacher is None:
+        raise ConfigError("distill.cross_tokenizer needs a teacher with a tokenizer of its own: set teacher.path")
+    if cfg.teacher.path is None:
+        raise ConfigError(
+            "distill.cross_tokenizer needs teacher.path (a pretrained teacher and its own tokenizer); a teacher built "
+            "from teacher.arch shares the run's tokenizer"
+        )
+    if cfg.teacher.engine not in ("replicated", "zero3"):
+        raise ConfigError(
+            f"distill.cross_tokenizer with teacher.engine={cfg.teacher.engine}: not supported yet; use replicated "
+            "or zero3"
+        )
 
 
 def no_prompts(cfg: Config) -> ConfigError:

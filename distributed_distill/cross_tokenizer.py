@@ -621,12 +621,11 @@ def vocab_map(student_tokenizer, teacher_tokenizer, cache_dir: Path | None = Non
     return VocabMap(torch.tensor(values, dtype=torch.long), student_size)
 
 
-def describe(aligner: Aligner, vocab: VocabMap, batches: Iterable[dict]) -> str:
-    """The startup summary's line: both vocabularies, how much of each the other covers byte for byte, and the
-    share of learned tokens inside aligned spans on `batches` (a few sample student batches)."""
-    counted = aligned = n = 0
+def alignment_sample(aligner: Aligner, batches: Iterable[dict]) -> tuple[int, int]:
+    """(learned tokens, of them inside aligned spans) over `batches` (a few sample student batches): the startup
+    check's figures (cross_teacher.startup_check)."""
+    counted = aligned = 0
     for batch in batches:
         cross = aligner(batch)
-        counted, aligned, n = counted + cross.counted_tokens, aligned + cross.aligned_tokens, n + 1
-    share = f"{aligned / counted:.1%}" if counted else "n/a"
-    return f"cross-tokenizer: {vocab.describe()}; aligned: {share} of {counted:,} learned tokens in {n} sample batches"
+        counted, aligned = counted + cross.counted_tokens, aligned + cross.aligned_tokens
+    return counted, aligned

@@ -100,13 +100,24 @@ def arch_config(arch: ArchConfig, vocab_size: int) -> PretrainedConfig:
     )
 
 
-def resolve_configs(cfg: Config, tokenizer_len: int) -> tuple[PretrainedConfig, list[PretrainedConfig]]:
+def resolve_configs(
+    cfg: Config, tokenizer_len: int, teacher_tokenizer_len: int | None = None
+) -> tuple[PretrainedConfig, list[PretrainedConfig]]:
     """The student's config and every teacher's (cfg.teacher_list() order; [] without one), checked against each
     other and the tokenizer before any weights load.
 
     A model built from `arch` gets the vocabulary size of a pretrained partner (whose embedding matrix is often
-    padded beyond the tokenizer, e.g. to a multiple of 64), else the tokenizer's length.
+    padded beyond the tokenizer, e.g. to a multiple of 64), else the tokenizer's length. With distill.cross_tokenizer
+    (`teacher_tokenizer_len`: the teacher's own tokenizer) the teacher is checked against its own tokenizer and is
+    nobody's partner.
     """
+    if teacher_tokenizer_len is not None:
+        student = model_config(cfg.student, tokenizer_len, "student")
+        check_model_configs(cfg, student, None, tokenizer_len)
+        teachers = [model_config(m, teacher_tokenizer_len, role) for role, m in cfg.teacher_roles()]
+        for teacher in teachers:
+            check_model_configs(cfg, teacher, None, teacher_tokenizer_len, student_name="the teacher")
+        return student, teachers
     vocab = tokenizer_len
     roles = [*cfg.teacher_roles(), ("student", cfg.student)]
     partner = next(((role, m) for role, m in roles if m.path is not None), None)

@@ -20,6 +20,7 @@ from .losses import (
     LossOutput,
     TeacherTargets,
     chunked_distill_loss,
+    cross_tokenizer_loss,
     hint_loss,
     kd_loss,
     sampled_kd_loss,
@@ -71,6 +72,8 @@ def forward_losses(
         targets = teacher.targets(batch, hints.projections.teacher_layers)
     else:
         targets = teacher.targets(batch) if want_kd else None
+    if want_kd and targets.cross is not None:
+        return cross_losses(student, batch, targets.cross, labels, dcfg, head, kd_weight, ce_weight, on_logits)
     kd_args = dict(kind=dcfg.loss, temperature=dcfg.temperature, beta=dcfg.beta, skew=dcfg.skew)
     sparse_args = dict(tail=dcfg.top_k_tail) if want_kd and targets.sparse else {}
     if dcfg.chunk_size > 0:
@@ -138,6 +141,70 @@ def forward_losses(
     del targets
     n = (labels != IGNORE_INDEX).sum()
     return LossOutput(kd_sum=kd_sum, ce_sum=ce_sum, num_tokens=n, stats=stats, hint_sums=out_hints)
+
+
+def cross_losses(
+    student: torch.nn.Module,
+    batch: dict,
+    cross,
+    labels: torch.Tensor,
+    dcfg: DistillConfig,
+    head: AlignedHead,
+    kd_weight: float,
+    ce_weight: float | None,
+    on_logits: Callable | None = None,
+) -> LossOutput:
+    """A teacher with another tokenizer (`cross`: cross_teacher.CrossTargets): CE on the student's own tokens as
+    always (the chunked loss, KD weight 0), and the KD sum over the aligned spans (losses.cross_tokenizer_loss, chunked
+    over spans, its gradient by autograd). Its diagnostics are sums per counted student token like STATS.
+    `on_logits` (validation) sees the student's logits chunk by chunk without teacher rows (the teachers' rows are
+    in another vocabulary; the span diagnostics stand for them), so the student-only metrics stay."""
+    xcfg = dcfg.cross_tokenizer
+    final, _ = forward_states(student, batch, ())
+    hidden = final[:, :-1]
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    rows = dcfg.chunk_size if dcfg.chunk_size > 0 else 1024
+    out = chunked_distill_loss(
+        hidden,
+        head.weight,
+        labels,
+        student_bias=head.bias,
+        chunk_size=rows,
+        kd_weight=0.0,
+        ce_weight=1 - dcfg.alpha if ce_weight is None else ce_weight,
+    )
+    crossed = cross_tokenizer_loss(
+        hidden,
+        head.weight,
+        head.bias,
+        labels,
+        cross.student,
+        cross.teacher,
+        kind=xcfg.loss,
+        vocab_map=cross.vocab_map,
+        temperature=dcfg.temperature,
+        matched_weight=xcfg.matched_weight,
+        unmatched_weight=xcfg.unmatched_weight,
+        chunk_size=rows,
+        span_weights=span_sizes(cross.student),
+    )
+    if on_logits is not None:
+        with torch.no_grad():
+            for start in range(0, hidden.shape[0], rows):
+                part = slice(start, start + rows)
+                on_logits(F.linear(hidden[part], head.weight, head.bias), labels[part], None)
+    out.kd_sum = crossed.loss_sum if kd_weight > 0 else crossed.loss_sum.detach()
+    out.stats = {
+        "span_kl": crossed.stats["matched_kl"],
+        "span_agreement": crossed.stats["top1_agreement"],
+        "unaligned_fraction": torch.tensor(float(cross.unaligned_tokens), device=hidden.device),
+    }
+    return out
+
+
+def span_sizes(spans) -> torch.Tensor:
+    """[S] float32: each aligned span's student token count (its first token and its rest)."""
+    return 1.0 + torch.bincount(spans.rest_span, minlength=spans.num_spans).float()
 
 
 def hint_sums(

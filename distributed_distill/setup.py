@@ -35,7 +35,7 @@ from .losses import resolve_chunk_size
 from .rundir import recorded_config
 from .store import writer
 from .store.samples import TOKENIZER, training_store
-from .tokenizer import check_tokenizers, run_tokenizer
+from .tokenizer import check_tokenizers, run_tokenizer, teacher_tokenizer
 from .tracking import wandb_kwargs
 
 
@@ -102,6 +102,7 @@ class RunPlan:
     resume: checkpoint.Resume | None = None
     hint_pairs: tuple[hidden.Pair, ...] = ()  # distill.hidden's layer pairs, checked against both models; () = off
     teacher_configs: tuple[PretrainedConfig, ...] = ()  # every teacher's, in cfg.teacher_list() order
+    teacher_tokenizer: object = None  # distill.cross_tokenizer: the teacher's own tokenizer; None = the run's
 
     @property
     def vocab(self) -> int:
@@ -128,7 +129,8 @@ def plan_run(cfg: Config, accelerator: Accelerator, resume: checkpoint.Resume | 
     store = training_store(cfg)  # a sample store: its tokenizer, kept in it, is the one its ids belong to
     tokenizer = run_tokenizer(cfg, accelerator, docs, store / TOKENIZER if store is not None else None)
     check_tokenizers(cfg, tokenizer)
-    student_config, teacher_configs = models.resolve_configs(cfg, len(tokenizer))
+    theirs = teacher_tokenizer(cfg)
+    student_config, teacher_configs = models.resolve_configs(cfg, len(tokenizer), theirs and len(theirs))
     teacher_config = teacher_configs[0] if teacher_configs else None
     hints = cfg.distill.hidden
     pairs = hidden.resolve_pairs(hints, student_config, teacher_config) if hints is not None else ()
@@ -145,6 +147,7 @@ def plan_run(cfg: Config, accelerator: Accelerator, resume: checkpoint.Resume | 
         resume=resume,
         hint_pairs=pairs,
         teacher_configs=tuple(teacher_configs),
+        teacher_tokenizer=theirs,
     )
 
 

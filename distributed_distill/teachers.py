@@ -217,14 +217,24 @@ def setup_teachers(
     temperature: float,
     chunk_size: int | str,
     samples: int | None = None,
+    tokenizers: tuple | None = None,
 ) -> TeacherSource | None:
     """The run's online teacher source: None without a teacher; `teacher:` through teacher.setup_teacher; or a
     MultiTeacher of every `teachers:` entry, each through teacher.setup_teacher (whatever its engine) with its own
-    seed (teacher_seed). `teacher_configs`: the model configs, in cfg.teacher_list() order (RunPlan.teacher_configs)."""
+    seed (teacher_seed). `teacher_configs`: the model configs, in cfg.teacher_list() order (RunPlan.teacher_configs).
+    With distill.cross_tokenizer (`tokenizers`: the student's and the teacher's), the teacher is built dense over its
+    own vocabulary and wrapped in cross_teacher.CrossTokenizerTeacher, which applies top_k to the spans itself."""
     args = dict(vocab=vocab, top_k=top_k, temperature=temperature, chunk_size=chunk_size, samples=samples)
     if not cfg.teachers:
         if cfg.teacher is None:
             return None
+        if cfg.distill.cross_tokenizer is not None:
+            from . import cross_teacher
+
+            student_tok, teacher_tok = tokenizers
+            args.update(vocab=len(teacher_tok), top_k=None, samples=None)
+            inner = setup_teacher(cfg.teacher, teacher_configs[0], device, seed=cfg.train.seed, **args)
+            return cross_teacher.wrap(cfg, inner, student_tok, teacher_tok, inner.chunk_size)
         return setup_teacher(cfg.teacher, teacher_configs[0], device, seed=cfg.train.seed, **args)
     sources = {
         t.name: setup_teacher(t, tc, device, seed=teacher_seed(cfg.train.seed, i), **args)

@@ -43,8 +43,10 @@ CHATML_TEMPLATE = (
 
 def tokenizer_source(cfg: Config) -> tuple[str, str | None] | None:
     """(path, revision) of the tokenizer: the explicit one, else the teacher's or student's pretrained one at the
-    model's own revision (a pinned model never pairs with an unpinned tokenizer); None = train one on the data."""
-    for source in (cfg.tokenizer, *cfg.teacher_list(), cfg.student):
+    model's own revision (a pinned model never pairs with an unpinned tokenizer); None = train one on the data.
+    With distill.cross_tokenizer the run's tokenizer is the student's (the teacher keeps its own: teacher_tokenizer)."""
+    teachers = [] if cfg.distill.cross_tokenizer is not None else cfg.teacher_list()
+    for source in (cfg.tokenizer, *teachers, cfg.student):
         if source is not None and source.path is not None:
             return source.path, source.revision
     return None
@@ -93,11 +95,13 @@ def check_tokenizers(cfg: Config, tokenizer: PreTrainedTokenizerBase) -> None:
     """Teacher and student each ship a tokenizer when loaded from a path: both must equal the run's one.
 
     Distillation compares distributions token id by token id, so a different vocabulary is refused, naming the
-    first token that differs (cross-tokenizer distillation is not supported). Special tokens must agree too,
+    first token that differs, unless distill.cross_tokenizer is set (then the teacher keeps its own tokenizer and
+    only the student's is compared with the run's). Special tokens must agree too,
     unless `tokenizer.path` names the tokenizer explicitly (its special tokens are then the run's).
     """
     source = tokenizer_source(cfg)
-    for role, mcfg in [*cfg.teacher_roles(), ("student", cfg.student)]:
+    teachers = [] if cfg.distill.cross_tokenizer is not None else cfg.teacher_roles()  # the teacher keeps its own
+    for role, mcfg in [*teachers, ("student", cfg.student)]:
         if mcfg is None or mcfg.path is None or (mcfg.path, mcfg.revision) == source:
             continue
         try:
@@ -107,9 +111,17 @@ def check_tokenizers(cfg: Config, tokenizer: PreTrainedTokenizerBase) -> None:
         diff = tokenizer_difference(own, tokenizer, (role, f"run's ({source[0]})"), specials=cfg.tokenizer.path is None)
         if diff is not None:
             raise DistillError(
-                f"{role}.path={mcfg.path}: tokenizers differ: {diff}; teacher and "
-                "student must share one tokenizer (cross-tokenizer distillation is not supported)"
+                f"{role}.path={mcfg.path}: tokenizers differ: {diff}; teacher and student must share one tokenizer, "
+                "or set distill.cross_tokenizer (uld or hybrid: docs/cross_tokenizer.md)"
             )
+
+
+def teacher_tokenizer(cfg: Config) -> PreTrainedTokenizerBase | None:
+    """distill.cross_tokenizer: the teacher's own tokenizer, from teacher.path at its revision; None otherwise."""
+    if cfg.distill.cross_tokenizer is None:
+        return None
+    t = cfg.teacher
+    return load_tokenizer(t.path, t.revision, t.trust_remote_code)
 
 
 def train_bpe_tokenizer(texts, vocab_size: int, out_dir: Path, chat: bool = False) -> PreTrainedTokenizerBase:

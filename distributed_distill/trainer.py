@@ -131,6 +131,7 @@ def setup_online_teacher(plan: RunPlan) -> TeacherSource | None:
         temperature=cfg.distill.temperature,
         chunk_size=cfg.distill.chunk_size,
         samples=cfg.distill.samples,
+        tokenizers=(plan.tokenizer, plan.teacher_tokenizer),
     )
 
 

@@ -63,4 +63,8 @@ def training_data(plan: RunPlan) -> TrainingData:
             (train, val, line), kind = build_datasets(docs, tokenizer, cfg.data), docs.kind
             # (a sample store's documents and conversations are never split across rows; a stream is not known yet)
             unprompted = rows_without_prompt(train) if cfg.distill.on_policy > 0 and not kind.is_chat else 0
+    if plan.teacher_tokenizer is not None and not cfg.data.streaming:  # distill.cross_tokenizer, before any weights
+        from .cross_teacher import startup_check
+
+        startup_check(cfg, tokenizer, plan.teacher_tokenizer, train, accelerator.print)
     return TrainingData(train, val, kind, None, None, line, cfg.data.streaming, unprompted)

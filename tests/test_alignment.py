@@ -26,7 +26,7 @@ from distributed_distill.cross_tokenizer import (
     NOT_COUNTED,
     NOT_UTF8,
     Aligner,
-    describe,
+    alignment_sample,
     token_bytes,
     vocab_map,
 )
@@ -544,11 +544,9 @@ def test_vocab_map_cache_is_reused_and_a_damaged_one_rebuilt(toks, tmp_path, mon
     assert len(list(tmp_path.glob("vocab-map-*.json"))) == 2
 
 
-def test_describe_is_one_line(toks, aligned):
+def test_the_alignment_sample_adds_up_its_batches(toks, aligned):
     a, b = toks["a"], toks["b"]
     batch, _ = aligned["a", "b"]
-    line = describe(Aligner(a, b), vocab_map(a, b, None), [batch, batch])
-    assert (
-        "\n" not in line and f"student's {len(token_bytes(a))}" in line and f"teacher's {len(token_bytes(b))}" in line
-    )
-    assert "in 2 sample batches" in line
+    one = Aligner(a, b)(batch)
+    assert alignment_sample(Aligner(a, b), [batch, batch]) == (2 * one.counted_tokens, 2 * one.aligned_tokens)
+    assert "\n" not in vocab_map(a, b, None).describe()

@@ -81,7 +81,7 @@ def test_headline_command_at_reduced_size(tmp_path):
         "hints, then forward KL",
     ]
     args = [
-        str(ROOT / "benchmarks" / "headline.py"), "--output-dir", str(out), "--seeds", "2",
+        str(ROOT / "benchmarks" / "headline.py"), "--output-dir", str(out), "--seeds", "2", "--jobs", "2",
         "--teacher-steps", "4", "--student-steps", "3", "--max-documents", "24",
         "--teacher-width", "64", "--student-width", "32", "--eval-prompts", "2",
         "data.seq_len=64", "train.micro_batch_size=4", "train.eval_batches=2", "train.log_every=1",
@@ -123,7 +123,7 @@ def store_curve_at_reduced_size(out: Path, sizes: list[str]) -> None:
     4 sampled draws."""
     args = [
         str(ROOT / "benchmarks" / "store_curve.py"), "--output-dir", str(out), "--seeds", "1", "--ks", "8",
-        "--draws", "4", *sizes, "data.seq_len=64", "train.micro_batch_size=4", "train.eval_batches=2",
+        "--jobs", "2", "--draws", "4", *sizes, "data.seq_len=64", "train.micro_batch_size=4", "train.eval_batches=2",
         "train.log_every=1",
     ]  # fmt: skip
     proc = run_cli(args, launcher=[sys.executable], timeout=900)

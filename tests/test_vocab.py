@@ -19,7 +19,7 @@ from distributed_distill.errors import DistillError
 from distributed_distill.teacher import setup_teacher
 from distributed_distill.tokenizer import train_bpe_tokenizer
 
-from .helpers import SMOKE, read_metrics, run_cli
+from .helpers import SMOKE, error_line, read_metrics, run_cli
 
 TOKENS = 300  # len(tokenizer): the rows both models are compared over
 TEMPERATURE = 2.0
@@ -231,4 +231,5 @@ def test_different_tokenizers_are_refused_naming_the_token(tmp_path, tokenizer):
         check=False,
     )
     assert proc.returncode == 2 and "tokenizers differ: token id 300" in proc.stderr
+    assert "or set distill.cross_tokenizer" in error_line(proc)  # the key that allows the pair, named
     assert not (tmp_path / "run").exists()

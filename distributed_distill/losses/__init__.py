@@ -1,5 +1,5 @@
 """Knowledge-distillation objectives (the implementation and its documentation are in `kd.py`, docs/losses.md; the
-hidden-state losses in `hints.py`, docs/hints.md).
+hidden-state losses in `hints.py`, docs/hints.md; the cross-tokenizer losses in `cross.py`).
 
 The names of the objectives live here, apart from the torch code, so that the config (`distill.loss`) takes its
 choices from the loss module without importing torch: a config mistake, or a second job refused by the run
@@ -18,8 +18,11 @@ KINDS: tuple[str, ...] = typing.get_args(LossKind)
 # Hidden-state ("hint") losses between a projected student state and a teacher state (`hints.py`, docs/hints.md).
 HintKind = typing.Literal["mse", "cosine", "normalized_mse"]
 HINT_KINDS: tuple[str, ...] = typing.get_args(HintKind)
+# Losses between a teacher and a student with different tokenizers, over aligned spans (`cross.py`).
+CrossKind = typing.Literal["uld", "hybrid"]
+CROSS_KINDS: tuple[str, ...] = typing.get_args(CrossKind)
 # The modules that hold the torch code, searched in this order for a name asked of the package.
-_MODULES = (".kd", ".hints")
+_MODULES = (".kd", ".hints", ".cross")
 
 
 def __getattr__(name: str):

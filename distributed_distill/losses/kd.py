@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -499,6 +500,8 @@ class TeacherTargets:
     teacher's intermediate states at the same N positions (the hint loss's targets, hints.py). Targets combined from
     several teachers (teachers.py: their mixture, or rows routed to each) carry `parts`: teacher name -> that
     teacher's own targets of the same N positions, for the per-teacher diagnostics; the losses never read them.
+    A teacher with another tokenizer (cross_teacher.py) sets `cross` alone: its targets are spans of tokens aligned
+    between the two tokenizations, not rows (losses.cross_tokenizer_loss compares them).
     """
 
     hidden: torch.Tensor | None = None
@@ -512,10 +515,11 @@ class TeacherTargets:
     entropy: torch.Tensor | None = None
     hidden_states: dict[int, torch.Tensor] | None = None
     parts: dict[str, TeacherTargets] | None = None
+    cross: Any = None  # a teacher with another tokenizer: cross_teacher.CrossTargets, spans instead of rows
 
     @property
     def present(self) -> bool:
-        return self.hidden is not None or self.logits is not None or self.ids is not None
+        return self.hidden is not None or self.logits is not None or self.ids is not None or self.cross is not None
 
     @property
     def sparse(self) -> bool:

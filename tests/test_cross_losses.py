@@ -273,8 +273,27 @@ def test_top1_agreement_counts_mapped_argmax_matches(top_k):
             hidden, 5 * torch.eye(4), None, labels, spans, targets, kind=kind, vocab_map=vocab_map
         )
         assert float(out.stats["top1_agreement"]) == 2.0
+        # span_weights weigh what each span's agreement counts (the objective passes its student token count)
+        weighted = cross_tokenizer_loss(
+            hidden, 5 * torch.eye(4), None, labels, spans, targets, kind=kind, vocab_map=vocab_map,
+            span_weights=torch.tensor([1.0, 2.0, 3.0, 4.0]),
+        )  # fmt: skip
+        assert float(weighted.stats["top1_agreement"]) == 3.0
+        assert_close(weighted.loss_sum, out.loss_sum, **F32)
     out = cross_tokenizer_loss(hidden, 5 * torch.eye(4), None, labels, spans, targets, kind="uld")
     assert set(out.stats) == {"spans"}
+
+
+@pytest.mark.parametrize("top_k", [None, TOP_K], ids=["dense", "sparse"])
+def test_uld_reports_the_matched_kl_as_a_diagnostic(top_k):
+    """With a vocab_map, uld's stats carry hybrid's matched part (not optimised by uld), so both kinds log it."""
+    student, teacher, vocab_map = make_problem(12)
+    uld, uld_stats, _ = run(student, teacher, vocab_map, "uld", 2.0, top_k=top_k)
+    _, hybrid_stats, _ = run(student, teacher, vocab_map, "hybrid", 2.0, top_k=top_k)
+    assert_close(uld_stats["matched_kl"], hybrid_stats["matched_kl"], **F32)
+    assert "unmatched_uld" not in uld_stats
+    want, _ = ref_loss(student, teacher, vocab_map, "uld", 2.0, top_k=top_k)
+    assert_close(uld, want, rtol=1e-5, atol=1e-6)
 
 
 def test_no_spans_is_a_connected_zero():

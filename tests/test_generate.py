@@ -125,7 +125,8 @@ def test_prompt_and_store_mistakes_are_one_line_before_the_teacher_loads(tmp_pat
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
+# accelerate in the release tier (CI's hour, docs/testing.md); CI's sibling: torchrun, the same writer
+@pytest.mark.parametrize("launcher", ["torchrun", pytest.param("accelerate", marks=pytest.mark.release)])
 def test_two_processes_write_the_store_one_process_writes(reference, tmp_path, launcher):
     out = tmp_path / "two"
     args = ["-m", "distributed_distill.cli", "generate", "--config", str(CONFIG), f"generate.store={out}"]

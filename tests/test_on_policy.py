@@ -178,6 +178,7 @@ def on_policy_lengths(out: Path) -> list[float]:
 
 
 @pytest.mark.slow
+@pytest.mark.release  # CI's siblings: test_teacher_engines.py's ZeRO-3 student with a zero3 teacher; on-policy resume
 @pytest.mark.multiprocess
 def test_two_processes_with_zero3_teacher_and_deepspeed_zero3_student_complete(
     prompt_pairs, smoke_tokenizer, student_dir, tmp_path

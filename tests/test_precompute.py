@@ -32,7 +32,10 @@ LAUNCHERS = {
 
 
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("launcher", ["torchrun", "accelerate", "torchrun-sampled"])
+# accelerate in the release tier (CI's hour, docs/testing.md); CI's sibling: torchrun, the same writer
+@pytest.mark.parametrize(
+    "launcher", ["torchrun", pytest.param("accelerate", marks=pytest.mark.release), "torchrun-sampled"]
+)
 @pytest.mark.slow
 def test_two_processes_write_the_store_one_process_writes(reference, tmp_path, launcher):
     # Sampled targets, packed (issue 27): the draws are seeded per row, so 2 processes write the same bytes too.

@@ -212,15 +212,16 @@ def assert_same_weights(a: Path, b: Path) -> None:
 @pytest.mark.slow
 def test_the_cross_tokenizer_benchmark_prints_its_paired_table(tmp_path):
     """benchmarks/cross_tokenizer.py --tiny (the command of docs/cross_tokenizer.md's table, at a few steps): a
-    teacher with a 512-token tokenizer, students with a 384-token one, CE only, ULD and hybrid; each Δ is the
-    paired difference to the CE-only student of its seed and the table repeats the JSON."""
+    teacher with a 512-token tokenizer, students with a 384-token one, CE only, ULD, hybrid and ULD at alpha 0.1;
+    each Δ is the paired difference to the CE-only student of its seed and the table repeats the JSON."""
     out = run_cli([str(ROOT / "benchmarks" / "cross_tokenizer.py"), "--tiny", "--output-dir", str(tmp_path)],
                   launcher=[sys.executable], timeout=600).stdout  # fmt: skip
     lines = out.splitlines(keepends=True)
     record, _ = json.JSONDecoder().raw_decode("".join(lines[next(i for i, x in enumerate(lines) if x == "{\n") :]))
     assert record == json.loads((tmp_path / "cross_tokenizer.json").read_text())
     loss = {r["recipe"]: r["val_loss"] for r in record["rows"]}
-    assert list(loss) == ["CE only (student's tokenizer)", "cross-tokenizer ULD", "cross-tokenizer hybrid"]
+    assert list(loss) == ["CE only (student's tokenizer)", "cross-tokenizer ULD", "cross-tokenizer hybrid",
+                          "cross-tokenizer ULD, alpha 0.1"]  # fmt: skip
     rows = {cells[0].strip(): [c.strip() for c in cells[1:]] for cells in
             (x.strip().strip("|").split("|") for x in out.splitlines() if x.startswith("| "))}  # fmt: skip
     for s in record["summary"][1:]:

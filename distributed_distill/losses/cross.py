@@ -507,6 +507,8 @@ def cross_tokenizer_loss(
         rest_t = teacher.rest_logsum.detach().float()
         weights = hidden.new_ones(num_spans, dtype=torch.float32)
         if span_weights is not None:
+            if span_weights.shape != (num_spans,):
+                raise ValueError(f"span_weights {tuple(span_weights.shape)} must be [S] with S = {num_spans}")
             weights = span_weights.to(hidden.device, torch.float32)
         total = hidden.new_zeros((), dtype=torch.float32)
         sums = torch.zeros(3, device=hidden.device)

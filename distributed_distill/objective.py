@@ -157,8 +157,8 @@ def cross_losses(
     """A teacher with another tokenizer (`cross`: cross_teacher.CrossTargets): CE on the student's own tokens as
     always (the chunked loss, KD weight 0), and the KD sum over the aligned spans (losses.cross_tokenizer_loss, chunked
     over spans, its gradient by autograd). Its diagnostics are sums per counted student token like STATS.
-    `on_logits` (validation) sees the student's logits chunk by chunk without teacher rows (the teachers' rows are
-    in another vocabulary; the span diagnostics stand for them), so the student-only metrics stay."""
+    `on_logits` (validation) sees the CE loss's chunks of student logits without teacher rows, as in a CE-only run
+    (the teacher's rows are in another vocabulary; the span diagnostics stand for them)."""
     xcfg = dcfg.cross_tokenizer
     final, _ = forward_states(student, batch, ())
     hidden = final[:, :-1]
@@ -172,6 +172,7 @@ def cross_losses(
         chunk_size=rows,
         kd_weight=0.0,
         ce_weight=1 - dcfg.alpha if ce_weight is None else ce_weight,
+        on_chunk=on_logits,
     )
     crossed = cross_tokenizer_loss(
         hidden,
@@ -188,11 +189,6 @@ def cross_losses(
         chunk_size=rows,
         span_weights=span_sizes(cross.student),
     )
-    if on_logits is not None:
-        with torch.no_grad():
-            for start in range(0, hidden.shape[0], rows):
-                part = slice(start, start + rows)
-                on_logits(F.linear(hidden[part], head.weight, head.bias), labels[part], None)
     out.kd_sum = crossed.loss_sum if kd_weight > 0 else crossed.loss_sum.detach()
     out.stats = {
         "span_kl": crossed.stats["matched_kl"],

@@ -506,5 +506,10 @@ def test_hint_memory_benchmark_tiny():
     result = json.loads(proc.stdout.split("\n\n")[0])
     assert result["config"]["teacher_layers"] == 24 and result["config"]["pairs"] == "[[2,12],[3,18]]"
     assert all(result["step_peak_mib"][k] > 0 for k in ("kd", "hints")) and len(result["hint_losses"]) == 2
-    assert result["ratio"] == pytest.approx(result["step_peak_mib"]["hints"] / result["step_peak_mib"]["kd"], rel=0.01)
+    exact, mib = result["step_peak_bytes"], 2.0**20
+    assert result["ratio"] == pytest.approx(exact["hints"] / exact["kd"], rel=1e-12)
+    process = result["process_peak_bytes"]
+    assert result["process_ratio"] == pytest.approx(process["hints"] / process["kd"], rel=1e-12)
+    # the rounded MiB figures printed beside them are the same peaks, to their 0.01 MiB
+    assert all(abs(result["step_peak_mib"][k] - exact[k] / mib) <= 0.005 + 1e-9 for k in ("kd", "hints"))
     assert "| **hint / KD** |" in proc.stdout

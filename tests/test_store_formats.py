@@ -163,6 +163,7 @@ def sampled_store() -> Path:
     return precomputed_store(*SAMPLED)
 
 
+@pytest.mark.slow  # the default tier's offline round trip: test_offline.py (8 minutes, docs/testing.md)
 def test_a_sampled_packed_store_verifies_and_trains_as_the_online_sampled_teacher(sampled_store, tmp_path):
     line = run_cli(["verify-store", str(sampled_store)]).stdout.strip()
     assert line.startswith("ok: ") and "sampled, 8 draws, packed" in line and "bytes/token" in line
@@ -198,7 +199,11 @@ def test_sampled_and_packed_stores_are_byte_identical_across_parts(sampled_store
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("distill.loss=jsd", "holds sampled targets, which estimate forward KL only, but distill.loss=jsd"),
+        pytest.param(
+            "distill.loss=jsd",
+            "holds sampled targets, which estimate forward KL only, but distill.loss=jsd",
+            marks=pytest.mark.slow,  # it needs the sampled store (10 s): with the test above, for the 8 minutes
+        ),
         pytest.param(
             "distill.top_k=8",
             "holds sampled targets (8 draws) but distill.top_k=8; unset distill.top_k",

@@ -6,6 +6,9 @@ prompts). docs/eval.md describes every metric.
               [+ generate_metrics: held-out prompts -> greedy completions -> the teacher's NLL of them, ROUGE-L
                against the reference, the task check, repetition; tokens/s]
     evaluate_models (`distill eval`): the teacher once, then evaluate for each --model NAME=DIR
+              [distill.cross_tokenizer: the teacher wrapped in cross_teacher.CrossTokenizerTeacher, so the students'
+               teacher-relative metrics are the span metrics training validates with; the teacher's own row is in
+               its own tokenization, under own_* keys (not comparable with the students' val_loss)]
 
 Every rank evaluates its share: validation rows in rounds (data.eval_batches pads the ranks past an uneven end
 with all-ignored batches) and prompts i = rank, rank + world, ...; the sums are all-reduced, so each token and each
@@ -14,6 +17,7 @@ prompt counts exactly once. Every rank calls the teacher the same number of time
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -29,7 +33,7 @@ from .. import models
 from ..config import Config, EvalConfig, ModelConfig, SamplingConfig, load_config
 from ..data.batching import IGNORE_INDEX, eval_batches
 from ..data.documents import BUILTIN_CHAT, MIXED_FIELDS, DocKind, Documents, documents
-from ..data.packed import build_datasets, tokenize
+from ..data.packed import build_datasets, pack_rows, tokenize
 from ..errors import DistillError
 from ..generation import Sampling, generate, sampling_setup
 from ..integrity import atomic_write_text
@@ -40,7 +44,7 @@ from ..setup import resolve_loss_chunks, setup_accelerator
 from ..store.samples import TOKENIZER, training_store
 from ..teacher import OnlineTeacher, TeacherSource, setup_teacher
 from ..teachers import setup_teachers
-from ..tokenizer import load_tokenizer, run_tokenizer, tokenizer_difference
+from ..tokenizer import load_tokenizer, run_tokenizer, teacher_tokenizer, tokenizer_difference
 from . import metrics
 
 
@@ -202,8 +206,9 @@ def generate_metrics(
     n = len(held_out.prompts)
     sums = torch.zeros(len(GEN_SUMS), dtype=torch.float64, device=accelerator.device)
     # An offline teacher (a store) has no targets for new text; a sparse one no probability outside its top k (or
-    # outside its draws).
+    # outside its draws); one with another tokenizer (distill.cross_tokenizer) none over the student's tokens.
     dense = getattr(teacher, "top_k", 1) is None and getattr(teacher, "samples", None) is None
+    dense = dense and getattr(teacher, "aligner", None) is None
     scorer = teacher if teacher is not None and dense else None
     # This rank's prompts, greedy, batch_size at a time (a row's tokens do not depend on its batch: generation.py).
     mine = list(range(rank, n, world))
@@ -334,18 +339,39 @@ def evaluate_models(cfg: Config, named: dict[str, str]) -> list[dict]:
     docs = functools.cache(lambda: documents(cfg.data, routed))
     stored = training_store(cfg)
     tokenizer = run_tokenizer(cfg, accelerator, docs, stored / TOKENIZER if stored is not None else None)
+    theirs = teacher_tokenizer(cfg)  # distill.cross_tokenizer: the teacher's own tokenizer; else None
+    # With another tokenizer, the config's teacher is scored in its own tokenization (own_row), the others in ours.
+    own = {name for name, path in named.items() if theirs is not None and same_path(path, cfg.teacher.path)}
     mcfgs = {name: ModelConfig(path=path) for name, path in named.items()}
     configs = {name: models.model_config(m, len(tokenizer), name) for name, m in mcfgs.items()}
-    teacher_configs = [models.model_config(t, len(tokenizer), role) for role, t in cfg.teacher_roles()]
+    teacher_configs = [models.model_config(t, len(theirs or tokenizer), role) for role, t in cfg.teacher_roles()]
     teacher_config = teacher_configs[0] if teacher_configs else None
     for name, mc in configs.items():
-        models.check_model_configs(cfg, mc, teacher_config, len(tokenizer), f"--model {name}={named[name]}")
+        label = f"--model {name}={named[name]}"
+        if name in own:
+            models.check_model_configs(cfg, mc, None, len(theirs), label)
+            continue
+        models.check_model_configs(cfg, mc, None if theirs else teacher_config, len(tokenizer), label)
         check_model_tokenizer(name, named[name], tokenizer)
     with accelerator.main_process_first():
         _, val_ds, _ = build_datasets(docs(), tokenizer, cfg.data)
         held_out = held_out_prompts(cfg, docs(), tokenizer, cfg.eval.prompts) if cfg.eval.prompts else None
     teacher = None
-    if cfg.teachers:
+    if theirs is not None:
+        # The dense teacher over its own vocabulary, reduced to the spans both tokenizations share (dense span
+        # targets whatever the training used, as below); the span metrics are validation's (val_span_kl, ...).
+        dense_cfg = dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, top_k=None))
+        teacher = setup_teachers(
+            dense_cfg,
+            teacher_configs,
+            accelerator.device,
+            vocab=len(theirs),
+            top_k=None,
+            temperature=cfg.distill.temperature,
+            chunk_size=cfg.distill.chunk_size,
+            tokenizers=(tokenizer, theirs),
+        )
+    elif cfg.teachers:
         # Several teachers: their mixture (or routed) top-k at distill.top_k, with each teacher's own KD and agreement
         # (val_kd_loss/NAME, val_agreement/NAME), as validation during training computes them.
         teacher = setup_teachers(
@@ -370,6 +396,9 @@ def evaluate_models(cfg: Config, named: dict[str, str]) -> list[dict]:
         )
     rows = []
     for name, mcfg in mcfgs.items():
+        if name in own:
+            rows.append(own_row(accelerator, cfg, name, mcfg, configs[name], docs(), theirs))
+            continue
         model = models.load_model(mcfg, configs[name], seed=cfg.train.seed).to(accelerator.device)
         head = models.AlignedHead(model.get_output_embeddings(), len(tokenizer))
         run_cfg = resolve_loss_chunks(cfg, configs[name], accelerator)
@@ -378,6 +407,30 @@ def evaluate_models(cfg: Config, named: dict[str, str]) -> list[dict]:
         rows.append({"model": name, "path": mcfg.path, **result, "completions": completions})
         del model
     return rows
+
+
+def same_path(a: str, b: str) -> bool:
+    """Whether two model paths name one directory (as given, relative or with ~), so that `--model teacher=DIR` of
+    the config's own teacher.path is that teacher."""
+    return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+
+
+OWN_KEYS = ("val_loss", "val_ppl", "val_tokens")  # a teacher with another tokenizer: own_val_loss, ... (own_row)
+
+
+def own_row(accelerator: Accelerator, cfg: Config, name: str, mcfg: ModelConfig, config, docs, tokenizer) -> dict:
+    """distill.cross_tokenizer: the teacher's row, its validation loss and perplexity on the same validation
+    documents in its own tokenization (`tokenizer`), through `evaluate` without a reference. Its keys are own_*:
+    nats per teacher token do not compare with the students' val_loss (nats per student token). No generation
+    metrics: plain-text prompts are cut in tokens, so the teacher's prompts would not be the students'."""
+    with accelerator.main_process_first():
+        rows, _ = tokenize(docs.val, docs.kind, tokenizer, cfg.data, "validation")
+        val_ds = pack_rows(rows, tokenizer, cfg.data, "validation", whole=docs.kind.is_chat)
+    model = models.load_model(mcfg, config, seed=cfg.train.seed).to(accelerator.device)
+    head = models.AlignedHead(model.get_output_embeddings(), len(tokenizer))
+    result = evaluate(accelerator, model, head, None, val_ds, resolve_loss_chunks(cfg, config, accelerator))
+    own = {f"own_{key}": result[key] for key in OWN_KEYS}
+    return {"model": name, "path": mcfg.path, "tokenizer": "teacher's own", **own, "completions": []}
 
 
 def check_model_tokenizer(name: str, path: str, tokenizer) -> None:
@@ -402,6 +455,11 @@ COLUMNS = (
     ("fwd KL", "val_forward_kl", ".4f"),
     ("rev KL", "val_reverse_kl", ".4f"),
     ("top-1 agree", "val_top1_agreement", ".3f"),
+    ("span KL", "val_span_kl", ".4f"),
+    ("span agree", "val_span_agreement", ".3f"),
+    ("unaligned", "val_unaligned_fraction", ".3f"),
+    ("own-tokens val loss", "own_val_loss", ".4f"),
+    ("own-tokens ppl", "own_val_ppl", ".2f"),
     ("ECE", "val_ece", ".4f"),
     ("teacher NLL", "gen_teacher_nll", ".3f"),
     ("ROUGE-L", "gen_rouge_l", ".3f"),

@@ -611,13 +611,12 @@ class DistillConfig:
                               "distill.top_k or dense targets")  # fmt: skip
         unsupported = {
             "distill.signal=offline": self.signal == "offline",
-            f"distill.on_policy={self.on_policy}": self.on_policy > 0,
             "distill.hidden": self.hidden is not None,
         }
         for what, given in unsupported.items():
             if given:
                 raise ConfigError(
-                    f"{key} with {what}: not supported yet (online training from the data only; "
+                    f"{key} with {what}: not supported yet (online training, on the data or on-policy samples; "
                     "docs/cross_tokenizer.md, what is built)"
                 )
 

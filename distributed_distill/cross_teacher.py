@@ -40,15 +40,23 @@ class CrossTokenizerTeacher:
 
     Diagnostics summed like objective.STATS (per counted student token): `span_kl` (forward KL over the mapped part
     of each span), `span_agreement` (a span whose student top-1 is the teacher's top-1, weighted by its student
-    tokens) and `unaligned_fraction` (counted student tokens no aligned span covers)."""
+    tokens) and `unaligned_fraction` (counted student tokens no aligned span covers). With `score_text` (a run with
+    on-policy steps) also `span_teacher_logprob`: the teacher's log-probability of the aligned spans' text at
+    temperature 1 (its own tokens, the chain rule), which on_policy.Sampled turns into `sample_teacher_logprob`."""
 
     stat_names = ("span_kl", "span_agreement", "unaligned_fraction")
 
-    def __init__(self, inner: TeacherSource, aligner: Aligner, vmap: VocabMap, *, top_k, temperature, chunk_size):
+    def __init__(
+        self, inner: TeacherSource, aligner: Aligner, vmap: VocabMap, *, top_k, temperature, chunk_size,
+        score_text: bool = False,
+    ):  # fmt: skip
         self.inner, self.aligner, self.vmap = inner, aligner, vmap
         self.top_k, self.temperature, self.chunk_size = top_k, temperature, chunk_size
         self.engine = inner.engine
         self.identity = inner.identity
+        self.score_text = score_text
+        if score_text:
+            self.stat_names = (*CrossTokenizerTeacher.stat_names, "span_teacher_logprob")
 
     @torch.no_grad()
     def targets(self, batch: dict, layers: Sequence[int] = ()) -> TeacherTargets:
@@ -68,6 +76,7 @@ class CrossTokenizerTeacher:
             temperature=self.temperature,
             top_k=self.top_k,
             chunk_size=self.chunk_size,
+            score_text=self.score_text,
         )
         return TeacherTargets(
             cross=CrossTargets(
@@ -91,12 +100,13 @@ def _to(spans: SpanIndex, device: torch.device) -> SpanIndex:
 
 def wrap(cfg: Config, inner: TeacherSource, student_tokenizer, teacher_tokenizer, chunk_size: int):
     """The cross-tokenizer source around `inner` (built dense: no top_k, no samples), its map cached under the data
-    cache (keyed by both tokenizers' hashes)."""
+    cache (keyed by both tokenizers' hashes); a run with on-policy steps also scores the spans' text (`score_text`)."""
     aligner = Aligner(student_tokenizer, teacher_tokenizer)
     vmap = vocab_map(student_tokenizer, teacher_tokenizer, cache_root(cfg.data) / "vocab_maps")
     return CrossTokenizerTeacher(
-        inner, aligner, vmap, top_k=cfg.distill.top_k, temperature=cfg.distill.temperature, chunk_size=chunk_size
-    )
+        inner, aligner, vmap, top_k=cfg.distill.top_k, temperature=cfg.distill.temperature, chunk_size=chunk_size,
+        score_text=cfg.distill.on_policy > 0,
+    )  # fmt: skip
 
 
 def startup_check(cfg: Config, student_tokenizer, teacher_tokenizer, train, print_fn=print) -> float:

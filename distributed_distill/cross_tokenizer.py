@@ -250,39 +250,45 @@ class CrossBatch:
 
 
 def _utf8_pieces(parts: list[bytes]) -> list[tuple[int, int, bool]]:
-    """A text run's tokens (their bytes) as pieces (first token, end token, valid UTF-8): the whole run, or, for a
-    run cut mid-character (a row's first or last characters), the tokens holding the broken head and tail apart
-    from the valid middle; a run broken elsewhere is one invalid piece."""
+    """A text run's tokens (their bytes) as pieces (first token, end token, valid UTF-8): the whole run when it is
+    valid; else the tokens holding bytes that are no part of a whole character (a row cut mid-character at its head
+    or tail, a student's sample with a stray byte anywhere) in invalid pieces, apart from the valid stretches between
+    them, so that one bad byte masks its own tokens, not the whole run. A cut falls only where a token boundary is a
+    character boundary."""
     data = b"".join(parts)
     try:
         data.decode()
         return [(0, len(parts), True)]
     except UnicodeDecodeError:
         pass
-    head = 0  # continuation bytes of a character that began before the run
-    while head < min(3, len(data)) and 0x80 <= data[head] < 0xC0:
-        head += 1
-    tail = len(data)  # a character whose last bytes lie beyond the run
-    for back in range(1, min(4, len(data)) + 1):
-        byte = data[-back]
-        if byte >= 0xC0:
-            if back < (2 if byte < 0xE0 else 3 if byte < 0xF0 else 4):
-                tail = len(data) - back
-            break
-        if byte < 0x80:
-            break
+    good = bytearray(len(data))  # 1: the byte is part of a whole character
+    i = 0
+    while i < len(data):
+        byte = data[i]
+        size = 1 if byte < 0x80 else 2 if 0xC0 <= byte < 0xE0 else 3 if 0xE0 <= byte < 0xF0 else 4
+        try:
+            data[i : i + size].decode()
+        except UnicodeDecodeError:
+            i += 1  # a continuation byte without its lead, a lead without its continuation, a byte no UTF-8 has
+            continue
+        good[i : i + size] = b"\x01" * size
+        i += size
     ends = list(accumulate(len(p) for p in parts))
-    first = next((k for k, end in enumerate(ends) if end - len(parts[k]) >= head), len(parts))
-    last = next((k for k, end in enumerate(ends) if end > tail), len(parts))
-    if first >= last:
-        return [(0, len(parts), False)]
-    try:
-        b"".join(parts[first:last]).decode()
-    except UnicodeDecodeError:
-        return [(0, len(parts), False)]
-    pieces = [(0, first, False)] if first else []
-    pieces.append((first, last, True))
-    return pieces + ([(last, len(parts), False)] if last < len(parts) else [])
+    starts = [0, *ends[:-1]]
+    chars = {0, len(data)} | {k for k in range(1, len(data)) if not good[k] or not 0x80 <= data[k] < 0xC0}
+    bad = [not all(good[a:b]) for a, b in zip(starts, ends)]
+    changed = True
+    while changed:  # a good token next to a bad one across a character's middle cannot stand apart: bad too
+        changed = False
+        for k in range(len(parts) - 1):
+            if bad[k] != bad[k + 1] and ends[k] not in chars:
+                bad[k] = bad[k + 1] = changed = True
+    pieces, a = [], 0
+    for k in range(1, len(parts) + 1):
+        if k == len(parts) or bad[k] != bad[a]:
+            pieces.append((a, k, not bad[a]))
+            a = k
+    return pieces
 
 
 def _char_bytes(text: str) -> list[int]:
@@ -381,8 +387,9 @@ class Aligner:
     (`token_bytes`) are decoded and encoded by the teacher (special strings in the text stay text; a Metaspace dummy
     prefix only on the text that begins a document, after nothing or its bos); a special token becomes the teacher's
     token of the same string, else of the same role (bos, eos, unk, pad), else nothing (it is left out of the
-    teacher's row and its span is unaligned). A run that is not valid UTF-8 (a row cut mid-character) has its broken
-    head and tail tokens in unaligned spans of their own (the teacher sees U+FFFD there).
+    teacher's row and its span is unaligned). A run that is not valid UTF-8 (a row cut mid-character, a sample with a
+    stray byte) has the tokens holding the broken bytes in unaligned spans of their own (the teacher sees the same
+    bytes as its byte tokens where it has one for each, else U+FFFD), the valid text around them re-tokenized apart.
 
     A span is aligned when both sides have a token, both sides' bytes are the text's, every token in it is learned
     and neither side's first token starts its document (nothing predicts it); `Span.reason` says which rule failed.
@@ -395,6 +402,11 @@ class Aligner:
         self.special = _counterparts(student_tokenizer, teacher_tokenizer, self.student_bytes, self.teacher_bytes)
         self.student_pad = student_tokenizer.pad_token_id
         self.teacher_pad = _pad_id(teacher_tokenizer)
+        # The teacher's token of each single byte (byte-level BPE, byte fallback): what a broken character becomes
+        self.teacher_byte_ids: dict[int, int] = {}
+        for tid, spelled in enumerate(self.teacher_bytes):
+            if spelled is not None and len(spelled) == 1:
+                self.teacher_byte_ids.setdefault(spelled[0], tid)
         self.student_bos = student_tokenizer.bos_token_id
         spec = json.loads(_backend(teacher_tokenizer).to_str())
         self._leading = _encoder(spec)
@@ -467,12 +479,14 @@ class Aligner:
                     local = [(0, 1, 0, len(t_ids) - q0, NO_COUNTERPART if mapped is None else None)]
                 else:
                     enc = encodings[id(piece)]
-                    t_ids += enc.ids
+                    parts = [self.student_bytes[i] for i in ids[piece.start : piece.end]]
                     if piece.valid:
-                        parts = [self.student_bytes[i] for i in ids[piece.start : piece.end]]
+                        t_ids += enc.ids
                         local = _local_spans(parts, enc.ids, enc.offsets, piece.text, self.teacher_bytes)
-                    else:
-                        local = [(0, piece.end - piece.start, 0, len(enc.ids), NOT_UTF8)]
+                    else:  # the same bytes in the teacher's byte tokens where it has them, else U+FFFD as encoded
+                        raw = [self.teacher_byte_ids.get(x) for x in b"".join(parts)]
+                        t_ids += enc.ids if None in raw else raw
+                        local = [(0, piece.end - piece.start, 0, len(t_ids) - q0, NOT_UTF8)]
                 for a, b, c, d, problem in local:
                     s0, t0 = piece.start + a, q0 + c
                     if problem is None and d == c:

@@ -195,6 +195,8 @@ def cross_losses(
         "span_agreement": crossed.stats["top1_agreement"],
         "unaligned_fraction": torch.tensor(float(cross.unaligned_tokens), device=hidden.device),
     }
+    if cross.teacher.text_logprob is not None:  # with on-policy steps: the teacher's log-probability of the spans' text
+        out.stats["span_teacher_logprob"] = cross.teacher.text_logprob
     return out
 
 

@@ -9,7 +9,8 @@ FSDP student steps in lockstep on every rank), and the data's completion is repl
 step follows: the teacher (any online engine) scores the whole sampled sequence, the KD loss covers the sampled
 completion tokens only (prompt and padding after the stop are labelled -100), normalised by the global count of
 those tokens. CE on the samples is off (it would teach the student its own output); the step's logged `ce_loss` is
-the student's negative log-likelihood of its samples, `teacher_logprob` the teacher's mean log-probability of them.
+the student's negative log-likelihood of its samples, `teacher_logprob` the teacher's mean log-probability of them
+(a teacher with another tokenizer: of their aligned text, `sample_teacher_logprob`; docs/cross_tokenizer.md).
 
 Exactness: which steps are on-policy is a pure function of (seed, step), the same on every rank, and each row
 samples from a generator of its own seeded by (seed, the row's global data position), which fixes the step, the
@@ -103,6 +104,11 @@ class Sampled:
         }
         if "teacher_logprob" in res_stats:
             out["sample_teacher_logprob"] = res_stats["teacher_logprob"]
+        elif "span_teacher_logprob" in res_stats and res_stats["unaligned_fraction"] < 1.0:
+            # Another tokenizer (distill.cross_tokenizer): the teacher's log-probability of the aligned text (its own
+            # tokens, the chain rule), per student token of that text; both stats are per counted student token.
+            aligned = 1.0 - res_stats["unaligned_fraction"]
+            out["sample_teacher_logprob"] = res_stats["span_teacher_logprob"] / aligned
         return out
 
 

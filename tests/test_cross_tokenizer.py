@@ -128,7 +128,6 @@ def test_a_pair_that_differs_without_the_key_is_refused_naming_it(tmp_path, smok
     for extra, message in {
         "distill.loss=reverse_kl": "forward KL only",
         "distill.samples=4": "sampled targets",
-        "distill.on_policy=0.5": "with distill.on_policy=0.5: not supported yet",
         "teacher.engine=remote teacher.url=http://127.0.0.1:9": "teacher.engine=remote: not supported yet",
     }.items():
         with pytest.raises(ConfigError, match=message):

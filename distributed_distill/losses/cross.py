@@ -95,6 +95,8 @@ class TeacherSpans:
 
     rest_logsum: [S] float32, per span the sum of log p_t(actual later token) at the temperature over its rest rows
     (0 for a one-token span).
+    text_logprob: scalar float32 or None (`teacher_spans(score_text=True)`), the log-probability at temperature 1 of
+    every span's text, the sum over its first and later tokens of log p_t(token | everything before it).
     """
 
     rest_logsum: torch.Tensor
@@ -104,6 +106,7 @@ class TeacherSpans:
     ids: torch.Tensor | None = None
     logprobs: torch.Tensor | None = None
     tail_logmass: torch.Tensor | None = None
+    text_logprob: torch.Tensor | None = None
 
     @property
     def num_spans(self) -> int:
@@ -379,6 +382,7 @@ def teacher_spans(
     temperature: float = 1.0,
     top_k: int | None = None,
     chunk_size: int = 1024,
+    score_text: bool = False,
 ) -> TeacherSpans:
     """The teacher's side of the spans, without gradients.
 
@@ -387,7 +391,9 @@ def teacher_spans(
     SpanIndex. The rest sums are computed chunk_size rest rows at a time (no [Nt, Vt] tensor; <= 0: one chunk).
     top_k None: the dense form (the first rows' hidden states, projected by the loss chunk by chunk); an int: the
     first rows reduced to their top-k ids, log-probs at the temperature and the log of the mass outside (computed
-    from the complement, exact also when the top k hold nearly all of it; -inf at k >= Vt).
+    from the complement, exact also when the top k hold nearly all of it; -inf at k >= Vt). score_text: also the
+    spans' text log-probability at temperature 1 (`TeacherSpans.text_logprob`; the chain rule over the actual tokens,
+    what an on-policy step reports of the teacher), one more chunked pass over the spans' rows.
     """
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -401,9 +407,14 @@ def teacher_spans(
     mm_dtype = _mm_dtype(hidden, weight)
     with torch.autocast(hidden.device.type, enabled=False):
         rest = _rest_sums(hidden, weight, bias, labels, spans, temperature, mm_dtype, chunk_size, False)
+        text = None
+        if score_text:  # every row of every span as the rest of one span, at T = 1
+            every = torch.cat([spans.first, spans.rest])
+            whole = SpanIndex(spans.first.new_zeros(1), every, torch.zeros_like(every))
+            text = _rest_sums(hidden, weight, bias, labels, whole, 1.0, mm_dtype, chunk_size, False)[0]
         first = hidden.index_select(0, spans.first)
         if top_k is None:
-            return TeacherSpans(rest_logsum=rest, hidden=first, weight=weight, bias=bias)
+            return TeacherSpans(rest_logsum=rest, hidden=first, weight=weight, bias=bias, text_logprob=text)
         k = min(top_k, weight.shape[0])
         ids, logprobs, tails = [], [], []
         for rows in _chunks(spans.num_spans, chunk_size):
@@ -416,7 +427,11 @@ def teacher_spans(
             logprobs.append(top - lse)
             tails.append(z.sub_(lse).exp_().scatter_(1, idx, 0.0).sum(-1).log())
         return TeacherSpans(
-            rest_logsum=rest, ids=torch.cat(ids), logprobs=torch.cat(logprobs), tail_logmass=torch.cat(tails)
+            rest_logsum=rest,
+            ids=torch.cat(ids),
+            logprobs=torch.cat(logprobs),
+            tail_logmass=torch.cat(tails),
+            text_logprob=text,
         )
 
 

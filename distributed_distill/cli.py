@@ -89,8 +89,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def only_train_crosses(cfg, command: str):
-    """distill.cross_tokenizer is built for `distill train` and `distill eval` (both report the span metrics); the
-    other commands refuse it in one line before any work (docs/cross_tokenizer.md, what is built)."""
+    """distill.cross_tokenizer is built for `distill train`, `distill eval`, and the stores students of another
+    tokenizer read (`distill precompute`, `distill generate`); `distill serve` refuses it in one line before any
+    work (docs/cross_tokenizer.md, what is built)."""
     if cfg.distill.cross_tokenizer is not None:
         raise DistillError(
             f"distill {command} with distill.cross_tokenizer: not supported yet; a teacher with another tokenizer "
@@ -139,7 +140,9 @@ def cmd_precompute(args: argparse.Namespace) -> int:
 
 def _write_store(write, args: argparse.Namespace) -> int:
     """`distill precompute` and `distill generate`: write the store, print the result line once."""
-    result = write(only_train_crosses(load_config(args.config, args.overrides), args.command))
+    # distill.cross_tokenizer: both write a store in the teacher's tokenization, which students of any tokenizer
+    # read through the alignment (cross_store.py, cross_samples.py)
+    result = write(load_config(args.config, args.overrides))
     if _main_process():
         print(json.dumps(result))
     return 0

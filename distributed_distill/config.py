@@ -609,8 +609,12 @@ class DistillConfig:
         if self.samples is not None:
             raise ConfigError(f"{key} with distill.samples: sampled targets are not aligned across tokenizers; use "
                               "distill.top_k or dense targets")  # fmt: skip
+        if self.store_samples is not None:
+            raise ConfigError(
+                f"{key} with distill.store_samples: a store for students of another tokenizer keeps top-k targets "
+                "(sampled draws are not aligned across tokenizers); unset distill.store_samples"
+            )
         unsupported = {
-            "distill.signal=offline": self.signal == "offline",
             "distill.hidden": self.hidden is not None,
         }
         for what, given in unsupported.items():

@@ -19,6 +19,7 @@ import torch
 
 from .config import Config
 from .cross_tokenizer import Aligner, VocabMap, alignment_sample, vocab_map
+from .data.batching import IGNORE_INDEX
 from .data.documents import cache_root
 from .errors import DistillError
 from .losses import SpanIndex, TeacherSpans, TeacherTargets, teacher_spans
@@ -94,6 +95,32 @@ class CrossTokenizerTeacher:
         return self.inner.parameter_bytes()
 
 
+@torch.no_grad()
+def row_targets(
+    found: TeacherTargets, labels: torch.Tensor, top_k: int, temperature: float, chunk_size: int
+) -> tuple[TeacherTargets, torch.Tensor]:
+    """A dense teacher's targets of N next-token rows in its own tokenization (`found`: hidden [N, Ht] and its
+    output layer; `labels` [N]) as a store for other tokenizers keeps them: per row the top-k ids, log-probs and
+    the log of the mass outside, and the log-prob of the row's label (0 where it is ignored) [N]. Every row is the
+    first row of a one-token span and the rest row of its own, through `losses.teacher_spans`, the reduction this
+    module's online teacher applies to spans; so a span read back from the store (its first row's top-k, the sum of
+    its later rows' label log-probs) holds the online values, up to the store's float16 rounding."""
+    rows = torch.arange(labels.shape[0], device=labels.device)
+    learned = rows[labels != IGNORE_INDEX]
+    spans = teacher_spans(
+        found.hidden,
+        found.weight,
+        found.bias,
+        labels,
+        SpanIndex(rows, learned, learned),
+        temperature=temperature,
+        top_k=top_k,
+        chunk_size=chunk_size,
+    )
+    targets = TeacherTargets(ids=spans.ids, logprobs=spans.logprobs, tail_logmass=spans.tail_logmass)
+    return targets, spans.rest_logsum
+
+
 def _to(spans: SpanIndex, device: torch.device) -> SpanIndex:
     return SpanIndex(spans.first.to(device), spans.rest.to(device), spans.rest_span.to(device))
 
@@ -122,6 +149,16 @@ def startup_check(cfg: Config, student_tokenizer, teacher_tokenizer, train, prin
     starts = range(0, min(rows, size * xcfg.sample_batches), size)
     batches = (collate(train, list(range(s, min(rows, s + size)))) for s in starts)
     counted, aligned = alignment_sample(Aligner(student_tokenizer, teacher_tokenizer), batches)
+    return report_alignment(cfg, student_tokenizer, teacher_tokenizer, vmap, counted, aligned, print_fn)
+
+
+def report_alignment(
+    cfg: Config, student_tokenizer, teacher_tokenizer, vmap: VocabMap, counted: int, aligned: int, print_fn=print
+) -> float:
+    """The startup summary line of `counted` learned student tokens, `aligned` of them in aligned spans, and the
+    refusal above distill.cross_tokenizer.max_unaligned; returns the share dropped (startup_check, and a store read
+    through the alignment, cross_store.py)."""
+    xcfg = cfg.distill.cross_tokenizer
     dropped = 1.0 - aligned / counted if counted else 0.0
     print_fn(
         f"cross-tokenizer: student tokenizer {len(student_tokenizer)} tokens, teacher's {len(teacher_tokenizer)}; "

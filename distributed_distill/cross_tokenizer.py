@@ -415,9 +415,11 @@ class Aligner:
         # as the teacher's own tokenizer would give it; a later run continues the document's text.
         self._continuing = _encoder(spec, prefix=False) if _first_prefixes(spec) else self._leading
 
-    def __call__(self, batch: dict[str, torch.Tensor]) -> CrossBatch:
+    def __call__(self, batch: dict[str, torch.Tensor], label_counted: bool = False) -> CrossBatch:
         """`batch`: the student's `input_ids`, `labels` and (packed rows) `position_ids`, each [B, L] long; without
-        `position_ids` every row is one document."""
+        `position_ids` every row is one document. `label_counted`: the teacher's batch labels every token of a
+        counted span that stands for its text (aligned or not: what a model trained on that batch learns, as a
+        store read by another tokenizer needs), not only the aligned spans' tokens."""
         ids, labels = batch["input_ids"].tolist(), batch["labels"].tolist()
         length = len(ids[0]) if ids else 0
         positions = batch["position_ids"].tolist() if "position_ids" in batch else [list(range(length))] * len(ids)
@@ -432,7 +434,7 @@ class Aligner:
                 encodings.update(zip(map(id, mine), found))
         spans: list[Span] = []
         teacher_rows = [self._teacher_row(r, ids[r], docs, encodings, spans) for r, docs in enumerate(layout)]
-        return self._assemble(batch, spans, teacher_rows, length)
+        return self._assemble(batch, spans, teacher_rows, length, label_counted)
 
     def _pieces(self, ids: list[int], labels: list[int], positions: list[int]) -> list[tuple[int, list[_Piece]]]:
         """A row's documents, each (its first position, its pieces): special tokens one by one, text runs cut
@@ -499,8 +501,11 @@ class Aligner:
             t_positions += range(len(t_ids) - t_doc)
         return t_ids, t_positions
 
-    def _assemble(self, batch: dict, spans: list[Span], teacher_rows: list, length: int) -> CrossBatch:
-        """The padded teacher batch, its labels in the aligned spans, and both sides' flat span indices."""
+    def _assemble(
+        self, batch: dict, spans: list[Span], teacher_rows: list, length: int, label_counted: bool
+    ) -> CrossBatch:
+        """The padded teacher batch, its labels in the aligned spans (label_counted: in every counted span whose
+        teacher tokens are whole characters), and both sides' flat span indices."""
         as_long = {"dtype": torch.long, "device": batch["input_ids"].device}
         width = max((len(t) for t, _ in teacher_rows), default=0)
         t_ids = [t + [self.teacher_pad] * (width - len(t)) for t, _ in teacher_rows]
@@ -511,12 +516,13 @@ class Aligner:
         for span in spans:
             # What the loss counts: a row's first token has a label but nothing predicts it (labels[:, 1:]).
             counted += span.student_end - span.student_start - (span.student_start == 0) if span.counted else 0
+            if span.aligned or (label_counted and span.counted and span.reason != NOT_UTF8):
+                t_labels[span.row][span.teacher_start : span.teacher_end] = t_ids[span.row][
+                    span.teacher_start : span.teacher_end
+                ]
             if not span.aligned:
                 continue
             aligned += span.student_end - span.student_start
-            t_labels[span.row][span.teacher_start : span.teacher_end] = t_ids[span.row][
-                span.teacher_start : span.teacher_end
-            ]
             j = len(index["student"][0])
             for side, start, end in (
                 ("student", span.student_start, span.student_end),

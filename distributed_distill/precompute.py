@@ -28,13 +28,14 @@ from pathlib import Path
 import pyarrow as pa
 
 from .config import Config
+from .cross_teacher import row_targets
 from .data.batching import collate, train_indices
 from .data.packed import build_datasets
 from .setup import RunPlan, store_run
 from .store import format as store_format
 from .store import writer
 from .store.logits import LOGIT_FORMAT, LOGIT_VERSION, encode_logit_rows, logit_counts
-from .teacher import identity
+from .teacher import identity, setup_teacher
 from .teachers import expected_identity, setup_teachers
 from .tokenizer import tokenizer_hash
 
@@ -43,21 +44,29 @@ def precompute(cfg: Config, part: tuple[int, int] | None = None) -> dict:
     """Write (or finish) the store; `part` (default: DISTILL_STORE_PART) restricts this run to part I of N."""
     with store_run(cfg, cfg.distill.store, "distill.store", "precompute", part) as (plan, part, started):
         accelerator = plan.accelerator
-        with accelerator.main_process_first():
-            train_ds, val_ds, _ = build_datasets(plan.documents(), plan.tokenizer, cfg.data)
+        with accelerator.main_process_first():  # distill.cross_tokenizer: the teacher's tokenization (cross_store.py)
+            train_ds, val_ds, _ = build_datasets(plan.documents(), store_tokenizer(plan), cfg.data)
         content = logit_store_plan(plan, len(train_ds), len(val_ds))
         distill = cfg.distill
         layout = shard_layout(
             len(train_ds), len(val_ds), cfg.train.seed, distill.store_shard_rows, distill.store_max_rows
         )
-        work = TargetsWork(plan, {"train": train_ds, "validation": val_ds}, content)
+        kind = CrossTargetsWork if plan.teacher_tokenizer is not None else TargetsWork
+        work = kind(plan, {"train": train_ds, "validation": val_ds}, content)
         job = writer.StoreJob(accelerator, Path(distill.store), "distill.store", content, layout, part, started)
         return job.run(work)
 
 
+def store_tokenizer(plan: RunPlan):
+    """The tokenizer of a store's rows: the run's, or with distill.cross_tokenizer the teacher's own (a store that
+    students of any tokenizer read through the alignment, cross_store.py)."""
+    return plan.teacher_tokenizer if plan.teacher_tokenizer is not None else plan.tokenizer
+
+
 def logit_store_plan(plan: RunPlan, n_train: int, n_val: int) -> dict:
     """Everything that determines the store's content; its hash names the store and guards resumes."""
-    cfg, tokenizer, distill = plan.cfg, plan.tokenizer, plan.cfg.distill
+    cfg, tokenizer, distill = plan.cfg, store_tokenizer(plan), plan.cfg.distill
+    crossed = {"label_logprobs": True} if plan.teacher_tokenizer is not None else {}
     return {
         "format": LOGIT_FORMAT,
         "version": LOGIT_VERSION,
@@ -77,6 +86,7 @@ def logit_store_plan(plan: RunPlan, n_train: int, n_val: int) -> dict:
         "batch_size": cfg.train.micro_batch_size,
         "shard_rows": distill.store_shard_rows,
         "split_rows": {"train": min(n_train, distill.store_max_rows or n_train), "validation": n_val},
+        **crossed,
     }
 
 
@@ -169,3 +179,41 @@ class TargetsWork:
     def filler(self) -> None:
         batch = collate(self.splits["train"], [0] * self.batch_size)
         self.teacher.targets({k: v.to(self.device) for k, v in batch.items()})
+
+
+class CrossTargetsWork(TargetsWork):
+    """A logit-store shard for students of any tokenizer (distill.cross_tokenizer): rows in the teacher's own
+    tokenization, the teacher run dense over its vocabulary, and per position its top-k plus the log-prob of the
+    label (cross_teacher.row_targets: the reduction the online cross-tokenizer teacher applies to spans)."""
+
+    def load(self) -> None:
+        cfg, plan = self.plan.cfg, self.plan
+        self.teacher = setup_teacher(
+            cfg.teacher,
+            plan.teacher_configs[0],
+            self.device,
+            seed=cfg.train.seed,
+            vocab=len(plan.teacher_tokenizer),
+            temperature=cfg.distill.temperature,
+            chunk_size=plan.given.distill.chunk_size,
+        )
+
+    def shard(self, name: str, rows: list[int]) -> tuple[pa.Table, dict]:
+        ds, vocab = self.splits[name.split("/")[0]], len(self.plan.teacher_tokenizer)
+        temperature = self.plan.cfg.distill.temperature
+        tables = []
+        for start in range(0, len(rows), self.batch_size):
+            batch_rows = rows[start : start + self.batch_size]
+            batch = collate(ds, batch_rows)
+            found = self.teacher.targets({k: v.to(self.device) for k, v in batch.items()})
+            labels = batch["labels"][:, 1:].reshape(-1).to(self.device)
+            targets, label_logprobs = row_targets(found, labels, self.top_k, temperature, self.teacher.chunk_size)
+            position_ids = batch.get("position_ids")
+            tables.append(
+                encode_logit_rows(
+                    batch_rows, batch["input_ids"], batch["labels"], targets, vocab, position_ids, self.encoding,
+                    label_logprobs=label_logprobs,
+                )
+            )  # fmt: skip
+        table = pa.concat_tables(tables)
+        return table, logit_counts(table)

@@ -44,7 +44,8 @@ def step_name(step: int) -> str:
 def recorded_config(cfg: Config) -> Config:
     """The config a run records, in config.yaml and in every checkpoint, and what a resume is compared by: the
     resolved config, except that an offline run records no teacher (the store replaced it; its content hash is
-    compared instead), the tokenizer it used and, as data.source, what it trained on (the store's source:
+    compared instead; with distill.cross_tokenizer the teacher stays, its tokenizer is how the store's rows are
+    read), the tokenizer it used and, as data.source, what it trained on (the store's source:
     store.offline_data_source). Recording a recorded config changes nothing, so a run restarted from its own
     config.yaml is the same run."""
     if cfg.distill.signal != "offline":
@@ -52,7 +53,8 @@ def recorded_config(cfg: Config) -> Config:
     path, revision = tokenizer_source(cfg) or (None, None)
     tokenizer = dataclasses.replace(cfg.tokenizer, path=path, revision=revision)
     data = dataclasses.replace(cfg.data, source=offline_data_source(cfg) or cfg.data.source)
-    return dataclasses.replace(cfg, teacher=None, teachers=None, tokenizer=tokenizer, data=data)
+    teacher = cfg.teacher if cfg.distill.cross_tokenizer is not None else None
+    return dataclasses.replace(cfg, teacher=teacher, teachers=None, tokenizer=tokenizer, data=data)
 
 
 def read_records(path: Path) -> tuple[list[dict], list[str]]:

@@ -47,13 +47,22 @@ def training_data(plan: RunPlan) -> TrainingData:
     if cfg.distill.signal == "offline":
         if samples is not None:
             source, kind = open_sample_targets(cfg, tokenizer, samples), DocKind.PROMPT
+        elif plan.teacher_tokenizer is not None:  # a store in the teacher's tokenization, read through the alignment
+            from .cross_store import open_cross_store
+
+            limit = getattr(plan.student_config.get_text_config(), "max_position_embeddings", None)
+            source, kind = open_cross_store(cfg, tokenizer, plan.teacher_tokenizer, accelerator, limit), None
         else:
             source, kind = open_logit_store(cfg, tokenizer, accelerator), None
         hash_ = source.manifest["config_hash"]
         return TrainingData(source.train, source.val, kind, source.teacher, hash_, source.line, streamed=True)
     unprompted = 0
     with accelerator.main_process_first():
-        if samples is not None:  # prompt/completion documents, only the completions learned
+        if samples is not None and plan.teacher_tokenizer is not None:  # the teacher's samples, in the student's tokens
+            from .cross_samples import cross_sample_data
+
+            train, val, kind, line = cross_sample_data(cfg, tokenizer, plan.teacher_tokenizer, samples)
+        elif samples is not None:  # prompt/completion documents, only the completions learned
             train, val, kind, line = sample_data(cfg, tokenizer, samples)
         elif cfg.data.streaming:
             train = DocumentStream(cfg.data, tokenizer, cfg.train.seed)

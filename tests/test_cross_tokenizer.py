@@ -132,12 +132,14 @@ def test_a_pair_that_differs_without_the_key_is_refused_naming_it(tmp_path, smok
     }.items():
         with pytest.raises(ConfigError, match=message):
             load_config(SMOKE, [*with_path, *extra.split()])
-    # Only `distill train` takes one yet: the other commands refuse it in one line, exit 2, before any work.
-    proc = run_cli(
-        ["precompute", "--config", str(SMOKE), *with_path, f"distill.store={tmp_path / 'store'}"], check=False
-    )
-    assert "distill precompute with distill.cross_tokenizer: not supported yet" in error_line(proc)
-    assert not (tmp_path / "store").exists()
+    with pytest.raises(ConfigError, match="keeps top-k targets"):
+        load_config(SMOKE, [*with_path, "distill.store_samples=4"])
+    # `distill serve` does not take one yet: it refuses in one line, exit 2, before any work (`distill generate`
+    # samples in the teacher's tokens: tests/test_cross_samples.py).
+    proc = run_cli(["serve", "--config", str(SMOKE), *with_path, f"serve.address_file={tmp_path / 'url'}"],
+                   check=False)  # fmt: skip
+    assert "distill serve with distill.cross_tokenizer: not supported yet" in error_line(proc)
+    assert not (tmp_path / "url").exists()
 
 
 # ----------------------------------------------------------------------------------------------

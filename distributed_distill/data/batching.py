@@ -95,6 +95,8 @@ def collate(ds, indices: list[int]) -> dict[str, torch.Tensor]:
         batch["position_ids"] = rows["position_ids"].long()
     if "teacher_route" in rows:  # routing: [B, S], the teacher that scores the position after each token (-1: none)
         batch["teacher_route"] = rows["teacher_route"].long()
+    # A store read by a student of another tokenizer: the batch's spans and their teacher side (cross_store.py).
+    batch.update({key: value for key, value in rows.items() if key.startswith("cross_")})
     return batch
 
 

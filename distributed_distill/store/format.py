@@ -43,6 +43,7 @@ PARQUET_OPTIONS = dict(
     column_encoding={
         "teacher_logprobs.list.element": "BYTE_STREAM_SPLIT",
         "teacher_tail.list.element": "BYTE_STREAM_SPLIT",
+        "teacher_label_logprob.list.element": "BYTE_STREAM_SPLIT",
     },
 )
 

@@ -64,6 +64,10 @@ LOGIT_FORMAT = "distributed_distill.logit_store"
 LOGIT_VERSION = 2
 LOGIT_READABLE = (1,)  # version 1: top-k targets in the plain encoding, no `targets`/`encoding` keys
 ROW_COLUMNS = ("index", "row_hash", "input_ids", "labels")
+# A store precomputed for a student of another tokenizer (distill.cross_tokenizer, cross_store.py): rows in the
+# teacher's tokenization, each position also keeping the teacher's log-prob of its label (the chain rule over a
+# span's later tokens needs them; the manifest says "label_logprobs": true).
+LABEL_LOGPROB = "teacher_label_logprob"
 
 
 def read_logit_manifest(root: str | Path) -> dict:
@@ -83,10 +87,12 @@ def encode_logit_rows(
     position_ids: torch.Tensor | None = None,
     encoding: str = "plain",
     draws: int | None = None,
+    label_logprobs: torch.Tensor | None = None,
 ) -> pa.Table:
     """One Arrow row per sequence from a micro-batch [B, S] and its N = B * (S - 1) target rows (top-k, or sampled
     from `draws` draws), in `encoding` (encoding.py); packed rows keep their per-document `position_ids` (the
-    student must see what the teacher saw)."""
+    student must see what the teacher saw). `label_logprobs` [N] (a store for students of other tokenizers,
+    LABEL_LOGPROB): the teacher's log-prob of every row's label, as float16, 0 where the label is ignored."""
     b, s = input_ids.shape
     ids_np = input_ids.cpu().numpy()
 
@@ -96,6 +102,8 @@ def encode_logit_rows(
     columns = {}
     if position_ids is not None:
         columns["position_ids"] = lists(pa.array(position_ids.cpu().numpy().astype(id_dtype(s)).reshape(-1)), s)
+    if label_logprobs is not None:
+        columns[LABEL_LOGPROB] = lists(pa.array(label_logprobs.cpu().to(torch.float16).numpy().reshape(-1)), s - 1)
     return pa.table(
         {
             **columns,
@@ -132,6 +140,8 @@ def decode_logit_rows(table: pa.Table, manifest: dict, check_hashes: bool = True
     extra = {}
     if "position_ids" in table.column_names:
         extra["position_ids"] = torch.from_numpy(flat(table["position_ids"]).astype(np.int64).reshape(b, s))
+    if LABEL_LOGPROB in table.column_names:
+        extra[LABEL_LOGPROB] = torch.from_numpy(flat(table[LABEL_LOGPROB]).astype(np.float32).reshape(b, s - 1))
     return {
         **extra,
         "input_ids": torch.from_numpy(input_ids.astype(np.int64)),
@@ -229,13 +239,17 @@ class ValidationSplit:
         return decode_logit_rows(self.ds[list(indices)], self.manifest)
 
 
-def open_logit_store(cfg: Config, tokenizer, accelerator: Accelerator) -> OfflineSource:
+def open_logit_store(
+    cfg: Config, tokenizer, accelerator: Accelerator, fix: str = "precompute a store with this run's tokenizer"
+) -> OfflineSource:
     """Open `distill.store` for training after checking it fits the student: manifest, tokenizer, vocabulary,
-    sequence length, temperature, k and the presence and sizes of all shards; all before any model loads."""
+    sequence length, temperature, k and the presence and sizes of all shards; all before any model loads.
+    `tokenizer`: the one the store's rows must be in (the student's; cross_store.py passes the teacher's), `fix`
+    what the refusal of another one suggests."""
     root = Path(cfg.distill.store)
     manifest = read_logit_manifest(root)
     where = f"distill.store={root}"
-    check_tokenizer(manifest, tokenizer_hash(tokenizer), where, "precompute a store with this run's tokenizer")
+    check_tokenizer(manifest, tokenizer_hash(tokenizer), where, fix)
     checks = [
         ("aligned vocabulary", "vocab_size", len(tokenizer), "the tokenizer's length"),
         ("seq_len", "seq_len", cfg.data.seq_len, "data.seq_len"),
@@ -334,8 +348,9 @@ def verify_logit_store(root: str | Path) -> str:
 def _check_logit_rows(path: Path, where: str, shard: dict, manifest: dict) -> None:
     targets, encoding = store_targets(manifest), store_encoding(manifest)
     vocab, seq_len = manifest["vocab_size"], manifest["seq_len"]
-    table = read_verified_table(path, where, shard, ROW_COLUMNS + ENCODED_COLUMNS[targets, encoding])
-    lengths = {"input_ids": seq_len, "labels": seq_len}
+    labelled = (LABEL_LOGPROB,) if manifest.get("label_logprobs") else ()
+    table = read_verified_table(path, where, shard, ROW_COLUMNS + ENCODED_COLUMNS[targets, encoding] + labelled)
+    lengths = {"input_ids": seq_len, "labels": seq_len, **{c: seq_len - 1 for c in labelled}}
     if (targets, encoding) == ("top_k", "plain"):
         k = manifest["top_k"]
         lengths.update({"teacher_ids": (seq_len - 1) * k, "teacher_logprobs": (seq_len - 1) * k})
@@ -360,6 +375,11 @@ def _check_logit_rows(path: Path, where: str, shard: dict, manifest: dict) -> No
             raise DistillError(f"{where} row {int(bad[0])}: teacher log-probs are not valid (NaN or > 0)")
     else:
         check_rows(table, manifest, where, seq_len)
+    if labelled:
+        values = flat(table[LABEL_LOGPROB]).reshape(len(input_ids), -1)
+        bad = np.flatnonzero((np.isnan(values) | (values > 0)).any(-1))
+        if bad.size:
+            raise DistillError(f"{where} row {int(bad[0])}: teacher label log-probs are not valid (NaN or > 0)")
     if hashlib.sha256("".join(table["row_hash"].to_pylist()).encode()).hexdigest() != shard["rows_sha256"]:
         raise DistillError(f"{where}: its rows are not the ones the manifest lists (row hashes differ)")
 

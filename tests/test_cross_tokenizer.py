@@ -13,7 +13,6 @@ import dataclasses
 import json
 import re
 import shutil
-import signal
 import sys
 from pathlib import Path
 
@@ -32,7 +31,7 @@ from distributed_distill.objective import forward_losses
 from distributed_distill.teacher import OnlineTeacher
 from distributed_distill.tokenizer import load_tokenizer, train_bpe_tokenizer
 
-from .helpers import ROOT, SMOKE, error_line, interrupt, read_metrics, run_cli, torchrun, training_records
+from .helpers import ROOT, SMOKE, error_line, read_metrics, run_cli, torchrun
 
 
 @pytest.fixture(scope="module")
@@ -171,12 +170,12 @@ def cross_args(teacher: Path, out: Path, *extra: str) -> list[str]:
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-def test_two_tokenizers_train_on_two_processes_with_a_zero3_teacher_as_on_one_and_resume_exactly(
+def test_two_tokenizers_train_on_two_processes_with_a_zero3_teacher_as_on_one(
     cross_teacher_dir, tmp_path
 ):
     """`distill train` with a 384-token teacher and the 512-token student: the startup line, the span diagnostics
     at validation; 2 processes (torchrun) with a zero3 teacher train the student one process with a replicated
-    teacher trains (to 1e-5), and a run killed with SIGKILL then resumed ends bit-identical."""
+    teacher trains (to 1e-5)."""
     one = tmp_path / "one"
     proc = run_cli(["train", *cross_args(cross_teacher_dir, one)], timeout=300)
     line = next(x for x in proc.stdout.splitlines() if x.startswith("cross-tokenizer:"))
@@ -197,12 +196,8 @@ def test_two_tokenizers_train_on_two_processes_with_a_zero3_teacher_as_on_one_an
         for key in ("loss", "kd_loss", "ce_loss", "num_tokens", "grad_norm", "val_loss", "val_span_kl"):
             if key in a:
                 assert b[key] == pytest.approx(a[key], abs=1e-5), (key, a["step"])
-    killed = tmp_path / "killed"
-    cmd = [sys.executable, "train.py", *cross_args(cross_teacher_dir, killed)]
-    interrupt(cmd, killed, at_step=5, sig=signal.SIGKILL)
-    run_cli(cross_args(cross_teacher_dir, killed), launcher=[sys.executable, "train.py"], timeout=300)
-    assert training_records(killed) == training_records(one)
-    assert_same_weights(one, killed)
+    # (A SIGKILL and an exact resume of cross-tokenizer steps: test_cross_on_policy.py, whose run mixes on-policy
+    # and data steps, and test_cross_store.py offline.)
 
 
 def assert_same_weights(a: Path, b: Path) -> None:

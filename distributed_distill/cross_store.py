@@ -172,7 +172,9 @@ def open_cross_store(
         learned = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
         counted += learned
         aligned += learned - stored_cross_targets(batch, vmap.teacher_to_student).unaligned_tokens
-    report_alignment(cfg, student_tokenizer, teacher_tokenizer, vmap, counted, aligned, accelerator.print)
+    report_alignment(
+        cfg, student_tokenizer, teacher_tokenizer, vmap, counted, aligned, accelerator.print, "validation micro-batches"
+    )
     teacher = OfflineCrossTeacher(source.manifest, val, vmap.teacher_to_student)
     line = f"{source.line}; read through the alignment by the student's tokenizer ({len(student_tokenizer)} tokens)"
     return OfflineSource(CrossStream(source.train, convert), val, teacher, source.manifest, line)

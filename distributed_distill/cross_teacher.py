@@ -153,17 +153,24 @@ def startup_check(cfg: Config, student_tokenizer, teacher_tokenizer, train, prin
 
 
 def report_alignment(
-    cfg: Config, student_tokenizer, teacher_tokenizer, vmap: VocabMap, counted: int, aligned: int, print_fn=print
+    cfg: Config,
+    student_tokenizer,
+    teacher_tokenizer,
+    vmap: VocabMap,
+    counted: int,
+    aligned: int,
+    print_fn=print,
+    sample: str = "micro-batches",
 ) -> float:
-    """The startup summary line of `counted` learned student tokens, `aligned` of them in aligned spans, and the
-    refusal above distill.cross_tokenizer.max_unaligned; returns the share dropped (startup_check, and a store read
-    through the alignment, cross_store.py)."""
+    """The startup summary line of `counted` learned student tokens, `aligned` of them in aligned spans (of the first
+    sample_batches `sample`), and the refusal above distill.cross_tokenizer.max_unaligned; returns the share dropped
+    (startup_check, and a store read through the alignment, cross_store.py)."""
     xcfg = cfg.distill.cross_tokenizer
     dropped = 1.0 - aligned / counted if counted else 0.0
     print_fn(
         f"cross-tokenizer: student tokenizer {len(student_tokenizer)} tokens, teacher's {len(teacher_tokenizer)}; "
         f"{vmap.describe()}; aligned spans cover {1 - dropped:.1%} of {counted} counted tokens (first "
-        f"{xcfg.sample_batches} micro-batches); loss {xcfg.loss}"
+        f"{xcfg.sample_batches} {sample}); loss {xcfg.loss}"
     )
     if dropped > xcfg.max_unaligned:
         raise DistillError(

@@ -22,6 +22,10 @@ tokens (docs/generate.md says exactly what is byte-identical).
 
 With `teacher.engine: zero3` every rank runs every generation step in lockstep (`generation.generate(synced=True)`;
 ranks with fewer batches run filler ones), so a teacher sharded across the ranks can sample.
+
+With distill.cross_tokenizer (a student of another tokenizer) the teacher samples in its own tokens and the store
+keeps its tokenizer: the store the teacher's own config writes; the student re-tokenizes the samples when it trains
+on them (cross_samples.py).
 """
 
 from __future__ import annotations
@@ -58,13 +62,15 @@ from .tokenizer import tokenizer_hash
 def generate_store(cfg: Config, part: tuple[int, int] | None = None) -> dict:
     """Write (or finish) the sample store; `part` (default: DISTILL_STORE_PART) restricts this run to part I of N."""
     with store_run(cfg, cfg.generate.store, "generate.store", "generate", part) as (plan, part, started):
-        accelerator = plan.accelerator
+        # The teacher samples in its own tokens: with distill.cross_tokenizer its tokenizer, not the student's (a
+        # student of another tokenizer re-tokenizes the samples when it trains on them: cross_samples.py).
+        accelerator, tokenizer = plan.accelerator, plan.teacher_side_tokenizer
         with accelerator.main_process_first():
             docs = plan.documents()
-            prompts, dropped = read_prompts(cfg, docs, plan.tokenizer, plan.teacher_config)
-        sampling = sampling_setup(cfg.generate.sampling, plan.tokenizer, docs.kind.is_chat, "generate.sampling")
+            prompts, dropped = read_prompts(cfg, docs, tokenizer, plan.teacher_config)
+        sampling = sampling_setup(cfg.generate.sampling, tokenizer, docs.kind.is_chat, "generate.sampling")
         # Stop strings are matched in the completion's text as the store keeps it: special tokens skipped.
-        text = functools.partial(plan.tokenizer.decode, skip_special_tokens=True)
+        text = functools.partial(tokenizer.decode, skip_special_tokens=True)
         sampling = dataclasses.replace(sampling, decode=text)
         content = sample_store_plan(plan, prompts, docs.kind, sampling)
         if any(dropped.values()):
@@ -73,7 +79,7 @@ def generate_store(cfg: Config, part: tuple[int, int] | None = None) -> dict:
         layout = sample_layout(content["prompts"]["counts"], gen.samples_per_prompt, gen.shard_prompts)
         work = TeacherSampling(plan, content, sampling, prompts)
         job = writer.StoreJob(accelerator, Path(gen.store), "generate.store", content, layout, part, started)
-        return job.run(work, publish=lambda root: save_tokenizer(plan.tokenizer, root / TOKENIZER))
+        return job.run(work, publish=lambda root: save_tokenizer(tokenizer, root / TOKENIZER))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -156,7 +162,7 @@ def text_windows(text: str, tokenizer, gen) -> list[list[int]]:
 
 
 def sample_store_plan(plan: RunPlan, prompts: dict, kind: DocKind, sampling: Sampling) -> dict:
-    cfg, tokenizer, gen = plan.cfg, plan.tokenizer, plan.cfg.generate
+    cfg, tokenizer, gen = plan.cfg, plan.teacher_side_tokenizer, plan.cfg.generate
     fingerprint = hashlib.sha256(json.dumps(prompts).encode()).hexdigest()
     top_k = None if gen.top_k is None else min(gen.top_k, len(tokenizer))
     targets = bool(top_k or gen.samples)
@@ -275,7 +281,7 @@ class TeacherSampling:
             self.plan.teacher_config,
             self.plan.accelerator.device,
             seed=cfg.train.seed,
-            vocab=self.plan.vocab,
+            vocab=self.content["vocab_size"],
             temperature=cfg.distill.temperature,
             chunk_size=self.plan.given.distill.chunk_size,
         )
@@ -286,7 +292,7 @@ class TeacherSampling:
         for batch in shard_batches(pairs, self.prompts[split], self.batch_size):
             rows += self.sample(split, batch, self.prompts[split])
         rows.sort(key=lambda r: (r["index"], r["sample"]))
-        table = encode_sample_rows(rows, self.plan.vocab, self.content["top_k"], self.content["samples"])
+        table = encode_sample_rows(rows, self.content["vocab_size"], self.content["top_k"], self.content["samples"])
         return table, sample_counts(table)
 
     def _generate(self, prompts: list[list[int]], generators: list, on_step=None):
@@ -301,7 +307,7 @@ class TeacherSampling:
         )
 
     def sample(self, split: str, batch: list[tuple[int, int]], prompts: list[list[int]]) -> list[dict]:
-        tokenizer = self.plan.tokenizer
+        tokenizer = self.plan.teacher_side_tokenizer
         keeper = self._keeper(split, batch)
         gens = [sample_generator(self.seed, split, p, s) for p, s in batch]
         out = self._generate([prompts[p] for p, _ in batch], gens, keeper.on_step if keeper is not None else None)

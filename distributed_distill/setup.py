@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
@@ -35,7 +36,7 @@ from .losses import resolve_chunk_size
 from .rundir import recorded_config
 from .store import writer
 from .store.samples import TOKENIZER, training_store
-from .tokenizer import check_tokenizers, run_tokenizer, teacher_tokenizer
+from .tokenizer import check_tokenizers, run_tokenizer, teacher_tokenizer, tokenizer_source
 from .tracking import wandb_kwargs
 
 
@@ -109,6 +110,12 @@ class RunPlan:
         """The aligned vocabulary: the tokenizer's tokens, the rows of both output layers that are compared."""
         return len(self.tokenizer)
 
+    @property
+    def teacher_side_tokenizer(self):
+        """The tokenizer of the teacher's own tokens: the teacher's with distill.cross_tokenizer, else the run's (what
+        `distill generate` samples in and keeps in its store)."""
+        return self.teacher_tokenizer if self.teacher_tokenizer is not None else self.tokenizer
+
 
 def plan_run(cfg: Config, accelerator: Accelerator, resume: checkpoint.Resume | None = None) -> RunPlan:
     """The run plan: the seed set, the resumed config (`resume`), the tokenizer (checked against the models' own),
@@ -127,7 +134,7 @@ def plan_run(cfg: Config, accelerator: Accelerator, resume: checkpoint.Resume | 
     routed = [t.name for t in cfg.teachers] if cfg.data.teacher_column is not None and cfg.teachers else None
     docs = functools.cache(lambda: documents(cfg.data, routed))
     store = training_store(cfg)  # a sample store: its tokenizer, kept in it, is the one its ids belong to
-    tokenizer = run_tokenizer(cfg, accelerator, docs, store / TOKENIZER if store is not None else None)
+    tokenizer = run_tokenizer(cfg, accelerator, docs, sample_store_tokenizer(cfg, store))
     check_tokenizers(cfg, tokenizer)
     theirs = teacher_tokenizer(cfg)
     student_config, teacher_configs = models.resolve_configs(cfg, len(tokenizer), theirs and len(theirs))
@@ -149,6 +156,20 @@ def plan_run(cfg: Config, accelerator: Accelerator, resume: checkpoint.Resume | 
         teacher_configs=tuple(teacher_configs),
         teacher_tokenizer=theirs,
     )
+
+
+def sample_store_tokenizer(cfg: Config, store: Path | None) -> Path | None:
+    """The tokenizer kept in the sample store a run trains on, for a run that names none (tokenizer.path or a model
+    path). With distill.cross_tokenizer the store's is the teacher's (its samples are re-tokenized for the student,
+    cross_samples.py): None, and the student's must be named."""
+    if store is None or cfg.distill.cross_tokenizer is None:
+        return store / TOKENIZER if store is not None else None
+    if tokenizer_source(cfg) is None:
+        raise DistillError(
+            f"the sample store {store} with distill.cross_tokenizer: its tokenizer is the teacher's, and the student's "
+            "is not named; set tokenizer.path or student.path (the student's tokenizer)"
+        )
+    return None
 
 
 @contextlib.contextmanager

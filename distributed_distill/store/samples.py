@@ -364,14 +364,19 @@ def open_sample_splits(cfg: Config, tokenizer, root: Path, with_targets: bool) -
         SampleSplit(read_split(root, manifest, split), cfg.data, tokenizer.pad_token_id, k, cfg.train.seed, samples)
         for split in SPLITS
     ]
+    check_learnable(splits, root, cfg.data.seq_len)
+    return manifest, splits[0], splits[1]
+
+
+def check_learnable(splits: list[SampleSplit], root: Path, seq_len: int, tokens: str = "tokens") -> None:
+    """Refuse a split (train, validation) in which no completion token fits data.seq_len; `tokens`: whose."""
     for split, name in zip(splits, SPLITS):
         if len(split) == 0:
             raise DistillError(
                 f"sample store {root}: the {name} split has no completion tokens to learn from: "
                 f"{split.counts['dropped']} of {split.counts['samples']} samples were dropped, their prompts at least "
-                f"data.seq_len={cfg.data.seq_len} tokens long (no room for a completion token); raise data.seq_len"
+                f"data.seq_len={seq_len} {tokens} long (no room for a completion token); raise data.seq_len"
             )
-    return manifest, splits[0], splits[1]
 
 
 def describe_sample_splits(train: SampleSplit, val: SampleSplit, root: Path) -> str:
@@ -389,8 +394,13 @@ def sample_data(cfg: Config, tokenizer, root: Path) -> tuple[SampleSplit, Sample
     on-policy samples also end at the chat template's end of turn: generation.sampling_setup), and the startup
     summary's data line."""
     manifest, train, val = open_sample_splits(cfg, tokenizer, root, with_targets=False)
-    kind = DocKind.CHAT_PROMPT if DocKind(manifest["prompts"]["kind"]).is_chat else DocKind.PROMPT
-    return train, val, kind, describe_sample_splits(train, val, root)
+    return train, val, sample_kind(manifest), describe_sample_splits(train, val, root)
+
+
+def sample_kind(manifest: dict) -> DocKind:
+    """The kind of a sample store's training data: prompt/completion, its prompts rendered conversations when the
+    store's were."""
+    return DocKind.CHAT_PROMPT if DocKind(manifest["prompts"]["kind"]).is_chat else DocKind.PROMPT
 
 
 def open_sample_targets(cfg: Config, tokenizer, root: Path) -> OfflineSource:

@@ -3,6 +3,7 @@ docs/cross_tokenizer.md, teacher samples with another tokenizer).
 
     distill generate --config cross.yaml generate.store=S           # the teacher samples in its own tokens
     distill train --config cross.yaml data.source=S distill.alpha=0  # seq-KD: the samples as the student's documents
+    distill train --config cross.yaml distill.signal=offline distill.store=S distill.temperature=1   # + the top-k
 
 `distill generate` of a cross-tokenizer config samples in the teacher's tokenization and keeps the teacher's
 tokenizer in the store (generate.py, RunPlan.teacher_side_tokenizer), so the store is the one the teacher's own
@@ -16,6 +17,12 @@ config writes. Training on it as data (`cross_sample_data`):
          same tokenizer's samples are (store/samples.SampleSplit: only the completion learned)
 
 An online teacher at distill.alpha > 0 then re-tokenizes the student's rows again, as for any cross-tokenizer data.
+
+With the teacher's top-k kept (generate.top_k) and distill.signal=offline distill.store=S
+(`open_cross_sample_targets`), the store's packed rows (the teacher's tokens, only completions learned) are read as a
+logit store in the teacher's tokenization is (cross_store.cross_source: each stored batch re-tokenized for the
+student, each span's first row's top-k and its later rows' label log-probs): the label log-prob of a completion
+token is its stored `token_logprobs` (the teacher's, at temperature 1: distill.temperature must be 1).
 """
 
 from __future__ import annotations
@@ -26,12 +33,22 @@ import pyarrow as pa
 import torch
 
 from .config import Config
+from .cross_store import cross_source
 from .cross_tokenizer import Aligner
 from .data.batching import IGNORE_INDEX
 from .data.documents import DocKind
 from .errors import DistillError
 from .store.format import SPLITS, read_split
-from .store.samples import SampleSplit, check_learnable, describe_sample_splits, read_sample_manifest, sample_kind
+from .store.offline import OfflineSource
+from .store.samples import (
+    SampleSplit,
+    check_learnable,
+    describe_sample_splits,
+    open_sample_targets,
+    read_sample_manifest,
+    sample_kind,
+    sample_store_targets,
+)
 from .tokenizer import tokenizer_hash
 
 ALIGN_ROWS = 64  # samples re-tokenized per call of the Aligner (one batched call of the student's tokenizer)
@@ -101,3 +118,29 @@ def cross_sample_data(
     line = describe_sample_splits(train, val, root)
     line += f"; re-tokenized through the alignment by the student's tokenizer ({len(student_tokenizer)} tokens)"
     return train, val, sample_kind(manifest), line
+
+
+def open_cross_sample_targets(
+    cfg: Config, student_tokenizer, teacher_tokenizer, accelerator, max_positions: int | None
+) -> OfflineSource:
+    """distill.signal=offline on a sample store for a student of another tokenizer: the stored top-k of every sampled
+    token (generate.top_k) and its token_logprobs as the label log-probs, read through the alignment as a logit
+    store in the teacher's tokenization is (cross_store.cross_source: a span's first row's top-k, the sum of its
+    later rows' label log-probs). token_logprobs are the teacher's at temperature 1, so distill.temperature must be 1;
+    sampled targets (generate.samples) are not aligned across tokenizers."""
+    root = Path(cfg.distill.store)
+    manifest = check_teacher_samples(cfg, teacher_tokenizer, root, "distill.store")
+    draws = sample_store_targets(manifest)[1]
+    if draws:
+        raise DistillError(
+            f"distill.store={root} holds sampled targets ({draws} draws per token), which are not aligned across "
+            "tokenizers; generate it with generate.top_k, or train on its samples with data.source"
+        )
+    if cfg.distill.temperature != 1:
+        raise DistillError(
+            f"distill.store={root} with distill.cross_tokenizer needs distill.temperature=1, not "
+            f"{cfg.distill.temperature}: the spans' chain rule reads the store's token_logprobs, the teacher's "
+            "log-probs at temperature 1; generate and train with distill.temperature=1"
+        )
+    source = open_sample_targets(cfg, teacher_tokenizer, root, label_logprobs=True)
+    return cross_source(cfg, source, student_tokenizer, teacher_tokenizer, accelerator, max_positions)

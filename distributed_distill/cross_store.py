@@ -163,6 +163,15 @@ def open_cross_store(
             f"distill.store={root} was precomputed without distill.cross_tokenizer (its rows keep no teacher label "
             "log-probs, which the spans' chain rule needs); precompute it with this config"
         )
+    return cross_source(cfg, source, student_tokenizer, teacher_tokenizer, accelerator, max_positions)
+
+
+def cross_source(
+    cfg: Config, source: OfflineSource, student_tokenizer, teacher_tokenizer, accelerator, max_positions: int | None
+) -> OfflineSource:
+    """An opened store in the teacher's tokenization (a logit store, or a sample store's top-k: cross_samples.py)
+    as the student reads it: every batch re-tokenized with its spans, and the startup summary of the alignment on
+    the first distill.cross_tokenizer.sample_batches validation micro-batches (refused above max_unaligned)."""
     convert = StoreAligner(student_tokenizer, teacher_tokenizer, max_positions)
     val = CrossValidation(source.val, convert)
     vmap = vocab_map(student_tokenizer, teacher_tokenizer, cache_root(cfg.data) / "vocab_maps")

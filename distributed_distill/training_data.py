@@ -45,12 +45,17 @@ def training_data(plan: RunPlan) -> TrainingData:
     cfg, accelerator, tokenizer = plan.cfg, plan.accelerator, plan.tokenizer
     samples = training_store(cfg)  # the teacher's own samples (distill generate), as targets or as data
     if cfg.distill.signal == "offline":
-        if samples is not None:
+        limit = getattr(plan.student_config.get_text_config(), "max_position_embeddings", None)
+        if samples is not None and plan.teacher_tokenizer is not None:  # the teacher's samples and top-k, aligned
+            from .cross_samples import open_cross_sample_targets
+
+            theirs = plan.teacher_tokenizer
+            source, kind = open_cross_sample_targets(cfg, tokenizer, theirs, accelerator, limit), DocKind.PROMPT
+        elif samples is not None:
             source, kind = open_sample_targets(cfg, tokenizer, samples), DocKind.PROMPT
         elif plan.teacher_tokenizer is not None:  # a store in the teacher's tokenization, read through the alignment
             from .cross_store import open_cross_store
 
-            limit = getattr(plan.student_config.get_text_config(), "max_position_embeddings", None)
             source, kind = open_cross_store(cfg, tokenizer, plan.teacher_tokenizer, accelerator, limit), None
         else:
             source, kind = open_logit_store(cfg, tokenizer, accelerator), None

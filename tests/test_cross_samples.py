@@ -10,7 +10,10 @@ Slow tier: `distill generate`, then `distill train` on the samples (seq-KD and o
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
+import torch
 
 from distributed_distill.config import load_config
 from distributed_distill.cross_samples import cross_sample_data, student_samples
@@ -22,7 +25,7 @@ from distributed_distill.store.samples import read_sample_manifest, verify_sampl
 from distributed_distill.tokenizer import load_tokenizer, tokenizer_hash
 
 from . import test_cross_tokenizer as online_tests
-from .helpers import SMOKE, store_files
+from .helpers import SMOKE, read_metrics, run_cli, store_files
 
 pair = online_tests.pair  # module-scoped fixtures shared with the online tests
 cross_teacher_dir = online_tests.cross_teacher_dir
@@ -120,3 +123,108 @@ def test_teacher_samples_with_another_tokenizer_refusals_name_their_key(
     unnamed = load_config(SMOKE, cross_overrides(cross_teacher_dir, f"data.source={cross_samples}"))
     with pytest.raises(DistillError, match="set tokenizer.path or student.path"):
         plan_run(unnamed, Accelerator(cpu=True))
+
+
+def test_stored_topk_through_the_alignment_equals_the_teacher_on_its_rows_to_its_rounding(
+    cross_samples, pair, cross_teacher_dir, tmp_path
+):
+    """distill.signal=offline on the sample store for the 512-token student: a training micro-batch read through the
+    alignment carries the spans the Aligner finds on the stored rows (the teacher's sampled tokens), and their
+    teacher side equals what the online cross teacher's reduction (losses.teacher_spans: top-8, T = 1) computes on
+    those rows with the generating teacher: the same top-k ids, log-probs within float16 rounding, rest sums (the
+    stored float32 token log-probs) within 1e-4, the span loss to 1e-4. (Not the online teacher on the student's
+    batch: it re-tokenizes the text canonically, and a sample's tokens often are not.) distill.temperature other than
+    1 is refused in one line."""
+    from accelerate import Accelerator
+    from transformers import AutoModelForCausalLM
+
+    from distributed_distill import models
+    from distributed_distill.config import CrossTokenizerConfig
+    from distributed_distill.cross_samples import open_cross_sample_targets
+    from distributed_distill.cross_store import stored_cross_targets
+    from distributed_distill.cross_teacher import CrossTargets
+    from distributed_distill.cross_tokenizer import vocab_map
+    from distributed_distill.losses import TeacherTargets, teacher_spans
+    from distributed_distill.objective import forward_losses
+    from distributed_distill.teacher import OnlineTeacher
+
+    cfg, student_tok, _, _ = pair
+    teacher_tok = load_tokenizer(str(cross_teacher_dir))
+    offline = cross_overrides(
+        cross_teacher_dir, "distill.signal=offline", f"distill.store={cross_samples}", "distill.temperature=1.0"
+    )
+    source = open_cross_sample_targets(
+        load_config(SMOKE, offline), student_tok, teacher_tok, Accelerator(cpu=True), None
+    )
+    mine = next(source.train.micro_batches(4, 1, 0))
+    stored = source.train.stream[mine["index"].tolist()]  # the same rows in the teacher's tokens
+    vmap = vocab_map(student_tok, teacher_tok, tmp_path)
+    got = stored_cross_targets(mine, vmap.teacher_to_student)
+    crossed = Aligner(teacher_tok, student_tok)(stored, label_counted=True)  # (its "teacher" side: the student's)
+    for name in ("first", "rest", "rest_span"):
+        assert torch.equal(getattr(got.student, name), getattr(crossed.teacher, name)), name
+    assert got.student.num_spans > 0
+    teacher = AutoModelForCausalLM.from_pretrained(str(cross_teacher_dir)).eval()
+    found = OnlineTeacher(teacher, {}, temperature=1.0, vocab=len(teacher_tok)).targets(stored)
+    labels = stored["labels"][:, 1:].reshape(-1)
+    want = teacher_spans(
+        found.hidden, found.weight, found.bias, labels, crossed.student, temperature=1.0, top_k=8, chunk_size=16
+    )
+    assert torch.equal(got.teacher.ids, want.ids)
+    fp16 = 2.0**-11
+    assert ((got.teacher.logprobs - want.logprobs).abs() <= want.logprobs.abs() * fp16 + 1e-5).all()
+    assert ((got.teacher.rest_logsum - want.rest_logsum).abs() <= 1e-4).all()
+    # The span loss on the student batch, from the store and from the fresh values.
+    fresh = CrossTargets(got.student, want, vmap.teacher_to_student, got.unaligned_tokens)
+    _, student = online_tests.models_for(cfg, len(student_tok), len(teacher_tok))
+    head = models.AlignedHead(student.get_output_embeddings(), len(student_tok))
+    dcfg = dataclasses.replace(
+        cfg.distill, chunk_size=16, temperature=1.0, cross_tokenizer=CrossTokenizerConfig(loss="hybrid")
+    )
+    kd = {}
+    for name, teacher_source in (("store", source.teacher), ("fresh", _Fixed(TeacherTargets(cross=fresh)))):
+        kd[name] = forward_losses(student, teacher_source, mine, dcfg, head=head, kd_weight=1.0, ce_weight=0.0).kd_sum
+    assert kd["store"].item() > 0 and kd["store"].item() == pytest.approx(kd["fresh"].item(), rel=1e-4)
+    hot = load_config(SMOKE, [*offline, "distill.temperature=2.0"])
+    with pytest.raises(DistillError, match="needs distill.temperature=1, not 2.0"):
+        open_cross_sample_targets(hot, student_tok, teacher_tok, Accelerator(cpu=True), None)
+
+
+class _Fixed:
+    """A teacher source that returns the same targets for any batch."""
+
+    def __init__(self, targets):
+        self.found = targets
+
+    def targets(self, batch: dict):
+        return self.found
+
+
+@pytest.mark.slow
+def test_generate_then_train_a_student_of_another_tokenizer_on_the_samples(
+    cross_teacher_dir, smoke_tokenizer, tmp_path
+):
+    """The user's commands: `distill generate` of the cross-tokenizer config, `distill verify-store`, then `distill
+    train` on the samples: seq-KD (distill.alpha=0: CE on the re-tokenized completions) and offline from the stored
+    top-8 through the alignment (span metrics logged, validation included)."""
+    store = tmp_path / "store"
+    common = ["--config", str(SMOKE), *cross_overrides(cross_teacher_dir), *SAMPLING]
+    run_cli(["generate", *common, f"generate.store={store}"], timeout=300)
+    assert run_cli(["verify-store", str(store)]).stdout.startswith("ok: sample store")
+    student = [
+        f"tokenizer.path={smoke_tokenizer}",
+        "train.max_steps=3",
+        "train.eval_every=3",
+        "train.micro_batch_size=2",
+    ]
+    seq_kd = tmp_path / "seq_kd"
+    proc = run_cli(["train", *common, *student, f"output_dir={seq_kd}", f"data.source={store}", "distill.alpha=0"])
+    assert "re-tokenized through the alignment by the student's tokenizer (512 tokens)" in proc.stdout
+    records = [r for r in read_metrics(seq_kd) if "ce_loss" in r]
+    assert len(records) == 3 and all(r["ce_loss"] > 0 for r in records)
+    offline = tmp_path / "offline"
+    run_cli(["train", *common, *student, f"output_dir={offline}", "distill.signal=offline", f"distill.store={store}"])
+    records = read_metrics(offline)
+    assert [r["step"] for r in records if "kd_loss" in r] == [1, 2, 3]
+    assert all(r["kd_loss"] > 0 and 0 <= r["unaligned_fraction"] < 0.25 for r in records if "kd_loss" in r)
+    assert any("val_span_kl" in r for r in records)

@@ -62,6 +62,7 @@ from .format import (
     store_format,
     verify_shards,
 )
+from .logits import LABEL_LOGPROB
 from .offline import OfflineSource, OfflineTeacher
 
 SAMPLE_FORMAT = "distributed_distill.sample_store"
@@ -272,7 +273,16 @@ class SampleSplit:
     `data.collate` and `data.eval_batches` expect; `micro_batches` serves an offline run (the batch order is
     `data.train_indices`'s, a pure function of (seed, micro-step, rank), as for an online run on the same store)."""
 
-    def __init__(self, table: pa.Table, dcfg, pad_id: int, k: int | None, seed: int, samples: int | None = None):
+    def __init__(
+        self,
+        table: pa.Table,
+        dcfg,
+        pad_id: int,
+        k: int | None,
+        seed: int,
+        samples: int | None = None,
+        label_logprobs: bool = False,
+    ):
         self.k, self.seed = k, seed
         prompts, completions = table["prompt_ids"].to_pylist(), table["completion_ids"].to_pylist()
         docs = {"input_ids": [], "labels": [], "status": [], "target": []}
@@ -290,6 +300,9 @@ class SampleSplit:
         packed = batching.pack_documents(docs, dcfg, pad_id, whole=True)
         self.ds = datasets.Dataset.from_dict(packed).with_format("torch")
         self.targets = topk_target_rows(table, k) if k else sampled_target_rows(table, samples) if samples else None
+        if self.targets is not None and label_logprobs:  # a student of another tokenizer: the spans' chain rule
+            # reads the teacher's log-prob of each sampled token (temperature 1) as the label log-prob of its row
+            self.targets[LABEL_LOGPROB] = torch.from_numpy(flat(table["token_logprobs"]).astype(np.float32))
         if self.targets is not None:
             self.by_hash = {row_hash(r.numpy()): i for i, r in enumerate(self.ds["input_ids"])}
 
@@ -346,8 +359,11 @@ def sampled_target_rows(table: pa.Table, draws: int) -> dict[str, torch.Tensor]:
     }
 
 
-def open_sample_splits(cfg: Config, tokenizer, root: Path, with_targets: bool) -> tuple[dict, SampleSplit, SampleSplit]:
-    """(manifest, train, validation) of a sample store, after checking it was made with this run's tokenizer."""
+def open_sample_splits(
+    cfg: Config, tokenizer, root: Path, with_targets: bool, label_logprobs: bool = False
+) -> tuple[dict, SampleSplit, SampleSplit]:
+    """(manifest, train, validation) of a sample store, after checking it was made with `tokenizer` (the run's, or
+    the teacher's for a student of another tokenizer); `label_logprobs`: the targets carry LABEL_LOGPROB too."""
     manifest = read_sample_manifest(root)
     if tokenizer_hash(tokenizer) != manifest["tokenizer_sha256"]:
         kept = tokenizer_hash(load_tokenizer(str(root / TOKENIZER)))
@@ -361,7 +377,15 @@ def open_sample_splits(cfg: Config, tokenizer, root: Path, with_targets: bool) -
         check_tokenizer(manifest, tokenizer_hash(tokenizer), f"sample store {root}", fix)
     k, samples = sample_store_targets(manifest) if with_targets else (None, None)
     splits = [
-        SampleSplit(read_split(root, manifest, split), cfg.data, tokenizer.pad_token_id, k, cfg.train.seed, samples)
+        SampleSplit(
+            read_split(root, manifest, split),
+            cfg.data,
+            tokenizer.pad_token_id,
+            k,
+            cfg.train.seed,
+            samples,
+            label_logprobs,
+        )
         for split in SPLITS
     ]
     check_learnable(splits, root, cfg.data.seq_len)
@@ -403,10 +427,11 @@ def sample_kind(manifest: dict) -> DocKind:
     return DocKind.CHAT_PROMPT if DocKind(manifest["prompts"]["kind"]).is_chat else DocKind.PROMPT
 
 
-def open_sample_targets(cfg: Config, tokenizer, root: Path) -> OfflineSource:
+def open_sample_targets(cfg: Config, tokenizer, root: Path, label_logprobs: bool = False) -> OfflineSource:
     """An offline run on a sample store's stored top-k or sampled targets, checked against this run before any model
     loads (the teacher source is the `OfflineTeacher`: training batches carry their targets, validation batches are
-    found by the content hash of their token ids)."""
+    found by the content hash of their token ids). `label_logprobs`: the batches also carry each row's label log-prob
+    (LABEL_LOGPROB, from token_logprobs), as a student of another tokenizer reads them (cross_samples.py)."""
     manifest = read_sample_manifest(root)
     where = f"distill.store={root}"
     check_sample_targets(manifest, cfg, root)
@@ -414,7 +439,7 @@ def open_sample_targets(cfg: Config, tokenizer, root: Path) -> OfflineSource:
     if cfg.distill.top_k is not None:
         checks.append(("top_k", "top_k", cfg.distill.top_k, "distill.top_k"))
     check_against_run(manifest, where, checks)
-    manifest, train, val = open_sample_splits(cfg, tokenizer, root, with_targets=True)
+    manifest, train, val = open_sample_splits(cfg, tokenizer, root, with_targets=True, label_logprobs=label_logprobs)
     return OfflineSource(train, val, OfflineTeacher(manifest, val), manifest, describe_sample_splits(train, val, root))
 
 

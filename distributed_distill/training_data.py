@@ -3,6 +3,7 @@
     distill.signal=offline, distill.store = a logit store     the store's rows and targets     store/logits.py
     distill.signal=offline, distill.store = a sample store    its samples and stored top-k     store/samples.py
     data.source = a sample store                              its samples, as prompt/completion data
+    either, with distill.cross_tokenizer                      the same, re-tokenized for the student  cross_samples.py
     data.streaming                                            documents streamed, packed on the fly   data/stream.py
     anything else                                             the packed splits of the documents      data/packed.py
 

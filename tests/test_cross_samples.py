@@ -1,11 +1,13 @@
 """Teacher samples read by a student of another tokenizer (distill.cross_tokenizer with a sample store;
-cross_samples.py, docs/cross_tokenizer.md).
+cross_samples.py, docs/cross_tokenizer.md, teacher samples with another tokenizer).
 
 Default tier (in-process, seconds): `distill generate` of a cross-tokenizer config samples in the teacher's tokens and
-keeps the teacher's tokenizer (the store its own config writes, byte for byte); each sample re-tokenized for the
+keeps the teacher's tokenizer (the store its own config writes, file for file); each sample re-tokenized for the
 student decodes to exactly the sample's text, its eos the student's, and the packed rows learn exactly those
-completions; the refusals name their key.
-Slow tier: `distill generate`, then `distill train` on the samples (seq-KD and online cross KD).
+completions; the stored top-k read through the alignment equals a fresh teacher forward over the stored rows' spans
+to float16 rounding; the refusals name their key.
+Slow tier: `distill generate`, `distill verify-store`, then `distill train` on the samples (seq-KD, and offline from
+the stored top-k).
 """
 
 from __future__ import annotations

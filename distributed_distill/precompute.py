@@ -45,7 +45,7 @@ def precompute(cfg: Config, part: tuple[int, int] | None = None) -> dict:
     with store_run(cfg, cfg.distill.store, "distill.store", "precompute", part) as (plan, part, started):
         accelerator = plan.accelerator
         with accelerator.main_process_first():  # distill.cross_tokenizer: the teacher's tokenization (cross_store.py)
-            train_ds, val_ds, _ = build_datasets(plan.documents(), store_tokenizer(plan), cfg.data)
+            train_ds, val_ds, _ = build_datasets(plan.documents(), plan.teacher_side_tokenizer, cfg.data)
         content = logit_store_plan(plan, len(train_ds), len(val_ds))
         distill = cfg.distill
         layout = shard_layout(
@@ -57,15 +57,9 @@ def precompute(cfg: Config, part: tuple[int, int] | None = None) -> dict:
         return job.run(work)
 
 
-def store_tokenizer(plan: RunPlan):
-    """The tokenizer of a store's rows: the run's, or with distill.cross_tokenizer the teacher's own (a store that
-    students of any tokenizer read through the alignment, cross_store.py)."""
-    return plan.teacher_tokenizer if plan.teacher_tokenizer is not None else plan.tokenizer
-
-
 def logit_store_plan(plan: RunPlan, n_train: int, n_val: int) -> dict:
     """Everything that determines the store's content; its hash names the store and guards resumes."""
-    cfg, tokenizer, distill = plan.cfg, store_tokenizer(plan), plan.cfg.distill
+    cfg, tokenizer, distill = plan.cfg, plan.teacher_side_tokenizer, plan.cfg.distill
     crossed = {"label_logprobs": True} if plan.teacher_tokenizer is not None else {}
     return {
         "format": LOGIT_FORMAT,

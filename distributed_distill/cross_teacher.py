@@ -49,9 +49,12 @@ class CrossTokenizerTeacher:
 
     def __init__(
         self, inner: TeacherSource, aligner: Aligner, vmap: VocabMap, *, top_k, temperature, chunk_size,
-        score_text: bool = False,
+        score_text: bool = False, max_positions: int | None = None,
     ):  # fmt: skip
         self.inner, self.aligner, self.vmap = inner, aligner, vmap
+        # A document is longer in the teacher's tokens when its vocabulary is smaller (or a broken character costs
+        # it three tokens): past its positions a learned position table fails and rotary ones extrapolate.
+        self.max_positions = max_positions
         self.top_k, self.temperature, self.chunk_size = top_k, temperature, chunk_size
         self.engine = inner.engine
         self.identity = inner.identity
@@ -66,6 +69,13 @@ class CrossTokenizerTeacher:
         device = batch["input_ids"].device
         crossed = self.aligner({k: v.cpu() for k, v in batch.items()})
         theirs = {k: v.to(device) for k, v in crossed.teacher_batch.items()}
+        longest = int(crossed.teacher_batch["position_ids"].max()) + 1 if theirs["position_ids"].numel() else 0
+        if self.max_positions is not None and longest > self.max_positions:
+            raise DistillError(
+                f"distill.cross_tokenizer: a document of this micro-batch is {longest} tokens long in the teacher's "
+                f"tokenization, beyond the teacher's {self.max_positions} positions; lower data.seq_len (or "
+                "distill.sampling.max_new_tokens on on-policy steps)"
+            )
         found = self.inner.targets(theirs)
         labels = theirs["labels"][:, 1:].reshape(-1)
         spans = teacher_spans(
@@ -125,14 +135,16 @@ def _to(spans: SpanIndex, device: torch.device) -> SpanIndex:
     return SpanIndex(spans.first.to(device), spans.rest.to(device), spans.rest_span.to(device))
 
 
-def wrap(cfg: Config, inner: TeacherSource, student_tokenizer, teacher_tokenizer, chunk_size: int):
+def wrap(cfg: Config, inner: TeacherSource, student_tokenizer, teacher_tokenizer, chunk_size: int, teacher_config=None):
     """The cross-tokenizer source around `inner` (built dense: no top_k, no samples), its map cached under the data
-    cache (keyed by both tokenizers' hashes); a run with on-policy steps also scores the spans' text (`score_text`)."""
+    cache (keyed by both tokenizers' hashes); a run with on-policy steps also scores the spans' text (`score_text`);
+    `teacher_config`'s max_position_embeddings bounds the teacher's rows."""
+    text = teacher_config.get_text_config() if teacher_config is not None else None
     aligner = Aligner(student_tokenizer, teacher_tokenizer)
     vmap = vocab_map(student_tokenizer, teacher_tokenizer, cache_root(cfg.data) / "vocab_maps")
     return CrossTokenizerTeacher(
         inner, aligner, vmap, top_k=cfg.distill.top_k, temperature=cfg.distill.temperature, chunk_size=chunk_size,
-        score_text=cfg.distill.on_policy > 0,
+        score_text=cfg.distill.on_policy > 0, max_positions=getattr(text, "max_position_embeddings", None),
     )  # fmt: skip
 
 

@@ -234,7 +234,7 @@ def setup_teachers(
             student_tok, teacher_tok = tokenizers
             args.update(vocab=len(teacher_tok), top_k=None, samples=None)
             inner = setup_teacher(cfg.teacher, teacher_configs[0], device, seed=cfg.train.seed, **args)
-            return cross_teacher.wrap(cfg, inner, student_tok, teacher_tok, inner.chunk_size)
+            return cross_teacher.wrap(cfg, inner, student_tok, teacher_tok, inner.chunk_size, teacher_configs[0])
         return setup_teacher(cfg.teacher, teacher_configs[0], device, seed=cfg.train.seed, **args)
     sources = {
         t.name: setup_teacher(t, tc, device, seed=teacher_seed(cfg.train.seed, i), **args)

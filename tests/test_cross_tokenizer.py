@@ -27,6 +27,7 @@ from distributed_distill.cross_tokenizer import Aligner, vocab_map
 from distributed_distill.data.batching import collate
 from distributed_distill.data.documents import documents
 from distributed_distill.data.packed import build_datasets
+from distributed_distill.errors import DistillError
 from distributed_distill.objective import forward_losses
 from distributed_distill.teacher import OnlineTeacher
 from distributed_distill.tokenizer import load_tokenizer, train_bpe_tokenizer
@@ -111,6 +112,26 @@ def test_two_tokenizers_train_through_the_spans(pair, tmp_path):
         assert 0 <= out.stats["span_agreement"].item() <= counted
 
 
+def test_a_document_beyond_the_teachers_positions_is_refused_in_one_line(pair, tmp_path):
+    """In the teacher's (smaller) vocabulary a document takes more tokens than in the student's: one that would run
+    past the teacher's positions stops the step with one line naming the figure, before the teacher's forward."""
+    cfg, tok, other, batch = pair
+    teacher, _ = models_for(cfg, len(tok), len(other))
+    dense = OnlineTeacher(teacher, {}, vocab=len(other))
+    longest = int(Aligner(tok, other)(batch).teacher_batch["position_ids"].max()) + 1
+    for limit, refused in ((longest, False), (longest - 1, True)):
+        source = CrossTokenizerTeacher(
+            dense, Aligner(tok, other), vocab_map(tok, other, tmp_path), top_k=None, temperature=1.0, chunk_size=16,
+            max_positions=limit,
+        )  # fmt: skip
+        if refused:
+            with pytest.raises(DistillError, match=f"{longest} tokens long in the teacher's tokenization, beyond the "
+                               f"teacher's {limit} positions"):  # fmt: skip
+                source.targets(batch)
+        else:
+            assert source.targets(batch).cross.student.num_spans > 0
+
+
 def test_a_pair_that_differs_without_the_key_is_refused_naming_it(tmp_path, smoke_tokenizer):
     # The refusal of a differing pair is test_vocab.py's (it now names distill.cross_tokenizer); here the key's own
     # refusals, each one line at config load.
@@ -170,9 +191,7 @@ def cross_args(teacher: Path, out: Path, *extra: str) -> list[str]:
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-def test_two_tokenizers_train_on_two_processes_with_a_zero3_teacher_as_on_one(
-    cross_teacher_dir, tmp_path
-):
+def test_two_tokenizers_train_on_two_processes_with_a_zero3_teacher_as_on_one(cross_teacher_dir, tmp_path):
     """`distill train` with a 384-token teacher and the 512-token student: the startup line, the span diagnostics
     at validation; 2 processes (torchrun) with a zero3 teacher train the student one process with a replicated
     teacher trains (to 1e-5)."""

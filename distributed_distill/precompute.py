@@ -153,22 +153,23 @@ class TargetsWork:
         tables = []
         for start in range(0, len(rows), self.batch_size):
             batch_rows = rows[start : start + self.batch_size]
-            batch = collate(ds, batch_rows)
-            targets = self.teacher.targets({k: v.to(self.device) for k, v in batch.items()})
-            tables.append(
-                encode_logit_rows(
-                    batch_rows,
-                    batch["input_ids"],
-                    batch["labels"],
-                    targets,
-                    self.plan.vocab,
-                    batch.get("position_ids"),
-                    self.encoding,
-                    self.samples,
-                )
-            )
+            tables.append(self.encode(batch_rows, collate(ds, batch_rows)))
         table = pa.concat_tables(tables)
         return table, logit_counts(table)
+
+    def encode(self, batch_rows: list[int], batch: dict) -> pa.Table:
+        """One micro-batch's store rows: the teacher's targets of its packed rows."""
+        targets = self.teacher.targets({k: v.to(self.device) for k, v in batch.items()})
+        return encode_logit_rows(
+            batch_rows,
+            batch["input_ids"],
+            batch["labels"],
+            targets,
+            self.plan.vocab,
+            batch.get("position_ids"),
+            self.encoding,
+            self.samples,
+        )
 
     def filler(self) -> None:
         batch = collate(self.splits["train"], [0] * self.batch_size)
@@ -192,22 +193,14 @@ class CrossTargetsWork(TargetsWork):
             chunk_size=plan.given.distill.chunk_size,
         )
 
-    def shard(self, name: str, rows: list[int]) -> tuple[pa.Table, dict]:
-        ds, vocab = self.splits[name.split("/")[0]], len(self.plan.teacher_tokenizer)
+    def encode(self, batch_rows: list[int], batch: dict) -> pa.Table:
+        """One micro-batch's store rows: per position the top-k and the label's log-prob (row_targets)."""
+        found = self.teacher.targets({k: v.to(self.device) for k, v in batch.items()})
+        labels = batch["labels"][:, 1:].reshape(-1).to(self.device)
         temperature = self.plan.cfg.distill.temperature
-        tables = []
-        for start in range(0, len(rows), self.batch_size):
-            batch_rows = rows[start : start + self.batch_size]
-            batch = collate(ds, batch_rows)
-            found = self.teacher.targets({k: v.to(self.device) for k, v in batch.items()})
-            labels = batch["labels"][:, 1:].reshape(-1).to(self.device)
-            targets, label_logprobs = row_targets(found, labels, self.top_k, temperature, self.teacher.chunk_size)
-            position_ids = batch.get("position_ids")
-            tables.append(
-                encode_logit_rows(
-                    batch_rows, batch["input_ids"], batch["labels"], targets, vocab, position_ids, self.encoding,
-                    label_logprobs=label_logprobs,
-                )
-            )  # fmt: skip
-        table = pa.concat_tables(tables)
-        return table, logit_counts(table)
+        targets, label_logprobs = row_targets(found, labels, self.top_k, temperature, self.teacher.chunk_size)
+        vocab = len(self.plan.teacher_tokenizer)
+        return encode_logit_rows(
+            batch_rows, batch["input_ids"], batch["labels"], targets, vocab, batch.get("position_ids"), self.encoding,
+            label_logprobs=label_logprobs,
+        )  # fmt: skip
